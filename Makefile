@@ -1,0 +1,38 @@
+# ttt — two commands do everything on a fresh clone:
+#   make demo   compare the variants on embedded data (installs first if needed)
+#   make test   run the fast test suite (installs first if needed)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Tests run on the CPU with eight virtual devices so the parallel paths are exercised.
+TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
+PYTEST_WORKERS ?= 2
+
+.PHONY: install test test-slow lint demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,dev,tokenizer]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 tests
+
+test-slow: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m slow tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ttt experiments tests
+
+demo: $(STAMP)
+	$(PY) -m experiments.compare --preset demo --workdir runs/demo
+
+bench: $(STAMP)
+	$(PY) -m experiments.bench --out runs/bench
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
