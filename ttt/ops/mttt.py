@@ -1,0 +1,218 @@
+"""Multi-step non-causal TTT (MTTT, Sun et al. 2023), DESIGN §2 and §4.
+
+Per sequence and head the hidden state is the parameter pytree W of an inner learner f(·; W).
+Starting from W_0 the inner loop takes T gradient steps on a reconstruction loss over the tokens,
+
+    L(W; S) = 1 / (2 |S| loss_norm) Σ_{i∈S} ‖r_i − v_i‖²,   r_i = decode(f(k_i; W)) or f(k_i; W),
+    W_t = W_{t−1} − η_t ∇_W L(W_{t−1}; S_t),   t = 1..T,
+
+then answers every query with z_j = f(q_j; W_T). S_t is every token ("gd", full-batch) or the t-th
+of T chunks of one random permutation per (batch, head) ("sgd").
+
+Notable choices:
+- The T steps are one `lax.scan` (the official code hand-unrolls them and caps T at 4). T = 0 is
+  allowed and returns f(q; W_0).
+- "sgd" chunks have static shape (T, ceil(n/T)) with a mask, so unequal chunks (n not divisible by
+  T) stay inside the same scan; chunk sizes differ by at most one and every token is used once.
+- The full-set loss at W_0..W_T is returned as a diagnostic (the paper's inner-loss curves).
+- Everything is differentiable w.r.t. q, k, v, W_0, the learning rates and the decoder parameters
+  (the outer loop learns through the inner loop: second-order terms included).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ttt.ops import _checks
+
+_MODES = ("gd", "sgd")
+
+
+def sgd_chunks(key, n: int, T: int):
+    """Split one random permutation of n tokens into T chunks for "sgd" MTTT.
+
+    key: a PRNG key; n, T: static ints (T >= 1) -> (idx (T, c) int32, mask (T, c) bool) with
+    c = ceil(n / T). Row t lists the tokens of chunk t; `mask[t, j]` says whether slot j is used
+    (padding slots hold index 0 and are masked). With n = a T + r, the first r chunks have a + 1
+    tokens and the rest a, so sizes differ by at most one and every token appears exactly once.
+    If T > n the last T − n chunks are empty.
+    """
+    if T < 1:
+        raise ValueError(f"T: expected at least one chunk, got {T}")
+    if n < 1:
+        raise ValueError(f"n: expected at least one token, got {n}")
+    c = -(-n // T)
+    a, r = divmod(n, T)
+    sizes = a + (np.arange(T) < r)  # (T,)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # (T,)
+    slot = np.arange(c)  # (c,)
+    mask = slot[None, :] < sizes[:, None]  # (T, c)
+    positions = np.where(mask, starts[:, None] + slot[None, :], 0)  # (T, c) into the permutation
+    perm = jax.random.permutation(key, n)  # (n,)
+    idx = jnp.where(mask, perm[positions], 0).astype(jnp.int32)  # (T, c)
+    return idx, jnp.asarray(mask)
+
+
+def _state_layout(learner, W0, d_in: int, B: int, H: int) -> bool:
+    """True if W0 carries leading (B, H) axes (per sequence), False for leading H (shared)."""
+    template = jax.eval_shape(learner.init, jax.random.PRNGKey(0), d_in)
+    leaves_t = jax.tree_util.tree_leaves(template)
+    leaves_w = jax.tree_util.tree_leaves(W0)
+    if len(leaves_t) != len(leaves_w) or not leaves_w:
+        raise ValueError(
+            f"W0: expected a pytree like learner.init(key, {d_in}) with a leading H or (B, H) "
+            f"axis, got {jax.tree_util.tree_structure(W0)}"
+        )
+    extra = jnp.ndim(leaves_w[0]) - len(leaves_t[0].shape)
+    if extra == 2:
+        _checks.check_leading("W0", W0, (B, H), "(B, H)")
+        return True
+    _checks.check_leading("W0", W0, (H,), "(H,)")
+    return False
+
+
+def _loss_fn(learner, decode, loss_norm):
+    """L(W; S) for one head: (W, fixed, decode_params_h, k_S (m, d_in), v_S (m, d_v), w (m,))."""
+
+    def loss(W, fixed, dparams, k_S, v_S, w):
+        y = learner.apply(W, k_S, fixed)  # (m, d_out)
+        r = y if decode is None else decode(y, dparams)  # (m, d_v)
+        err = 0.5 * jnp.sum((r - v_S) ** 2, axis=-1)  # (m,)
+        # An empty chunk (T > n) has no tokens: its loss and gradient are zero, not 0/0.
+        count = jnp.maximum(jnp.sum(w), 1.0)
+        return jnp.sum(w * err) / (count * loss_norm)
+
+    return loss
+
+
+def _mttt_head(learner, decode, loss_norm, mode, W0, fixed, dparams, q, k, v, lrs, idx, mask):
+    """MTTT for one (batch, head): q, k (N, d_in); v (N, d_v); lrs (T,); idx, mask (T, c)."""
+    loss = _loss_fn(learner, decode, loss_norm)
+    full = jnp.ones(k.shape[:1], dtype=k.dtype)  # (N,) every token, weight 1
+
+    def step(W, xs):
+        if mode == "gd":
+            eta = xs
+            L_full, g = jax.value_and_grad(loss)(W, fixed, dparams, k, v, full)
+        else:
+            eta, idx_t, mask_t = xs  # (), (c,), (c,)
+            L_full = loss(W, fixed, dparams, k, v, full)
+            g = jax.grad(loss)(W, fixed, dparams, k[idx_t], v[idx_t], mask_t.astype(k.dtype))
+        W = jax.tree_util.tree_map(lambda w, gw: (w - eta * gw).astype(w.dtype), W, g)
+        return W, L_full
+
+    xs = lrs if mode == "gd" else (lrs, idx, mask)
+    W_T, L_steps = jax.lax.scan(step, W0, xs)  # L_steps (T,): full-set loss at W_0..W_{T-1}
+    L_T = loss(W_T, fixed, dparams, k, v, full)
+    losses = jnp.concatenate([L_steps, L_T[None].astype(L_steps.dtype)])  # (T + 1,)
+    z = learner.apply(W_T, q, fixed)  # (N, d_out)
+    return z, W_T, losses
+
+
+def _check_args(q, k, v, lrs, fixed, decode, decode_params, mode, key):
+    """Shapes, dtypes and options of `mttt`, checked before tracing so errors read in words."""
+    _checks.check_rank("q", q, 4, "(B, H, N, d_in)")
+    B, H, N, d_in = q.shape
+    _checks.check_shape("k", k, (B, H, N, d_in), "(B, H, N, d_in)", like="q")
+    _checks.check_rank("v", v, 4, "(B, H, N, d_v)")
+    _checks.check_shape("v", v, (B, H, N, None), "(B, H, N, d_v)", like="q")
+    if N < 1:
+        raise ValueError(f"q: expected at least one token (N >= 1), got shape {tuple(q.shape)}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("lrs", lrs)):
+        _checks.check_floating(name, x)
+    _checks.check_same_dtype(q=q, k=k, v=v)
+    _checks.check_rank("lrs", lrs, 1, "(T,)")
+    if mode not in _MODES:
+        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+    if mode == "sgd" and lrs.shape[0] > 0 and key is None:
+        raise ValueError('key: a PRNG key is required with mode="sgd"')
+    if fixed is not None:
+        _checks.check_leading("fixed", fixed, (H,), "(H,)")
+    if decode_params is not None:
+        _checks.check_leading("decode_params", decode_params, (H,), "(H,)")
+    if decode is None and decode_params is not None:
+        raise ValueError("decode_params: given without a decode function; pass decode=...")
+
+
+def mttt(
+    learner,
+    W0,
+    q,
+    k,
+    v,
+    lrs,
+    *,
+    fixed=None,
+    decode: Callable | None = None,
+    decode_params=None,
+    mode: str = "gd",
+    key=None,
+    loss_norm: float = 1.0,
+):
+    """Multi-step TTT on all tokens of a sequence, then answer every query (DESIGN §2, §4).
+
+    learner: a `Learner` (init/apply); W0: its parameter pytree with a leading H axis (shared over
+      the batch) or leading (B, H) axes (one state per sequence).
+    q, k: (B, H, N, d_in); v: (B, H, N, d_v), the reconstruction target (full width C in MTTT).
+    lrs: (T,) learning rate η_t of step t; T = 0 gives z = f(q; W0).
+    fixed: per-head params the inner loop does not train (leading H), passed to `learner.apply`.
+    decode: optional decode(y, decode_params_h) -> r, y (m, d_out) -> r (m, d_v), e.g. MTTT's
+      r = LN_h(y G_h + g_bias); decode_params: pytree with leading H.
+    mode: "gd" (S_t = all tokens) or "sgd" (one permutation per (batch, head) from `key`, split
+      into T chunks by `sgd_chunks`; step t uses chunk t).
+    loss_norm: L(W; S) = Σ_{i∈S} ‖r_i − v_i‖² / (2 |S| loss_norm) (MTTT passes dh).
+
+    Returns (z (B, H, N, d_out), W_T (pytree, leading (B, H)), losses (B, H, T + 1)), where
+    losses[..., t] is the full-set loss at W_t.
+    """
+    lrs = jnp.asarray(lrs)
+    _check_args(q, k, v, lrs, fixed, decode, decode_params, mode, key)
+    B, H, N, d_in = q.shape
+    per_sequence = _state_layout(learner, W0, d_in, B, H)
+    T = lrs.shape[0]
+    if mode == "sgd" and T == 0:
+        mode = "gd"  # no steps, nothing to sample
+
+    idx = mask = None
+    if mode == "sgd":
+        keys = jax.random.split(key, B * H)
+        keys = keys.reshape((B, H) + keys.shape[1:])  # (B, H, ...) one key per (batch, head)
+        chunk = lambda kk: sgd_chunks(kk, N, T)
+        idx, mask = jax.vmap(jax.vmap(chunk))(keys)  # (B, H, T, c) each
+
+    _check_decode_width(learner, decode, W0, fixed, decode_params, q, v, per_sequence)
+    if isinstance(loss_norm, int | float) and not (math.isfinite(loss_norm) and loss_norm > 0):
+        raise ValueError(f"loss_norm: expected a positive number, got {loss_norm}")
+
+    head = lambda W, f, dp, q_, k_, v_, i_, m_: _mttt_head(
+        learner, decode, loss_norm, mode, W, f, dp, q_, k_, v_, lrs, i_, m_
+    )
+    over_heads = jax.vmap(head, in_axes=(0, 0, 0, 0, 0, 0, 0, 0))
+    w_axis = 0 if per_sequence else None
+    over_batch = jax.vmap(over_heads, in_axes=(w_axis, None, None, 0, 0, 0, 0, 0))
+    return over_batch(W0, fixed, decode_params, q, k, v, idx, mask)
+
+
+def _check_decode_width(learner, decode, W0, fixed, decode_params, q, v, per_sequence):
+    """Fail in words if the reconstruction r of one head does not have v's width d_v."""
+    take = lambda tree, n: jax.tree_util.tree_map(lambda x: x[(0,) * n], tree)
+    W_h = take(W0, 2 if per_sequence else 1)
+    f_h = None if fixed is None else take(fixed, 1)
+    dp_h = None if decode_params is None else take(decode_params, 1)
+
+    def recon(x):
+        y = learner.apply(W_h, x, f_h)
+        return y if decode is None else decode(y, dp_h)
+
+    r = jax.eval_shape(recon, jax.ShapeDtypeStruct(q.shape[2:], q.dtype))
+    if r.shape != v.shape[2:]:
+        what = "decode(f(k; W))" if decode is not None else "f(k; W) (no decode)"
+        raise ValueError(
+            f"v: expected (B, H, N, d_v) with d_v = {r.shape[-1]}, the width of {what}, "
+            f"got {tuple(v.shape)}"
+        )
