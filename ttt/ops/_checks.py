@@ -49,3 +49,15 @@ def check_leading(name: str, tree, lead: Sequence[int], layout: str) -> None:
             raise ValueError(
                 f"{name}{where}: expected leading axes {layout} = {tuple(lead)}, got shape {shape}"
             )
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    """Raise ValueError unless `value` is a Python int >= `minimum` (bools are rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> None:
+    """Raise ValueError unless `value` is one of `choices`, listing them."""
+    if value not in choices:
+        raise ValueError(f"{name}: unknown value {value!r}; expected one of {', '.join(choices)}")

@@ -1,0 +1,84 @@
+"""Mini-batch layout shared by the causal TTT loops: padding, the masked η matrix, the remat scan.
+
+A sequence of N tokens is cut into M = ceil(N / b) mini-batches. A final partial mini-batch of r
+tokens is padded with b − r dummy tokens whose learning rates are zero, so they add nothing to any
+state, and their answers are sliced away: the padded loop is exact, not an approximation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def num_minibatches(n: int, b: int) -> int:
+    """ceil(n / b)."""
+    return -(-n // b)
+
+
+def to_minibatches(x, b: int):
+    """(..., N, d) -> (..., M, b, d), zero-padding the tokens of a final partial mini-batch."""
+    n = x.shape[-2]
+    pad = num_minibatches(n, b) * b - n
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pad), (0, 0)])  # (..., M*b, d)
+    return x.reshape(*x.shape[:-2], -1, b, x.shape[-1])  # (..., M, b, d)
+
+
+def from_minibatches(z, n: int):
+    """(..., M, b, d) -> (..., N, d): undo `to_minibatches`, dropping the padded answers."""
+    z = z.reshape(*z.shape[:-3], -1, z.shape[-1])  # (..., M*b, d)
+    return z[..., :n, :]
+
+
+def eta_matrix(eta, b: int):
+    """The causal b×b learning-rate matrix of every mini-batch, masked: (B, H, M, b, b).
+
+    eta (B, H, N): eta_ij = eta[m*b + j];  eta (B, H, N, b): eta_ij = eta[m*b + i, j].
+    Entries j > i (future tokens) and columns of padded tokens are zero. Rows of padded tokens
+    repeat the last real row, so row b − 1 is always the row that carries the state forward
+    (the contract's "last token's row", also for a final partial mini-batch).
+    """
+    n = eta.shape[2]
+    m = num_minibatches(n, b)
+    pad = m * b - n
+    if eta.ndim == 3:
+        eta = jnp.pad(eta, [(0, 0), (0, 0), (0, pad)])  # (B, H, M*b)
+        rows = jnp.broadcast_to(
+            eta.reshape(*eta.shape[:2], m, 1, b), (*eta.shape[:2], m, b, b)
+        )  # (B, H, M, b, b): every row i holds eta[m*b + j]
+    else:
+        # edge padding copies the last real row into the padded rows (see docstring)
+        eta = jnp.pad(eta, [(0, 0), (0, 0), (0, pad), (0, 0)], mode="edge")  # (B, H, M*b, b)
+        rows = eta.reshape(*eta.shape[:2], m, b, b)  # (B, H, M, b, b)
+    valid = (jnp.arange(m * b) < n).reshape(m, 1, b)  # (M, 1, b): column j is a real token
+    causal = jnp.tril(jnp.ones((b, b), dtype=bool))  # (b, b): j <= i, diagonal included
+    return jnp.where(valid & causal, rows, jnp.zeros((), rows.dtype))
+
+
+def scan_minibatches(step, carry, xs, remat_every: int = 0):
+    """lax.scan of `step(carry, x_m) -> (carry, y_m)` over the leading (mini-batch) axis of `xs`.
+
+    remat_every = n > 0 wraps each group of n mini-batches in jax.checkpoint, so the backward pass
+    stores one state per group instead of one per mini-batch. The mini-batch count is padded to a
+    multiple of n with all-zero inputs; `step` must leave the carry unchanged when η is zero (true of
+    every TTT step: zero learning rates mean no update), and the padded outputs are dropped.
+    """
+    if remat_every <= 0:
+        return jax.lax.scan(step, carry, xs)
+    m = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    groups = num_minibatches(m, remat_every)
+    pad = groups * remat_every - m
+
+    def group_up(x):
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))  # (G*n, ...)
+        return x.reshape(groups, remat_every, *x.shape[1:])  # (G, n, ...)
+
+    @jax.checkpoint
+    def group_step(c, xg):
+        return jax.lax.scan(step, c, xg)
+
+    carry, ys = jax.lax.scan(group_step, carry, jax.tree_util.tree_map(group_up, xs))
+    ys = jax.tree_util.tree_map(
+        lambda y: y.reshape(groups * remat_every, *y.shape[2:])[:m], ys
+    )  # (M, ...)
+    return carry, ys

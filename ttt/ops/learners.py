@@ -1,0 +1,151 @@
+"""Inner learners f(x; W): the models whose weights W are the TTT hidden state (DESIGN §2, §3.4).
+
+A learner is a pure (init, apply) pair over a plain parameter dict for ONE head. The inner loops in
+`ttt.ops.ttt` and `ttt.ops.mttt` only ever call `init`, `apply` and `jax.grad` of
+`reconstruction_loss`, so any pytree-valued learner works with the primal and naive loops.
+
+The optional `dense` / `activation` / `post` fields describe the learner as a chain of dense layers
+    Z_1 = X_1 W_1 + b_1,  X_{l+1} = activation(Z_l),  f(x) = post(x, Z_L, fixed)
+which is what the dual form (TTT-LM §2.7) needs to answer queries without materialising W_i.
+
+Notable choices:
+- Weights are stored as (d_in, d_out) and applied as x W (row vectors), like flax Dense.
+- LayerNorm follows flax: var = E[x²] − E[x]², eps 1e-6 (parity with ttt-lm-jax).
+- GELU is the tanh approximation (parity with ttt-lm-jax).
+- In `ln_residual` the LN scale/bias are `fixed`: outer-loop parameters the inner loop never trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Learner(NamedTuple):
+    """An inner model f(x; W) as pure functions over a per-head parameter dict.
+
+    init(key, d_in) -> W           pytree for one head (no leading H axis)
+    apply(W, x, fixed) -> y        x (..., d_in) -> y (..., d_out); `fixed` = untrained per-head
+                                   params (e.g. LN scale/bias) or None
+    dense                          ((W name, b name or None), ...) in chain order, or None when the
+                                   dual form cannot handle this learner
+    activation                     elementwise nonlinearity between dense layers (None = identity)
+    post(x_in, y, fixed) -> out    applied after the dense chain (None = identity)
+    """
+
+    name: str
+    init: Callable
+    apply: Callable
+    dense: tuple | None = None
+    activation: Callable | None = None
+    post: Callable | None = None
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation (as in ttt-lm-jax)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def layer_norm(x, scale, bias, eps=1e-6):
+    """LayerNorm over the last axis, flax convention var = E[x²] − E[x]²; x (..., d), scale/bias (d,)."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    # flax computes the variance from the two moments, not as E[(x - mean)²]; match it exactly.
+    var = jnp.maximum(jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean, 0.0)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def init_fixed_ln(d) -> dict:
+    """Per-head LN params of `ln_residual` at init: {"scale": ones(d), "bias": zeros(d)}."""
+    return {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))}
+
+
+def _dense_chain_apply(dense, activation, W, x):
+    """Run the dense chain Z_l = X_l W_l + b_l with `activation` between layers; x (..., d_in)."""
+    h = x
+    for idx, (w_name, b_name) in enumerate(dense):
+        if idx > 0 and activation is not None:
+            h = activation(h)
+        h = h @ W[w_name]  # (..., d_l) @ (d_l, d_{l+1}) -> (..., d_{l+1})
+        if b_name is not None:
+            h = h + W[b_name]
+    return h
+
+
+def linear(d_out=None, bias=True, init_scale=0.02) -> Learner:
+    """f(x) = x W1 + b1; W1 (d_in, d_out) ~ N(0, init_scale²), b1 (d_out,) = 0. d_out defaults to d_in."""
+    dense = (("W1", "b1" if bias else None),)
+
+    def init(key, d_in):
+        width = d_in if d_out is None else d_out
+        W = {"W1": init_scale * jax.random.normal(key, (d_in, width))}
+        if bias:
+            W["b1"] = jnp.zeros((width,))
+        return W
+
+    def apply(W, x, fixed=None):
+        del fixed
+        return _dense_chain_apply(dense, None, W, x)
+
+    return Learner("linear", init, apply, dense=dense, activation=None, post=None)
+
+
+def mlp(factor=4, bias=True, init_scale=0.02) -> Learner:
+    """f(x) = gelu_tanh(x W1 + b1) W2 + b2; W1 (d_in, factor·d_in), W2 (factor·d_in, d_in)."""
+    dense = (("W1", "b1" if bias else None), ("W2", "b2" if bias else None))
+
+    def init(key, d_in):
+        hidden = factor * d_in
+        k1, k2 = jax.random.split(key)
+        W = {
+            "W1": init_scale * jax.random.normal(k1, (d_in, hidden)),
+            "W2": init_scale * jax.random.normal(k2, (hidden, d_in)),
+        }
+        if bias:
+            W["b1"] = jnp.zeros((hidden,))
+            W["b2"] = jnp.zeros((d_in,))
+        return W
+
+    def apply(W, x, fixed=None):
+        del fixed
+        return _dense_chain_apply(dense, gelu_tanh, W, x)
+
+    return Learner("mlp", init, apply, dense=dense, activation=gelu_tanh, post=None)
+
+
+def ln_residual(inner: Learner, eps=1e-6) -> Learner:
+    """f(x) = x + LN(inner(x)) with fixed = {"scale": (d,), "bias": (d,)} (DESIGN §3.4).
+
+    Because of the residual, ½‖f(k) − v‖² = ½‖LN(inner(k)) − (v − k)‖²: the inner model learns to
+    reconstruct v − k. `inner` must map d -> d. The dual form is available when `inner` is a plain
+    dense chain (no `post` of its own).
+    """
+
+    def post(x_in, y, fixed):
+        return x_in + layer_norm(y, fixed["scale"], fixed["bias"], eps)
+
+    def apply(W, x, fixed):
+        if fixed is None:
+            raise ValueError(
+                f"ln_residual({inner.name}): `fixed` must hold the LN params "
+                '{"scale": (d,), "bias": (d,)}; build them with init_fixed_ln(d)'
+            )
+        return post(x, inner.apply(W, x, None), fixed)
+
+    dual_ok = inner.dense is not None and inner.post is None
+    return Learner(
+        f"ln_residual({inner.name})",
+        inner.init,
+        apply,
+        dense=inner.dense if dual_ok else None,
+        activation=inner.activation if dual_ok else None,
+        post=post if dual_ok else None,
+    )
+
+
+def reconstruction_loss(learner: Learner, W, fixed, k, v):
+    """l(W; k, v) = ½‖f(k; W) − v‖² summed over features, for ONE token: k (d_in,), v (d_out,)."""
+    r = learner.apply(W, k, fixed) - v  # (d_out,)
+    return 0.5 * jnp.sum(r * r)

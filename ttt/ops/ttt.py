@@ -1,0 +1,337 @@
+"""Causal mini-batch TTT (TTT-LM, arXiv 2407.04620 §2.4–2.7; DESIGN §2–3).
+
+Per sequence and head the hidden state is the weight pytree W of an inner learner f(x; W). Tokens are
+cut into mini-batches of b. Inside one mini-batch every gradient is taken at the starting state W:
+    g_j = ∇_W l(W; k_j, v_j),  l = ½‖f(k_j; W) − v_j‖²,
+    W_i = W − Σ_{j≤i} η_ij g_j,   z_i = f(q_i; W_i),
+and W_b (the last row of η) is carried to the next mini-batch.
+
+Three forms, held equal by tests/test_ttt_ops.py:
+- `ttt_primal`: the definition, `lax.scan` over mini-batches and `vmap(grad)` over tokens; any learner.
+- `ttt_dual`:   the fast path for dense-chain learners (paper §2.7): per layer
+                Z_l(q) = X_q W + b − (η ⊙ tril(X_q X_kᵀ)) G − tril(η) G, never materialising W_i.
+- `ttt_naive`:  a Python loop over tokens (tests only).
+`ttt_decode_step` is the token-at-a-time primal step used for generation (η_ij = c_i a_j).
+
+Notable choices:
+- A final partial mini-batch is padded with zero-η tokens (exact; see `_scan.py`).
+- The dual form gets the per-token gradients w.r.t. each pre-activation Z_l by differentiating the
+  loss w.r.t. zero "probe" offsets added to Z_l, so a learner's `post` (LN residual) needs no
+  hand-written backward and the result is the same autodiff the primal form uses.
+- The carried state keeps W0's dtype (state in float32 while activations run in lower precision).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ttt.ops import _checks
+from ttt.ops._scan import eta_matrix, from_minibatches, scan_minibatches, to_minibatches
+from ttt.ops.learners import Learner, reconstruction_loss
+
+FORMS = ("auto", "dual", "primal")
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _head_shapes(learner, W0, q, v, fixed, what="W0"):
+    """Check W0/fixed against the learner; return True when W0 leads with (B, H), False for (H,)."""
+    B, H, _, d_in = q.shape
+    if not (hasattr(learner, "init") and hasattr(learner, "apply")):
+        raise ValueError(f"learner: expected a Learner (name, init, apply, ...), got {learner!r}")
+    per_head = jax.eval_shape(lambda key: learner.init(key, d_in), jax.random.PRNGKey(0))
+    if jax.tree_util.tree_structure(W0) != jax.tree_util.tree_structure(per_head):
+        raise ValueError(
+            f"{what}: expected a pytree like {learner.name}.init(key, {d_in}) with leading H, "
+            f"got structure {jax.tree_util.tree_structure(W0)}, expected "
+            f"{jax.tree_util.tree_structure(per_head)}"
+        )
+    leads = set()
+    for (path, w), ref in zip(
+        jax.tree_util.tree_leaves_with_path(W0), jax.tree_util.tree_leaves(per_head), strict=True
+    ):
+        shape, tail = tuple(jnp.shape(w)), tuple(ref.shape)
+        where = what + jax.tree_util.keystr(path)
+        if shape == (H, *tail):
+            leads.add(1)
+        elif shape == (B, H, *tail):
+            leads.add(2)
+        else:
+            raise ValueError(
+                f"{where}: expected shape (H, ...) = {(H, *tail)} or (B, H, ...) = "
+                f"{(B, H, *tail)}, got {shape}"
+            )
+        _checks.check_floating(where, w)
+    if len(leads) > 1:
+        raise ValueError(f"{what}: leaves mix leading (H,) and (B, H) axes; use one for all")
+    if fixed is not None:
+        _checks.check_leading("fixed", fixed, (H,), "(H,)")
+    W_head = jax.tree_util.tree_map(
+        lambda w, ref: jax.ShapeDtypeStruct(ref.shape, w.dtype), W0, per_head
+    )
+    fixed_head = jax.tree_util.tree_map(
+        lambda f: jax.ShapeDtypeStruct(jnp.shape(f)[1:], jnp.result_type(f)), fixed
+    )
+    token = jax.ShapeDtypeStruct((d_in,), q.dtype)
+    try:
+        out = jax.eval_shape(learner.apply, W_head, token, fixed_head)
+    except Exception as err:  # re-raised in words: what was passed, not an XLA trace
+        raise ValueError(
+            f"learner {learner.name}: apply(W, x, fixed) fails on one token of width {d_in} "
+            f"with W0/fixed as given: {err}"
+        ) from err
+    if tuple(out.shape) != (v.shape[-1],):
+        raise ValueError(
+            f"v: learner {learner.name} maps d_in={d_in} to {tuple(out.shape)}, but v has "
+            f"d_out={v.shape[-1]}"
+        )
+    return leads == {2}
+
+
+def _check_sequence(q, k, v, eta, mini_batch):
+    """Check q, k, v, eta, mini_batch (contract of ttt_primal/ttt_dual)."""
+    _checks.check_int("mini_batch", mini_batch, 1)
+    _checks.check_rank("q", q, 4, "(B, H, N, d_in)")
+    B, H, N, d_in = q.shape
+    if N < 1:
+        raise ValueError(f"q: expected at least one token (N >= 1), got shape {q.shape}")
+    _checks.check_shape("k", k, (B, H, N, d_in), "(B, H, N, d_in)", like="q")
+    _checks.check_shape("v", v, (B, H, N, None), "(B, H, N, d_out)", like="q")
+    if jnp.ndim(eta) == 3:
+        _checks.check_shape("eta", eta, (B, H, N), "(B, H, N)", like="q")
+    elif jnp.ndim(eta) == 4:
+        _checks.check_shape("eta", eta, (B, H, N, mini_batch), "(B, H, N, b)", like="q, mini_batch")
+    else:
+        raise ValueError(
+            f"eta: expected (B, H, N) per-token or (B, H, N, b) per-row learning rates, "
+            f"got shape {jnp.shape(eta)}"
+        )
+    for name, x in (("q", q), ("k", k), ("v", v), ("eta", eta)):
+        _checks.check_floating(name, x)
+    _checks.check_same_dtype(q=q, k=k, v=v)
+
+
+def _check_dual(learner, W0):
+    """The dual form needs a dense-chain learner whose W holds exactly the chain's layers."""
+    if getattr(learner, "dense", None) is None:
+        raise ValueError(
+            f"ttt_dual: learner {learner.name!r} has no dense-chain description (learner.dense "
+            f"is None); use ttt_primal, or ttt(..., form='auto')"
+        )
+    names = {n for layer in learner.dense for n in layer if n is not None}
+    if not isinstance(W0, dict) or set(W0) != names:
+        raise ValueError(
+            f"ttt_dual: learner {learner.name!r} declares dense layers {learner.dense}, but W0 has "
+            f"keys {sorted(W0) if isinstance(W0, dict) else type(W0).__name__}"
+        )
+
+
+def _prepare(learner, W0, q, k, v, eta, mini_batch, fixed, remat_every):
+    """Validate, then lay the sequence out as mini-batches: (B, H, M, b, ·) arrays + η matrix."""
+    _check_sequence(q, k, v, eta, mini_batch)
+    _checks.check_int("remat_every", remat_every, 0)
+    per_sequence = _head_shapes(learner, W0, q, v, fixed)
+    b = mini_batch
+    xs = (to_minibatches(q, b), to_minibatches(k, b), to_minibatches(v, b), eta_matrix(eta, b))
+    return per_sequence, xs
+
+
+def _map_heads(head_fn, W0, fixed, per_sequence, xs):
+    """vmap `head_fn(W, fixed, xs)` over H (W0, fixed, xs) then over B (xs, and W0 if per-sequence)."""
+    over_h = jax.vmap(head_fn, in_axes=(0, 0, 0))
+    over_b = jax.vmap(over_h, in_axes=(0 if per_sequence else None, None, 0))
+    return over_b(W0, fixed, xs)
+
+
+def _cast_like(tree, ref):
+    return jax.tree_util.tree_map(lambda x, r: x.astype(r.dtype), tree, ref)
+
+
+# ----------------------------------------------------------------------------- primal form
+
+
+def ttt_primal(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0):
+    """Causal mini-batch TTT from the definition (DESIGN §2, primal form); any learner.
+
+    q, k (B, H, N, d_in); v (B, H, N, d_out); eta (B, H, N) or (B, H, N, b);
+    W0 pytree with leading H (shared over batch) or (B, H); fixed pytree with leading H or None.
+    Returns z (B, H, N, d_out) and the final state W_N (leading (B, H)).
+    remat_every = n > 0: jax.checkpoint every group of n mini-batches.
+    """
+    per_sequence, xs = _prepare(learner, W0, q, k, v, eta, mini_batch, fixed, remat_every)
+    loss = lambda W, f, kj, vj: reconstruction_loss(learner, W, f, kj, vj)
+    grads = jax.vmap(jax.grad(loss), in_axes=(None, None, 0, 0))  # per-token g_j, leaves (b, ...)
+    answer = jax.vmap(learner.apply, in_axes=(0, 0, None))  # z_i = f(q_i; W_i)
+
+    def head(W0_h, fixed_h, xs_h):
+        def step(W, x):
+            q_m, k_m, v_m, eta_m = x  # (b, d_in), (b, d_in), (b, d_out), (b, b)
+            g = grads(W, fixed_h, k_m, v_m)
+            # W_i = W − Σ_j η_ij g_j for every token i: leaves (b, ...)
+            W_i = jax.tree_util.tree_map(
+                lambda w, g_l: w - jnp.einsum("ij,j...->i...", eta_m, g_l), W, g
+            )
+            z = answer(W_i, q_m, fixed_h)  # (b, d_out)
+            W_next = jax.tree_util.tree_map(lambda w: w[-1], W_i)  # row b−1 carries (see _scan)
+            return _cast_like(W_next, W), z
+
+        return scan_minibatches(step, W0_h, xs_h, remat_every)
+
+    W_N, z = _map_heads(head, W0, fixed, per_sequence, xs)  # z (B, H, M, b, d_out)
+    return from_minibatches(z, q.shape[2]), W_N
+
+
+# ----------------------------------------------------------------------------- dual form
+
+
+def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0):
+    """Causal mini-batch TTT in the dual form (TTT-LM §2.7); same contract and results as ttt_primal.
+
+    For a dense chain Z_l = X_l W_l + b_l (activation between layers, optional `post` after), per
+    mini-batch with key activations X_l^k and per-token pre-activation gradients G_l:
+        Z_l(q) = X_l^q W_l + b_l − (η ⊙ tril(X_l^q X_l^kᵀ)) G_l − tril(η) G_l
+        W_l ← W_l − X_l^kᵀ (η_last ⊙ G_l),   b_l ← b_l − Σ_j η_last,j G_l,j.
+    Shapes as ttt_primal. Raises ValueError for a learner without `dense`.
+    """
+    per_sequence, xs = _prepare(learner, W0, q, k, v, eta, mini_batch, fixed, remat_every)
+    _check_dual(learner, W0)
+    dense = learner.dense
+    act = learner.activation if learner.activation is not None else (lambda x: x)
+
+    def keys_forward(W, fixed_h, k_m, v_m, probes):
+        """Total loss of the mini-batch with probes added to every Z_l; aux = layer inputs X_l^k."""
+        X, Xs = k_m, []
+        for l, (w_name, b_name) in enumerate(dense):
+            if l > 0:
+                X = act(Z)  # Z of the previous layer
+            Xs.append(X)
+            Z = X @ W[w_name] + probes[l]  # (b, d_l) @ (d_l, d_{l+1}) -> (b, d_{l+1})
+            if b_name is not None:
+                Z = Z + W[b_name]
+        out = learner.post(k_m, Z, fixed_h) if learner.post is not None else Z
+        r = out - v_m  # (b, d_out)
+        return 0.5 * jnp.sum(r * r), Xs
+
+    def head(W0_h, fixed_h, xs_h):
+        def step(W, x):
+            q_m, k_m, v_m, eta_m = x  # (b, d_in), (b, d_in), (b, d_out), (b, b)
+            dtype = jnp.result_type(k_m, *jax.tree_util.tree_leaves(W))
+            probes = [jnp.zeros((k_m.shape[0], W[w].shape[-1]), dtype) for w, _ in dense]
+            # each token's loss depends only on its own row of Z_l, so the gradient of the sum
+            # w.r.t. the probes is the stack of per-token gradients G_l,j = ∂l_j/∂Z_l,j
+            G, Xk = jax.grad(keys_forward, argnums=4, has_aux=True)(W, fixed_h, k_m, v_m, probes)
+            eta_last = eta_m[-1]  # (b,): the row that carries the state
+            X, W_next = q_m, dict(W)
+            for l, (w_name, b_name) in enumerate(dense):
+                if l > 0:
+                    X = act(Z)
+                attn = eta_m * (X @ Xk[l].T)  # (b, d_l) @ (d_l, b) -> (b, b), η_ij X_l(q_i)·X_l(k_j)
+                Z = X @ W[w_name] - attn @ G[l]  # (b, b) @ (b, d_{l+1}) -> (b, d_{l+1})
+                # (b, d_l)ᵀ @ (b, d_{l+1}) -> (d_l, d_{l+1})
+                W_next[w_name] = W[w_name] - Xk[l].T @ (eta_last[:, None] * G[l])
+                if b_name is not None:
+                    Z = Z + W[b_name] - eta_m @ G[l]  # (b, b) @ (b, d_{l+1})
+                    W_next[b_name] = W[b_name] - eta_last @ G[l]  # (b,) @ (b, d_{l+1})
+            z = learner.post(q_m, Z, fixed_h) if learner.post is not None else Z
+            return _cast_like(W_next, W), z
+
+        return scan_minibatches(step, W0_h, xs_h, remat_every)
+
+    W_N, z = _map_heads(head, W0, fixed, per_sequence, xs)  # z (B, H, M, b, d_out)
+    return from_minibatches(z, q.shape[2]), W_N
+
+
+# ----------------------------------------------------------------------------- reference and API
+
+
+def ttt_naive(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None):
+    """Token-by-token reference (tests only): materialises every W_i from the definition.
+
+    Same shapes and results as ttt_primal; a Python loop over tokens, vectorised over (B, H) only.
+    Reads η straight from the contract's layouts (it shares no layout code with the fast forms).
+    """
+    _check_sequence(q, k, v, eta, mini_batch)
+    per_sequence = _head_shapes(learner, W0, q, v, fixed)
+    B, H, N, _ = q.shape
+    b = mini_batch
+    W = W0 if per_sequence else jax.tree_util.tree_map(lambda w: jnp.broadcast_to(w, (B, *w.shape)), W0)
+    fix = jax.tree_util.tree_map(lambda f: jnp.broadcast_to(f, (B, *f.shape)), fixed)  # (B, H, ...)
+    over_bh = lambda fn: jax.vmap(jax.vmap(fn))
+    grad_bh = over_bh(jax.grad(lambda W, f, kj, vj: reconstruction_loss(learner, W, f, kj, vj)))
+    apply_bh = over_bh(learner.apply)
+    zs = []
+    for start in range(0, N, b):
+        stop = min(start + b, N)
+        g = [grad_bh(W, fix, k[:, :, j], v[:, :, j]) for j in range(start, stop)]  # at W of start
+        for t in range(start, stop):
+            W_t = W
+            for j in range(start, t + 1):
+                lr = eta[:, :, j] if eta.ndim == 3 else eta[:, :, t, j - start]  # (B, H)
+                W_t = jax.tree_util.tree_map(
+                    lambda w, g_j, lr=lr: (w - lr.reshape(B, H, *[1] * (w.ndim - 2)) * g_j).astype(
+                        w.dtype
+                    ),
+                    W_t,
+                    g[j - start],
+                )
+            zs.append(apply_bh(W_t, q[:, :, t], fix))  # (B, H, d_out)
+        W = W_t  # the last token of the mini-batch carries the state
+    return jnp.stack(zs, axis=2), W  # (B, H, N, d_out)
+
+
+def ttt(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, form="auto"):
+    """Causal mini-batch TTT; form "auto" runs the dual form when the learner has a dense chain.
+
+    form: "auto" | "dual" | "primal". Shapes and results as ttt_primal.
+    """
+    _checks.check_choice("form", form, FORMS)
+    if form == "auto":
+        form = "dual" if getattr(learner, "dense", None) is not None else "primal"
+    fn = ttt_dual if form == "dual" else ttt_primal
+    return fn(learner, W0, q, k, v, eta, mini_batch=mini_batch, fixed=fixed, remat_every=remat_every)
+
+
+def ttt_decode_step(learner, W_start, G_acc, q_t, k_t, v_t, a_t, c_t, *, fixed=None):
+    """One decoding token of causal TTT when η_ij = c_i · a_j (true of TTT-LM, DESIGN §3.3).
+
+    W_start, G_acc: pytrees with leading (B, H) (state at the mini-batch start; accumulated
+    gradient of the mini-batch so far); q_t, k_t (B, H, d_in); v_t (B, H, d_out); a_t, c_t (B, H).
+        G_acc_new = G_acc + a_t ∇_W l(W_start; k_t, v_t);   z_t = f(q_t; W_start − c_t G_acc_new)
+    Returns (z_t (B, H, d_out), G_acc_new). To close a mini-batch the caller sets
+    W_start ← W_start − c_last G_acc_new and G_acc ← 0.
+    """
+    _checks.check_rank("q_t", q_t, 3, "(B, H, d_in)")
+    B, H, d_in = q_t.shape
+    _checks.check_shape("k_t", k_t, (B, H, d_in), "(B, H, d_in)", like="q_t")
+    _checks.check_rank("v_t", v_t, 3, "(B, H, d_out)")
+    _checks.check_shape("v_t", v_t, (B, H, None), "(B, H, d_out)", like="q_t")
+    _checks.check_shape("a_t", a_t, (B, H), "(B, H)", like="q_t")
+    _checks.check_shape("c_t", c_t, (B, H), "(B, H)", like="q_t")
+    for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t), ("a_t", a_t), ("c_t", c_t)):
+        _checks.check_floating(name, x)
+    _checks.check_same_dtype(q_t=q_t, k_t=k_t, v_t=v_t)
+    seq = lambda x: x[:, :, None]  # (B, H, d) -> (B, H, 1, d): reuse the sequence checks
+    if not _head_shapes(learner, W_start, seq(q_t), seq(v_t), fixed, what="W_start"):
+        raise ValueError("W_start: expected leading (B, H) axes (a per-sequence state), got (H,)")
+    if jax.tree_util.tree_structure(G_acc) != jax.tree_util.tree_structure(W_start) or any(
+        jnp.shape(g) != jnp.shape(w)
+        for g, w in zip(jax.tree_util.tree_leaves(G_acc), jax.tree_util.tree_leaves(W_start))
+    ):
+        raise ValueError("G_acc: expected the same pytree structure and shapes as W_start")
+
+    loss = lambda W, f, kj, vj: reconstruction_loss(learner, W, f, kj, vj)
+
+    def head(W, G, f, q1, k1, v1, a, c):
+        g = jax.grad(loss)(W, f, k1, v1)
+        G_new = jax.tree_util.tree_map(lambda G_l, g_l: (G_l + a * g_l).astype(G_l.dtype), G, g)
+        W_t = jax.tree_util.tree_map(lambda w, G_l: w - c * G_l, W, G_new)
+        return learner.apply(W_t, q1, f), G_new
+
+    over_h = jax.vmap(head, in_axes=(0, 0, 0, 0, 0, 0, 0, 0))
+    over_b = jax.vmap(over_h, in_axes=(0, 0, None, 0, 0, 0, 0, 0))
+    return over_b(W_start, G_acc, fixed, q_t, k_t, v_t, a_t, c_t)
+
+
+__all__ = ["Learner", "ttt", "ttt_decode_step", "ttt_dual", "ttt_naive", "ttt_primal"]
