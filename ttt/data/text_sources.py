@@ -24,6 +24,7 @@ import sysconfig
 import zlib
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from ttt.data.errors import DataConfigError
 
@@ -116,12 +117,20 @@ class LocalTextCorpusConfig(tfds.core.BuilderConfig):
 class LocalTextCorpus(tfds.core.GeneratorBasedBuilder):
     """tfds builder for local text: one example {"text", "path"} per file.
 
-    Splits: a file is in "validation" when crc32(its relative name) % 100 < 5; with a single
-    file, its last 5% of lines (at least one) form the validation split instead.
+    Splits: a file is in "validation" when crc32(its relative name) % 100 < 5 (if that leaves
+    a split empty, the last file in sorted order moves over); with a single file, its last 5%
+    of lines (at least one) form the validation split instead.
     """
 
     VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = []  # configs are made per call from the paths
+
+    # tfds's default lookup touches the `importlib_resources` backport, which tfds only
+    # installs on Python < 3.9; pointing at this file directly avoids it.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -144,6 +153,11 @@ class LocalTextCorpus(tfds.core.GeneratorBasedBuilder):
             docs = {"train": [], "validation": []}
             for rel, f in files:
                 docs["validation" if _is_validation(rel) else "train"].append((rel, f))
+            # Small corpora can hash entirely to one side; keep both splits non-empty.
+            if not docs["validation"]:
+                docs["validation"].append(docs["train"].pop())
+            elif not docs["train"]:
+                docs["train"].append(docs["validation"].pop(0))
         return {split: self._generate_examples(items) for split, items in docs.items()}
 
     def _generate_examples(self, items):
