@@ -1,1 +1,23 @@
-"""ttt.train"""
+"""ttt.train: the outer loop — train/eval steps, parallel placements, checkpoints, metrics.
+
+`train_and_evaluate(config, workdir)` is the whole driver; `train_step` / `eval_step` are the pure
+steps it wraps with `jit`, `pmap` or a sharded `jit` depending on `config.train.parallel`.
+"""
+
+from ttt.train.checkpoint import Checkpointer
+from ttt.train.optim import lr_schedule, make_optimizer, ttt_lr_mult_schedule
+from ttt.train.parallel import make_placement, partition_spec
+from ttt.train.steps import Task, TrainState, eval_step, make_task, train_step
+from ttt.train.train import (
+    NonFiniteLossError,
+    abstract_state,
+    build_setup,
+    lower_train_step,
+    train_and_evaluate,
+)
+
+__all__ = [
+    "Checkpointer", "NonFiniteLossError", "Task", "TrainState", "abstract_state", "build_setup",
+    "eval_step", "lower_train_step", "lr_schedule", "make_optimizer", "make_placement",
+    "make_task", "partition_spec", "train_and_evaluate", "train_step", "ttt_lr_mult_schedule",
+]

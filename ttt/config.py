@@ -1,0 +1,125 @@
+"""Config validation shared by the CLI and the trainer: fail before anything compiles, in one line
+that names the key to change (`ConfigError("config.train.global_batch_size=6: ...")`).
+"""
+
+from __future__ import annotations
+
+import math
+
+PARALLEL_MODES = ("single", "pmap", "mesh")
+REQUIRED = {
+    "model": ("kind", "mixer"),
+    "data": ("name",),
+    "optim": ("name", "lr", "end_lr", "warmup_steps", "b1", "b2", "weight_decay"),
+    "train": ("steps", "global_batch_size", "seed", "parallel"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration mistake a user can fix; the message names the offending key."""
+
+
+def _get(section, key, default=None):
+    return section.get(key, default) if hasattr(section, "get") else default
+
+
+def model_dims(model_config) -> tuple[int | None, int | None]:
+    """(width, num_heads) from explicit model fields, else from `ttt.models.PRESETS` if present."""
+    width, heads = _get(model_config, "width"), _get(model_config, "num_heads")
+    if width is not None and heads is not None:
+        return width, heads
+    try:
+        from ttt.models import PRESETS
+    except ImportError:
+        return width, heads
+    preset = None
+    for table in (PRESETS.get(model_config.kind), PRESETS):
+        if isinstance(table, dict) and model_config.get("preset") in table:
+            preset = table[model_config.preset]
+            break
+    if preset is None:
+        return width, heads
+    pick = (lambda k: preset.get(k)) if isinstance(preset, dict) else (
+        lambda k: getattr(preset, k, None))
+    return (width if width is not None else pick("width"),
+            heads if heads is not None else pick("num_heads"))
+
+
+def _check_mixer(model) -> None:
+    try:
+        from ttt.layers import make_mixer
+    except ImportError:
+        return  # the layer registry is not importable: the model build will report it
+    width, heads = model_dims(model)
+    kwargs = dict(_get(model, "mixer_kwargs", None) or {})
+    try:
+        make_mixer(model.mixer, width or 16, heads or 1, **kwargs)
+    except ValueError as err:
+        raise ConfigError(f"config.model.mixer={model.mixer!r}: {err}") from None
+    except TypeError as err:
+        raise ConfigError(f"config.model.mixer_kwargs={kwargs}: {err}") from None
+
+
+def replicas(train, num_devices: int) -> int:
+    """How many ways the global batch is split for `train.parallel`."""
+    if train.parallel == "single":
+        return 1
+    if train.parallel == "pmap":
+        return num_devices
+    from ttt.train.parallel import mesh_shape
+
+    try:
+        data, fsdp, _ = mesh_shape(train.mesh, num_devices)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return data * fsdp
+
+
+def validate(config, *, num_devices: int | None = None, process_count: int | None = None) -> None:
+    """Raise ConfigError for the first problem found; device counts default to the live ones."""
+    for section, keys in REQUIRED.items():
+        if section not in config:
+            raise ConfigError(f"config.{section}: missing section")
+        for key in keys:
+            if key not in config[section]:
+                raise ConfigError(f"config.{section}.{key}: missing")
+    model, data, optim, train = config.model, config.data, config.optim, config.train
+    if model.kind not in ("lm", "vit"):
+        raise ConfigError(f"config.model.kind={model.kind!r}: must be 'lm' or 'vit'")
+    width, heads = model_dims(model)
+    if width is not None and heads is not None and (heads <= 0 or width % heads):
+        raise ConfigError(f"config.model.num_heads={heads}: must divide the width {width}")
+    mini_batch = (_get(model, "mixer_kwargs", None) or {}).get("mini_batch")
+    if mini_batch is not None:
+        seq_len = _get(data, "seq_len")
+        if not isinstance(mini_batch, int) or mini_batch < 1 or (seq_len and mini_batch > seq_len):
+            raise ConfigError(f"config.model.mixer_kwargs.mini_batch={mini_batch!r}: must be a "
+                              f"positive integer no larger than the sequence length {seq_len}")
+    _check_mixer(model)
+    if not data.name:
+        raise ConfigError("config.data.name: no dataset named")
+    if optim.lr <= 0 or optim.end_lr < 0:
+        raise ConfigError(f"config.optim.lr={optim.lr}, end_lr={optim.end_lr}: need lr > 0 and "
+                          "end_lr >= 0")
+    if train.steps < 1 or not 0 <= optim.warmup_steps <= train.steps:
+        raise ConfigError(f"config.optim.warmup_steps={optim.warmup_steps}: must lie in "
+                          f"[0, train.steps={train.steps}]")
+    if train.parallel not in PARALLEL_MODES:
+        raise ConfigError(f"config.train.parallel={train.parallel!r}: must be one of "
+                          f"{', '.join(PARALLEL_MODES)}")
+    if num_devices is None or process_count is None:
+        import jax
+
+        num_devices = jax.device_count() if num_devices is None else num_devices
+        process_count = jax.process_count() if process_count is None else process_count
+    if train.parallel == "single" and process_count > 1:
+        raise ConfigError("config.train.parallel='single': runs with several processes need "
+                          "'pmap' or 'mesh'")
+    n = replicas(train, num_devices)
+    batch, accum = train.global_batch_size, _get(train, "grad_accum", 1)
+    if batch % (n * process_count if train.parallel == "single" else math.lcm(n, process_count)):
+        raise ConfigError(f"config.train.global_batch_size={batch}: must be divisible by the "
+                          f"{n} data-parallel replicas of parallel={train.parallel!r}")
+    if accum < 1 or (batch // n) % accum:
+        raise ConfigError(f"config.train.grad_accum={accum}: must divide the per-replica batch "
+                          f"{batch // n}")

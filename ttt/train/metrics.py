@@ -1,0 +1,94 @@
+"""Metrics out of the loop: TensorBoard event files (tensorboardX, no TensorFlow), a JSONL file, and
+a progress bar with step, loss, throughput and ETA. Only process 0 writes.
+
+Array-valued diagnostics (the models' `aux`, e.g. `inner_loss` of shape (layers, steps)) are
+flattened into one scalar per entry: `inner_loss/layer_0/1` is layer 0's loss after inner step 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """{"aux": {"inner_loss": (L, T) array}} -> {"aux/inner_loss/layer_0/0": float, ...}."""
+    flat = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, name + "/"))
+            continue
+        arr = np.asarray(value, np.float64)
+        if arr.ndim == 0:
+            flat[name] = float(arr)
+        elif arr.size <= 256:
+            # First axis is the layer axis by the aux convention; the rest is flattened.
+            rows = arr.reshape(arr.shape[0], -1)  # (layers, rest)
+            for i, row in enumerate(rows):
+                for j, v in enumerate(row):
+                    flat[f"{name}/layer_{i}" + (f"/{j}" if rows.shape[1] > 1 else "")] = float(v)
+        else:
+            flat[f"{name}/mean"] = float(arr.mean())
+    return flat
+
+
+class MetricWriter:
+    """Writes scalars to `workdir/tb` (TensorBoard) and `workdir/metrics.jsonl`."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self._tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+
+    def write(self, step: int, metrics: dict, prefix: str = "") -> dict[str, float]:
+        flat = flatten_metrics(metrics, prefix)
+        if self.enabled:
+            for k, v in flat.items():
+                self._tb.add_scalar(k, v, step)
+            self._jsonl.write(json.dumps({"step": step, **flat}) + "\n")
+            self._jsonl.flush()
+        return flat
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+
+
+class Progress:
+    """One status line: step/total, loss, tokens (or images) per second, elapsed and ETA."""
+
+    def __init__(self, total: int, start: int, unit: str, enabled: bool = True):
+        self.total, self.unit, self.enabled = total, unit, enabled
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=start, desc="train", unit="step",
+                             file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+        self._t, self._step = time.perf_counter(), start
+
+    def update(self, step: int, loss: float, items_per_step: int) -> float:
+        """Advance to `step`; returns the throughput since the last update (items/s)."""
+        now = time.perf_counter()
+        rate = (step - self._step) * items_per_step / max(now - self._t, 1e-9)
+        self._t, self._step = now, step
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"loss={loss:.4f} {self.unit}/s={rate:,.0f}", refresh=False)
+            self._bar.update(step - self._bar.n)
+        return rate
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,67 @@
+"""The outer-loop optimizer: the paper recipe (TTT-LM §3 / DESIGN §3.9).
+
+AdamW(b1=0.9, b2=0.95), weight decay 0.1 (optionally on matrices only), global-norm clipping at 1.0,
+learning rate warmed up linearly from 0 and decayed with a cosine to `end_lr`. Separately, the
+TTT-MLP inner base learning rate is warmed up 0.01 -> 0.1 over the same warm-up steps; the layers
+take that as a multiplier `ttt_lr_mult` in [0.1, 1] on their own base rate.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def lr_schedule(optim_config, total_steps: int) -> optax.Schedule:
+    """Linear warm-up 0 -> `lr` over `warmup_steps`, then cosine to `end_lr` at `total_steps`."""
+    lr, end = float(optim_config.lr), float(optim_config.end_lr)
+    warmup = int(optim_config.warmup_steps)
+    decay_steps = max(int(total_steps) - warmup, 1)
+    cosine = optax.cosine_decay_schedule(lr, decay_steps, alpha=end / lr if lr else 0.0)
+    if warmup <= 0:
+        return cosine
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), cosine], [warmup])
+
+
+def ttt_lr_mult_schedule(optim_config) -> optax.Schedule:
+    """Multiplier for the inner base learning rate at outer step `step` (a traced scalar).
+
+    With `optim.ttt_mlp_lr_warmup` the multiplier rises linearly from
+    `ttt_lr_mult_init` (0.1: base lr 0.1 -> 0.01) to 1 over the outer warm-up; otherwise it is 1.
+    """
+    if not optim_config.get("ttt_mlp_lr_warmup", False):
+        return lambda step: jnp.float32(1.0)
+    init = float(optim_config.get("ttt_lr_mult_init", 0.1))
+    warmup = int(optim_config.warmup_steps)
+    if warmup <= 0:
+        return lambda step: jnp.float32(1.0)
+    return optax.linear_schedule(init, 1.0, warmup)
+
+
+def weight_decay_mask(params, which: str):
+    """Pytree of bools: which parameters are decayed ("all", or "matrices": ndim >= 2)."""
+    if which == "all":
+        return jax.tree.map(lambda _: True, params)
+    if which == "matrices":
+        return jax.tree.map(lambda p: p.ndim >= 2, params)
+    raise ValueError(f"optim.weight_decay_mask must be 'all' or 'matrices', got {which!r}")
+
+
+def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
+    """clip_by_global_norm(clip) then AdamW with the warm-up + cosine schedule."""
+    if optim_config.name != "adamw":
+        raise ValueError(f"optim.name: only 'adamw' is supported, got {optim_config.name!r}")
+    which = optim_config.get("weight_decay_mask", "all")
+    adamw = optax.adamw(
+        lr_schedule(optim_config, total_steps),
+        b1=float(optim_config.b1),
+        b2=float(optim_config.b2),
+        eps=float(optim_config.get("eps", 1e-8)),
+        weight_decay=float(optim_config.weight_decay),
+        mask=lambda params: weight_decay_mask(params, which),
+    )
+    parts = [adamw]
+    if optim_config.get("clip", 0.0):
+        parts.insert(0, optax.clip_by_global_norm(float(optim_config.clip)))
+    return optax.chain(*parts)

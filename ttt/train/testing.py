@@ -1,0 +1,160 @@
+"""Small stand-ins for the model and data packages, used by the training tests.
+
+They follow the pinned interfaces exactly (`build_model(model_config)` returning a Linen module
+whose `apply` gives `(logits, aux)`, and `make_dataset(...)` returning an object with `.meta` and
+`.iterator()` whose iterator has `get_state()` / `set_state()`), so the trainer can be exercised in
+seconds without the real TTT layers: what is tested here is the outer loop, not the mixer.
+
+Batches are a pure function of (seed, step, row): every shard of every process sees the rows of the
+same global batch, so single-process, multi-device and multi-process runs are comparable.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------
+# models
+
+
+class ToyLM(nn.Module):
+    """Embedding -> `layers` x (causal running-mean mixer + MLP) -> tied logits.
+
+    `apply(variables, input_ids (B, N) int32, ttt_lr_mult=1.0) -> (logits (B, N, V), aux)`;
+    aux["inner_loss"] is (layers, 2): a stand-in for the reconstruction loss before/after a step.
+    """
+
+    vocab_size: int
+    width: int = 16
+    layers: int = 2
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, input_ids, ttt_lr_mult=1.0, train=False):
+        dtype = jnp.dtype(self.dtype)
+        embed = nn.Embed(self.vocab_size, self.width, name="embed")
+        h = embed(input_ids).astype(dtype)  # (B, N, C)
+        n = jnp.arange(1, h.shape[1] + 1, dtype=h.dtype)[None, :, None]
+        inner = []
+        for i in range(self.layers):
+            u = nn.Dense(self.width, dtype=dtype, name=f"mix_{i}")(nn.RMSNorm(dtype=dtype)(h))
+            z = jnp.cumsum(u, axis=1) / n  # (B, N, C) causal running mean
+            before = jnp.mean(jnp.square(u - h))
+            inner.append(jnp.stack([before, before * (1.0 - 0.5 * ttt_lr_mult)]))
+            h = h + z * ttt_lr_mult
+            h = h + nn.Dense(self.width, dtype=dtype, name=f"mlp_{i}")(jnp.tanh(h))
+        h = nn.RMSNorm(dtype=dtype)(h)
+        logits = embed.attend(h.astype(jnp.float32))  # (B, N, V)
+        return logits, {"inner_loss": jnp.stack(inner).astype(jnp.float32)}
+
+
+class ToyViT(nn.Module):
+    """Patchify -> Dense -> mean-pool -> classifier; `apply(v, images, train=..., rngs=...)`.
+
+    aux["inner_losses"] is (1, T=3) per-step losses (a stand-in for MTTT's diagnostics). With
+    `train=True` and an "inner" rng it adds noise, so rng plumbing is exercised.
+    """
+
+    num_classes: int
+    width: int = 16
+    patch_size: int = 4
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, images, train=False):
+        p = self.patch_size
+        b, h, w, c = images.shape
+        x = images.reshape(b, h // p, p, w // p, p, c)  # (B, H/p, p, W/p, p, C)
+        x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)  # (B, L, ppC)
+        x = nn.Dense(self.width, dtype=jnp.dtype(self.dtype))(x)
+        if train and self.has_rng("inner"):
+            x = x + 1e-3 * jax.random.normal(self.make_rng("inner"), x.shape, x.dtype)
+        x = jnp.tanh(x).mean(axis=1)  # (B, width)
+        logits = nn.Dense(self.num_classes)(x.astype(jnp.float32))
+        steps = jnp.mean(jnp.square(x)) * jnp.array([1.0, 0.5, 0.25])
+        return logits, {"inner_losses": steps[None, :]}
+
+
+def build_model(model_config) -> nn.Module:
+    """Stand-in for `ttt.models.build_model` (same config fields; width/layers are toy-sized)."""
+    if model_config.kind == "lm":
+        return ToyLM(vocab_size=model_config.vocab_size, dtype=model_config.get("dtype", "float32"))
+    if model_config.kind == "vit":
+        return ToyViT(num_classes=model_config.num_classes,
+                      dtype=model_config.get("dtype", "float32"))
+    raise ValueError(f"unknown model kind {model_config.kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+class _Iterator:
+    """Deterministic batch iterator with grain-style `get_state` / `set_state`."""
+
+    def __init__(self, make_batch, rows: slice):
+        self._make_batch = make_batch
+        self._rows = rows
+        self._index = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = self._make_batch(self._index)
+        self._index += 1
+        return {k: v[self._rows] for k, v in batch.items()}
+
+    def get_state(self) -> dict:
+        return {"next_index": self._index}
+
+    def set_state(self, state: dict) -> None:
+        self._index = int(state["next_index"])
+
+
+class ToyDataset:
+    """Stand-in for `ttt.data.make_dataset(...)`'s return value."""
+
+    def __init__(self, data_config, split, global_batch_size, *, seed, shard_index, shard_count):
+        if global_batch_size % shard_count:
+            raise ValueError(f"global batch {global_batch_size} not divisible by {shard_count}")
+        self.config = data_config
+        self.global_batch_size = global_batch_size
+        self.seed = seed + (0 if split == "train" else 7919)
+        per = global_batch_size // shard_count
+        self.rows = slice(shard_index * per, (shard_index + 1) * per)
+        if data_config.name == "toy_text":
+            self.meta = {"vocab_size": data_config.vocab_size, "seq_len": data_config.seq_len}
+        elif data_config.name == "toy_images":
+            self.meta = {"num_classes": data_config.num_classes, "image_shape": (8, 8, 1)}
+        else:
+            raise FileNotFoundError(f"no toy dataset named {data_config.name!r}")
+
+    def _batch(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, index])
+        b = self.global_batch_size
+        if self.config.name == "toy_text":
+            v, n = self.config.vocab_size, self.config.seq_len
+            start = rng.integers(0, v, size=(b, 1))
+            step = rng.integers(1, 3, size=(b, 1))
+            seq = (start + step * np.arange(n + 1)[None, :]) % v  # (B, N+1) learnable pattern
+            mask = np.ones((b, n), np.float32)
+            mask[:, : n // 4] = 0.0  # exercise the loss mask
+            return {"inputs": seq[:, :-1].astype(np.int32), "targets": seq[:, 1:].astype(np.int32),
+                    "mask": mask}
+        labels = rng.integers(0, self.config.num_classes, size=(b,))
+        images = rng.normal(size=(b, 8, 8, 1)).astype(np.float32)
+        images[:, 0, 0, 0] += labels  # (B, H, W, C): the label is readable from one pixel
+        return {"images": images, "labels": labels.astype(np.int32)}
+
+    def iterator(self) -> _Iterator:
+        return _Iterator(self._batch, self.rows)
+
+
+def make_dataset(data_config, split, global_batch_size, *, seed, shard_index=0, shard_count=1):
+    """Stand-in for `ttt.data.make_dataset` (names "toy_text" and "toy_images")."""
+    return ToyDataset(data_config, split, global_batch_size, seed=seed,
+                      shard_index=shard_index, shard_count=shard_count)
