@@ -1,4 +1,4 @@
-"""Argument checks shared by the ops: errors a user can hit are raised in words, not XLA tracebacks."""
+"""Argument checks shared by the ops: errors a user can hit are raised in words, not XLA traces."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ def check_rank(name: str, x, rank: int, layout: str) -> None:
 def check_shape(name: str, x, expected: Sequence[int | None], layout: str, like: str = "") -> None:
     """Raise ValueError unless `x.shape` matches `expected` (None matches any size)."""
     shape = tuple(jnp.shape(x))
-    ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
+    ok = len(shape) == len(expected) and all(
+        e is None or e == s for e, s in zip(expected, shape, strict=True)
+    )
     if not ok:
         want = tuple("*" if e is None else e for e in expected)
         suffix = f" (to match {like})" if like else ""
@@ -33,7 +35,7 @@ def check_floating(name: str, x) -> None:
 
 
 def check_same_dtype(**arrays) -> None:
-    """Raise ValueError unless all arrays share one dtype (mixing silently promotes or truncates)."""
+    """Raise ValueError unless all arrays share one dtype (mixing silently promotes/truncates)."""
     dtypes = {name: jnp.result_type(a) for name, a in arrays.items()}
     if len(set(dtypes.values())) > 1:
         listing = ", ".join(f"{n}={d}" for n, d in dtypes.items())

@@ -60,8 +60,8 @@ def scan_minibatches(step, carry, xs, remat_every: int = 0):
 
     remat_every = n > 0 wraps each group of n mini-batches in jax.checkpoint, so the backward pass
     stores one state per group instead of one per mini-batch. The mini-batch count is padded to a
-    multiple of n with all-zero inputs; `step` must leave the carry unchanged when η is zero (true of
-    every TTT step: zero learning rates mean no update), and the padded outputs are dropped.
+    multiple of n with all-zero inputs; `step` must leave the carry unchanged when η is zero (true
+    of every TTT step: zero learning rates mean no update), and the padded outputs are dropped.
     """
     if remat_every <= 0:
         return jax.lax.scan(step, carry, xs)

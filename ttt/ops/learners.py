@@ -50,7 +50,7 @@ def gelu_tanh(x):
 
 
 def layer_norm(x, scale, bias, eps=1e-6):
-    """LayerNorm over the last axis, flax convention var = E[x²] − E[x]²; x (..., d), scale/bias (d,)."""
+    """LayerNorm flax convention var = E[x²] − E[x]²; x (..., d), scale, bias (d,)."""
     mean = jnp.mean(x, axis=-1, keepdims=True)
     # flax computes the variance from the two moments, not as E[(x - mean)²]; match it exactly.
     var = jnp.maximum(jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean, 0.0)
@@ -75,7 +75,7 @@ def _dense_chain_apply(dense, activation, W, x):
 
 
 def linear(d_out=None, bias=True, init_scale=0.02) -> Learner:
-    """f(x) = x W1 + b1; W1 (d_in, d_out) ~ N(0, init_scale²), b1 (d_out,) = 0. d_out defaults to d_in."""
+    """f(x) = x W1 + b1; W1 (d_in, d_out) ~ N(0, σ=init_scale), b1 = 0; d_out = d_in if None."""
     dense = (("W1", "b1" if bias else None),)
 
     def init(key, d_in):

@@ -1,13 +1,13 @@
 """Causal mini-batch TTT (TTT-LM, arXiv 2407.04620 §2.4–2.7; DESIGN §2–3).
 
-Per sequence and head the hidden state is the weight pytree W of an inner learner f(x; W). Tokens are
-cut into mini-batches of b. Inside one mini-batch every gradient is taken at the starting state W:
+Per sequence and head the hidden state is the weight pytree W of an inner learner f(x; W). Tokens
+are cut into mini-batches of b. Inside a mini-batch every gradient is taken at its starting state W:
     g_j = ∇_W l(W; k_j, v_j),  l = ½‖f(k_j; W) − v_j‖²,
     W_i = W − Σ_{j≤i} η_ij g_j,   z_i = f(q_i; W_i),
 and W_b (the last row of η) is carried to the next mini-batch.
 
 Three forms, held equal by tests/test_ttt_ops.py:
-- `ttt_primal`: the definition, `lax.scan` over mini-batches and `vmap(grad)` over tokens; any learner.
+- `ttt_primal`: the definition, `lax.scan` over mini-batches, `vmap(grad)` over tokens; any learner.
 - `ttt_dual`:   the fast path for dense-chain learners (paper §2.7): per layer
                 Z_l(q) = X_q W + b − (η ⊙ tril(X_q X_kᵀ)) G − tril(η) G, never materialising W_i.
 - `ttt_naive`:  a Python loop over tokens (tests only).
@@ -139,7 +139,7 @@ def _prepare(learner, W0, q, k, v, eta, mini_batch, fixed, remat_every):
 
 
 def _map_heads(head_fn, W0, fixed, per_sequence, xs):
-    """vmap `head_fn(W, fixed, xs)` over H (W0, fixed, xs) then over B (xs, and W0 if per-sequence)."""
+    """vmap `head_fn(W, fixed, xs)` over H (all args), then over B (xs, and W0 if per-sequence)."""
     over_h = jax.vmap(head_fn, in_axes=(0, 0, 0))
     over_b = jax.vmap(over_h, in_axes=(0 if per_sequence else None, None, 0))
     return over_b(W0, fixed, xs)
@@ -187,7 +187,7 @@ def ttt_primal(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ev
 
 
 def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0):
-    """Causal mini-batch TTT in the dual form (TTT-LM §2.7); same contract and results as ttt_primal.
+    """Causal mini-batch TTT in the dual form (TTT-LM §2.7); same contract and results as primal.
 
     For a dense chain Z_l = X_l W_l + b_l (activation between layers, optional `post` after), per
     mini-batch with key activations X_l^k and per-token pre-activation gradients G_l:
@@ -202,10 +202,9 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
 
     def keys_forward(W, fixed_h, k_m, v_m, probes):
         """Total loss of the mini-batch with probes added to every Z_l; aux = layer inputs X_l^k."""
-        X, Xs = k_m, []
+        Z, Xs = k_m, []
         for l, (w_name, b_name) in enumerate(dense):
-            if l > 0:
-                X = act(Z)  # Z of the previous layer
+            X = act(Z) if l > 0 else Z  # input of layer l
             Xs.append(X)
             Z = X @ W[w_name] + probes[l]  # (b, d_l) @ (d_l, d_{l+1}) -> (b, d_{l+1})
             if b_name is not None:
@@ -223,11 +222,11 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
             # w.r.t. the probes is the stack of per-token gradients G_l,j = ∂l_j/∂Z_l,j
             G, Xk = jax.grad(keys_forward, argnums=4, has_aux=True)(W, fixed_h, k_m, v_m, probes)
             eta_last = eta_m[-1]  # (b,): the row that carries the state
-            X, W_next = q_m, dict(W)
+            Z, W_next = q_m, dict(W)
             for l, (w_name, b_name) in enumerate(dense):
-                if l > 0:
-                    X = act(Z)
-                attn = eta_m * (X @ Xk[l].T)  # (b, d_l) @ (d_l, b) -> (b, b), η_ij X_l(q_i)·X_l(k_j)
+                X = act(Z) if l > 0 else Z  # (b, d_l): layer l's input at the answer states
+                # η_ij X_l(q_i)·X_l(k_j): (b, d_l) @ (d_l, b) -> (b, b)
+                attn = eta_m * (X @ Xk[l].T)
                 Z = X @ W[w_name] - attn @ G[l]  # (b, b) @ (b, d_{l+1}) -> (b, d_{l+1})
                 # (b, d_l)ᵀ @ (b, d_{l+1}) -> (d_l, d_{l+1})
                 W_next[w_name] = W[w_name] - Xk[l].T @ (eta_last[:, None] * G[l])
@@ -256,8 +255,9 @@ def ttt_naive(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None):
     per_sequence = _head_shapes(learner, W0, q, v, fixed)
     B, H, N, _ = q.shape
     b = mini_batch
-    W = W0 if per_sequence else jax.tree_util.tree_map(lambda w: jnp.broadcast_to(w, (B, *w.shape)), W0)
-    fix = jax.tree_util.tree_map(lambda f: jnp.broadcast_to(f, (B, *f.shape)), fixed)  # (B, H, ...)
+    to_bh = lambda w: jnp.broadcast_to(w, (B, *w.shape))  # (H, ...) -> (B, H, ...)
+    W = W0 if per_sequence else jax.tree_util.tree_map(to_bh, W0)
+    fix = jax.tree_util.tree_map(to_bh, fixed)
     over_bh = lambda fn: jax.vmap(jax.vmap(fn))
     grad_bh = over_bh(jax.grad(lambda W, f, kj, vj: reconstruction_loss(learner, W, f, kj, vj)))
     apply_bh = over_bh(learner.apply)
@@ -290,7 +290,8 @@ def ttt(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, 
     if form == "auto":
         form = "dual" if getattr(learner, "dense", None) is not None else "primal"
     fn = ttt_dual if form == "dual" else ttt_primal
-    return fn(learner, W0, q, k, v, eta, mini_batch=mini_batch, fixed=fixed, remat_every=remat_every)
+    kwargs = dict(mini_batch=mini_batch, fixed=fixed, remat_every=remat_every)
+    return fn(learner, W0, q, k, v, eta, **kwargs)
 
 
 def ttt_decode_step(learner, W_start, G_acc, q_t, k_t, v_t, a_t, c_t, *, fixed=None):
@@ -315,9 +316,9 @@ def ttt_decode_step(learner, W_start, G_acc, q_t, k_t, v_t, a_t, c_t, *, fixed=N
     seq = lambda x: x[:, :, None]  # (B, H, d) -> (B, H, 1, d): reuse the sequence checks
     if not _head_shapes(learner, W_start, seq(q_t), seq(v_t), fixed, what="W_start"):
         raise ValueError("W_start: expected leading (B, H) axes (a per-sequence state), got (H,)")
+    leaves = jax.tree_util.tree_leaves
     if jax.tree_util.tree_structure(G_acc) != jax.tree_util.tree_structure(W_start) or any(
-        jnp.shape(g) != jnp.shape(w)
-        for g, w in zip(jax.tree_util.tree_leaves(G_acc), jax.tree_util.tree_leaves(W_start))
+        jnp.shape(g) != jnp.shape(w) for g, w in zip(leaves(G_acc), leaves(W_start), strict=True)
     ):
         raise ValueError("G_acc: expected the same pytree structure and shapes as W_start")
 
