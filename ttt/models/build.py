@@ -1,0 +1,136 @@
+"""`build_model(model_config)`: the one entry point from a config to a Flax module.
+
+Every field is checked before anything is traced, and a bad one fails with a one-line message
+naming the key and, where there is a closed set, the known values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ttt import layers
+from ttt.models.lm import CausalLM
+from ttt.models.presets import PRESETS
+from ttt.models.stack import REMAT_CHOICES
+from ttt.models.vit import ViT
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+# Preset dimensions a config may override (e.g. a narrower model for a synthetic task).
+_OVERRIDABLE = {"lm": ("num_layers", "width", "num_heads", "ffn_dim"),
+                "vit": ("num_layers", "width", "num_heads", "mlp_dim")}
+
+
+def _get(cfg, key: str, default: Any = None) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def _known_mixers() -> list[str] | None:
+    """Names in the mixer registry, or None when the registry does not list them."""
+    for attr in ("MIXERS", "REGISTRY", "MIXER_REGISTRY"):
+        registry = getattr(layers, attr, None)
+        if isinstance(registry, Mapping):
+            return sorted(registry)
+    names = getattr(layers, "mixer_names", None)
+    return sorted(names()) if callable(names) else None
+
+
+def _choice(value, key: str, known) -> Any:
+    if value not in known:
+        raise ValueError(f"model.{key}: unknown {value!r}; known: {', '.join(map(str, known))}")
+    return value
+
+
+def _positive_int(cfg, key: str) -> int:
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"model.{key} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _frozen_kwargs(kwargs) -> tuple:
+    """mixer_kwargs (dict / ConfigDict / None) -> sorted (key, value) pairs (hashable)."""
+    if kwargs is None:
+        return ()
+    if hasattr(kwargs, "to_dict"):
+        kwargs = kwargs.to_dict()
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"model.mixer_kwargs must be a dict, got {type(kwargs).__name__}")
+    return tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v)
+                        for k, v in kwargs.items()))
+
+
+def build_model(model_config) -> nn.Module:
+    """Build a CausalLM (kind "lm") or ViT (kind "vit") from a config (see interfaces).
+
+    Fields: kind, preset, mixer, mixer_kwargs, dtype, scan_layers, remat; LM: vocab_size;
+    ViT: num_classes, image_size, patch_size, channels. Optional overrides of the preset's
+    dimensions (num_layers, width, num_heads, ffn_dim / mlp_dim) and, for the LM, pre_conv
+    (default: on exactly for the Mamba backbone).
+    """
+    kind = _choice(_get(model_config, "kind"), "kind", sorted(PRESETS))
+    preset = _choice(_get(model_config, "preset"), "preset", list(PRESETS[kind]))
+    dims = dict(PRESETS[kind][preset])
+    for key in _OVERRIDABLE[kind]:
+        if _get(model_config, key) is not None:
+            dims[key] = _positive_int(model_config, key)
+
+    mixer = _get(model_config, "mixer")
+    known = _known_mixers()
+    if not isinstance(mixer, str) or (known is not None and mixer not in known):
+        raise ValueError(f"model.mixer: unknown {mixer!r}; known: {', '.join(known or [])}")
+    mixer_kwargs = _frozen_kwargs(_get(model_config, "mixer_kwargs"))
+    if dims["width"] % dims["num_heads"]:
+        raise ValueError(f"model: width {dims['width']} is not divisible by num_heads "
+                         f"{dims['num_heads']} (preset {preset!r})")
+    dtype_name = _choice(_get(model_config, "dtype", "float32"), "dtype", list(_DTYPES))
+    if dtype_name == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError("model.dtype: 'float64' needs jax x64 mode (jax.enable_x64)")
+    dtype = _DTYPES[dtype_name]
+    # Parameters stay float32 under bf16 compute; float64 runs keep everything in float64.
+    param_dtype = jnp.float64 if dtype_name == "float64" else jnp.float32
+    remat = _choice(_get(model_config, "remat", "none") or "none", "remat", REMAT_CHOICES)
+    common = dict(mixer=mixer, mixer_kwargs=mixer_kwargs, dtype=dtype, param_dtype=param_dtype,
+                  scan_layers=bool(_get(model_config, "scan_layers", True)), remat=remat,
+                  num_layers=dims["num_layers"], width=dims["width"],
+                  num_heads=dims["num_heads"])
+
+    if kind == "lm":
+        if _get(model_config, "vocab_size") is not None:
+            dims["vocab_size"] = _positive_int(model_config, "vocab_size")
+        pre_conv = _get(model_config, "pre_conv")
+        if pre_conv is None:
+            pre_conv = dict(mixer_kwargs).get("backbone") == "mamba" or mixer.endswith("_mamba")
+        return CausalLM(vocab_size=dims["vocab_size"], ffn_dim=dims["ffn_dim"],
+                        pre_conv=bool(pre_conv), **common)
+
+    _positive_int(model_config, "num_classes")
+    image_size = _positive_int(model_config, "image_size")
+    _positive_int(model_config, "channels")
+    patch_size = _get(model_config, "patch_size", 16)
+    if not isinstance(patch_size, int) or patch_size < 0 or (
+            patch_size and image_size % patch_size):
+        raise ValueError(f"model.patch_size must be 0 (pixels) or divide image_size "
+                         f"{image_size}, got {patch_size!r}")
+    if patch_size and dims["width"] % 4:
+        raise ValueError(f"model: width {dims['width']} must be a multiple of 4 for the "
+                         "sin-cos position embedding")
+    return ViT(num_classes=int(_get(model_config, "num_classes")), mlp_dim=dims["mlp_dim"],
+               patch_size=patch_size, **common)
+
+
+def param_count(variables) -> int:
+    """Number of scalars in `variables["params"]` (or in the whole tree if it has no "params").
+
+    Works on arrays and on `jax.eval_shape` outputs (ShapeDtypeStruct), so presets can be counted
+    without allocating them.
+    """
+    tree = variables.get("params", variables) if isinstance(variables, Mapping) else variables
+    return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree)))
