@@ -1,0 +1,165 @@
+"""Pieces shared by the sequence mixers: RoPE, the causal depthwise convolution, head splitting,
+parameter groups named like the official checkpoints, and option checks.
+
+Notable choices:
+- RoPE rotates interleaved pairs (x[2i], x[2i+1]) with θ = 10000 (ttt-lm-jax convention) and is
+  computed from the positions on the fly, so no sequence length is baked into the module.
+- The causal convolution takes an explicit left context ("tail"), which makes the full-sequence,
+  prefill and single-step paths one function; its parameters have nn.Conv's layout and init.
+- Inner-loop arithmetic runs in `inner_dtype(dtype)`: float32 for float32/bfloat16 compute (the TTT
+  state stays float32), float64 when the whole layer runs in float64 (tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DEFAULT_INIT_SCALE = 0.02
+
+
+def inner_dtype(dtype) -> jnp.dtype:
+    """Dtype of the inner loop / attention arithmetic: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def split_heads(x, num_heads: int):
+    """(B, N, C) -> (B, H, N, d), heads taken head-major from the C axis."""
+    B, N, C = x.shape
+    return x.reshape(B, N, num_heads, C // num_heads).transpose(0, 2, 1, 3)  # (B, H, N, d)
+
+
+def merge_heads(x):
+    """(B, H, N, d) -> (B, N, H·d)."""
+    B, H, N, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, N, H * d)  # (B, N, C)
+
+
+def apply_rope(x, positions, theta: float = 10000.0):
+    """Rotary position embedding on interleaved pairs.
+
+    x: (..., N, d) with d even; positions: (N,) integers (any offsets, e.g. t mod b) -> same shape.
+    Pair i of token t is rotated by the angle positions[t] · θ^(−2i/d).
+    """
+    d = x.shape[-1]
+    dtype = inner_dtype(x.dtype)
+    freqs = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=dtype) / d))  # (d/2,)
+    angle = jnp.asarray(positions, dtype)[:, None] * freqs[None, :]  # (N, d/2)
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    pairs = x.astype(dtype).reshape(*x.shape[:-1], d // 2, 2)  # (..., N, d/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)  # (..., N, d/2, 2)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+class CausalConv(nn.Module):
+    """Depthwise causal convolution over the token axis with bias (Mamba-style, width 4).
+
+    Parameters match `nn.Conv(features, (width,), padding="CAUSAL", feature_group_count=features)`:
+    kernel (width, 1, C) with lecun-normal init, bias (C,) zeros.
+    y_t = Σ_w x_{t−width+1+w} K[w] + b.
+    """
+
+    features: int
+    width: int = 4
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, tail=None):
+        """x (B, N, C); tail (B, width−1, C) = the inputs before x (zeros if None).
+
+        Returns (y (B, N, C), new tail (B, width−1, C) = the last width−1 inputs of tail ++ x).
+        """
+        C, w = self.features, self.width
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (w, 1, C), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (C,), self.param_dtype)
+        B, N, _ = x.shape
+        if tail is None:
+            tail = jnp.zeros((B, w - 1, C), x.dtype)
+        xp = jnp.concatenate([tail.astype(x.dtype), x], axis=1)  # (B, w−1+N, C)
+        kernel = kernel.astype(self.dtype)
+        y = sum(xp[:, i : i + N, :] * kernel[i, 0] for i in range(w))  # (B, N, C)
+        y = (y + bias.astype(self.dtype)).astype(self.dtype)
+        return y, xp[:, xp.shape[1] - (w - 1) :, :]
+
+
+class ParamGroup(nn.Module):
+    """A named group of raw parameters, so checkpoints read e.g. `ttt_norm/scale`.
+
+    specs: ((name, initializer, shape), ...). Calling the module returns {name: array}.
+    """
+
+    specs: tuple
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        return {
+            n: self.param(n, init, tuple(shape), self.param_dtype) for n, init, shape in self.specs
+        }
+
+
+def dense(features: int, name: str, dtype, param_dtype, init_scale=DEFAULT_INIT_SCALE, bias=False):
+    """A bias-free Dense with N(0, init_scale²) weights (the TTT-LM projections)."""
+    return nn.Dense(
+        features,
+        use_bias=bias,
+        kernel_init=nn.initializers.normal(init_scale),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+def check_choice(name: str, value, allowed: Sequence) -> None:
+    """ValueError unless value is one of `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {tuple(allowed)}, got {value!r}")
+
+
+def check_heads(cls_name: str, width: int, num_heads: int, even_head_dim: bool) -> int:
+    """Validate width/num_heads (and an even head dim for RoPE); return the head dim d."""
+    if not (isinstance(width, int) and width > 0 and isinstance(num_heads, int) and num_heads > 0):
+        raise ValueError(
+            f"{cls_name}: width and num_heads must be positive ints, got {width}, {num_heads}"
+        )
+    if width % num_heads:
+        raise ValueError(f"{cls_name}: width {width} is not divisible by num_heads {num_heads}")
+    d = width // num_heads
+    if even_head_dim and d % 2:
+        raise ValueError(
+            f"{cls_name}: RoPE needs an even head dim, got width/num_heads = {d}; change the "
+            f"width or heads, or pass rope=False"
+        )
+    return d
+
+
+def check_input(cls_name: str, x, width: int, rank_name: str = "x") -> None:
+    """ValueError unless x is a floating (B, N, C=width) array with N ≥ 1."""
+    shape = tuple(jnp.shape(x))
+    if len(shape) != 3 or shape[-1] != width or shape[1] < 1:
+        raise ValueError(
+            f"{cls_name}: {rank_name} must be (B, N, C={width}) with N >= 1, got {shape}"
+        )
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(
+            f"{cls_name}: {rank_name} must be floating point, got {jnp.result_type(x)}"
+        )
+
+
+def broadcast_heads(tree, batch: int):
+    """Pytree with leading H -> leading (B, H) (per-sequence copies of a shared state)."""
+    return jax.tree_util.tree_map(lambda w: jnp.broadcast_to(w, (batch, *w.shape)), tree)
+
+
+def mean_sq(x) -> jax.Array:
+    """Mean of squares, as a float32 scalar (diagnostics)."""
+    return jnp.mean(jnp.square(x.astype(jnp.float32)))
+
+
+Init = Callable[..., jax.Array]
