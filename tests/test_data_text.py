@@ -173,7 +173,7 @@ def test_errors_are_one_line(tmp_path):
     _write_corpus(tmp_path, {"empty/a.txt": "", "short/a.txt": "tiny\n" * 3})
     _one_line_error(_cfg(name="nope"), "text_corpus", "mqar")
     _one_line_error(_cfg(name="tfds_text", dataset="no_such_dataset_xyz", seq_len=8,
-                         data_dir=str(tmp_path)), "not in the tfds catalog")
+                         data_dir=str(tmp_path)), "neither prepared")
     _one_line_error(_cfg(name="tfds_text", dataset="lm1b", seq_len=8,
                          data_dir=str(tmp_path / "nowhere")), "not prepared", "tfds build lm1b")
     _one_line_error(_cfg(name="text_files", paths=[str(tmp_path / "empty")], seq_len=8,

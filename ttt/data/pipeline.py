@@ -102,26 +102,17 @@ def meta(data_config, split: str = "train") -> dict[str, Any]:
         return {"vocab_size": vocab, "seq_len": _seq_len(data_config), "eos_id": tok.eos_id,
                 "tokenizer": tok.name}
     if name == "mqar":
-        train = split == "train"
-        return {
-            "vocab_size": int(_get(data_config, "vocab_size")),
-            "seq_len": _seq_len(data_config, "seq_len" if train else "test_seq_len")
-            if train or _get(data_config, "test_seq_len") else _seq_len(data_config),
-            "num_kv_pairs": int(_get(data_config, "num_kv_pairs") if train else
-                                _get(data_config, "test_num_kv_pairs",
-                                     _get(data_config, "num_kv_pairs"))),
-        }
+        # The test split may be longer / hold more pairs, to measure extrapolation.
+        test = split != "train"
+        len_key = "test_seq_len" if test and _get(data_config, "test_seq_len") else "seq_len"
+        kv_key = ("test_num_kv_pairs" if test and _get(data_config, "test_num_kv_pairs")
+                  else "num_kv_pairs")
+        return {"vocab_size": int(_get(data_config, "vocab_size")),
+                "seq_len": _seq_len(data_config, len_key),
+                "num_kv_pairs": int(_get(data_config, kv_key))}
     if name == "digits":
         return {"num_classes": 10, "image_shape": (8, 8, 1)}
-    import tensorflow_datasets as tfds
-
-    try:
-        builder = tfds.builder(_get(data_config, "dataset"), data_dir=_get(data_config, "data_dir"))
-    except tfds.core.registered.DatasetNotFoundError:
-        raise DataConfigError(
-            f"tfds dataset {_get(data_config, 'dataset')!r} is not in the tfds catalog installed "
-            "here: check the name (tfds.list_builders())"
-        ) from None
+    builder = text_sources.tfds_builder(_get(data_config, "dataset"), _get(data_config, "data_dir"))
     features = builder.info.features
     shape = tuple(features["image"].shape)
     size = _get(data_config, "image_size") or (shape[0] if shape[0] else 224)
@@ -293,9 +284,7 @@ def _image_dataset(cfg, split, rows, seed, shard_index, shard_count) -> Dataset:
         ds = ds.map(lambda r: {"images": r["image"], "labels": np.int32(r["label"]),
                                "mask": np.float32(1)})
     else:
-        import tensorflow_datasets as tfds
-
-        native = tfds.builder(_get(cfg, "dataset"), data_dir=_get(cfg, "data_dir"))
+        native = text_sources.tfds_builder(_get(cfg, "dataset"), _get(cfg, "data_dir"))
         fixed = native.info.features["image"].shape[0] is not None
         crop_frac = float(_get(cfg, "crop_frac", 1.0 if fixed else 0.875))
         pixels = bool(_get(cfg, "pixels", False))

@@ -215,16 +215,22 @@ class _Field:
         return self._source[i][self._key]
 
 
+def tfds_builder(name: str, data_dir: str | None):
+    """`tfds.builder` with a one-line error when the name resolves to nothing."""
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataConfigError(
+            f"tfds dataset {name!r} is neither prepared in {data_dir or 'the default data_dir'} "
+            "nor importable from the tfds catalog without TensorFlow (e.g. c4): check the name "
+            "(tfds.list_builders()) or prepare it elsewhere and set data.data_dir"
+        ) from None
+
+
 def open_tfds(name: str, split: str, data_dir: str | None):
     """`tfds.data_source` with one-line errors for an unknown or unprepared dataset."""
     where = data_dir or "the default tfds data_dir"
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise DataConfigError(
-            f"tfds dataset {name!r} is not in the tfds catalog installed here: check the name "
-            "(tfds.list_builders()) or use data.name='text_files' for local files"
-        ) from None
+    builder = tfds_builder(name, data_dir)
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except ValueError as e:

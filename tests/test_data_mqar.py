@@ -1,0 +1,94 @@
+"""MQAR generator: answers recoverable from the context, labels only at answers, power-law gaps,
+train/test lengths, and its errors."""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+import numpy as np
+import pytest
+
+from ttt import data
+from ttt.data.mqar import check_mqar, make_mqar_fn
+
+CFG = dict(name="mqar", vocab_size=64, seq_len=48, num_kv_pairs=6, test_seq_len=96,
+           num_train_examples=256, num_test_examples=20)
+
+
+def _batches(cfg, split, n, bs=8, seed=0):
+    it = data.make_dataset(mlc.ConfigDict(cfg), split, bs, seed=seed).iterator()
+    return [next(it) for _ in range(n)]
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_brute_force_lookup_solves_every_example(split):
+    batches = _batches(CFG, split, 2)
+    n = CFG["seq_len"] if split == "train" else CFG["test_seq_len"]
+    k = CFG["num_kv_pairs"]
+    for b in batches:
+        assert b["inputs"].shape == (8, n) and b["mask"].shape == (8, n)
+        np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
+        real = b["mask"].sum(1) > 0  # the last validation batch may carry padding rows
+        assert (b["mask"].sum(1)[real] == k).all(), "exactly K answer positions per example"
+        pred = data.brute_force_answers(b["inputs"], b["mask"])
+        on = b["mask"] > 0
+        assert (pred[on] == b["targets"][on]).all(), "lookup must solve 100%"
+        # keys from the lower half (never 0), values from the upper half
+        assert (b["inputs"][on] >= 1).all() and (b["inputs"][on] < 32).all()
+        assert (b["targets"][on] >= 32).all() and (b["targets"][on] < 64).all()
+
+
+def test_negative_control_scrambled_context_fails_lookup():
+    b = _batches(CFG, "train", 1)[0]
+    k = CFG["num_kv_pairs"]
+    broken = b["inputs"].copy()
+    # rotate the values inside the context so every key points at another pair's value
+    broken[:, 1 : 2 * k : 2] = np.roll(broken[:, 1 : 2 * k : 2], 1, axis=1)
+    pred = data.brute_force_answers(broken, b["mask"])
+    on = b["mask"] > 0
+    assert (pred[on] == b["targets"][on]).mean() < 0.2
+
+
+def test_power_law_gaps_favour_short_distances():
+    fn = make_mqar_fn(0, "train", vocab_size=512, seq_len=512, num_kv_pairs=8, power_a=0.01)
+    slot = []
+    for i in range(200):
+        ex = fn(i)
+        pos = np.nonzero(ex["mask"])[0]
+        slot.append((pos - 16) // 2)  # query slot index after the 2K-token context
+    slot = np.concatenate(slot)
+    slots = (512 + 1 - 16) // 2
+    assert (slot < slots // 4).mean() > 0.5  # uniform gaps would put 25% there
+    uniform = make_mqar_fn(0, "train", 512, 512, 8, power_a=1.0)
+    u = np.concatenate([(np.nonzero(uniform(i)["mask"])[0] - 16) // 2 for i in range(200)])
+    assert 0.15 < (u < slots // 4).mean() < 0.35
+
+
+def test_examples_are_seeded_and_splits_differ():
+    a = make_mqar_fn(3, "train", 64, 32, 4)
+    b = make_mqar_fn(3, "train", 64, 32, 4)
+    c = make_mqar_fn(4, "train", 64, 32, 4)
+    d = make_mqar_fn(3, "validation", 64, 32, 4)
+    np.testing.assert_array_equal(a(5)["inputs"], b(5)["inputs"])
+    assert not np.array_equal(a(5)["inputs"], c(5)["inputs"])
+    assert not np.array_equal(a(5)["inputs"], d(5)["inputs"])
+    meta_train = data.meta(mlc.ConfigDict(CFG), "train")
+    meta_test = data.meta(mlc.ConfigDict(CFG), "validation")
+    assert (meta_train["seq_len"], meta_test["seq_len"]) == (48, 96)
+
+
+def test_validation_split_is_finite_and_padded():
+    batches = list(data.make_dataset(mlc.ConfigDict(CFG), "validation", 8, seed=0).iterator())
+    assert len(batches) == 3  # 20 examples -> 8 + 8 + 4 real rows
+    assert batches[-1]["mask"].sum(1).tolist() == [6] * 4 + [0] * 4
+
+
+def test_size_errors():
+    with pytest.raises(data.DataConfigError, match="vocab_size"):
+        check_mqar(16, 64, 8)
+    with pytest.raises(data.DataConfigError, match="seq_len >= 31"):
+        check_mqar(64, 16, 8)
+    check_mqar(18, 31, 8)  # the boundary itself fits
+    fn = make_mqar_fn(0, "train", 18, 31, 8)
+    ex = fn(0)
+    pred = data.brute_force_answers(ex["inputs"][None], ex["mask"][None])[0]
+    assert (pred[ex["mask"] > 0] == ex["targets"][ex["mask"] > 0]).all()
