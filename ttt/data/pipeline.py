@@ -278,32 +278,37 @@ def _image_dataset(cfg, split, rows, seed, shard_index, shard_count) -> Dataset:
     m = meta(cfg, split)
     size, _, channels = m["image_shape"]
     source = _image_source(cfg, split)
-    ds = _indexed(source, split, seed, shard_index, shard_count)
     train = split == "train"
     if _get(cfg, "name") == "digits":
-        ds = ds.map(lambda r: {"images": r["image"], "labels": np.int32(r["label"]),
-                               "mask": np.float32(1)})
-    else:
-        native = text_sources.tfds_builder(_get(cfg, "dataset"), _get(cfg, "data_dir"))
-        fixed = native.info.features["image"].shape[0] is not None
-        crop_frac = float(_get(cfg, "crop_frac", 1.0 if fixed else 0.875))
-        pixels = bool(_get(cfg, "pixels", False))
-        randaug = None if pixels else _get(cfg, "randaug")
-        flip = bool(_get(cfg, "flip", True))
+        # No per-example preprocessing: batch the indices and gather whole batches at once.
+        ds = _indexed(grain.MapDataset.range(len(source)), split, seed, shard_index, shard_count)
+        ds = ds.batch(rows, drop_remainder=train).map(
+            lambda idx: {"images": source.images[idx], "labels": source.labels[idx],
+                         "mask": np.ones(len(idx), np.float32)})
+        if not train:
+            ds = ds.map(lambda b: _pad_rows(b, rows))
+        return Dataset(ds.to_iter_dataset(_read_options(cfg)), m)
+    ds = _indexed(source, split, seed, shard_index, shard_count)
+    native = text_sources.tfds_builder(_get(cfg, "dataset"), _get(cfg, "data_dir"))
+    fixed = native.info.features["image"].shape[0] is not None
+    crop_frac = float(_get(cfg, "crop_frac", 1.0 if fixed else 0.875))
+    pixels = bool(_get(cfg, "pixels", False))
+    randaug = None if pixels else _get(cfg, "randaug")
+    flip = bool(_get(cfg, "flip", True))
 
-        def train_fn(r, rng):
-            im = img_lib.train_geometry(r["image"], size, rng, flip)
-            if randaug:
-                im = img_lib.randaugment(im, rng, int(randaug[0]), float(randaug[1]))
-            return {"images": img_lib.to_float(im, channels), "labels": np.int32(r["label"]),
-                    "mask": np.float32(1)}
+    def train_fn(r, rng):
+        im = img_lib.train_geometry(r["image"], size, rng, flip)
+        if randaug:
+            im = img_lib.randaugment(im, rng, int(randaug[0]), float(randaug[1]))
+        return {"images": img_lib.to_float(im, channels), "labels": np.int32(r["label"]),
+                "mask": np.float32(1)}
 
-        def eval_fn(r):
-            im = img_lib.eval_geometry(r["image"], size, crop_frac)
-            return {"images": img_lib.to_float(im, channels), "labels": np.int32(r["label"]),
-                    "mask": np.float32(1)}
+    def eval_fn(r):
+        im = img_lib.eval_geometry(r["image"], size, crop_frac)
+        return {"images": img_lib.to_float(im, channels), "labels": np.int32(r["label"]),
+                "mask": np.float32(1)}
 
-        ds = ds.random_map(train_fn, seed=seed + 2) if train else ds.map(eval_fn)
+    ds = ds.random_map(train_fn, seed=seed + 2) if train else ds.map(eval_fn)
     ds = ds.batch(rows, drop_remainder=train)
     alpha = float(_get(cfg, "mixup", 0.0))
     if train and alpha > 0 and not _get(cfg, "pixels", False):
