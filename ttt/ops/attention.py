@@ -19,6 +19,7 @@ what one full-batch GD step of TTT-Linear computes with the loss averaged over t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -67,8 +68,12 @@ def softmax_attention(q, k, v, *, causal: bool = True, scale: float | None = Non
     Causal rows always contain the diagonal, so -inf masking never yields an all-masked row.
     """
     _check_qkv(q, k, v)
-    d = q.shape[-1]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _softmax_attention(q, k, v, causal, scale)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _softmax_attention(q, k, v, causal, scale):
     logits = jnp.einsum("bhtd,bhsd->bhts", q, k) * scale  # (B, H, N, N)
     if causal:
         logits = jnp.where(_causal_mask(q.shape[2]), logits, -jnp.inf)
@@ -81,9 +86,7 @@ def exp_kernel(k, q) -> jax.Array:
     return jnp.exp(jnp.dot(k, q) / math.sqrt(k.shape[-1]))
 
 
-def kernel_regression(
-    q, k, v, *, causal: bool = True, kernel: Callable | None = None
-) -> jax.Array:
+def kernel_regression(q, k, v, *, causal: bool = True, kernel: Callable | None = None) -> jax.Array:
     """Nadaraya–Watson kernel regression trained on the (k, v) pairs (TTT-LM Theorem 2, E4).
 
     q, k: (B, H, N, d); v: (B, H, N, dv) -> z (B, H, N, dv).
@@ -94,7 +97,11 @@ def kernel_regression(
     not (use it as a reference, not a fast path).
     """
     _check_qkv(q, k, v)
-    kernel = exp_kernel if kernel is None else kernel
+    return _kernel_regression(q, k, v, causal, exp_kernel if kernel is None else kernel)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _kernel_regression(q, k, v, causal, kernel):
     pair = jax.vmap(jax.vmap(kernel, in_axes=(0, None)), in_axes=(None, 0))  # (N,d),(N,d) -> (t, s)
     kappa = jax.vmap(jax.vmap(pair))(k, q)  # (B, H, N_t, N_s)
     if causal:
@@ -202,6 +209,12 @@ def linear_attention(
     _check_choice("form", form, _FORMS)
     if int(chunk) < 1:
         raise ValueError(f"chunk: expected a positive chunk size, got {chunk}")
+    return _linear_attention(q, k, v, causal, feature_map, normalize, form, int(chunk), eps)
+
+
+# jit so that eager calls reuse one compiled scan instead of retracing it on every call
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
+def _linear_attention(q, k, v, causal, feature_map, normalize, form, chunk, eps):
     N = q.shape[2]
     fq, fk = _feature(q, feature_map), _feature(k, feature_map)
     if not causal and form != "quadratic":
