@@ -129,3 +129,14 @@ def test_digits_match_sklearn_loader():
     order = np.random.default_rng(0).permutation(len(ref.target))
     np.testing.assert_allclose(x, ref.images[order] / 8.0 - 1.0, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(y, ref.target[order])
+
+
+def test_index_batches_cover_each_epoch_once():
+    from ttt.data.pipeline import _index_batches
+
+    ds = _index_batches(10, 4, seed=0, train=True)
+    stream = np.concatenate([ds[b] for b in range(5)])  # 20 positions = 2 epochs
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    assert not np.array_equal(stream[:10], stream[10:]), "reshuffled each epoch"
+    ev = _index_batches(10, 4, seed=0, train=False)
+    assert [ev[b].tolist() for b in range(len(ev))] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

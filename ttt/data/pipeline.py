@@ -22,6 +22,7 @@ Shared: shuffle_windows [1024, text], num_threads [2], prefetch [8].
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import grain
@@ -217,6 +218,27 @@ def _indexed(source, split, seed, shard_index, shard_count) -> grain.MapDataset:
     return ds.shuffle(seed=seed).repeat() if split == "train" else ds
 
 
+def _index_batches(n: int, rows: int, seed: int, train: bool) -> grain.MapDataset:
+    """Batches of indices into n records, vectorised (grain's per-element shuffle costs ~0.1 ms
+    per element). Train: an endless stream through a fresh permutation per epoch (batches may
+    straddle epochs); eval: 0..n-1 in order, the last batch short."""
+    if not train:
+        return grain.MapDataset.range((n + rows - 1) // rows).map(
+            lambda b: np.arange(b * rows, min(n, (b + 1) * rows)))
+
+    @functools.lru_cache(maxsize=2)
+    def perm(epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, epoch]).permutation(n)
+
+    def batch(b: int) -> np.ndarray:
+        pos = b * rows + np.arange(rows)  # (rows,) global positions in the endless stream
+        epoch, offset = pos // n, pos % n
+        return np.array([perm(int(e))[o] for e, o in zip(epoch, offset, strict=True)]) \
+            if epoch[0] != epoch[-1] else perm(int(epoch[0]))[offset]
+
+    return grain.MapDataset.range(2**62).map(batch)
+
+
 def _lm_batch(rows: int):
     def fn(packed: dict) -> dict:
         packed = _pad_rows(packed, rows)
@@ -280,11 +302,11 @@ def _image_dataset(cfg, split, rows, seed, shard_index, shard_count) -> Dataset:
     source = _image_source(cfg, split)
     train = split == "train"
     if _get(cfg, "name") == "digits":
-        # No per-example preprocessing: batch the indices and gather whole batches at once.
-        ds = _indexed(grain.MapDataset.range(len(source)), split, seed, shard_index, shard_count)
-        ds = ds.batch(rows, drop_remainder=train).map(
-            lambda idx: {"images": source.images[idx], "labels": source.labels[idx],
-                         "mask": np.ones(len(idx), np.float32)})
+        # No per-example preprocessing: gather whole batches at once.
+        ids = np.arange(shard_index, len(source), shard_count)
+        ds = _index_batches(len(ids), rows, seed, train).map(
+            lambda i: {"images": source.images[ids[i]], "labels": source.labels[ids[i]],
+                       "mask": np.ones(len(i), np.float32)})
         if not train:
             ds = ds.map(lambda b: _pad_rows(b, rows))
         return Dataset(ds.to_iter_dataset(_read_options(cfg)), m)
