@@ -23,6 +23,8 @@ Notable choices:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -245,6 +247,24 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
 # ----------------------------------------------------------------------------- reference and API
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _naive_grads(learner, W, fixed, k_blk, v_blk):
+    """g_j = ∇_W l(W; k_j, v_j) of a block: k_blk (B, H, r, d_in) -> leaves (B, H, r, ...)."""
+    loss = lambda W, f, kj, vj: reconstruction_loss(learner, W, f, kj, vj)
+    per_head = jax.vmap(jax.grad(loss), in_axes=(None, None, 0, 0))
+    return jax.vmap(jax.vmap(per_head))(W, fixed, k_blk, v_blk)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _naive_answer(learner, W, g, lr, q_t, fixed):
+    """W_t = W − Σ_j lr_j g_j (lr (B, H, r), zero for future j); z_t = f(q_t; W_t) (B, H, d_out)."""
+    W_t = jax.tree_util.tree_map(
+        # (B, H, r) · (B, H, r, ...) -> (B, H, ...)
+        lambda w, g_l: (w - jnp.einsum("bhj,bhj...->bh...", lr, g_l)).astype(w.dtype), W, g
+    )
+    return W_t, jax.vmap(jax.vmap(learner.apply))(W_t, q_t, fixed)
+
+
 def ttt_naive(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None):
     """Token-by-token reference (tests only): materialises every W_i from the definition.
 
@@ -258,25 +278,16 @@ def ttt_naive(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None):
     to_bh = lambda w: jnp.broadcast_to(w, (B, *w.shape))  # (H, ...) -> (B, H, ...)
     W = W0 if per_sequence else jax.tree_util.tree_map(to_bh, W0)
     fix = jax.tree_util.tree_map(to_bh, fixed)
-    over_bh = lambda fn: jax.vmap(jax.vmap(fn))
-    grad_bh = over_bh(jax.grad(lambda W, f, kj, vj: reconstruction_loss(learner, W, f, kj, vj)))
-    apply_bh = over_bh(learner.apply)
     zs = []
     for start in range(0, N, b):
-        stop = min(start + b, N)
-        g = [grad_bh(W, fix, k[:, :, j], v[:, :, j]) for j in range(start, stop)]  # at W of start
-        for t in range(start, stop):
-            W_t = W
-            for j in range(start, t + 1):
-                lr = eta[:, :, j] if eta.ndim == 3 else eta[:, :, t, j - start]  # (B, H)
-                W_t = jax.tree_util.tree_map(
-                    lambda w, g_j, lr=lr: (w - lr.reshape(B, H, *[1] * (w.ndim - 2)) * g_j).astype(
-                        w.dtype
-                    ),
-                    W_t,
-                    g[j - start],
-                )
-            zs.append(apply_bh(W_t, q[:, :, t], fix))  # (B, H, d_out)
+        r = min(b, N - start)  # tokens in this mini-batch
+        g = _naive_grads(learner, W, fix, k[:, :, start : start + r], v[:, :, start : start + r])
+        for i in range(r):
+            t = start + i
+            row = eta[:, :, start : start + r] if eta.ndim == 3 else eta[:, :, t, :r]  # (B, H, r)
+            lr = jnp.where(jnp.arange(r) <= i, row, 0.0)  # only j <= i: causal incl. diagonal
+            W_t, z_t = _naive_answer(learner, W, g, lr, q[:, :, t], fix)
+            zs.append(z_t)
         W = W_t  # the last token of the mini-batch carries the state
     return jnp.stack(zs, axis=2), W  # (B, H, N, d_out)
 
