@@ -71,7 +71,8 @@ def build_model(model_config) -> nn.Module:
     """Build a CausalLM (kind "lm") or ViT (kind "vit") from a config (see interfaces).
 
     Fields: kind, preset, mixer, mixer_kwargs, dtype, scan_layers, remat; LM: vocab_size;
-    ViT: num_classes, image_size, patch_size, channels. Optional overrides of the preset's
+    ViT: num_classes, image_size, patch_size, channels; a mixer with a non-causal twin in the
+    registry ("softmax", "linear_attention") resolves to it. Optional overrides of the preset's
     dimensions (num_layers, width, num_heads, ffn_dim / mlp_dim) and, for the LM, pre_conv
     (default: on exactly for the Mamba backbone).
     """
@@ -86,6 +87,9 @@ def build_model(model_config) -> nn.Module:
     known = _known_mixers()
     if not isinstance(mixer, str) or (known is not None and mixer not in known):
         raise ValueError(f"model.mixer: unknown {mixer!r}; known: {', '.join(known or [])}")
+    if kind == "vit" and known is not None and f"{mixer}_noncausal" in known:
+        # A classifier sees the whole image: take the registry's non-causal variant.
+        mixer = f"{mixer}_noncausal"
     mixer_kwargs = _frozen_kwargs(_get(model_config, "mixer_kwargs"))
     if dims["width"] % dims["num_heads"]:
         raise ValueError(f"model: width {dims['width']} is not divisible by num_heads "

@@ -56,7 +56,8 @@ class MlpBlock(nn.Module):
         kw = dict(kernel_init=nn.initializers.xavier_uniform(),
                   bias_init=nn.initializers.normal(1e-6), dtype=self.dtype,
                   param_dtype=self.param_dtype)
-        return nn.Dense(x.shape[-1], **kw)(nn.gelu(nn.Dense(self.mlp_dim, **kw)(x)))
+        hidden = nn.gelu(nn.Dense(self.mlp_dim, name="Dense_0", **kw)(x))  # (B, N, mlp_dim)
+        return nn.Dense(x.shape[-1], name="Dense_1", **kw)(hidden)
 
 
 class EncoderBlock(nn.Module):
