@@ -12,7 +12,7 @@ Notable choices:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -158,8 +158,6 @@ def broadcast_heads(tree, batch: int):
 
 
 def mean_sq(x) -> jax.Array:
-    """Mean of squares, as a float32 scalar (diagnostics)."""
-    return jnp.mean(jnp.square(x.astype(jnp.float32)))
+    """Mean of squares as a scalar of at least float32 (diagnostics)."""
+    return jnp.mean(jnp.square(x.astype(inner_dtype(x.dtype))))
 
-
-Init = Callable[..., jax.Array]
