@@ -21,6 +21,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -60,7 +61,7 @@ def sgd_chunks(key, n: int, T: int):
 
 def _state_layout(learner, W0, d_in: int, B: int, H: int) -> bool:
     """True if W0 carries leading (B, H) axes (per sequence), False for leading H (shared)."""
-    template = jax.eval_shape(learner.init, jax.random.PRNGKey(0), d_in)
+    template = jax.eval_shape(lambda key: learner.init(key, d_in), jax.random.PRNGKey(0))
     leaves_t = jax.tree_util.tree_leaves(template)
     leaves_w = jax.tree_util.tree_leaves(W0)
     if len(leaves_t) != len(leaves_w) or not leaves_w:
@@ -178,16 +179,26 @@ def mttt(
     if mode == "sgd" and T == 0:
         mode = "gd"  # no steps, nothing to sample
 
-    idx = mask = None
-    if mode == "sgd":
-        keys = jax.random.split(key, B * H)
-        keys = keys.reshape((B, H) + keys.shape[1:])  # (B, H, ...) one key per (batch, head)
-        chunk = lambda kk: sgd_chunks(kk, N, T)
-        idx, mask = jax.vmap(jax.vmap(chunk))(keys)  # (B, H, T, c) each
-
     _check_decode_width(learner, decode, W0, fixed, decode_params, q, v, per_sequence)
     if isinstance(loss_norm, int | float) and not (math.isfinite(loss_norm) and loss_norm > 0):
         raise ValueError(f"loss_norm: expected a positive number, got {loss_norm}")
+    keys = None
+    if mode == "sgd":
+        keys = jax.random.split(key, B * H)
+        keys = keys.reshape((B, H) + keys.shape[1:])  # (B, H, ...) one key per (batch, head)
+    return _mttt(learner, decode, mode, per_sequence, W0, fixed, decode_params, q, k, v, lrs,
+                 keys, loss_norm)  # fmt: skip
+
+
+# jit so that eager calls reuse one compiled scan instead of retracing it on every call
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _mttt(learner, decode, mode, per_sequence, W0, fixed, dparams, q, k, v, lrs, keys, loss_norm):
+    """The vmapped loop: per-head `_mttt_head` over H, then over B; see `mttt` for shapes."""
+    N, T = q.shape[2], lrs.shape[0]
+    idx = mask = None
+    if mode == "sgd":
+        chunk = lambda kk: sgd_chunks(kk, N, T)
+        idx, mask = jax.vmap(jax.vmap(chunk))(keys)  # (B, H, T, c) each
 
     head = lambda W, f, dp, q_, k_, v_, i_, m_: _mttt_head(
         learner, decode, loss_norm, mode, W, f, dp, q_, k_, v_, lrs, i_, m_
@@ -195,7 +206,7 @@ def mttt(
     over_heads = jax.vmap(head, in_axes=(0, 0, 0, 0, 0, 0, 0, 0))
     w_axis = 0 if per_sequence else None
     over_batch = jax.vmap(over_heads, in_axes=(w_axis, None, None, 0, 0, 0, 0, 0))
-    return over_batch(W0, fixed, decode_params, q, k, v, idx, mask)
+    return over_batch(W0, fixed, dparams, q, k, v, idx, mask)
 
 
 def _check_decode_width(learner, decode, W0, fixed, decode_params, q, v, per_sequence):
