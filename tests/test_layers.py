@@ -282,8 +282,8 @@ def test_decode_matches_forward_float64(x64, name):
 @pytest.mark.parametrize(
     "name",
     [
-        "ttt_mlp_mamba",
-        pytest.param("ttt_linear", marks=SLOW),
+        "ttt_linear",
+        pytest.param("ttt_mlp_mamba", marks=SLOW),
         pytest.param("ttt_mlp", marks=SLOW),
         pytest.param("ttt_linear_mamba", marks=SLOW),
         pytest.param("linear_attention", marks=SLOW),
@@ -317,7 +317,7 @@ def test_switches_mini_batch_zero_form_and_remat(x64):
     """mini_batch=0 == mini_batch=N; primal form == dual form; remat_every does not change z."""
     kw = dict(learn_eta=False, dtype=jnp.float64, param_dtype=jnp.float64, stats=False)
     x = inputs(1, 7, jnp.float64)
-    whole = TTTMixer(C, H, learner="mlp", mini_batch=0, **kw)
+    whole = TTTMixer(C, H, mini_batch=0, **kw)
     p = random_params(whole, x)
     y0, _ = jit(whole.apply)(p, x)
     y7, _ = jit(whole.clone(mini_batch=7, form="primal", remat_every=1).apply)(p, x)
@@ -364,11 +364,11 @@ def test_official_parameter_names():
 
 def test_mttt_mixer_losses_steps_and_sgd():
     x = inputs(2, 9, jnp.float32)
-    m = make_mixer("mttt_mlp", C, H, steps=3, lrs=(1.0, 0.5, 0.5), mode="sgd")
+    m = make_mixer("mttt_mlp", C, H, steps=2, lrs=(1.0, 0.5), mode="sgd")
     p = random_params(m, x)
     fwd = jit(lambda p, x, key: m.apply(p, x, train=True, rngs={"inner": key}))
     y, aux = fwd(p, x, jax.random.PRNGKey(1))
-    assert y.shape == x.shape and aux["inner_losses"].shape == (4,)
+    assert y.shape == x.shape and aux["inner_losses"].shape == (3,)
     assert np.all(np.isfinite(aux["inner_losses"]))
     y_other, _ = fwd(p, x, jax.random.PRNGKey(2))
     assert rel_err(y_other, y) > 1e-6  # the permutation comes from the "inner" stream
