@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -82,9 +85,11 @@ class Checkpointer:
                 out = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
             except Exception as err:  # noqa: BLE001 — any unreadable checkpoint is skipped
-                log.warning("checkpoint %s/%d could not be restored (%s: %s); "
+                log.warning("checkpoint %s/%d could not be restored (%s: %s); moved to %s and "
                             "falling back to the previous one", self.directory, step,
-                            type(err).__name__, str(err).splitlines()[0][:200])
+                            type(err).__name__, (str(err).splitlines() or [""])[0][:200],
+                            self._quarantine_dir)
+                self._quarantine(step)
                 continue
             data = out["data"] or {}
             states = data.get("states") or [None]
@@ -95,6 +100,21 @@ class Checkpointer:
                 return step, out["state"], None
             return step, out["state"], states[jax.process_index()]
         return None
+
+    @property
+    def _quarantine_dir(self) -> str:
+        return os.path.join(os.path.dirname(os.path.abspath(self.directory)),
+                            "corrupt_checkpoints")
+
+    def _quarantine(self, step: int) -> None:
+        """Move an unreadable step aside, so the resumed run can write that step again."""
+        if jax.process_index() == 0:
+            os.makedirs(self._quarantine_dir, exist_ok=True)
+            dest = os.path.join(self._quarantine_dir, f"{step}.{int(time.time())}")
+            shutil.move(os.path.join(self.directory, str(step)), dest)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"ttt_checkpoint_quarantine_{step}")
+        self.manager.reload()
 
     def wait(self) -> None:
         """Block until pending async saves are on disk."""

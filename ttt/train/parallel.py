@@ -28,8 +28,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "model")
-# The TTT inner model's initial state is small and read by every token: keep it replicated.
-DEFAULT_RULES = ((r"(^|/)(W[0-9]|b[0-9]|ttt_norm[^/]*)(/|$)", ()),)
+# The TTT inner model's initial state (ttt_dense_l, ttt_bias_l, the per-head ttt_norm; MTTT's W0)
+# is small and read by every token of every sequence: keep it replicated.
+DEFAULT_RULES = ((r"(^|/)(ttt_dense_\d+|ttt_bias_\d+|ttt_norm|W0|inner_[^/]*)(/|$)", ()),)
 
 
 def path_str(path) -> str:

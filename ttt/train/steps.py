@@ -139,8 +139,8 @@ def train_step(state: TrainState, batch: dict, *, task: Task, tx: optax.Gradient
     metrics = {
         "loss": loss_sum / weight,
         "accuracy": correct / weight,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
         "lr": jnp.asarray(lr_fn(state.step), jnp.float32),
         "ttt_lr_mult": jnp.asarray(ttt_lr_mult, jnp.float32),
         "aux": aux,

@@ -11,9 +11,15 @@ same global batch, so single-process, multi-device and multi-process runs are co
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+import time
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
 
 # ----------------------------------------------------------------------------------------------
@@ -95,15 +101,17 @@ def build_model(model_config) -> nn.Module:
 class _Iterator:
     """Deterministic batch iterator with grain-style `get_state` / `set_state`."""
 
-    def __init__(self, make_batch, rows: slice):
+    def __init__(self, make_batch, rows: slice, delay_s: float = 0.0):
         self._make_batch = make_batch
         self._rows = rows
         self._index = 0
+        self._delay_s = delay_s  # a slow input pipeline, so tests can interrupt a run
 
     def __iter__(self):
         return self
 
     def __next__(self):
+        time.sleep(self._delay_s)
         batch = self._make_batch(self._index)
         self._index += 1
         return {k: v[self._rows] for k, v in batch.items()}
@@ -142,7 +150,10 @@ class ToyDataset:
             step = rng.integers(1, 3, size=(b, 1))
             seq = (start + step * np.arange(n + 1)[None, :]) % v  # (B, N+1) learnable pattern
             mask = np.ones((b, n), np.float32)
-            mask[:, : n // 4] = 0.0  # exercise the loss mask
+            for i in range(b):  # rows differ in how many tokens count: a per-device mean would
+                mask[i, : (i % 4) * n // 8] = 0.0  # weight them wrongly
+            if index >= self.config.get("nan_from", 1 << 30):
+                mask[:] = np.nan  # simulates a diverged run from batch `nan_from` on
             return {"inputs": seq[:, :-1].astype(np.int32), "targets": seq[:, 1:].astype(np.int32),
                     "mask": mask}
         labels = rng.integers(0, self.config.num_classes, size=(b,))
@@ -151,10 +162,62 @@ class ToyDataset:
         return {"images": images, "labels": labels.astype(np.int32)}
 
     def iterator(self) -> _Iterator:
-        return _Iterator(self._batch, self.rows)
+        return _Iterator(self._batch, self.rows, self.config.get("delay_s", 0.0))
 
 
 def make_dataset(data_config, split, global_batch_size, *, seed, shard_index=0, shard_count=1):
     """Stand-in for `ttt.data.make_dataset` (names "toy_text" and "toy_images")."""
     return ToyDataset(data_config, split, global_batch_size, seed=seed,
                       shard_index=shard_index, shard_count=shard_count)
+
+
+# ----------------------------------------------------------------------------------------------
+# configs and a command line for subprocess tests
+
+
+def toy_config(kind: str = "lm", **train) -> mlc.ConfigDict:
+    """A complete config for the stand-ins (3 steps, batch 8); `train` overrides config.train."""
+    c = mlc.ConfigDict()
+    c.model = dict(kind=kind, preset="tiny", mixer="ttt_linear", mixer_kwargs={}, dtype="float32",
+                   vocab_size=None, num_classes=None, image_size=None, channels=None)
+    if kind == "lm":
+        c.data = dict(name="toy_text", vocab_size=32, seq_len=16)
+    else:
+        c.data = dict(name="toy_images", num_classes=4)
+    c.optim = dict(name="adamw", lr=1e-2, end_lr=1e-3, warmup_steps=1, b1=0.9, b2=0.95,
+                   weight_decay=0.1, clip=1.0, ttt_mlp_lr_warmup=False, weight_decay_mask="all")
+    c.train = dict(steps=3, global_batch_size=8, log_every=1, eval_every=0, eval_steps=1,
+                   checkpoint_every=100, keep_checkpoints=3, seed=0, parallel="single",
+                   mesh={"data": -1, "fsdp": 1, "model": 1}, grad_accum=1, progress=False,
+                   fsdp_min_size=0, label_smoothing=0.0, mixup_alpha=0.0)
+    c = mlc.ConfigDict(c)
+    c.train.update(train)
+    return c
+
+
+def main(argv=None) -> int:
+    """`python -m ttt.train.testing --workdir D [--train '{json}'] [--data '{json}']
+    [--num_processes P --process_id I --coordinator H:P]`: train the toy LM; exit 143 if
+    preempted."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--kind", default="lm")
+    parser.add_argument("--train", default="{}")
+    parser.add_argument("--data", default="{}")
+    parser.add_argument("--num_processes", type=int, default=1)
+    parser.add_argument("--process_id", type=int, default=0)
+    parser.add_argument("--coordinator", default=None)
+    args = parser.parse_args(argv)
+    if args.num_processes > 1:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from ttt.train.train import train_and_evaluate
+
+    config = toy_config(args.kind, **json.loads(args.train))
+    config.data.update(json.loads(args.data))
+    summary = train_and_evaluate(config, args.workdir, build_model=build_model,
+                                 make_dataset=make_dataset)
+    return 143 if summary["preempted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -179,6 +179,14 @@ def _check_finite(losses: list, first_step: int, last_good: int | None, workdir:
             "lower config.optim.lr or raise config.optim.warmup_steps and restart.")
 
 
+def _config_error(err: Exception, section: str, where: str) -> ConfigError:
+    """One line naming the key: 'config.data.seq_len must ...' or 'config.model: ...'."""
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if msg.startswith(f"{section}."):
+        return ConfigError(f"config.{msg}")
+    return ConfigError(f"{where}: {msg}")
+
+
 def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=None) -> dict:
     """Train `config` in `workdir`, resuming from its newest checkpoint; returns a summary dict:
     {"step", "preempted", "train" (last logged metrics), "eval" (last eval), "state"}."""
@@ -197,9 +205,12 @@ def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=N
                                    train_cfg.global_batch_size, seed=train_cfg.seed,
                                    shard_index=pid, shard_count=nproc)
     except (FileNotFoundError, ValueError, KeyError) as err:
-        raise ConfigError(f"config.data.name={config.data.name!r}: {err}") from err
+        raise _config_error(err, "data", f"config.data.name={config.data.name!r}") from err
     config = resolve_config(config, train_ds.meta)
-    setup = build_setup(config, train_ds.meta, build_model)
+    try:
+        setup = build_setup(config, train_ds.meta, build_model)
+    except ValueError as err:
+        raise _config_error(err, "model", "config.model") from err
     placement = setup.placement
     os.makedirs(workdir, exist_ok=True)
     if pid == 0:

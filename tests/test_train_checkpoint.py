@@ -1,0 +1,172 @@
+"""Checkpoints and faults: SIGTERM saves, SIGKILL + restart resumes to the bit, a corrupt latest
+checkpoint falls back to the previous one, a non-finite loss stops without saving, float32 on disk,
+retention of the last k plus milestones. Stand-in model (ttt.train.testing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from ttt.train import Checkpointer, NonFiniteLossError, testing
+from ttt.train.checkpoint import check_full_precision
+from ttt.train.train import abstract_state, build_setup, resolve_config, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(workdir, data=None, **train):
+    config = testing.toy_config("lm", **train)
+    config.data.update(data or {})
+    return train_and_evaluate(config, str(workdir), build_model=testing.build_model,
+                              make_dataset=testing.make_dataset)
+
+
+def _state_at(workdir, step):
+    """TrainState of checkpoint `step` (host arrays)."""
+    config = testing.toy_config("lm")
+    meta = testing.make_dataset(config.data, "train", 8, seed=0).meta
+    abstract = abstract_state(build_setup(resolve_config(config, meta), meta,
+                                          testing.build_model))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
+                          abstract)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    state = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+    ckpt.close()
+    return jax.device_get(state)
+
+
+def _steps(workdir):
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def _launch(workdir, cache, delay_s=0.0):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    train = json.dumps({"steps": 8, "checkpoint_every": 2, "log_every": 1})
+    return subprocess.Popen(
+        [sys.executable, "-m", "ttt.train.testing", "--workdir", str(workdir), "--train", train,
+         "--data", json.dumps({"delay_s": delay_s})],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _wait_for(proc, predicate, timeout=120.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stdout.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("timed out waiting for a checkpoint")
+
+
+def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    cache, ref, run = tmp_path / "cache", tmp_path / "ref", tmp_path / "run"
+    p = _launch(ref, cache)
+    out = p.communicate(timeout=240)[0].decode()
+    assert p.returncode == 0, out[-3000:]
+
+    # 1) preemption: SIGTERM once step 2 is on disk -> a checkpoint at the current step, exit 143
+    p = _launch(run, cache, delay_s=0.3)
+    _wait_for(p, lambda: os.path.isdir(run / "checkpoints" / "2"))
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=120)[0].decode()
+    assert p.returncode == 143, out[-3000:]
+    preempted_at = _steps(run)[-1]
+    assert 2 <= preempted_at < 8
+
+    # 2) the restart resumes; SIGKILL it after its first new checkpoint (no chance to clean up)
+    p = _launch(run, cache, delay_s=0.3)
+    _wait_for(p, lambda: _steps(run)[-1] > preempted_at)
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    killed_at = _steps(run)[-1]
+    assert killed_at < 8, "the run finished before it could be killed"
+
+    # 3) the same command again finishes the run
+    p = _launch(run, cache)
+    out = p.communicate(timeout=240)[0].decode()
+    assert p.returncode == 0, out[-3000:]
+    logged = [json.loads(line)["step"] for line in open(run / "metrics.jsonl")]
+    assert logged.count(1) == 1 and logged[-1] == 8  # restarts continued, never began anew
+
+    final, expected = _state_at(str(run), 8), _state_at(str(ref), 8)
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)  # bitwise: parameters, Adam moments, step, rng
+    # negative control: the run really moved between checkpoints
+    earlier = _state_at(str(ref), 6).params
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(final.params), jax.tree.leaves(earlier), strict=True))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    _run(tmp_path, steps=4, checkpoint_every=2)
+    good = _state_at(str(tmp_path), 4)
+    state_dir = tmp_path / "checkpoints" / "4" / "state"
+    for root, _, files in os.walk(state_dir):  # overwrite every data file of step 4
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    caplog.set_level(logging.WARNING, logger="ttt")
+    summary = _run(tmp_path, steps=4, checkpoint_every=2)
+    assert summary["step"] == 4
+    assert any("could not be restored" in r.getMessage() for r in caplog.records)
+    assert os.listdir(tmp_path / "corrupt_checkpoints")  # moved aside, not deleted
+    resumed = _state_at(str(tmp_path), 4)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(good), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("log_every", [1, 100])
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, log_every):
+    # batch index 3 (step 4) has a NaN mask; detection at the log step or before the save
+    with pytest.raises(NonFiniteLossError, match=r"step 4.*checkpoint \(step 2\)"):
+        _run(tmp_path, data={"nan_from": 3}, steps=6, checkpoint_every=2, log_every=log_every)
+    assert _steps(tmp_path) == [2]
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(_state_at(str(tmp_path), 2).params))
+
+
+def test_bf16_compute_checkpoints_float32(tmp_path):
+    config = testing.toy_config("lm", steps=2, checkpoint_every=2)
+    config.model.dtype = "bfloat16"
+    train_and_evaluate(config, str(tmp_path), build_model=testing.build_model,
+                       make_dataset=testing.make_dataset)
+    params = _state_at(str(tmp_path), 2).params
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+    with pytest.raises(TypeError, match="bfloat16"):  # negative control
+        check_full_precision({"w": jnp.ones((2,), jnp.bfloat16)})
+
+
+def test_keeps_last_k_plus_milestones(tmp_path):
+    ckpt = Checkpointer(str(tmp_path / "c"), keep=2, keep_every=4, async_save=False)
+    state = {"w": np.arange(3, dtype=np.float32)}
+    for step in range(1, 10):
+        ckpt.save(step, state, {"next_index": step})
+    ckpt.wait()
+    assert ckpt.all_steps() == [4, 8, 9]
+    target = {"w": jax.ShapeDtypeStruct((3,), np.float32,
+                                        sharding=jax.sharding.SingleDeviceSharding(
+                                            jax.devices()[0]))}
+    step, restored, data = ckpt.restore(target)
+    assert step == 9 and data == {"next_index": 9}
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    ckpt.close()

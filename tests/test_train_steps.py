@@ -1,0 +1,166 @@
+"""Train/eval steps, losses and the optimizer recipe, on the small stand-in models (one device)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import assert_close, rel_err
+
+from ttt.train import optim, steps, testing
+
+
+def _setup(kind="lm", **train):
+    config = testing.toy_config(kind, **train)
+    ds = testing.make_dataset(config.data, "train", 8, seed=0)
+    from ttt.train.train import resolve_config
+
+    config = resolve_config(config, ds.meta)
+    task = steps.make_task(config, testing.build_model(config.model))
+    batch = next(ds.iterator())
+    params = task.init(jax.random.PRNGKey(0), batch)
+    return config, task, params, batch
+
+
+def _np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_lm_loss_is_masked_token_sum():
+    _, task, params, batch = _setup("lm")
+    loss_sum, (weight, correct, aux) = jax.jit(
+        lambda p, b: task.loss(p, b, jax.random.PRNGKey(0), 1.0, False))(params, batch)
+    logits, _ = jax.jit(task.model.apply)({"params": params}, batch["inputs"])
+    logp = _np_log_softmax(np.asarray(logits, np.float64))  # (B, N, V)
+    nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    assert batch["mask"].min() == 0 and batch["mask"].max() == 1  # the mask really masks
+    assert rel_err(loss_sum, (nll * batch["mask"]).sum()) < 1e-5
+    assert float(weight) == batch["mask"].sum()
+    hits = (np.asarray(logits).argmax(-1) == batch["targets"]) * batch["mask"]
+    assert float(correct) == hits.sum()
+    assert aux["inner_loss"].shape == (2, 2)
+    # negative control: an unmasked sum differs
+    assert rel_err(loss_sum, nll.sum()) > 1e-2
+
+
+def test_classification_label_smoothing_and_mixup():
+    config, task, params, batch = _setup("vit")
+    task = task._replace(label_smoothing=0.1)
+    loss_fn = jax.jit(lambda t, p, b, seed, train: t.loss(p, b, jax.random.PRNGKey(seed), 1.0,
+                                                         train), static_argnums=(0, 4))
+    loss_sum, (weight, _, _) = loss_fn(task, params, batch, 0, True)
+    logits, _ = jax.jit(lambda p, x, r: task.model.apply({"params": p}, x, train=True,
+                                                         rngs={"inner": r}))(
+        params, batch["images"], jax.random.split(jax.random.PRNGKey(0))[1])
+    k = config.model.num_classes
+    target = np.eye(k)[batch["labels"]] * 0.9 + 0.1 / k  # (B, K)
+    expected = -(target * _np_log_softmax(np.asarray(logits, np.float64))).sum()
+    assert rel_err(loss_sum, expected) < 1e-5 and float(weight) == 8
+    # mixup changes the training loss but never the eval loss
+    mixed = task._replace(mixup_alpha=0.4)
+    a = loss_fn(mixed, params, batch, 1, True)[0]
+    b = loss_fn(mixed, params, batch, 1, False)[0]
+    c = loss_fn(task._replace(label_smoothing=0.0), params, batch, 1, False)[0]
+    assert rel_err(a, b) > 1e-4 and rel_err(b, c) < 1e-6
+
+
+def test_lr_schedule_warmup_cosine_and_ttt_mult():
+    config = testing.toy_config()
+    config.optim.update(lr=1e-3, end_lr=1e-5, warmup_steps=10)
+    lr = optim.lr_schedule(config.optim, total_steps=110)
+    assert float(lr(0)) == 0.0
+    assert abs(float(lr(5)) - 5e-4) < 1e-9
+    assert abs(float(lr(10)) - 1e-3) < 1e-9
+    mid = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + np.cos(np.pi * 0.5))
+    assert abs(float(lr(60)) - mid) < 1e-8
+    assert abs(float(lr(110)) - 1e-5) < 1e-10
+    assert float(optim.ttt_lr_mult_schedule(config.optim)(0)) == 1.0  # off by default
+    config.optim.ttt_mlp_lr_warmup = True
+    mult = optim.ttt_lr_mult_schedule(config.optim)
+    # base lr 0.1 of TTT-MLP: 0.01 at step 0, 0.1 after warm-up
+    assert abs(float(mult(0)) * 0.1 - 0.01) < 1e-8 and float(mult(10)) == 1.0
+    assert abs(float(mult(5)) - 0.55) < 1e-6
+
+
+def test_weight_decay_mask_matrices_only():
+    params = {"w": jnp.ones((3, 3)), "b": jnp.ones((3,))}
+    config = testing.toy_config()
+    config.optim.update(lr=1.0, warmup_steps=0, weight_decay=0.5, clip=0.0,
+                        weight_decay_mask="matrices")
+    tx = optim.make_optimizer(config.optim, total_steps=10)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    assert float(updates["b"][0]) == 0.0  # not decayed
+    assert abs(float(updates["w"][0, 0]) + 0.5) < 1e-6  # -lr * wd * w
+
+
+def _one_step(task, params, batch, config, accum):
+    tx = optim.make_optimizer(config.optim, config.train.steps)
+    state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                             jax.random.PRNGKey(1))
+    fn = jax.jit(lambda s, b: steps.train_step(
+        s, b, task=task, tx=tx, lr_fn=optim.lr_schedule(config.optim, config.train.steps),
+        ttt_lr_fn=optim.ttt_lr_mult_schedule(config.optim), grad_accum=accum))
+    return fn(state, batch), tx
+
+
+def test_train_step_gradient_is_global_masked_mean_and_accumulation_agrees():
+    config, task, params, batch = _setup("lm")
+    config.optim.warmup_steps = 0
+    (state1, m1), tx = _one_step(task, params, batch, config, accum=1)
+    (state4, m4), _ = _one_step(task, params, batch, config, accum=4)
+    # independent reference: grad of the global masked mean, then the optax update
+    def mean_loss(p):
+        logits, _ = task.model.apply({"params": p}, batch["inputs"])
+        logp = jax.nn.log_softmax(logits)
+        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+        return jnp.sum(nll * batch["mask"]) / jnp.sum(batch["mask"])
+    loss, grads = jax.jit(jax.value_and_grad(mean_loss))(params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    expected = optax.apply_updates(params, updates)
+    assert rel_err(m1["loss"], loss) < 1e-6
+    assert rel_err(m1["grad_norm"], optax.tree.norm(grads)) < 1e-5
+    assert_close(state1.params, expected, 1e-5, "1 micro-batch")
+    assert_close(state4.params, expected, 1e-5, "4 micro-batches")
+    assert rel_err(m4["loss"], loss) < 1e-5 and int(state4.step) == 1
+    # negative control: mean of per-micro-batch means is a different (wrong) loss
+    micro = steps._microbatches(batch, 4)
+    per = jax.jit(jax.vmap(lambda b: task.loss(params, b, None, 1.0, False)))(micro)
+    assert abs(float(jnp.mean(per[0] / per[1][0])) - float(loss)) > 1e-4
+
+
+def test_train_steps_reduce_loss_and_report_diagnostics():
+    config, task, params, batch = _setup("lm")
+    config.optim.update(warmup_steps=0, lr=3e-2)
+    tx = optim.make_optimizer(config.optim, 30)
+    state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                             jax.random.PRNGKey(1))
+    fn = jax.jit(lambda s, b: steps.train_step(
+        s, b, task=task, tx=tx, lr_fn=optim.lr_schedule(config.optim, 30),
+        ttt_lr_fn=optim.ttt_lr_mult_schedule(config.optim)))
+    losses = []
+    for _ in range(30):
+        state, metrics = fn(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert metrics["aux"]["inner_loss"].shape == (2, 2)
+    assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["lr"]) > 0
+
+
+def test_eval_step_sums():
+    _, task, params, batch = _setup("lm")
+    sums = jax.jit(lambda p, b: steps.eval_step(p, b, 1.0, task=task))(params, batch)
+    loss_sum, (weight, correct, _) = jax.jit(
+        lambda p, b: task.loss(p, b, None, 1.0, False))(params, batch)
+    assert rel_err(sums["loss_sum"], loss_sum) < 1e-6
+    assert float(sums["weight"]) == float(weight) and float(sums["correct"]) == float(correct)
+
+
+def test_make_task_rejects_unknown_kind():
+    config = testing.toy_config()
+    config.model.kind = "rnn"
+    with pytest.raises(ValueError, match="model.kind"):
+        steps.make_task(config, None)
