@@ -129,9 +129,9 @@ class SoftmaxAttention(nn.Module):
         z = jnp.einsum("bhqk,bhkd->bhqd", p, V.astype(idt))  # (B, H, 1, d)
         return _out(self, z, self.use_bias), {"k": K, "v": V, "pos": pos + 1}
 
-    def _empty(self, batch_size, dtype):
+    def _empty(self, batch_size, dtype, max_len=None):
         d = self.width // self.num_heads
-        shape = (batch_size, self.num_heads, self.cache_size, d)
+        shape = (batch_size, self.num_heads, max_len or self.cache_size, d)
         return {
             "k": jnp.zeros(shape, dtype),
             "v": jnp.zeros(shape, dtype),
@@ -143,11 +143,11 @@ class SoftmaxAttention(nn.Module):
         del ttt_lr_mult, train
         return self._run("call", x)
 
-    def init_cache(self, batch_size: int, dtype=None):
-        """Empty KV cache {"k", "v": (B, H, cache_size, d), "pos": int32}."""
+    def init_cache(self, batch_size: int, dtype=None, max_len: int | None = None):
+        """Empty KV cache {"k", "v": (B, H, L, d), "pos": int32}, L = max_len or cache_size."""
         if not self.causal:
             _no_decode(self)
-        return self._empty(batch_size, common.inner_dtype(dtype or self.dtype))
+        return self._empty(batch_size, common.inner_dtype(dtype or self.dtype), max_len)
 
     def prefill(self, x, *, ttt_lr_mult=1.0):
         """x (B, N, C) -> (y, {}, cache holding the N keys/values)."""

@@ -160,4 +160,3 @@ def broadcast_heads(tree, batch: int):
 def mean_sq(x) -> jax.Array:
     """Mean of squares as a scalar of at least float32 (diagnostics)."""
     return jnp.mean(jnp.square(x.astype(inner_dtype(x.dtype))))
-
