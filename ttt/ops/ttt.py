@@ -196,51 +196,77 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
         Z_l(q) = X_l^q W_l + b_l − (η ⊙ tril(X_l^q X_l^kᵀ)) G_l − tril(η) G_l
         W_l ← W_l − X_l^kᵀ (η_last ⊙ G_l),   b_l ← b_l − Σ_j η_last,j G_l,j.
     Shapes as ttt_primal. Raises ValueError for a learner without `dense`.
+
+    Layout for speed (the scan over mini-batches is sequential, so its body is kept small):
+    layer 1's inputs are q and k themselves, so its b×b matrix A_1 = η ⊙ (tril(X_qX_kᵀ) + 1_bias)
+    needs no state and is formed for all mini-batches at once, outside the scan; inside, keys and
+    queries go through W_1 as one (2b, d) matmul, and the bias term joins A_1 G_1 in one matmul.
     """
-    per_sequence, xs = _prepare(learner, W0, q, k, v, eta, mini_batch, fixed, remat_every)
+    per_sequence, (q_m, k_m, v_m, eta_m) = _prepare(
+        learner, W0, q, k, v, eta, mini_batch, fixed, remat_every
+    )
     _check_dual(learner, W0)
     dense = learner.dense
     act = learner.activation if learner.activation is not None else (lambda x: x)
+    b = mini_batch
+    w1, b1 = dense[0]
+    # (B, H, M, b, d) x (B, H, M, b, d) -> (B, H, M, b, b); η is already causally masked
+    A1 = eta_m * jnp.einsum("...id,...jd->...ij", q_m, k_m)
+    if b1 is not None:
+        A1 = A1 + eta_m  # the bias's gradient enters every row with weight η_ij
+    kq = jnp.concatenate([k_m, q_m], axis=-2)  # (B, H, M, 2b, d_in): keys then queries
 
-    def keys_forward(W, fixed_h, k_m, v_m, probes):
-        """Total loss of the mini-batch with probes added to every Z_l; aux = layer inputs X_l^k."""
-        Z, Xs = k_m, []
-        for l, (w_name, b_name) in enumerate(dense):
-            X = act(Z) if l > 0 else Z  # input of layer l
+    def keys_rest(W, fixed_h, k_in, v_in, Z1k, probes):
+        """Loss of the mini-batch from layer 1's key pre-activations on, with probes added to
+        every Z_l; aux = the key inputs X_l^k of layers 2.."""
+        Z, Xs = Z1k + probes[0], []
+        for l, (w_name, b_name) in enumerate(dense[1:], start=1):
+            X = act(Z)  # input of layer l
             Xs.append(X)
             Z = X @ W[w_name] + probes[l]  # (b, d_l) @ (d_l, d_{l+1}) -> (b, d_{l+1})
             if b_name is not None:
                 Z = Z + W[b_name]
-        out = learner.post(k_m, Z, fixed_h) if learner.post is not None else Z
-        r = out - v_m  # (b, d_out)
+        out = learner.post(k_in, Z, fixed_h) if learner.post is not None else Z
+        r = out - v_in  # (b, d_out)
         return 0.5 * jnp.sum(r * r), Xs
 
     def head(W0_h, fixed_h, xs_h):
         def step(W, x):
-            q_m, k_m, v_m, eta_m = x  # (b, d_in), (b, d_in), (b, d_out), (b, b)
-            dtype = jnp.result_type(k_m, *jax.tree_util.tree_leaves(W))
-            probes = [jnp.zeros((k_m.shape[0], W[w].shape[-1]), dtype) for w, _ in dense]
+            kq_m, v_in, eta_mb, A1_m = x  # (2b, d_in), (b, d_out), (b, b), (b, b)
+            k_in, q_in = kq_m[:b], kq_m[b:]
+            Z1 = kq_m @ W[w1]  # (2b, d_in) @ (d_in, d_1) -> (2b, d_1)
+            if b1 is not None:
+                Z1 = Z1 + W[b1]
+            probes = [jnp.zeros((b, W[w].shape[-1]), Z1.dtype) for w, _ in dense]
             # each token's loss depends only on its own row of Z_l, so the gradient of the sum
             # w.r.t. the probes is the stack of per-token gradients G_l,j = ∂l_j/∂Z_l,j
-            G, Xk = jax.grad(keys_forward, argnums=4, has_aux=True)(W, fixed_h, k_m, v_m, probes)
-            eta_last = eta_m[-1]  # (b,): the row that carries the state
-            Z, W_next = q_m, dict(W)
+            G, Xk = jax.grad(keys_rest, argnums=5, has_aux=True)(
+                W, fixed_h, k_in, v_in, Z1[:b], probes
+            )
+            Xk = [k_in, *Xk]
+            eta_last = eta_mb[-1]  # (b,): the row that carries the state
+            W_next = dict(W)
+            Z = Z1[b:] - A1_m @ G[0]  # (b, b) @ (b, d_1) -> (b, d_1)
             for l, (w_name, b_name) in enumerate(dense):
-                X = act(Z) if l > 0 else Z  # (b, d_l): layer l's input at the answer states
-                # η_ij X_l(q_i)·X_l(k_j): (b, d_l) @ (d_l, b) -> (b, b)
-                attn = eta_m * (X @ Xk[l].T)
-                Z = X @ W[w_name] - attn @ G[l]  # (b, b) @ (b, d_{l+1}) -> (b, d_{l+1})
+                if l > 0:
+                    X = act(Z)  # (b, d_l): layer l's input at the answer states
+                    # η_ij X_l(q_i)·X_l(k_j): (b, d_l) @ (d_l, b) -> (b, b)
+                    A = eta_mb * (X @ Xk[l].T)
+                    if b_name is not None:
+                        A = A + eta_mb
+                    Z = X @ W[w_name] - A @ G[l]  # (b, b) @ (b, d_{l+1}) -> (b, d_{l+1})
+                    if b_name is not None:
+                        Z = Z + W[b_name]
                 # (b, d_l)ᵀ @ (b, d_{l+1}) -> (d_l, d_{l+1})
                 W_next[w_name] = W[w_name] - Xk[l].T @ (eta_last[:, None] * G[l])
                 if b_name is not None:
-                    Z = Z + W[b_name] - eta_m @ G[l]  # (b, b) @ (b, d_{l+1})
                     W_next[b_name] = W[b_name] - eta_last @ G[l]  # (b,) @ (b, d_{l+1})
-            z = learner.post(q_m, Z, fixed_h) if learner.post is not None else Z
+            z = learner.post(q_in, Z, fixed_h) if learner.post is not None else Z
             return _cast_like(W_next, W), z
 
         return scan_minibatches(step, W0_h, xs_h, remat_every)
 
-    W_N, z = _map_heads(head, W0, fixed, per_sequence, xs)  # z (B, H, M, b, d_out)
+    W_N, z = _map_heads(head, W0, fixed, per_sequence, (kq, v_m, eta_m, A1))  # z (B, H, M, b, ·)
     return from_minibatches(z, q.shape[2]), W_N
 
 
