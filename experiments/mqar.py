@@ -1,0 +1,94 @@
+r"""Multi-query associative recall (MQAR), the Zoology-style sweep (Arora et al. 2023, §3).
+
+Reproduces the Zoology figure "accuracy vs state size": for every mixer, a 2-layer model is trained
+on MQAR at several (sequence length, key-value pairs) settings and model widths; accuracy on the
+answer positions is plotted against the mixer's recurrent state size (floats per layer per
+sequence). Attention solves MQAR at every setting (its KV cache grows with the sequence);
+fixed-state mixers need a state that grows with the number of pairs. Zoology reports softmax
+attention near 100% everywhere and linear-attention-like models falling off as pairs grow at
+fixed width.
+
+Argument: comma-separated tokens, any order.
+  <mixer>     ttt_linear (default), ttt_mlp, linear_attention, softmax, ... (the mixer registry)
+  n=<int>     sequence length (default 256; cpu 64)
+  kv=<int>    key-value pairs (default 16; cpu 4)
+  width=<int> model width (default 128; cpu 32); heads = width // 64 (at least 1; cpu 2)
+  cpu         2-core CPU scale: 2 layers, vocab 256, 400 steps of 32 sequences (~1 min per run)
+  smoke       a few steps, for tests
+
+Single host:  python -m ttt.main --config experiments/mqar.py:ttt_linear,n=256,kv=16,width=128 \
+                  --workdir runs/mqar/ttt_linear_256_16_128
+Multi-host:   add --config.train.parallel=mesh and launch one process per host with --distributed.
+The sweep: `SWEEP` lists (n, kv) and `WIDTHS` the widths; `sweep()` yields every argument string;
+`python -m experiments.compare --configs ...` runs them and plots accuracy vs state size.
+Runtime class: minutes per run on one accelerator at the default scale; ~1 minute per run on CPU.
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+MIXERS = ("ttt_linear", "ttt_mlp", "linear_attention", "softmax")
+SWEEP = ((64, 4), (128, 8), (256, 16), (512, 64))  # (sequence length, key-value pairs)
+WIDTHS = (64, 128, 256, 512)
+CPU_SWEEP = ((64, 4), (64, 8), (128, 16))
+
+
+def _parse(arg: str | None) -> dict:
+    out = {"mixer": "ttt_linear", "cpu": False, "smoke": False, "n": None, "kv": None,
+           "width": None}
+    for token in filter(None, (arg or "").split(",")):
+        token = token.strip()
+        if token in ("cpu", "smoke"):
+            out[token] = True
+        elif "=" in token:
+            key, value = token.split("=", 1)
+            if key not in ("n", "kv", "width"):
+                raise ValueError(f"mqar config: unknown key {key!r} in {arg!r}; "
+                                 "use n=, kv=, width=")
+            out[key] = int(value)
+        else:
+            out["mixer"] = token  # validated against the registry before anything compiles
+    return out
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    """Config for `python -m ttt.main --config experiments/mqar.py:<arg>`."""
+    a = _parse(arg)
+    small = a["cpu"] or a["smoke"]
+    n = a["n"] or (64 if small else 256)
+    kv = a["kv"] or (4 if small else 16)
+    width = a["width"] or (32 if small else 128)
+    heads = 2 if small else max(1, width // 64)
+    mixer_kwargs = {}
+    if a["mixer"].startswith("ttt"):
+        mixer_kwargs["stats"] = False  # no diagnostic inner pass: MQAR reports accuracy only
+    if a["mixer"] == "softmax":
+        mixer_kwargs["cache_size"] = n
+    c = mlc.ConfigDict()
+    c.model = dict(kind="lm", preset="tiny", mixer=a["mixer"], mixer_kwargs=mixer_kwargs,
+                   dtype="float32", scan_layers=True, remat="none", vocab_size=None,
+                   num_layers=2, width=width, num_heads=heads, ffn_dim=2 * width)
+    c.data = dict(name="mqar", vocab_size=256 if small else 8192, seq_len=n, num_kv_pairs=kv,
+                  num_train_examples=100_000 if not small else 20_000,
+                  num_test_examples=3_000 if not small else 256, power_a=0.01)
+    steps = 3 if a["smoke"] else (400 if a["cpu"] else 20_000)
+    c.optim = dict(name="adamw", lr=3e-3 if small else 1e-3, end_lr=1e-5,
+                   warmup_steps=1 if a["smoke"] else max(steps // 20, 1), b1=0.9, b2=0.95,
+                   eps=1e-8, weight_decay=0.1, weight_decay_mask="all", clip=1.0,
+                   ttt_mlp_lr_warmup=False, ttt_lr_mult_init=0.1)
+    c.train = dict(
+        steps=steps, global_batch_size=2 if a["smoke"] else (32 if small else 64), grad_accum=1,
+        log_every=1 if a["smoke"] else 50, diag_every=1 if a["smoke"] else 50,
+        eval_every=steps, eval_steps=1 if a["smoke"] else (8 if small else 47),
+        checkpoint_every=steps, keep_checkpoints=1, keep_every=None, async_checkpoints=False,
+        seed=0, progress=True, parallel="single", mesh={"data": -1, "fsdp": 1, "model": 1},
+        fsdp_min_size=2**14, partition_rules=(), label_smoothing=0.0, mixup_alpha=0.0)
+    return mlc.ConfigDict(c)
+
+
+def sweep(scale: str = "paper", mixers=MIXERS) -> list[str]:
+    """Every argument string of the sweep: mixers x (n, kv) x widths ("paper") or the CPU grid."""
+    if scale == "cpu":
+        return [f"{m},n={n},kv={kv},cpu" for m in mixers for n, kv in CPU_SWEEP]
+    return [f"{m},n={n},kv={kv},width={w}" for m in mixers for n, kv in SWEEP for w in WIDTHS]

@@ -1,0 +1,226 @@
+"""Experiment configs, the ablation ladder's equivalence rung, compile-only, and the comparison
+report (from synthetic metric files and from a real tiny preset run)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import pytest
+from conftest import assert_close
+from flax import traverse_util
+
+from experiments import ablation, compare, lm, mqar, report, vit
+from ttt.config import validate
+from ttt.models import build_model
+
+FOUR = ("ttt_linear", "ttt_mlp", "linear_attention", "softmax")
+
+
+def _all_specs() -> list[tuple[object, str]]:
+    specs = [(lm, a) for a in lm.sweep("paper") + lm.sweep("cpu")]
+    specs += [(lm, f"{m},{p}") for m in lm.MIXERS for p in lm.PRESETS] + [(lm, "smoke")]
+    specs += [(vit, a) for a in vit.sweep("paper") + vit.sweep("cpu")]
+    specs += [(vit, "mttt_mlp,smoke"), (vit, "softmax_noncausal,Ti"), (vit, "")]
+    specs += [(mqar, a) for a in mqar.sweep("paper") + mqar.sweep("cpu")]
+    specs += [(mqar, "ttt_mlp,smoke")]
+    specs += [(ablation, a) for s in ("paper", "cpu", "smoke") for a in ablation.sweep(s)]
+    return specs
+
+
+def _filled(config) -> mlc.ConfigDict:
+    """The model fields the trainer fills from the dataset, filled from the config's own data."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        m, d = config.model, config.data
+        if m.kind == "lm" and m.vocab_size is None:
+            m.vocab_size = d.get("vocab_size") or 257
+        if m.kind == "vit" and m.num_classes is None:
+            m.num_classes, m.image_size, m.channels = 10, 8, 1
+    return config
+
+
+def test_every_config_loads_validates_and_builds():
+    specs = _all_specs()
+    assert len(specs) > 150
+    for module, arg in specs:
+        config = module.get_config(arg)
+        devices = 8 if config.train.parallel == "mesh" else 1
+        validate(config, num_devices=devices, process_count=1)
+        build_model(_filled(config).model)  # every field checked, nothing traced
+        small = any(t in arg.split(",") for t in ("cpu", "smoke"))
+        if small:  # the 2-core CPU scale stays small
+            assert config.train.steps <= 600 and config.train.global_batch_size <= 64, arg
+        if "paper" in arg.split(","):
+            tokens = config.train.global_batch_size * config.data.seq_len
+            assert tokens == lm.TOKENS_PER_STEP and config.model.vocab_size == 32000, arg
+    with pytest.raises(ValueError, match="rungs"):
+        ablation.get_config("no_such_rung")
+    with pytest.raises(ValueError, match="MTTT"):
+        vit.get_config("softmax_noncausal,T=2")
+
+
+def test_vision_recipe_matches_the_official_one():
+    c = vit.get_config("mttt_mlp,T=4,sgd,pixels")
+    assert (c.model.preset, c.model.patch_size, c.model.mixer_kwargs.to_dict()) == (
+        "Ti", 0, {"steps": 4, "mode": "sgd"})
+    assert c.train.global_batch_size == 1024 and c.train.steps == 90 * 1_281_167 // 1024
+    assert (c.optim.lr, c.optim.warmup_steps, c.optim.clip, c.optim.weight_decay) == (
+        1e-3, 10_000, 1.0, 1e-4)
+    assert c.optim.weight_decay_mask == "matrices" and c.data.randaug is None
+    s = vit.get_config("mttt_mlp,imagenet")
+    assert (s.model.preset, s.model.patch_size, tuple(s.data.randaug)) == ("S", 16, (2, 15))
+    assert s.train.mixup_alpha > 0
+
+
+def _ladder_model(rung: str):
+    config = _filled(ablation.get_config(f"{rung},smoke"))
+    with config.unlocked():
+        config.model.dtype = "float64"
+    return build_model(config.model)
+
+
+def test_ladder_ttt_equivalence_rung_is_linear_attention(x64):
+    """Rung 3 (TTT, W0 = 0, batch GD, η = 1) computes rung 2 (plain linear attention) exactly
+    (TTT-LM Theorem 1), with the same parameters; rung 4 (learned W0) does not."""
+    ids = jax.random.randint(jax.random.PRNGKey(0), (1, 16), 0, 257)
+    plain, equiv, w0 = (_ladder_model(r) for r in ("linear_attn_plain", "ttt_equivalence",
+                                                   "learnable_W0"))
+    params = plain.init(jax.random.PRNGKey(1), ids)
+    # Theorem 1 needs v, k, q of one scale: bigger projections than the init make the test strict.
+    params = jax.tree.map(lambda p: p * 20.0 if p.ndim >= 2 else p, params)
+    assert jax.tree.structure(params) == jax.tree.structure(equiv.init(jax.random.PRNGKey(1), ids))
+    want, _ = jax.jit(plain.apply)(params, ids)
+    got, _ = jax.jit(equiv.apply)(params, ids)
+    assert float(jnp.std(want)) > 1e-3
+    assert_close(got, want, 1e-10, "TTT equivalence vs linear attention logits")
+    # Negative control: the same projections plus a learned (non-zero) W0 compute another function.
+    flat4 = traverse_util.flatten_dict(w0.init(jax.random.PRNGKey(1), ids))
+    shared = traverse_util.flatten_dict(params)
+    assert set(shared) < set(flat4)  # rung 4 only adds parameters (ttt_dense_0, ttt_bias_0)
+    flat4.update(shared)
+    out4, _ = jax.jit(w0.apply)(traverse_util.unflatten_dict(flat4), ids)
+    assert not np.allclose(np.asarray(out4), np.asarray(want), atol=1e-6)
+
+
+@pytest.mark.parametrize("mixer", FOUR)
+def test_compile_only_lowers_125m_presets_abstractly(mixer):
+    from ttt.train.compile_only import compile_report
+
+    config = lm.get_config(f"{mixer},125m,ctx=2k,paper")
+    with config.unlocked():  # one CPU device: single placement, a batch that fits the test
+        config.train.parallel, config.train.global_batch_size = "single", 2
+    out = compile_report(config, lower_only=True)
+    # 125M-class: 12 layers of width 768 plus a 32000 x 768 tied embedding.
+    assert 0.9e8 < out["params"] < 1.9e8, out
+    assert out["flops"] > 2 * 2 * 2048 * 32000 * 768, out  # at least the logits, fwd + bwd
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixer", FOUR)
+def test_compile_only_compiles_125m_presets(mixer):
+    from ttt.train.compile_only import compile_report, format_report
+
+    config = lm.get_config(f"{mixer},125m,ctx=2k,paper")
+    with config.unlocked():
+        config.train.parallel, config.train.global_batch_size = "single", 2
+    out = compile_report(config)
+    assert out["memory"]["argument"] > 4 * out["params"]  # params + two Adam moments at least
+    assert "per-device memory" in format_report(out)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _fake_run(root, group, name, config, rows, wall=1.0):
+    d = os.path.join(root, group, name)
+    os.makedirs(d)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f)
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(os.path.join(d, "run.json"), "w") as f:
+        json.dump({"name": name, "group": group, "spec": "x", "wall_s": wall}, f)
+    return d
+
+
+def _resolved(config):
+    config = _filled(config)
+    with config.unlocked():
+        if config.model.kind == "vit":
+            config.model.num_classes, config.model.image_size, config.model.channels = 10, 8, 1
+    return config
+
+
+def test_report_from_metric_files(tmp_path):
+    """Every group's table and plot from hand-written metric files, values checked."""
+    root = str(tmp_path)
+    dirs = []
+    for i, m in enumerate(FOUR):
+        rows = [{"step": s, "train/loss": 5.0 - s / 100 - i, "train/tokens_per_s": 100.0 * s}
+                for s in (25, 50, 75)] + [{"step": 75, "eval/loss": 2.0 + i, "eval/accuracy": 0.5}]
+        dirs.append(_fake_run(root, "lm", m, _resolved(lm.get_config(f"{m},cpu")), rows))
+    for m in ("linear_attention", "softmax"):
+        rows = [{"step": 10, "eval/loss": 1.0, "eval/accuracy": 0.25 if m != "softmax" else 1.0}]
+        dirs.append(_fake_run(root, "mqar", m, _resolved(mqar.get_config(f"{m},cpu")), rows))
+    for r in ("linear_attn_plain", "ttt_equivalence"):
+        rows = [{"step": 5, "train/loss": 3.0}, {"step": 5, "eval/loss": 2.5}]
+        dirs.append(_fake_run(root, "ladder", r, _resolved(ablation.get_config(f"{r},cpu")), rows))
+    for t in (0, 2):
+        rows = [{"step": s, "train/loss": 1.0, "train/images_per_s": 10.0,
+                 **{f"train/aux/inner_losses/layer_{layer}/{j}": 1.0 - 0.1 * j * s / 20
+                    for layer in range(2) for j in range(t + 1)}} for s in (20, 40)]
+        rows.append({"step": 40, "eval/loss": 0.5, "eval/accuracy": 0.8 + 0.05 * t})
+        dirs.append(_fake_run(root, "vision", f"T{t}",
+                              _resolved(vit.get_config(f"mttt_mlp,T={t},cpu")), rows))
+    summaries = [report.summarize(d) for d in dirs]
+    by_name = {s["name"]: s for s in summaries}
+    assert by_name["ttt_linear"]["throughput"] == 6250.0  # median of the rates after the first
+    # state sizes: TTT-Linear H (d² + d); TTT-MLP H (2 d 4d + 5d); linear attn H d²; softmax 2 N C
+    assert by_name["ttt_linear"]["state"] == 4 * (16 * 16 + 16)
+    assert by_name["ttt_mlp"]["state"] == 4 * (2 * 16 * 64 + 80)
+    assert by_name["linear_attention"]["state"] == 4 * 16 * 16
+    assert by_name["softmax"]["state"] == 2 * 128 * 64
+    mqar_lin = [s for s in summaries if s["group"] == "mqar" and s["mixer"] != "softmax"][0]
+    assert mqar_lin["state"] == 2 * 16 * 16  # width 32, 2 heads of 16
+    assert by_name["T2"]["inner"][2][1] == [0.8, 0.6]  # layer mean at W_2 after 20, 40 steps
+    text = report.build_report(summaries, root, header="hello")
+    assert f"| ttt_mlp | ttt_mlp | {by_name['ttt_mlp']['params']:,} |" in text
+    assert f"{3.0 / math.log(2):.4f}" in text  # bits per byte of ttt_mlp's loss 3.0
+    assert "| 2 | ttt_equivalence | ttt_linear |" in text and "+0.0000" in text
+    assert "| 4,096 | 1.000 |" in text  # softmax MQAR: state 2 N C = 2·64·32, accuracy
+    for png in ("lm_loss.png", "ladder_loss.png", "mqar_accuracy_vs_state.png",
+                "vision_accuracy_vs_T.png", "vision_inner_loss.png"):
+        assert os.path.getsize(os.path.join(root, png)) > 5000, png
+
+
+def test_compare_runs_the_tiny_preset_end_to_end(tmp_path, capsys):
+    workdir = str(tmp_path / "cmp")
+    assert compare.main(["--preset", "tiny", "--workdir", workdir]) == 0
+    out = capsys.readouterr().out
+    text = open(os.path.join(workdir, "report.md")).read()
+    assert text.strip() in out.strip()
+    for group, name, _ in compare.PRESETS["tiny"]:
+        info = json.load(open(os.path.join(workdir, group, name, "run.json")))
+        assert info["step"] > 0 and name in text
+    assert "## Language model" in text and "## MQAR" in text
+    assert os.path.exists(os.path.join(workdir, "lm_loss.png"))
+    # finished runs are reused: a second call trains nothing and rebuilds the same tables
+    assert compare.main(["--preset", "tiny", "--workdir", workdir]) == 0
+    again = open(os.path.join(workdir, "report.md")).read()
+    assert again.split("## ", 1)[1] == text.split("## ", 1)[1]
+
+
+def test_overrides_and_spec_loading():
+    config = compare.load_config("experiments/lm.py:softmax,smoke")
+    compare.apply_overrides(config, ["train.steps=7", "model.mixer_kwargs={'cache_size': 64}",
+                                     "data.tokenizer=byte"])
+    assert config.train.steps == 7 and config.model.mixer_kwargs.cache_size == 64
+    assert config.data.tokenizer == "byte"
+    with pytest.raises(FileNotFoundError):
+        compare.load_config("experiments/nope.py:x")
