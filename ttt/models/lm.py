@@ -165,7 +165,8 @@ _PER_LAYER = {"__call__": (False,), "prefill": (), "step": (True,), "init_cache"
 
 class CausalLM(nn.Module):
     """Decoder-only LM. `apply(vars, input_ids (B, N) int32, ttt_lr_mult=1.0)`
-    -> (logits (B, N, V) float32, aux: mixer diagnostics stacked (num_layers, ...)).
+    -> (logits (B, N, V) float32 (float64 for a float64 model),
+        aux: mixer diagnostics stacked (num_layers, ...)).
     """
 
     vocab_size: int
@@ -198,8 +199,9 @@ class CausalLM(nn.Module):
         self.ln_f = RMSNorm(self.norm_eps, self.dtype, self.param_dtype)
 
     def _logits(self, h: Array) -> Array:
-        h = self.ln_f(h).astype(jnp.float32)
-        e = self.wte.embedding.astype(jnp.float32)  # (V, C)
+        out = jnp.promote_types(self.dtype, jnp.float32)  # float32 (float64 in x64 runs)
+        h = self.ln_f(h).astype(out)
+        e = self.wte.embedding.astype(out)  # (V, C)
         return jnp.einsum("bnc,vc->bnv", h, e)  # (B, N, V)
 
     def __call__(self, input_ids: Array, ttt_lr_mult=1.0) -> tuple[Array, dict]:

@@ -153,4 +153,4 @@ class ViT(nn.Module):
                              name="pre_logits")(x))
         logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                           param_dtype=self.param_dtype, name="head")(x)
-        return logits.astype(jnp.float32), aux
+        return logits.astype(jnp.promote_types(self.dtype, jnp.float32)), aux
