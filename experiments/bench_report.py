@@ -1,0 +1,197 @@
+"""Tables, target checks and the plot of `experiments/bench.py` (pure functions of its JSON)."""
+
+from __future__ import annotations
+
+MiB = 2.0**20
+
+
+def row_line(row: dict) -> str:
+    """One progress line for the log."""
+    head = f"{row['mixer']:>18} N={row['N']:>6}"
+    if "skipped" in row:
+        return f"{head}  skipped: {row['skipped']}"
+    peak = (row.get("fb_peak_bytes") or 0) / MiB
+    return (f"{head}  fwd {row['fwd_s'] * 1e3:9.1f} ms  fwd+bwd {row['fb_s'] * 1e3:9.1f} ms  "
+            f"compile {row['fwd_compile_s'] + row['fb_compile_s']:6.1f} s  peak {peak:8.1f} MiB")
+
+
+def _find(rows, **match):
+    for r in rows:
+        if all(r.get(k) == v for k, v in match.items()) and "skipped" not in r:
+            return r
+    return None
+
+
+def finish(result: dict) -> None:
+    """Add tokens/s, µs/token, GFLOP/s, % of ceiling, ratios to the baseline, and the targets."""
+    ceiling = result["ceiling_gflops"]
+    rows = result["layers"]
+    for r in rows:
+        if "skipped" in r:
+            continue
+        r["tokens_per_s_fwd"] = r["N"] / r["fwd_s"]
+        r["tokens_per_s_fb"] = r["N"] / r["fb_s"]
+        r["us_per_token_fb"] = r["fb_s"] / r["N"] * 1e6
+        r["gflops_fwd"] = r["flops_fwd"] / r["fwd_s"] / 1e9
+        r["gflops_fb"] = r["flops_fb"] / r["fb_s"] / 1e9
+        r["pct_ceiling_fb"] = 100.0 * r["gflops_fb"] / ceiling
+        base = _find(rows, mixer=result["baseline"], N=r["N"])
+        if base is not None:
+            r["ratio_fb_vs_baseline"] = r["fb_s"] / base["fb_s"]
+            r["ratio_fwd_vs_baseline"] = r["fwd_s"] / base["fwd_s"]
+    result["targets"] = targets(result)
+
+
+def _t(name, value, limit, ok_if="<=", note=""):
+    if value is None:
+        return {"target": name, "value": None, "limit": limit, "ok": None, "note": note or "n/a"}
+    ok = value <= limit if ok_if == "<=" else value >= limit
+    return {"target": name, "value": value, "limit": f"{ok_if} {limit}", "ok": ok, "note": note}
+
+
+def targets(result: dict) -> list[dict]:
+    """The issue's targets, evaluated on this run's numbers (None where a shape was not run)."""
+    rows, out = result["layers"], []
+
+    def per_tok(mixer, N):
+        r = _find(rows, mixer=mixer, N=N)
+        return None if r is None else r["fb_s"] / N
+
+    def ratio(mixer, N):
+        r = _find(rows, mixer=mixer, N=N)
+        return None if r is None else r.get("ratio_fb_vs_baseline")
+
+    big = max((r["N"] for r in rows if "skipped" not in r), default=None)
+    for m in ("ttt_linear", "ttt_mlp"):
+        hi = 32768 if _find(rows, mixer=m, N=32768) else big
+        a, b = per_tok(m, hi), per_tok(m, 1024)
+        out.append(_t(f"{m} fwd+bwd time/token at N={hi} / at N=1k",
+                      None if a is None or b is None else a / b, 1.15))
+    for N in (2048, 8192):
+        out.append(_t(f"ttt_linear fwd+bwd / linattn_chunked at N={N}",
+                      ratio("ttt_linear", N), 1.25))
+        out.append(_t(f"ttt_linear_mamba fwd+bwd / linattn_chunked at N={N}",
+                      ratio("ttt_linear_mamba", N), 2.0))
+        out.append(_t(f"ttt_mlp fwd+bwd / linattn_chunked at N={N}", ratio("ttt_mlp", N), 5.0))
+    dual, primal = _find(rows, mixer="ttt_linear", N=2048), _find(rows, mixer="ttt_linear_primal",
+                                                                   N=2048)
+    out.append(_t("ttt_linear primal / dual fwd+bwd time at N=2k",
+                  primal["fb_s"] / dual["fb_s"] if dual and primal else None, 3.0, ">="))
+    worst = None
+    for r in rows:
+        if r["mixer"] == "softmax" and r["N"] >= 1024 and "skipped" not in r:
+            t = _find(rows, mixer="ttt_linear", N=r["N"])
+            if t is not None:
+                worst = max(worst or 0.0, t["fb_s"] / r["fb_s"])
+    out.append(_t("ttt_linear / softmax fwd+bwd time, worst N >= 1k (N where softmax ran)",
+                  worst, 1.0, note="< 1 means TTT-Linear is faster"))
+    dec = {(d["mixer"], d["context"]): d["step_s"] for d in result.get("decode", [])}
+    a, b = dec.get(("ttt_linear", 16384)), dec.get(("ttt_linear", 1024))
+    out.append(_t("ttt_linear decode step latency ctx 16k / ctx 1k",
+                  a / b if a and b else None, 1.1))
+    r8 = _find(rows, mixer="ttt_linear", N=8192)
+    out.append(_t("ttt_linear fwd+bwd % of matmul ceiling at N=8k",
+                  r8["pct_ceiling_fb"] if r8 else None, 45.0, ">="))
+    remat = result.get("remat") or []
+    if len(remat) == 2 and remat[0]["fb_peak_bytes"] and remat[1]["fb_peak_bytes"]:
+        value = remat[1]["fb_peak_bytes"] / remat[0]["fb_peak_bytes"]
+        note = f"N={remat[0]['N']}, remat_every={remat[1]['remat_every']}"
+    else:
+        value, note = None, ""
+    out.append(_t("ttt_linear fwd+bwd peak memory with remat / without", value, 0.5, note=note))
+    lm = {r["layers"]: r["compile_s"] for r in result.get("lm_compile", [])}
+    out.append(_t("LM train-step compile time 24 layers / 12 layers",
+                  lm[24] / lm[12] if 12 in lm and 24 in lm else None, 1.3))
+    return out
+
+
+def _fmt(x, spec):
+    return "" if x is None else format(x, spec)
+
+
+def markdown(result: dict) -> str:
+    """The whole report as markdown: layer table, decode, remat, LM compile, targets."""
+    c = result["ceiling_start"], result["ceiling_end"]
+    lines = [
+        f"Run {result['date']} — `{result['command']}` — {result['machine']['platform']}, "
+        f"{result['machine']['cpu_count']} CPUs, jax {result['machine']['jax']} "
+        f"({result['machine']['backend']}); {result['runs']} timed runs (median); "
+        f"wall {result['wall_s'] / 60:.1f} min.",
+        "",
+        f"Matmul ceiling: {result['ceiling_gflops']:.1f} GFLOP/s (float32; start "
+        f"{c[0]['ceiling_gflops']:.1f}, end {c[1]['ceiling_gflops']:.1f}). Shape: width "
+        f"{result['shape']['width']}, {result['shape']['heads']} heads of "
+        f"{result['shape']['head_dim']}, mini-batch 16, batch 1, float32. Ratios are fwd+bwd "
+        "time over "
+        f"`{result['baseline']}` at the same N, same run.",
+        "",
+        "| mixer | N | fwd ms | fwd+bwd ms | tok/s (fwd+bwd) | µs/tok (fwd+bwd) | compile s "
+        "(fwd, fwd+bwd) | peak MiB (fwd+bwd) | GFLOP (fwd) | GFLOP/s (fwd+bwd) | % ceiling | "
+        "× baseline |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["layers"]:
+        if "skipped" in r:
+            lines.append(f"| {r['mixer']} | {r['N']} | skipped: {r['skipped']} ||||||||||")
+            continue
+        peak = r["fb_peak_bytes"] / MiB if r.get("fb_peak_bytes") else None
+        lines.append(
+            f"| {r['mixer']} | {r['N']} | {r['fwd_s'] * 1e3:.1f} | {r['fb_s'] * 1e3:.1f} | "
+            f"{r['tokens_per_s_fb']:.0f} | {r['us_per_token_fb']:.1f} | "
+            f"{r['fwd_compile_s']:.1f}, {r['fb_compile_s']:.1f} | {_fmt(peak, '.0f')} | "
+            f"{r['flops_fwd'] / 1e9:.1f} | {r['gflops_fb']:.1f} | {r['pct_ceiling_fb']:.0f} | "
+            f"{_fmt(r.get('ratio_fb_vs_baseline'), '.2f')} |")
+    if result.get("decode"):
+        lines += ["", "Decode: latency of one step (ms, median) by context length.", "",
+                  "| mixer | " + " | ".join(f"ctx {d['context']}" for d in result["decode"]
+                                             if d["mixer"] == result["decode"][0]["mixer"]) + " |"]
+        ctxs = sorted({d["context"] for d in result["decode"]})
+        lines.append("|---|" + "---:|" * len(ctxs))
+        for m in dict.fromkeys(d["mixer"] for d in result["decode"]):
+            vals = {d["context"]: d["step_s"] for d in result["decode"] if d["mixer"] == m}
+            lines.append(f"| {m} | " + " | ".join(_fmt(vals.get(x, 0) * 1e3, ".3f")
+                                                  for x in ctxs) + " |")
+    if result.get("remat"):
+        lines += ["", "Training memory of ttt_linear with mini-batch-group remat.", "",
+                  "| N | remat_every | fwd+bwd ms | peak MiB |", "|---:|---:|---:|---:|"]
+        for r in result["remat"]:
+            lines.append(f"| {r['N']} | {r['remat_every']} | {r['fb_s'] * 1e3:.1f} | "
+                         f"{_fmt((r['fb_peak_bytes'] or 0) / MiB, '.0f')} |")
+    if result.get("lm_compile"):
+        lines += ["", "Compile time of a TTT-Linear LM train step (scan_layers=True).", "",
+                  "| layers | seq_len | compile s |", "|---:|---:|---:|"]
+        for r in result["lm_compile"]:
+            lines.append(f"| {r['layers']} | {r['seq_len']} | {r['compile_s']:.1f} |")
+    lines += ["", "Targets.", "", "| target | value | limit | met |", "|---|---:|---:|---|"]
+    for t in result["targets"]:
+        met = {True: "yes", False: "**no**", None: "not run"}[t["ok"]]
+        note = f" ({t['note']})" if t.get("note") else ""
+        lines.append(f"| {t['target']}{note} | {_fmt(t['value'], '.3f')} | {t['limit']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> None:
+    """Log-log time per token (fwd+bwd solid, fwd dashed) against N, one colour per mixer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    mixers = dict.fromkeys(r["mixer"] for r in result["layers"])
+    for i, m in enumerate(mixers):
+        rs = [r for r in result["layers"] if r["mixer"] == m and "skipped" not in r]
+        if not rs:
+            continue
+        n = [r["N"] for r in rs]
+        color = f"C{i % 10}"
+        ax.loglog(n, [r["fb_s"] / r["N"] * 1e6 for r in rs], "o-", color=color, label=m)
+        ax.loglog(n, [r["fwd_s"] / r["N"] * 1e6 for r in rs], "--", color=color, alpha=0.5)
+    ax.set_xlabel("sequence length N")
+    ax.set_ylabel("µs per token (solid: fwd+bwd, dashed: fwd)")
+    ax.set_title("Mixers at the 125M layer shape (batch 1, float32)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
