@@ -1,1 +1,52 @@
-"""ttt.ops"""
+"""ttt.ops: the math as pure jax.numpy functions on per-head arrays (B, H, N, d).
+
+- learners: inner models f(x; W) as (init, apply) pairs (linear, MLP, x + LN(f_res(x))).
+- ttt:      causal mini-batch TTT (TTT-LM): primal, dual (fast), naive (reference), decode step.
+- mttt:     multi-step non-causal TTT (MTTT) with per-step inner losses.
+- attention: softmax attention, Nadaraya–Watson kernel regression, linear attention.
+"""
+
+from ttt.ops.attention import (
+    exp_kernel,
+    kernel_regression,
+    linear_attention,
+    linear_attention_decode_step,
+    linear_attention_init_state,
+    softmax_attention,
+)
+from ttt.ops.learners import (
+    Learner,
+    gelu_tanh,
+    init_fixed_ln,
+    layer_norm,
+    linear,
+    ln_residual,
+    mlp,
+    reconstruction_loss,
+)
+from ttt.ops.mttt import mttt, sgd_chunks
+from ttt.ops.ttt import ttt, ttt_decode_step, ttt_dual, ttt_naive, ttt_primal
+
+__all__ = [
+    "Learner",
+    "exp_kernel",
+    "gelu_tanh",
+    "init_fixed_ln",
+    "kernel_regression",
+    "layer_norm",
+    "linear",
+    "linear_attention",
+    "linear_attention_decode_step",
+    "linear_attention_init_state",
+    "ln_residual",
+    "mlp",
+    "mttt",
+    "reconstruction_loss",
+    "sgd_chunks",
+    "softmax_attention",
+    "ttt",
+    "ttt_decode_step",
+    "ttt_dual",
+    "ttt_naive",
+    "ttt_primal",
+]
