@@ -343,7 +343,10 @@ def _assert_tree_equal(a, b, path=""):
 
 # ---------------------------------------------------------------------------- LM parity
 
-@pytest.mark.parametrize("backbone,learner", COMBOS)
+@pytest.mark.parametrize("backbone,learner", [
+    ("transformer", "linear"), ("mamba", "mlp"),
+    *(pytest.param(*c, marks=pytest.mark.slow) for c in [("transformer", "mlp"),
+                                                         ("mamba", "linear")])])
 def test_lm_parity_x64(x64, backbone, learner):
     base_lr = 1.0 if learner == "linear" else 0.1
     tree = fake_official_tree(learner=learner, backbone=backbone)
@@ -360,8 +363,9 @@ def test_lm_parity_x64(x64, backbone, learner):
 
 
 @pytest.mark.parametrize("backbone,learner", [
-    ("transformer", "linear"), ("mamba", "mlp"),
-    *(pytest.param(*c, marks=pytest.mark.slow) for c in [("transformer", "mlp"),
+    ("mamba", "mlp"),
+    *(pytest.param(*c, marks=pytest.mark.slow) for c in [("transformer", "linear"),
+                                                         ("transformer", "mlp"),
                                                          ("mamba", "linear")])])
 def test_lm_parity_float32(backbone, learner):
     base_lr = 1.0 if learner == "linear" else 0.1
@@ -413,7 +417,7 @@ def test_lm_round_trip(backbone, learner, scan):
     # from a config instead of a model, without the outer key, nested multi-head groups
     cfg = interop.ttt_lm_jax_config(tree, scan_layers=scan, **heads)
     nested = interop.export_ttt_lm_jax(cfg, variables, params_key=False, nested=True)
-    assert isinstance(nested["h"]["0"]["seq_modeling_block"]["wq"], dict)
+    assert isinstance(nested["model"]["h"]["0"]["seq_modeling_block"]["wq"], dict)
     assert _flat_equal(nested, tree["params"])
 
 
@@ -472,6 +476,7 @@ def test_mttt_parity_x64(x64, learner):
     _assert_tree_equal(jax.tree.map(np.asarray, variables2), jax.tree.map(np.asarray, variables))
 
 
+@pytest.mark.slow
 def test_mttt_float32_parity():
     tree = fake_mttt_tree(learner="mlp", bias=False, decoder_ln=False)
     x = np.random.default_rng(2).normal(size=(B, 12, WIDTH)).astype(np.float32)
@@ -506,8 +511,8 @@ def test_mttt_frozen_zero_w0():
 
 def _lm_config(mixer, **kwargs):
     # the tiny preset narrowed further, so the training test compiles quickly
-    return dict(kind="lm", preset="tiny", mixer=mixer, vocab_size=64, width=32, num_heads=2,
-                ffn_dim=64, **kwargs)
+    return {**dict(kind="lm", preset="tiny", mixer=mixer, vocab_size=64, width=32, num_heads=2,
+                   ffn_dim=64), **kwargs}
 
 
 def _check_initial(path, leaf):
@@ -521,14 +526,23 @@ def _check_initial(path, leaf):
         assert leaf.std() < 0.05 or path.endswith(("conv_q/kernel", "conv_k/kernel")), path
 
 
-def test_init_ttt_from_transformer_copies_and_trains():
-    ids = np.random.default_rng(3).integers(0, 64, (2, 17)).astype(np.int32)
-    sm = build_model(_lm_config("softmax"))
-    sm_vars = jax.jit(sm.init)(jax.random.PRNGKey(7), ids[:, :4])
-    # a "trained" transformer: move every weight away from anything an init could produce
-    sm_vars = jax.tree.map(lambda a: a + 0.5, sm_vars)
+def _random_transformer(seed, **kwargs):
+    """A softmax-attention LM's variables with random values (as if trained), in its layout."""
+    sm = build_model(_lm_config("softmax", **kwargs))
+    shapes = jax.eval_shape(sm.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.normal(0.5, 0.1, s.shape).astype(np.float32), shapes)
+
+
+@functools.cache
+def _converted():
+    sm_vars = _random_transformer(7)
     cfg = _lm_config("ttt_linear", mixer_kwargs={"mini_batch": 8, "stats": False})
-    model, variables = interop.init_ttt_from_transformer(cfg, sm_vars, seed=1)
+    return sm_vars, *interop.init_ttt_from_transformer(cfg, sm_vars, seed=1)
+
+
+def test_init_ttt_from_transformer_copies():
+    sm_vars, model, variables = _converted()
     flat_ours = interop._flatten(unstack_layers(variables["params"]))
     flat_theirs = interop._flatten(unstack_layers(sm_vars["params"]))
     expected_shared = {"wte/embedding", "ln_f/kernel"} | {
@@ -538,12 +552,21 @@ def test_init_ttt_from_transformer_copies_and_trains():
             *(f"seq_modeling_block/{w}/kernel" for w in ("wq", "wk", "wv", "wo")))}
     assert set(flat_theirs) == expected_shared  # the softmax LM has nothing else
     for k in expected_shared:
+        assert flat_ours[k].dtype == flat_theirs[k].dtype, k
         assert np.array_equal(flat_ours[k], flat_theirs[k]), k
     ttt_only = set(flat_ours) - expected_shared
     assert {p.split("/", 3)[-1] for p in ttt_only} >= {
         "ttt_dense_0", "ttt_bias_0", "learnable_token_idx", "ttt_norm/scale", "post_norm/bias"}
     for k in ttt_only:
         _check_initial(k, np.asarray(flat_ours[k]))
+    with pytest.raises(ValueError, match="not the same size"):
+        interop.init_ttt_from_transformer(_lm_config("ttt_linear", ffn_dim=32), sm_vars)
+
+
+@pytest.mark.slow
+def test_init_ttt_from_transformer_trains():
+    _, model, variables = _converted()
+    ids = np.random.default_rng(3).integers(0, 64, (2, 17)).astype(np.int32)
 
     def loss_fn(params):
         logits, _ = model.apply({"params": params}, ids[:, :-1])
@@ -566,9 +589,9 @@ def test_init_ttt_from_transformer_copies_and_trains():
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.05, losses
 
 
-def test_init_ttt_from_transformer_mamba_and_size_mismatch():
-    sm = build_model(_lm_config("softmax", scan_layers=False))
-    sm_vars = jax.jit(sm.init)(jax.random.PRNGKey(0), np.zeros((1, 2), np.int32))
+@pytest.mark.slow
+def test_init_ttt_from_transformer_mamba():
+    sm_vars = _random_transformer(0, scan_layers=False)
     cfg = _lm_config("ttt_mlp", mixer_kwargs={"backbone": "mamba", "stats": False})
     model, variables = interop.init_ttt_from_transformer(cfg, sm_vars)
     assert model.pre_conv and isinstance(model, nn.Module)
@@ -577,6 +600,5 @@ def test_init_ttt_from_transformer_mamba_and_size_mismatch():
     for k in ("h/1/seq_modeling_block/wq/kernel", "h/1/feed_forward/w2/kernel", "wte/embedding"):
         assert np.array_equal(ours[k], theirs[k]), k
     assert "h/1/seq_modeling_block/wk/kernel" not in ours  # Mamba backbone: no wk to fill
-    assert "h/1/conv/conv1/kernel" in ours  # the pre-conv is TTT-only here
-    with pytest.raises(ValueError, match="not the same size"):
-        interop.init_ttt_from_transformer(_lm_config("ttt_linear", ffn_dim=32), sm_vars)
+    for k in ("h/1/conv/conv1/bias", "h/1/seq_modeling_block/conv_q/bias"):
+        _check_initial(k, np.asarray(ours[k]))  # TTT-only here

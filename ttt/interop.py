@@ -458,28 +458,29 @@ def init_ttt_from_transformer(ttt_config, transformer_variables: Mapping, *,
     """
     model = _lm_model(ttt_config)
     ids = jnp.zeros((1, 1), jnp.int32)
-    params = jax.jit(model.init)(jax.random.PRNGKey(seed), ids)["params"]
-    ours = _flatten(unstack_layers(dict(params)))
-    theirs = _flatten(unstack_layers(dict(transformer_variables.get("params",
-                                                                    transformer_variables))))
-    problems = []
-    for path, leaf in ours.items():
+    theirs = unstack_layers(dict(transformer_variables.get("params", transformer_variables)))
+    if model.scan_layers:
+        theirs = stack_layers(theirs)  # both sides in the TTT model's layout
+    theirs = _flatten(theirs)
+    target = _flatten(_lm_target(model))
+    shared, problems = [], []
+    for path, leaf in target.items():
         parts = path.split("/")
         if "seq_modeling_block" in parts:
             if parts[parts.index("seq_modeling_block") + 1] not in _SHARED_MIXER_PARAMS:
                 continue  # TTT-only: keeps its initial value
         if path not in theirs:
-            if not (len(parts) > 2 and parts[0] == "h" and parts[2] == "conv"):
+            if not (parts[0] == "h" and "conv" in parts[1:3]):
                 problems.append(f"missing {path}")  # only a pre-conv may be TTT-only
-            continue
-        if np.shape(theirs[path]) != leaf.shape:
+        elif np.shape(theirs[path]) != leaf.shape:
             problems.append(f"{path}: {np.shape(theirs[path])} vs {leaf.shape}")
-            continue
-        ours[path] = jnp.asarray(theirs[path], leaf.dtype)
+        else:
+            shared.append(path)
     if problems:
         raise ValueError("init_ttt_from_transformer: the transformer is not the same size as the "
                          "TTT model: " + "; ".join(problems[:10]))
-    new = _nest(ours)
-    if model.scan_layers:
-        new = stack_layers(new)
+    params = _flatten(jax.jit(model.init)(jax.random.PRNGKey(seed), ids)["params"])
+    for path in shared:
+        params[path] = jnp.asarray(theirs[path], params[path].dtype)
+    new = _nest(params)
     return model, {"params": new}
