@@ -125,6 +125,7 @@ def _free_port() -> int:
 
 
 @needs8
+@pytest.mark.slow  # two fresh processes each import JAX and compile: ~30 s of CPU
 def test_two_processes_match_one(runs, tmp_path):
     """2 CPU processes x 4 devices (jax.distributed, mesh data=8) vs the single-process run."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",

@@ -29,6 +29,8 @@ flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with auto-
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process)")
 flags.DEFINE_integer("num_processes", 1, "number of processes (multi-process)")
 flags.DEFINE_integer("process_id", 0, "this process's index (multi-process)")
+flags.DEFINE_bool("compile_only", False, "lower and compile the train step on abstract inputs, "
+                  "print parameters, per-device memory and FLOPs, and exit")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,6 +43,15 @@ def main(argv):
                                    FLAGS.process_id)
     elif FLAGS.distributed:
         jax.distributed.initialize()
+    if FLAGS.compile_only:
+        from ttt.train.compile_only import run
+
+        try:
+            run(FLAGS.config)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        return
     try:
         summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except ConfigError as err:

@@ -2,8 +2,10 @@
 
 Restarting the same command in the same workdir continues from the newest readable checkpoint
 (parameters, optimizer state, step, PRNG key and the data iterators' positions), so a killed run
-resumes to the bit. SIGTERM (preemption) saves a checkpoint and returns; a non-finite loss raises
-`NonFiniteLossError` without saving, so the last good checkpoint stays the newest.
+resumes to the bit. `train.stop_at` ends this invocation early (with a checkpoint) without
+changing the learning-rate schedule of `train.steps`, for jobs that run in time slices. SIGTERM
+(preemption) saves a checkpoint and returns; a non-finite loss raises `NonFiniteLossError`
+without saving, so the last good checkpoint stays the newest.
 
 The pieces are separate functions so a compile-only tool can reuse them: `build_setup` (config ->
 model, optimizer, placement, pure state constructor), `abstract_state` (`jax.eval_shape`) and
@@ -243,6 +245,7 @@ def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=N
     diag_every = int(train_cfg.get("diag_every", log_every))
     ckpt_every = int(train_cfg.get("checkpoint_every", 1000))
     eval_every = int(train_cfg.get("eval_every", 0))
+    stop_at = int(train_cfg.get("stop_at", 0) or 0)  # 0: run to train.steps
     writer = metrics_lib.MetricWriter(workdir, enabled=pid == 0)
     progress = metrics_lib.Progress(total, start, setup.unit,
                                     enabled=pid == 0 and train_cfg.get("progress", True))
@@ -276,6 +279,9 @@ def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=N
                     done, evaluate(setup, p_eval, state, eval_ds,
                                    int(train_cfg.get("eval_steps", 1))), "eval/")
             summary["step"] = done
+            if done == stop_at:  # a time-sliced job: same schedule, continued by the next call
+                save(done)
+                break
             if preemption.requested:
                 log.warning("SIGTERM received: saving a checkpoint at step %d and exiting", done)
                 save(done)
