@@ -1,0 +1,66 @@
+"""Smoke test of the benchmark machinery (experiments/bench.py) on a tiny shape: structure only,
+no timing assertions (timings on a shared CPU say nothing)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import bench, bench_flops
+
+
+def test_flop_counts_follow_the_math():
+    N, C, H = 256, 64, 4
+    d = C // H
+    proj = 4 * 2 * N * C * C
+    # linear attention, chunk 64: 4 N c d + 4 N d² per head on top of the projections
+    la = bench_flops.mixer_flops(dict(family="linear_attention", chunk=64), N, C, H)
+    assert la == proj + H * (4 * N * 64 * d + 4 * N * d * d)
+    # softmax: full masked N×N scores, 4 N² d per head
+    sm = bench_flops.mixer_flops(dict(family="softmax"), N, C, H)
+    assert sm == proj + H * 4 * N * N * d
+    # TTT-Linear dual: per head and mini-batch 6 b d² + 6 b² d, plus the η gate 2 N C H
+    b = 16
+    tl = bench_flops.mixer_flops(dict(family="ttt", learner="linear", form="dual"), N, C, H)
+    assert tl == proj + 2 * N * C * H + H * (N // b) * (6 * b * d * d + 6 * b * b * d)
+    # negative controls: the primal form materialises b states per mini-batch; MLP costs more
+    primal = bench_flops.mixer_flops(dict(family="ttt", learner="linear", form="primal"), N, C, H)
+    mlp = bench_flops.mixer_flops(dict(family="ttt", learner="mlp", form="dual"), N, C, H)
+    assert primal > tl and mlp > tl
+    with pytest.raises(ValueError, match="family"):
+        bench_flops.mixer_flops(dict(family="rnn"), N, C, H)
+
+
+def test_bench_tiny_run_writes_json_table_and_plot(tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    argv = ["--out", str(out), "--width", "32", "--heads", "2", "--ns", "32", "--runs", "1",
+            "--mixers", "ttt_linear", "--decode-contexts", "32", "--skip", "remat,lm_compile"]
+    monkeypatch.setattr(bench, "WIDTH", bench.WIDTH)  # main() rebinds the shape globals
+    monkeypatch.setattr(bench, "HEADS", bench.HEADS)
+    result = bench.main(argv)
+
+    data = json.loads((out / "bench.json").read_text())
+    assert data["baseline"] == "linattn_chunked" and data["shape"]["width"] == 32
+    assert data["ceiling_gflops"] > 0
+    rows = {(r["mixer"], r["N"]): r for r in data["layers"]}
+    assert set(rows) == {("linattn_chunked", 32), ("ttt_linear", 32)}  # baseline added itself
+    for r in rows.values():
+        for key in ("fwd_s", "fb_s", "fwd_compile_s", "fb_compile_s", "tokens_per_s_fb",
+                    "gflops_fb", "pct_ceiling_fb", "ratio_fb_vs_baseline", "flops_fb"):
+            assert r[key] > 0, key
+        assert len(r["fb_runs"]) == 1
+    assert rows[("linattn_chunked", 32)]["ratio_fb_vs_baseline"] == pytest.approx(1.0)
+    assert [(d["mixer"], d["context"]) for d in data["decode"]] == [
+        ("ttt_linear", 32), ("linattn_chunked", 32)]
+    names = [t["target"] for t in data["targets"]]
+    assert len(names) == 14 and all(set(t) >= {"value", "limit", "ok"} for t in data["targets"])
+    md = (out / "bench.md").read_text()
+    assert "| mixer | N | fwd ms | fwd+bwd ms |" in md and "| ttt_linear | 32 |" in md
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert result["date"] == data["date"]
+
+
+def test_bench_rejects_unknown_mixer(tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(tmp_path), "--mixers", "no_such_mixer"])
