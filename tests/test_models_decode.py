@@ -84,6 +84,7 @@ def test_prefill_then_steps_equals_forward(mixer):
     assert rel_err(out["wrong_step"], out["logits"][:, MB:MB + 1]) > 1e-3
 
 
+@pytest.mark.slow  # a separate float64 compilation of the whole model
 def test_decode_float64(x64):
     out = Compiled("ttt_linear_mamba", dtype="float64").out
     assert out["logits"].dtype == jnp.float64

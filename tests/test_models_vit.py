@@ -67,6 +67,7 @@ def test_shapes_zero_init_head_and_aux(patch, size, tokens):
     assert rel_err(moved[0], moved[1]) > 1e-3
 
 
+@pytest.mark.slow  # a third ViT compilation; shapes and the head are covered above
 def test_sgd_mode_uses_inner_rng_and_scan_matches_unrolled():
     sgd = build_model(config(mixer_kwargs={"mode": "sgd", "steps": 2}))
     gd = build_model(config())  # full-batch GD: no RNG, deterministic
