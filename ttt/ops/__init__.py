@@ -24,8 +24,9 @@ from ttt.ops.learners import (
     mlp,
     reconstruction_loss,
 )
-from ttt.ops.mttt import mttt, sgd_chunks
-from ttt.ops.ttt import ttt, ttt_decode_step, ttt_dual, ttt_naive, ttt_primal
+# `ttt.ops.ttt` and `ttt.ops.mttt` stay the submodules (the functions of the same name live there).
+from ttt.ops.mttt import sgd_chunks
+from ttt.ops.ttt import ttt_decode_step, ttt_dual, ttt_naive, ttt_primal
 
 __all__ = [
     "Learner",
@@ -40,11 +41,9 @@ __all__ = [
     "linear_attention_init_state",
     "ln_residual",
     "mlp",
-    "mttt",
     "reconstruction_loss",
     "sgd_chunks",
     "softmax_attention",
-    "ttt",
     "ttt_decode_step",
     "ttt_dual",
     "ttt_naive",
