@@ -21,7 +21,7 @@ mini-batches, where it first means something.
 Argument: comma-separated tokens, any order.
   <rung>    a rung name or number 1..8 (default 8)
   cpu       2-core CPU scale: tiny LM (2 layers, width 64), 128-byte contexts of the embedded
-            corpus, 200 steps of 8 sequences (~30 s per rung after compilation)
+            corpus, 150 steps of 8 sequences (~30 s per rung after compilation)
   smoke     a few steps, for tests
 At paper scale the data is the Pile through tfds (`data.dataset`, `data.data_dir`) with the Llama-2
 SentencePiece model in `data.tokenizer`; set them to what you have.
@@ -104,6 +104,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         # accepts only positive mini-batch sizes
         kwargs["mini_batch"] = int(base.data.seq_len)
     with base.unlocked():
+        if "cpu" in flags and "smoke" not in flags:
+            base.train.update(steps=150, eval_every=150, checkpoint_every=150)
         base.model.mixer = mixer
         base.model.mixer_kwargs = kwargs
         base.optim.ttt_mlp_lr_warmup = False

@@ -13,7 +13,7 @@ Argument: comma-separated tokens, any order.
   n=<int>     sequence length (default 256; cpu 64)
   kv=<int>    key-value pairs (default 16; cpu 4)
   width=<int> model width (default 128; cpu 32); heads = width // 64 (at least 1; cpu 2)
-  cpu         2-core CPU scale: 2 layers, vocab 256, 400 steps of 32 sequences (~1 min per run)
+  cpu         2-core CPU scale: 2 layers, vocab 256, 250 steps of 16 sequences (~1 min per run)
   smoke       a few steps, for tests
 
 Single host:  python -m ttt.main --config experiments/mqar.py:ttt_linear,n=256,kv=16,width=128 \
@@ -72,13 +72,13 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.data = dict(name="mqar", vocab_size=256 if small else 8192, seq_len=n, num_kv_pairs=kv,
                   num_train_examples=100_000 if not small else 20_000,
                   num_test_examples=3_000 if not small else 256, power_a=0.01)
-    steps = 3 if a["smoke"] else (400 if a["cpu"] else 20_000)
+    steps = 3 if a["smoke"] else (250 if a["cpu"] else 20_000)
     c.optim = dict(name="adamw", lr=3e-3 if small else 1e-3, end_lr=1e-5,
                    warmup_steps=1 if a["smoke"] else max(steps // 20, 1), b1=0.9, b2=0.95,
                    eps=1e-8, weight_decay=0.1, weight_decay_mask="all", clip=1.0,
                    ttt_mlp_lr_warmup=False, ttt_lr_mult_init=0.1)
     c.train = dict(
-        steps=steps, global_batch_size=2 if a["smoke"] else (32 if small else 64), grad_accum=1,
+        steps=steps, global_batch_size=2 if a["smoke"] else (16 if small else 64), grad_accum=1,
         log_every=1 if a["smoke"] else 50, diag_every=1 if a["smoke"] else 50,
         eval_every=steps, eval_steps=1 if a["smoke"] else (8 if small else 47),
         checkpoint_every=steps, keep_checkpoints=1, keep_every=None, async_checkpoints=False,
