@@ -39,8 +39,8 @@ def test_vit_config_validates():
 @pytest.mark.parametrize("change, key", [
     (lambda c: c.model.update(mixer="ttt_quadratic"), "config.model.mixer="),
     (lambda c: c.model.update(width=64, num_heads=3), "config.model.num_heads=3"),
-    (lambda c: c.model.update(mixer_kwargs={"mini_batch": 0}),
-     "config.model.mixer_kwargs.mini_batch=0"),
+    (lambda c: c.model.update(mixer_kwargs={"mini_batch": -4}),
+     "config.model.mixer_kwargs.mini_batch=-4"),
     (lambda c: c.train.update(parallel="pmap", global_batch_size=12),
      "config.train.global_batch_size=12"),
     (lambda c: c.train.update(parallel="mesh", mesh={"data": 3, "fsdp": 1, "model": 1}),

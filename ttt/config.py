@@ -91,10 +91,10 @@ def validate(config, *, num_devices: int | None = None, process_count: int | Non
         raise ConfigError(f"config.model.num_heads={heads}: must divide the width {width}")
     mini_batch = (_get(model, "mixer_kwargs", None) or {}).get("mini_batch")
     if mini_batch is not None:
-        seq_len = _get(data, "seq_len")
-        if not isinstance(mini_batch, int) or mini_batch < 1 or (seq_len and mini_batch > seq_len):
+        # 0 means one mini-batch spanning the whole sequence (batch GD, the TTT-LM ablation rung)
+        if isinstance(mini_batch, bool) or not isinstance(mini_batch, int) or mini_batch < 0:
             raise ConfigError(f"config.model.mixer_kwargs.mini_batch={mini_batch!r}: must be a "
-                              f"positive integer no larger than the sequence length {seq_len}")
+                              "positive integer, or 0 for one mini-batch over the whole sequence")
     _check_mixer(model)
     if not data.name:
         raise ConfigError("config.data.name: no dataset named")
