@@ -163,7 +163,7 @@ def _entries(args) -> list[tuple[str, str, str]]:
 def _header(args, wall: float, failures: list[dict]) -> str:
     import jax
 
-    lines = [f"Command: `python -m experiments.compare {' '.join(sys.argv[1:])}`",
+    lines = [f"Command: `python -m experiments.compare {' '.join(args.argv)}`",
              f"Device: {jax.devices()[0].device_kind} x{jax.device_count()} "
              f"({os.cpu_count()} CPU cores visible); total wall time {wall / 60:.1f} min "
              "(this invocation, including compilation; runs reused from earlier invocations "
@@ -176,6 +176,7 @@ def _header(args, wall: float, failures: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS))
     parser.add_argument("--configs", nargs="*", help="experiments/<file>.py:<arg> specs")
@@ -189,6 +190,7 @@ def main(argv=None) -> int:
                         help="runs trained at once in worker processes (default: the preset's, "
                              "else 1)")
     args = parser.parse_args(argv)
+    args.argv = argv  # the report header records the command as given
     if not (args.preset or args.configs or args.runs):
         parser.error("give --preset, --configs or --runs")
 
