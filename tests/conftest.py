@@ -31,7 +31,7 @@ def assert_close(actual, expected, rtol: float, what: str = "") -> float:
     if len(leaves_a) != len(leaves_e):
         raise AssertionError(f"{what}: pytrees differ ({tree_a} vs {tree_e})")
     worst = 0.0
-    for (path, a), e in zip(leaves_a, leaves_e):
+    for (path, a), e in zip(leaves_a, leaves_e, strict=True):
         err = rel_err(a, e)
         worst = max(worst, err)
         diff = np.abs(np.asarray(a, np.float64) - np.asarray(e, np.float64))

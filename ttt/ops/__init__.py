@@ -4,6 +4,8 @@
 - ttt:      causal mini-batch TTT (TTT-LM): primal, dual (fast), naive (reference), decode step.
 - mttt:     multi-step non-causal TTT (MTTT) with per-step inner losses.
 - attention: softmax attention, Nadaraya–Watson kernel regression, linear attention.
+
+`ttt.ops.ttt` and `ttt.ops.mttt` stay the submodules: the functions of those names live there.
 """
 
 from ttt.ops.attention import (
@@ -24,7 +26,6 @@ from ttt.ops.learners import (
     mlp,
     reconstruction_loss,
 )
-# `ttt.ops.ttt` and `ttt.ops.mttt` stay the submodules (the functions of the same name live there).
 from ttt.ops.mttt import sgd_chunks
 from ttt.ops.ttt import ttt_decode_step, ttt_dual, ttt_naive, ttt_primal
 
