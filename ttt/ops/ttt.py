@@ -15,9 +15,9 @@ Three forms, held equal by tests/test_ttt_ops.py:
 
 Notable choices:
 - A final partial mini-batch is padded with zero-η tokens (exact; see `_scan.py`).
-- The dual form gets the per-token gradients w.r.t. each pre-activation Z_l by differentiating the
-  loss w.r.t. zero "probe" offsets added to Z_l, so a learner's `post` (LN residual) needs no
-  hand-written backward and the result is the same autodiff the primal form uses.
+- The dual form writes out the per-token gradients w.r.t. each pre-activation Z_l (`_dual.py`):
+  the chain rule down the dense layers, the closed-form LayerNorm backward for `ln_residual`'s post
+  and `jax.vjp` for any other post, so the outer backward sees no autodiff-of-autodiff graph.
 - The carried state keeps W0's dtype (state in float32 while activations run in lower precision).
 """
 
@@ -28,7 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ttt.ops import _checks
+from ttt.ops import _checks, _dual
 from ttt.ops._scan import eta_matrix, from_minibatches, scan_minibatches, to_minibatches
 from ttt.ops.learners import Learner, reconstruction_loss
 
@@ -216,19 +216,7 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
         A1 = A1 + eta_m  # the bias's gradient enters every row with weight η_ij
     kq = jnp.concatenate([k_m, q_m], axis=-2)  # (B, H, M, 2b, d_in): keys then queries
 
-    def keys_rest(W, fixed_h, k_in, v_in, Z1k, probes):
-        """Loss of the mini-batch from layer 1's key pre-activations on, with probes added to
-        every Z_l; aux = the key inputs X_l^k of layers 2.."""
-        Z, Xs = Z1k + probes[0], []
-        for l, (w_name, b_name) in enumerate(dense[1:], start=1):
-            X = act(Z)  # input of layer l
-            Xs.append(X)
-            Z = X @ W[w_name] + probes[l]  # (b, d_l) @ (d_l, d_{l+1}) -> (b, d_{l+1})
-            if b_name is not None:
-                Z = Z + W[b_name]
-        out = learner.post(k_in, Z, fixed_h) if learner.post is not None else Z
-        r = out - v_in  # (b, d_out)
-        return 0.5 * jnp.sum(r * r), Xs
+    eps = _dual.ln_residual_eps(learner)
 
     def head(W0_h, fixed_h, xs_h):
         def step(W, x):
@@ -237,12 +225,7 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
             Z1 = kq_m @ W[w1]  # (2b, d_in) @ (d_in, d_1) -> (2b, d_1)
             if b1 is not None:
                 Z1 = Z1 + W[b1]
-            probes = [jnp.zeros((b, W[w].shape[-1]), Z1.dtype) for w, _ in dense]
-            # each token's loss depends only on its own row of Z_l, so the gradient of the sum
-            # w.r.t. the probes is the stack of per-token gradients G_l,j = ∂l_j/∂Z_l,j
-            G, Xk = jax.grad(keys_rest, argnums=5, has_aux=True)(
-                W, fixed_h, k_in, v_in, Z1[:b], probes
-            )
+            G, Xk = _dual.key_gradients(learner, W, fixed_h, k_in, v_in, Z1[:b], eps)
             Xk = [k_in, *Xk]
             eta_last = eta_mb[-1]  # (b,): the row that carries the state
             W_next = dict(W)

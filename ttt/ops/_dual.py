@@ -1,0 +1,75 @@
+"""Per-token pre-activation gradients of a dense-chain learner, written out (DESIGN §2.7).
+
+For one mini-batch of keys the dual form needs G_l,j = ∂l_j/∂Z_l,j, l_j = ½‖f(k_j; W) − v_j‖², at
+every dense layer l. Taking them with `jax.grad` inside the scan step makes the outer backward
+transpose an autodiff-of-autodiff graph; writing the chain rule out keeps the step to a few plain
+array ops, which is what sets the time of the (overhead-bound) mini-batch scan.
+
+- Down the chain: G_l = (G_{l+1} W_{l+1}ᵀ) ⊙ σ'(Z_l), with σ' from a forward-mode derivative of the
+  learner's elementwise activation (any activation).
+- At the output: the residual LayerNorm post of `ln_residual` gets its closed-form backward; any
+  other `post` goes through `jax.vjp`, so every learner keeps the primal form's results.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def ln_residual_eps(learner):
+    """eps of an `ln_residual` learner's LayerNorm post, or None when `post` is anything else."""
+    post = learner.post
+    if post is None or not learner.name.startswith("ln_residual("):
+        return None
+    names = getattr(getattr(post, "__code__", None), "co_freevars", ())
+    cells = getattr(post, "__closure__", None) or ()
+    found = dict(zip(names, (c.cell_contents for c in cells), strict=False))
+    eps = found.get("eps")
+    return eps if isinstance(eps, float) else None
+
+
+def key_gradients(learner, W, fixed, k_in, v_in, Z1k, eps):
+    """Per-token G_l (b, d_{l+1}) of every dense layer and the key inputs X_l (b, d_l), layers 2..
+
+    Z1k (b, d_1): layer 1's pre-activations of the keys k_in (b, d_in); v_in (b, d_out) targets;
+    eps: `ln_residual_eps(learner)` (closed-form LN backward) or None (vjp of `post`).
+    """
+    dense = learner.dense
+    Zs, Xs = [Z1k], []
+    Z = Z1k
+    for w_name, b_name in dense[1:]:
+        X = learner.activation(Z) if learner.activation is not None else Z
+        Xs.append(X)
+        Z = X @ W[w_name]  # (b, d_l) @ (d_l, d_{l+1}) -> (b, d_{l+1})
+        if b_name is not None:
+            Z = Z + W[b_name]
+        Zs.append(Z)
+    if learner.post is None:
+        G = Z - v_in  # (b, d_out)
+    elif eps is not None:
+        # f = k + LN(Z)·scale + bias, so f − v = LN(Z)·scale + bias − (v − k)
+        mu = jnp.mean(Z, axis=-1, keepdims=True)  # (b, 1)
+        var = jnp.maximum(jnp.mean(Z * Z, axis=-1, keepdims=True) - mu * mu, 0.0)
+        rho = jax.lax.rsqrt(var + eps)  # (b, 1)
+        xhat = (Z - mu) * rho  # (b, d)
+        g = (xhat * fixed["scale"] + fixed["bias"] + k_in - v_in) * fixed["scale"]  # (b, d)
+        # LayerNorm backward for x̂ = (Z − μ)ρ, ρ = (var + eps)^-½: ρ (g − mean(g) − x̂ mean(g x̂))
+        G = rho * (
+            g
+            - jnp.mean(g, axis=-1, keepdims=True)
+            - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)
+        )
+        G = G.astype(Z.dtype)
+    else:
+        out, pullback = jax.vjp(lambda Z_: learner.post(k_in, Z_, fixed), Z)
+        (G,) = pullback(out - v_in)
+    Gs = [G]
+    for l in range(len(dense) - 1, 0, -1):
+        # back through layer l+1's weights and the activation at Z_l: (b, d_{l+1}) @ (d_{l+1}, d_l)
+        back = Gs[0] @ W[dense[l][0]].T
+        if learner.activation is not None:
+            _, slope = jax.jvp(learner.activation, (Zs[l - 1],), (jnp.ones_like(Zs[l - 1]),))
+            back = back * slope
+        Gs.insert(0, back)
+    return Gs, Xs
