@@ -18,6 +18,8 @@ Notable choices:
 - The dual form writes out the per-token gradients w.r.t. each pre-activation Z_l (`_dual.py`):
   the chain rule down the dense layers, the closed-form LayerNorm backward for `ln_residual`'s post
   and `jax.vjp` for any other post, so the outer backward sees no autodiff-of-autodiff graph.
+- The dual scan step is `jax.checkpoint`ed: the backward recomputes it from the carried state
+  instead of stacking ~30 per-step residual arrays (fewer, cheaper ops per backward step on CPU).
 - The carried state keeps W0's dtype (state in float32 while activations run in lower precision).
 """
 
@@ -247,7 +249,9 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
             z = learner.post(q_in, Z, fixed_h) if learner.post is not None else Z
             return _cast_like(W_next, W), z
 
-        return scan_minibatches(step, W0_h, xs_h, remat_every)
+        # recompute the step in the backward from the carried W (see module docstring)
+        step_remat = jax.checkpoint(step, prevent_cse=False)
+        return scan_minibatches(step_remat, W0_h, xs_h, remat_every)
 
     W_N, z = _map_heads(head, W0, fixed, per_sequence, (kq, v_m, eta_m, A1))  # z (B, H, M, b, ·)
     return from_minibatches(z, q.shape[2]), W_N
