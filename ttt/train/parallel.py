@@ -75,7 +75,26 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
-class SinglePlacement:
+class _JitPlacement:
+    """What the `jit` placements share: checkpoints hold the state as placed, metrics are global."""
+
+    def to_checkpoint(self, state):
+        return state
+
+    def from_checkpoint(self, state):
+        return state
+
+    def params(self, state):
+        return state.params
+
+    def host_metrics(self, metrics):
+        return jax.device_get(metrics)
+
+    def step(self, state):
+        return state.step
+
+
+class SinglePlacement(_JitPlacement):
     """Everything on the first local device; `jit` with donated state."""
 
     mode = "single"
@@ -98,24 +117,9 @@ class SinglePlacement:
     def compile_eval(self, step):
         return jax.jit(step)
 
-    def to_checkpoint(self, state):
-        return state
-
     def restore_target(self, abstract):
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                            sharding=self.sharding), abstract)
-
-    def from_checkpoint(self, state):
-        return state
-
-    def params(self, state):
-        return state.params
-
-    def host_metrics(self, metrics):
-        return jax.device_get(metrics)
-
-    def step(self, state):
-        return state.step
 
 
 class PmapPlacement:
@@ -182,7 +186,7 @@ class PmapPlacement:
         return state.step[0]
 
 
-class MeshPlacement:
+class MeshPlacement(_JitPlacement):
     """`jit` over a (data, fsdp, model) mesh with `NamedSharding`s; works across processes."""
 
     mode = "mesh"
@@ -220,25 +224,10 @@ class MeshPlacement:
     def compile_eval(self, step):
         return jax.jit(step, out_shardings=self.replicated)
 
-    def to_checkpoint(self, state):
-        return state
-
     def restore_target(self, abstract):
         self.state_sharding = self.state_shardings(abstract)
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, self.state_sharding)
-
-    def from_checkpoint(self, state):
-        return state
-
-    def params(self, state):
-        return state.params
-
-    def host_metrics(self, metrics):
-        return jax.device_get(metrics)
-
-    def step(self, state):
-        return state.step
 
 
 PLACEMENTS = {"single": SinglePlacement, "pmap": PmapPlacement, "mesh": MeshPlacement}
