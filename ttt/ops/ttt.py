@@ -30,7 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ttt.ops import _checks, _dual
+from ttt.ops import _checks, _dual, _fused
 from ttt.ops._scan import eta_matrix, from_minibatches, scan_minibatches, to_minibatches
 from ttt.ops.learners import Learner, reconstruction_loss
 
@@ -190,7 +190,7 @@ def ttt_primal(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ev
 # ----------------------------------------------------------------------------- dual form
 
 
-def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0):
+def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, fused=True):
     """Causal mini-batch TTT in the dual form (TTT-LM §2.7); same contract and results as primal.
 
     For a dense chain Z_l = X_l W_l + b_l (activation between layers, optional `post` after), per
@@ -203,11 +203,19 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
     layer 1's inputs are q and k themselves, so its b×b matrix A_1 = η ⊙ (tril(X_qX_kᵀ) + 1_bias)
     needs no state and is formed for all mini-batches at once, outside the scan; inside, keys and
     queries go through W_1 as one (2b, d) matmul, and the bias term joins A_1 G_1 in one matmul.
+
+    fused=True (default) sends one-layer learners (TTT-Linear, plain or LN-residual) to
+    `_fused.fused_dual`, which has a hand-written backward; fused=False keeps the generic
+    autodiff path for every learner (the slow twin the tests compare against).
     """
     per_sequence, (q_m, k_m, v_m, eta_m) = _prepare(
         learner, W0, q, k, v, eta, mini_batch, fixed, remat_every
     )
     _check_dual(learner, W0)
+    eps = _dual.ln_residual_eps(learner)
+    if fused and _fusable(learner, W0, fixed, q, eps):
+        xs = (q_m, k_m, v_m, eta_m)
+        return _ttt_dual_fused(learner, W0, fixed, per_sequence, xs, eps, remat_every, q.shape[2])
     dense = learner.dense
     act = learner.activation if learner.activation is not None else (lambda x: x)
     b = mini_batch
@@ -217,8 +225,6 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
     if b1 is not None:
         A1 = A1 + eta_m  # the bias's gradient enters every row with weight η_ij
     kq = jnp.concatenate([k_m, q_m], axis=-2)  # (B, H, M, 2b, d_in): keys then queries
-
-    eps = _dual.ln_residual_eps(learner)
 
     def head(W0_h, fixed_h, xs_h):
         def step(W, x):
@@ -255,6 +261,40 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
 
     W_N, z = _map_heads(head, W0, fixed, per_sequence, (kq, v_m, eta_m, A1))  # z (B, H, M, b, ·)
     return from_minibatches(z, q.shape[2]), W_N
+
+
+def _fusable(learner, W0, fixed, q, eps):
+    """One dense layer, no activation-dependent post except the LN residual, one dtype throughout."""
+    if len(learner.dense) != 1 or (learner.post is not None and eps is None):
+        return False
+    leaves = jax.tree_util.tree_leaves((W0, fixed))
+    return all(jnp.result_type(x) == q.dtype for x in leaves)
+
+
+def _ttt_dual_fused(learner, W0, fixed, per_sequence, xs, eps, remat_every, n):
+    """ttt_dual for a one-layer learner through `_fused.fused_dual` (see ttt_dual)."""
+    q_m, k_m, v_m, eta_m = xs  # (B, H, M, b, ·), eta_m (B, H, M, b, b)
+    ((w1, b1),) = learner.dense
+    # (B, H, M, b, d) x (B, H, M, b, d) -> (B, H, M, b, b); η is already causally masked
+    A1 = eta_m * jnp.einsum("...id,...jd->...ij", q_m, k_m)
+    if b1 is not None:
+        A1 = A1 + eta_m  # the bias's gradient enters every row with weight η_ij
+    e = eta_m[..., -1, :]  # (B, H, M, b): the row that carries the state
+    T = v_m - k_m if eps is not None else v_m  # LN residual: LN(Z)·scale + bias fits v − k
+    cfg = _fused.Config(eps=eps, bias=b1 is not None, remat_every=remat_every)
+
+    def head(W0_h, fixed_h, xs_h):
+        K, Q, T_h, A, e_h = xs_h
+        d_out = W0_h[w1].shape[-1]
+        zeros = jnp.zeros((d_out,), q_m.dtype)
+        beta = W0_h[b1] if b1 is not None else zeros
+        scale, bias = (fixed_h["scale"], fixed_h["bias"]) if eps is not None else (zeros, zeros)
+        Zq, W_N, beta_N = _fused.fused_dual(cfg, W0_h[w1], beta, K, Q, T_h, A, e_h, scale, bias)
+        z = learner.post(Q, Zq, fixed_h) if learner.post is not None else Zq  # (M, b, d_out)
+        return ({w1: W_N, b1: beta_N} if b1 is not None else {w1: W_N}), z
+
+    W_N, z = _map_heads(head, W0, fixed, per_sequence, (k_m, q_m, T, A1, e))
+    return from_minibatches(z, n), W_N
 
 
 # ----------------------------------------------------------------------------- reference and API
