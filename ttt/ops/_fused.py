@@ -1,24 +1,26 @@
 """The dual form of a one-layer learner with a hand-written backward (TTT-Linear's fast path).
 
-For f(x) = x W + β (optionally inside the LN residual x + LN(·)γ + δ), per head and mini-batch t
-with keys K_t, queries Q_t (b, d), targets T_t (V_t, or V_t − K_t under the LN residual), the
-causal b×b matrix A_t = η_t ⊙ (tril(Q_t K_tᵀ) + 1_bias) and the carry row e_t = η_t[b−1]:
-    Zk_t = K_t W_t + β_t,     G_t = ∂l/∂Zk_t   (per-token pre-activation gradients)
-    W_{t+1} = W_t − K_tᵀ (e_t ⊙ G_t),   β_{t+1} = β_t − e_tᵀ G_t
-    Zq_t = Q_t W_t + β_t − A_t G_t       (the answers before the learner's post)
-Only the first two lines are sequential. The forward scan carries (W, β), stacks W_t, β_t, G_t,
-and every query-side product runs afterwards as one batched matmul over all mini-batches.
+For f(x) = x W + β (optionally inside the LN residual x + LN(·)γ + δ), per sequence, head and
+mini-batch t, with keys K_t, queries Q_t (b, d), targets T_t (V_t, or V_t − K_t under the LN
+residual), the causal b×b matrix A_t = η_t ⊙ (tril(Q_t K_tᵀ) + 1_bias) and the carry row
+e_t = η_t[b−1]:
+    Zk_t = K_t W_t + β_t,   G_t = ∂l/∂Zk_t (per-token pre-activation gradients),
+    Zq_t = Q_t W_t + β_t − A_t G_t (the answers before the post),
+    W_{t+1} = W_t − K_tᵀ (e_t ⊙ G_t),   β_{t+1} = β_t − Σ_j e_t,j G_t,j.
+The backward runs the chain in reverse (Ŵ, β̂ = cotangents of the state after mini-batch t):
+    u_t = K_t Ŵ + β̂,   Ĝ_t = −A_tᵀ Ẑq_t − e_t ⊙ u_t,   ê_t = −rowsum(G_t ⊙ u_t),
+    Ẑk_t = (∂G_t/∂Zk_t)ᵀ Ĝ_t  (the LayerNorm gradient's own backward, `_ln_backward`),
+    Ŵ ← Ŵ + [K_t; Q_t]ᵀ [Ẑk_t; Ẑq_t],   β̂ ← β̂ + Σ_rows [Ẑk_t; Ẑq_t],
+and K̂ = Ẑk Wᵀ − (e ⊙ G) Ŵᵀ, Q̂ = Ẑq Wᵀ, Â = −Ẑq Gᵀ, T̂, γ̂, δ̂ follow outside the recurrence.
 
-The backward is a reverse scan over the same chain (Ŵ, β̂ = cotangents of the carried state):
-    u_t = K_t Ŵ_{t+1} + β̂_{t+1},   Ĝ_t = −A_tᵀ Ẑq_t − e_t ⊙ u_t,   ê_t = −rowsum(G_t ⊙ u_t)
-    Ẑk_t = (∂G_t/∂Zk_t)ᵀ Ĝ_t        (jax.vjp of the elementwise per-token gradient, closed form)
-    Ŵ_t = Ŵ_{t+1} + K_tᵀ Ẑk_t + Q_tᵀ Ẑq_t,   β̂_t = β̂_{t+1} + Σ Ẑk_t + Σ Ẑq_t
-and again everything that does not feed the chain (Ẑk → K̂ through W_t, Ẑq → Q̂, Â_t, the
-update's K̂ = −(e ⊙ G) Ŵᵀ) runs batched outside the loop. Autodiff of the generic dual form
-transposes the whole scan step instead: several times the work inside the sequential loop.
-
-remat_every = n > 0 keeps only the state at the start of every group of n mini-batches for the
-backward, which re-runs the group's forward scan (memory ∝ N/n states instead of N/b).
+Layout and memory: arrays stay (B, H, M, b, ·) and the loops index the mini-batch axis in place
+(`lax.fori_loop`; no per-head vmap, so no transposes of whole sequences). The forward keeps the
+state only at the start of every group of `group` mini-batches; the backward walks the groups in
+reverse, re-runs a group's forward to get its states, does the group's state-independent
+products as batched matmuls, then its reverse recurrence. Storing a state per mini-batch instead
+(d×d each, 4× a mini-batch of activations at b = 16) costs more memory traffic than recomputing.
+Autodiff of the generic dual form instead transposes the whole scan step inside the loop, which
+is several times slower on CPU, where these loops of small ops are overhead-bound.
 Held equal to the generic dual form (and through it to the primal form) by tests/test_ttt_ops.py.
 """
 
@@ -30,165 +32,212 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ttt.ops._scan import num_minibatches
-
 
 class Config(NamedTuple):
-    """Static choices of the fused loop: LN-residual eps (None: plain l2), bias, remat group."""
+    """Static choices: LN-residual eps (None: plain l2 loss), a bias β, the recompute group."""
 
     eps: float | None
     bias: bool
-    remat_every: int
+    group: int  # mini-batches per group; must divide M
 
 
-def token_gradients(Zk, T, scale, bias, eps):
-    """G = ∂/∂Zk of ½‖post(Zk) − target‖² per row; Zk, T (b, d); scale, bias (d,) LN params.
+def _t(x):
+    return jnp.swapaxes(x, -1, -2)
 
-    eps None: plain l2, G = Zk − T. Otherwise LN(Zk)·scale + bias is fitted to T (= v − k) and the
-    LayerNorm backward is written out: ρ (g − mean(g) − x̂ mean(g x̂)), g = (x̂·scale + bias − T)·scale.
+
+def _at(x, t, axis=2):
+    return jax.lax.dynamic_index_in_dim(x, t, axis, keepdims=False)
+
+
+def _put(buf, x, t, axis=2):
+    return jax.lax.dynamic_update_index_in_dim(buf, x, t, axis)
+
+
+def _window(x, start, size, axis=2):
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _row_means(*xs):
+    """Means over the last axis of several same-shape arrays as one reduction -> (..., 1) each."""
+    return tuple(jnp.mean(x, axis=-1, keepdims=True) for x in xs)
+
+
+def ln_parts(Zk, T, scale, bias, eps):
+    """Per-token gradient G = ∂/∂Zk ½‖LN(Zk)·scale + bias − T‖² and the pieces its backward needs.
+
+    Zk, T (..., d); scale, bias broadcast against them. With x̂ = (Zk − μ)ρ, ρ = (var + eps)^-½
+    and g = (x̂·scale + bias − T)·scale:  G = ρ h,  h = g − mean(g) − x̂ mean(g x̂).
+    Returns (G, x̂, ρ, g, h, mean(g x̂)); eps None (no LN): G = Zk − T and the rest None.
     """
     if eps is None:
-        return Zk - T
-    mu = jnp.mean(Zk, axis=-1, keepdims=True)  # (b, 1)
-    var = jnp.maximum(jnp.mean(Zk * Zk, axis=-1, keepdims=True) - mu * mu, 0.0)
-    rho = jax.lax.rsqrt(var + eps)  # (b, 1)
-    xhat = (Zk - mu) * rho  # (b, d)
-    g = (xhat * scale + bias - T) * scale  # (b, d)
-    return rho * (
-        g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)
-    )
+        return Zk - T, None, None, None, None, None
+    mu, sq = _row_means(Zk, Zk * Zk)
+    rho = jax.lax.rsqrt(jnp.maximum(sq - mu * mu, 0.0) + eps)  # (..., 1)
+    xhat = (Zk - mu) * rho
+    g = (xhat * scale + bias - T) * scale
+    m1, m2 = _row_means(g, g * xhat)
+    h = g - m1 - xhat * m2
+    return rho * h, xhat, rho, g, h, m2
 
 
-def _chain(cfg, W, beta, K, T, e, scale, bias):
-    """Forward scan over mini-batches (leading axis of K, T, e): final state and W_t, β_t, G_t."""
-
-    def step(carry, x):
-        W, beta = carry
-        K_t, T_t, e_t = x  # (b, d_in), (b, d_out), (b,)
-        Zk = K_t @ W + beta  # (b, d_in) @ (d_in, d_out) -> (b, d_out)
-        G = token_gradients(Zk, T_t, scale, bias, cfg.eps)  # (b, d_out)
-        eG = e_t[:, None] * G
-        W_next = W - K_t.T @ eG  # (d_in, b) @ (b, d_out) -> (d_in, d_out)
-        beta_next = beta - jnp.sum(eG, axis=0) if cfg.bias else beta
-        return (W_next, beta_next), (W, beta, G)
-
-    return jax.lax.scan(step, (W, beta), (K, T, e))
-
-
-def _answers(Q, A, Ws, betas, Gs):
-    """Zq_t = Q_t W_t + β_t − A_t G_t for all mini-batches at once: (n, b, d_out)."""
-    # (n, b, d_in) @ (n, d_in, d_out) and (n, b, b) @ (n, b, d_out) -> (n, b, d_out)
-    return (jnp.einsum("nbi,nio->nbo", Q, Ws) + betas[:, None, :]
-            - jnp.einsum("nij,njo->nio", A, Gs))
+def _ln_backward(dG, parts, scale):
+    """Ẑk and ĝ (cotangent of g) from Ĝ, the cotangent of G = ln_parts(...)[0]."""
+    _, xhat, rho, g, h, m2 = parts
+    d = dG.shape[-1]
+    dh = rho * dG
+    # ρ̂ = Σ Ĝ h;  h = g − mean(g) − x̂ mean(g x̂) takes mean(ĥ) and mean(ĥ x̂)
+    m_rho, m_dh, m_dhx = _row_means(dG * h, dh, dh * xhat)
+    dg = dh - m_dh - xhat * m_dhx
+    dxhat = dg * scale * scale - g * m_dhx - dh * m2
+    # x̂ = (Zk − μ)ρ: the LayerNorm backward, plus ρ's own use in G = ρ h (∂ρ/∂Zk = −ρ² x̂ / d)
+    m_dx, m_dxx = _row_means(dxhat, dxhat * xhat)
+    dZk = rho * (dxhat - m_dx - xhat * m_dxx) - (m_rho * rho * rho) * xhat
+    return dZk, dg
 
 
-def _group_backward(cfg, chain, xs, dZq, dW, dbeta, scale, bias):
-    """Cotangents of one group of mini-batches, given its W_t, β_t, G_t and the state's cotangent.
+def _forward(cfg, W, beta, K, Q, T, A, e, scale, bias):
+    """The forward recurrence -> Zq (B, H, M, b, d_out), final W, β, and W, β at group starts."""
+    b, M = K.shape[-2], K.shape[2]
+    groups = M // cfg.group
+    kq = jnp.concatenate([K, Q], axis=-2)  # (B, H, M, 2b, d_in): keys then queries
 
-    chain: (Ws, betas, Gs) of the group; xs: (K, Q, T, A, e); dZq (n, b, d_out) the answers'
-    cotangent; dW, dbeta: cotangent of the state after the group. Returns the cotangent of the
-    state before it and of every input.
+    def step(t, carry):
+        W, beta, Zq = carry
+        # (B, H, 2b, d_in) @ (B, H, d_in, d_out) -> (B, H, 2b, d_out)
+        Z = _at(kq, t) @ W
+        if cfg.bias:
+            Z = Z + beta
+        G = ln_parts(Z[..., :b, :], _at(T, t), scale, bias, cfg.eps)[0]  # (B, H, b, d_out)
+        Zq = _put(Zq, Z[..., b:, :] - _at(A, t) @ G, t)  # (B, H, b, b) @ (B, H, b, d_out)
+        eG = _at(e, t)[..., None] * G
+        W = W - _t(_at(K, t)) @ eG  # (B, H, d_in, b) @ (B, H, b, d_out)
+        if cfg.bias:
+            beta = beta - jnp.sum(eG, axis=-2, keepdims=True)
+        return W, beta, Zq
+
+    def group(g, carry):
+        W, beta, Zq, ckW, ckb = carry
+        ckW, ckb = _put(ckW, W, g), _put(ckb, beta, g)
+        start = g * cfg.group
+        W, beta, Zq = jax.lax.fori_loop(start, start + cfg.group, step, (W, beta, Zq))
+        return W, beta, Zq, ckW, ckb
+
+    lead = W.shape[:2]
+    ckW = jnp.zeros((*lead, groups, *W.shape[2:]), W.dtype)
+    ckb = jnp.zeros((*lead, groups, *beta.shape[2:]), beta.dtype)
+    Zq = jnp.zeros(T.shape, T.dtype)
+    W, beta, Zq, ckW, ckb = jax.lax.fori_loop(0, groups, group, (W, beta, Zq, ckW, ckb))
+    return Zq, W, beta, ckW, ckb
+
+
+def _group_states(cfg, W, beta, K, T, e, scale, bias):
+    """Re-run one group's recurrence from its starting state: W_t, β_t (B, H, group, ...)."""
+    def step(t, carry):
+        W, beta, Ws, bs = carry
+        Ws, bs = _put(Ws, W, t), _put(bs, beta, t)
+        K_t = _at(K, t)
+        Z = K_t @ W + beta if cfg.bias else K_t @ W
+        eG = _at(e, t)[..., None] * ln_parts(Z, _at(T, t), scale, bias, cfg.eps)[0]
+        W = W - _t(K_t) @ eG
+        if cfg.bias:
+            beta = beta - jnp.sum(eG, axis=-2, keepdims=True)
+        return W, beta, Ws, bs
+
+    lead, n = W.shape[:2], cfg.group
+    Ws = jnp.zeros((*lead, n, *W.shape[2:]), W.dtype)
+    bs = jnp.zeros((*lead, n, *beta.shape[2:]), beta.dtype)
+    return jax.lax.fori_loop(0, n, step, (W, beta, Ws, bs))[2:]
+
+
+def _group_backward(cfg, W, beta, xs, dW, dbeta, scale, bias):
+    """Cotangents of one group from its starting state and the cotangent of its end state.
+
+    xs: the group's (K, Q, T, A, e, Ẑq), each (B, H, group, ...). Returns the cotangents of the
+    starting state and the group's (K̂, Q̂, T̂, Â, ê) plus its share of γ̂, δ̂.
     """
-    K, Q, T, A, e = xs
-    Ws, betas, Gs = chain
-    Zk = jnp.einsum("nbi,nio->nbo", K, Ws) + betas[:, None, :]  # (n, b, d_out)
-    dGq = -jnp.einsum("nij,nio->njo", A, dZq)  # −A_tᵀ Ẑq_t: (n, b, d_out)
-    dA = -jnp.einsum("nio,njo->nij", dZq, Gs)  # −Ẑq_t G_tᵀ: (n, b, b)
-    grad_fn = functools.partial(token_gradients, eps=cfg.eps)
+    K, Q, T, A, e, dZq = xs
+    b = K.shape[-2]
+    Ws, bs = _group_states(cfg, W, beta, K, T, e, scale, bias)  # (B, H, n, d_in, d_out)
+    Zk = K @ Ws + bs if cfg.bias else K @ Ws  # (B, H, n, b, d_out)
+    parts = ln_parts(Zk, T, scale[:, :, None], bias[:, :, None], cfg.eps)
+    G = parts[0]
+    dGq = -(_t(A) @ dZq)  # −A_tᵀ Ẑq_t: (B, H, n, b, d_out)
+    dA = -(dZq @ _t(G))  # −Ẑq_t G_tᵀ: (B, H, n, b, b)
+    kq = jnp.concatenate([K, Q], axis=-2)  # (B, H, n, 2b, d_in)
+    ln = cfg.eps is not None
 
-    def step(carry, x):
-        dW, dbeta = carry  # cotangent of W_{t+1}, β_{t+1}
-        K_t, Q_t, Zk_t, T_t, e_t, G_t, dGq_t, dZq_t = x
-        u = K_t @ dW  # (b, d_in) @ (d_in, d_out) -> (b, d_out)
+    def step(i, carry):
+        t = cfg.group - 1 - i  # reverse
+        dW, dbeta, dZk_buf, dg_buf, de_buf, dWn_buf = carry
+        kq_t, dZq_t = _at(kq, t), _at(dZq, t)
+        parts_t = tuple(None if p is None else _at(p, t) for p in parts)
+        u = kq_t[..., :b, :] @ dW  # (B, H, b, d_in) @ (B, H, d_in, d_out)
         if cfg.bias:
             u = u + dbeta
-        dG = dGq_t - e_t[:, None] * u
-        de = -jnp.sum(G_t * u, axis=-1)  # (b,)
-        _, pullback = jax.vjp(grad_fn, Zk_t, T_t, scale, bias)
-        dZk, dT, dscale, dbias = pullback(dG)
-        # Ŵ_t = Ŵ_{t+1} + K_tᵀ Ẑk_t + Q_tᵀ Ẑq_t as one (d_in, 2b) @ (2b, d_out) matmul
-        kq = jnp.concatenate([K_t, Q_t], axis=0)
-        dz = jnp.concatenate([dZk, dZq_t], axis=0)
-        dW_prev = dW + kq.T @ dz
-        dbeta_prev = dbeta + jnp.sum(dz, axis=0) if cfg.bias else dbeta
-        return (dW_prev, dbeta_prev), (dZk, dT, de, dscale, dbias, dW)
+        dG = _at(dGq, t) - _at(e, t)[..., None] * u
+        de = -jnp.sum(parts_t[0] * u, axis=-1)  # (B, H, b)
+        dZk, dg = _ln_backward(dG, parts_t, scale) if ln else (dG, dG)
+        dz = jnp.concatenate([dZk, dZq_t], axis=-2)  # (B, H, 2b, d_out)
+        dWn_buf = _put(dWn_buf, dW, t)
+        dW = dW + _t(kq_t) @ dz  # (B, H, d_in, 2b) @ (B, H, 2b, d_out)
+        if cfg.bias:
+            dbeta = dbeta + jnp.sum(dz, axis=-2, keepdims=True)
+        return dW, dbeta, _put(dZk_buf, dZk, t), _put(dg_buf, dg, t), _put(de_buf, de, t), dWn_buf
 
-    (dW0, dbeta0), (dZk, dT, de, dscale, dbias, dW_next) = jax.lax.scan(
-        step, (dW, dbeta), (K, Q, Zk, T, e, Gs, dGq, dZq), reverse=True
-    )
-    # K enters Zk_t = K_t W_t and the update −K_tᵀ (e_t ⊙ G_t); Q enters Q_t W_t and (outside) A_t
-    dK = (jnp.einsum("nbo,nio->nbi", dZk, Ws)
-          - jnp.einsum("nbo,nio->nbi", e[:, :, None] * Gs, dW_next))  # (n, b, d_in)
-    dQ = jnp.einsum("nbo,nio->nbi", dZq, Ws)  # (n, b, d_in)
-    grads = (dK, dQ, dT, dA, de, jnp.sum(dscale, 0), jnp.sum(dbias, 0))
-    return (dW0, dbeta0), grads
-
-
-def _grouped(cfg, x):
-    """(M, ...) -> (G, n, ...) with n = remat_every (zero-padded), or (1, M, ...) without remat."""
-    m = x.shape[0]
-    n = cfg.remat_every if cfg.remat_every > 0 else m
-    groups = num_minibatches(m, n)
-    x = jnp.pad(x, [(0, groups * n - m)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape(groups, n, *x.shape[1:])
-
-
-def _ungrouped(x, m):
-    return x.reshape(-1, *x.shape[2:])[:m]
+    bufs = (jnp.zeros_like(Zk), jnp.zeros_like(Zk), jnp.zeros_like(e), jnp.zeros_like(Ws))
+    dW, dbeta, dZk, dg, de, dWn = jax.lax.fori_loop(0, cfg.group, step, (dW, dbeta, *bufs))
+    # K enters Zk_t = K_t W_t and the update −K_tᵀ (e_t ⊙ G_t); Q enters Q_t W_t (A: outside)
+    dK = dZk @ _t(Ws) - (e[..., None] * G) @ _t(dWn)  # (B, H, n, b, d_in)
+    dQ = dZq @ _t(Ws)
+    if ln:  # g = (x̂·scale + bias − T)·scale
+        xhat, sc, bi = parts[1], scale[:, :, None], bias[:, :, None]
+        dT = -dg * sc
+        dscale = jnp.sum(dg * (xhat * sc + bi - T + xhat * sc), axis=(2, 3))[:, :, None]
+        dbias = jnp.sum(dg * sc, axis=(2, 3))[:, :, None]
+    else:  # G = Zk − T
+        dT, dscale, dbias = -dg, jnp.zeros_like(scale), jnp.zeros_like(bias)
+    return dW, dbeta, (dK, dQ, dT, dA, de), dscale, dbias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def fused_dual(cfg, W, beta, K, Q, T, A, e, scale, bias):
-    """Per head: answers Zq (M, b, d_out) and final (W, β) of the one-layer chain (module doc).
+    """The answers Zq (B, H, M, b, d_out) and the final W, β of the one-layer chain (module doc).
 
-    W (d_in, d_out); beta (d_out,) (zeros and untouched when not cfg.bias); K, Q (M, b, d_in);
-    T (M, b, d_out); A (M, b, b); e (M, b); scale, bias (d_out,) LN params (unused if eps None).
+    W (B, H, d_in, d_out); beta (B, H, 1, d_out) (zeros, untouched, unless cfg.bias);
+    K, Q (B, H, M, b, d_in); T (B, H, M, b, d_out); A (B, H, M, b, b); e (B, H, M, b);
+    scale, bias (B, H, 1, d_out): LN params (unused when eps is None). M % cfg.group == 0.
     """
-    (W_N, beta_N), (Ws, betas, Gs) = _chain(cfg, W, beta, K, T, e, scale, bias)
-    return _answers(Q, A, Ws, betas, Gs), W_N, beta_N
+    return _forward(cfg, W, beta, K, Q, T, A, e, scale, bias)[:3]
 
 
 def _fused_fwd(cfg, W, beta, K, Q, T, A, e, scale, bias):
-    m = K.shape[0]
-    if cfg.remat_every <= 0:
-        (W_N, beta_N), chain = _chain(cfg, W, beta, K, T, e, scale, bias)
-        Zq = _answers(Q, A, *chain)
-        saved = chain
-    else:
-        # run group by group, keeping only each group's starting state for the backward
-        def group(carry, xg):
-            Kg, Qg, Tg, Ag, eg = xg
-            carry_out, chain = _chain(cfg, *carry, Kg, Tg, eg, scale, bias)
-            return carry_out, (_answers(Qg, Ag, *chain), carry)
-
-        xs = tuple(_grouped(cfg, x) for x in (K, Q, T, A, e))
-        (W_N, beta_N), (Zq, saved) = jax.lax.scan(group, (W, beta), xs)
-        Zq = _ungrouped(Zq, m)
-    return (Zq, W_N, beta_N), (saved, W, beta, K, Q, T, A, e, scale, bias)
+    Zq, W_N, beta_N, ckW, ckb = _forward(cfg, W, beta, K, Q, T, A, e, scale, bias)
+    return (Zq, W_N, beta_N), (ckW, ckb, K, Q, T, A, e, scale, bias)
 
 
 def _fused_bwd(cfg, res, cts):
-    saved, W, beta, K, Q, T, A, e, scale, bias = res
-    dZq, dW_N, dbeta_N = cts
-    m = K.shape[0]
-    if cfg.remat_every <= 0:
-        (dW0, dbeta0), grads = _group_backward(
-            cfg, saved, (K, Q, T, A, e), dZq, dW_N, dbeta_N, scale, bias
-        )
-    else:
-        def group(carry, xg):
-            (Wg, beta_g), Kg, Qg, Tg, Ag, eg, dZq_g = xg
-            _, chain = _chain(cfg, Wg, beta_g, Kg, Tg, eg, scale, bias)
-            return _group_backward(cfg, chain, (Kg, Qg, Tg, Ag, eg), dZq_g, *carry, scale, bias)
+    ckW, ckb, K, Q, T, A, e, scale, bias = res
+    dZq, dW, dbeta = cts
+    n = cfg.group
+    groups = K.shape[2] // n
+    outs = tuple(jnp.zeros_like(x) for x in (K, Q, T, A, e))
 
-        xs = (saved, *(_grouped(cfg, x) for x in (K, Q, T, A, e, dZq)))
-        (dW0, dbeta0), grads = jax.lax.scan(group, (dW_N, dbeta_N), xs, reverse=True)
-        grads = (*(_ungrouped(g, m) for g in grads[:5]),
-                 jnp.sum(grads[5], 0), jnp.sum(grads[6], 0))
-    dK, dQ, dT, dA, de, dscale, dbias = grads
+    def group(i, carry):
+        g = groups - 1 - i  # reverse
+        dW, dbeta, outs, dscale, dbias = carry
+        xs = tuple(_window(x, g * n, n) for x in (K, Q, T, A, e, dZq))
+        dW, dbeta, grads, ds, db = _group_backward(
+            cfg, _at(ckW, g), _at(ckb, g), xs, dW, dbeta, scale, bias
+        )
+        outs = tuple(jax.lax.dynamic_update_slice_in_dim(o, x, g * n, 2)
+                     for o, x in zip(outs, grads, strict=True))
+        return dW, dbeta, outs, dscale + ds, dbias + db
+
+    init = (dW, dbeta, outs, jnp.zeros_like(scale), jnp.zeros_like(bias))
+    dW, dbeta, outs, dscale, dbias = jax.lax.fori_loop(0, groups, group, init)
     if not cfg.bias:
-        dbeta0 = jnp.zeros_like(beta)
-    return dW0, dbeta0, dK, dQ, dT, dA, de, dscale, dbias
+        dbeta = jnp.zeros_like(dbeta)
+    return (dW, dbeta, *outs, dscale, dbias)
 
 
 fused_dual.defvjp(_fused_fwd, _fused_bwd)

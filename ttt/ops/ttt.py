@@ -271,30 +271,41 @@ def _fusable(learner, W0, fixed, q, eps):
     return all(jnp.result_type(x) == q.dtype for x in leaves)
 
 
+FUSED_GROUP = 8  # mini-batches per recompute group of the fused backward when remat_every = 0
+
+
 def _ttt_dual_fused(learner, W0, fixed, per_sequence, xs, eps, remat_every, n):
     """ttt_dual for a one-layer learner through `_fused.fused_dual` (see ttt_dual)."""
     q_m, k_m, v_m, eta_m = xs  # (B, H, M, b, ·), eta_m (B, H, M, b, b)
     ((w1, b1),) = learner.dense
+    B, H, M = q_m.shape[:3]
+    group = min(remat_every if remat_every > 0 else FUSED_GROUP, M)
+    pad = -(-M // group) * group - M  # whole groups: extra mini-batches with zero η (exact)
+    if pad:
+        widen = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+        q_m, k_m, v_m, eta_m = (widen(x) for x in (q_m, k_m, v_m, eta_m))
     # (B, H, M, b, d) x (B, H, M, b, d) -> (B, H, M, b, b); η is already causally masked
-    A1 = eta_m * jnp.einsum("...id,...jd->...ij", q_m, k_m)
+    A = eta_m * jnp.einsum("...id,...jd->...ij", q_m, k_m)
     if b1 is not None:
-        A1 = A1 + eta_m  # the bias's gradient enters every row with weight η_ij
+        A = A + eta_m  # the bias's gradient enters every row with weight η_ij
     e = eta_m[..., -1, :]  # (B, H, M, b): the row that carries the state
     T = v_m - k_m if eps is not None else v_m  # LN residual: LN(Z)·scale + bias fits v − k
-    cfg = _fused.Config(eps=eps, bias=b1 is not None, remat_every=remat_every)
-
-    def head(W0_h, fixed_h, xs_h):
-        K, Q, T_h, A, e_h = xs_h
-        d_out = W0_h[w1].shape[-1]
-        zeros = jnp.zeros((d_out,), q_m.dtype)
-        beta = W0_h[b1] if b1 is not None else zeros
-        scale, bias = (fixed_h["scale"], fixed_h["bias"]) if eps is not None else (zeros, zeros)
-        Zq, W_N, beta_N = _fused.fused_dual(cfg, W0_h[w1], beta, K, Q, T_h, A, e_h, scale, bias)
-        z = learner.post(Q, Zq, fixed_h) if learner.post is not None else Zq  # (M, b, d_out)
-        return ({w1: W_N, b1: beta_N} if b1 is not None else {w1: W_N}), z
-
-    W_N, z = _map_heads(head, W0, fixed, per_sequence, (k_m, q_m, T, A1, e))
-    return from_minibatches(z, n), W_N
+    per_bh = lambda x: x if per_sequence else jnp.broadcast_to(x, (B, *x.shape))  # (B, H, ...)
+    W = per_bh(W0[w1])
+    d_out = W.shape[-1]
+    beta = per_bh(W0[b1])[:, :, None, :] if b1 is not None else jnp.zeros((B, H, 1, d_out), W.dtype)
+    if eps is not None:
+        scale, bias = (jnp.broadcast_to(fixed[p][None, :, None, :], (B, H, 1, d_out))
+                       for p in ("scale", "bias"))
+    else:
+        scale = bias = jnp.zeros((B, H, 1, d_out), W.dtype)
+    cfg = _fused.Config(eps=eps, bias=b1 is not None, group=group)
+    Zq, W_N, beta_N = _fused.fused_dual(cfg, W, beta, k_m, q_m, T, A, e, scale, bias)
+    if learner.post is not None:  # the LN residual, per head: fixed leaves (H, d) -> (H, 1, 1, d)
+        fixed_b = jax.tree_util.tree_map(lambda f: f[:, None, None, :], fixed)
+        Zq = learner.post(q_m, Zq, fixed_b)
+    W_out = {w1: W_N} if b1 is None else {w1: W_N, b1: beta_N[:, :, 0, :]}
+    return from_minibatches(Zq[:, :, :M], n), W_out
 
 
 # ----------------------------------------------------------------------------- reference and API
