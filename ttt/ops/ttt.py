@@ -30,7 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ttt.ops import _checks, _dual, _fused
+from ttt.ops import _checks, _dual
 from ttt.ops._scan import eta_matrix, from_minibatches, scan_minibatches, to_minibatches
 from ttt.ops.learners import Learner, reconstruction_loss
 
@@ -190,7 +190,7 @@ def ttt_primal(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ev
 # ----------------------------------------------------------------------------- dual form
 
 
-def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, fused=True):
+def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0):
     """Causal mini-batch TTT in the dual form (TTT-LM §2.7); same contract and results as primal.
 
     For a dense chain Z_l = X_l W_l + b_l (activation between layers, optional `post` after), per
@@ -203,19 +203,11 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
     layer 1's inputs are q and k themselves, so its b×b matrix A_1 = η ⊙ (tril(X_qX_kᵀ) + 1_bias)
     needs no state and is formed for all mini-batches at once, outside the scan; inside, keys and
     queries go through W_1 as one (2b, d) matmul, and the bias term joins A_1 G_1 in one matmul.
-
-    fused=True (default) sends one-layer learners (TTT-Linear, plain or LN-residual) to
-    `_fused.fused_dual`, which has a hand-written backward; fused=False keeps the generic
-    autodiff path for every learner (the slow twin the tests compare against).
     """
     per_sequence, (q_m, k_m, v_m, eta_m) = _prepare(
         learner, W0, q, k, v, eta, mini_batch, fixed, remat_every
     )
     _check_dual(learner, W0)
-    eps = _dual.ln_residual_eps(learner)
-    if fused and _fusable(learner, W0, fixed, q, eps):
-        xs = (q_m, k_m, v_m, eta_m)
-        return _ttt_dual_fused(learner, W0, fixed, per_sequence, xs, eps, remat_every, q.shape[2])
     dense = learner.dense
     act = learner.activation if learner.activation is not None else (lambda x: x)
     b = mini_batch
@@ -225,6 +217,8 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
     if b1 is not None:
         A1 = A1 + eta_m  # the bias's gradient enters every row with weight η_ij
     kq = jnp.concatenate([k_m, q_m], axis=-2)  # (B, H, M, 2b, d_in): keys then queries
+
+    eps = _dual.ln_residual_eps(learner)
 
     def head(W0_h, fixed_h, xs_h):
         def step(W, x):
@@ -261,51 +255,6 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
 
     W_N, z = _map_heads(head, W0, fixed, per_sequence, (kq, v_m, eta_m, A1))  # z (B, H, M, b, ·)
     return from_minibatches(z, q.shape[2]), W_N
-
-
-def _fusable(learner, W0, fixed, q, eps):
-    """One dense layer, no activation-dependent post except the LN residual, one dtype throughout."""
-    if len(learner.dense) != 1 or (learner.post is not None and eps is None):
-        return False
-    leaves = jax.tree_util.tree_leaves((W0, fixed))
-    return all(jnp.result_type(x) == q.dtype for x in leaves)
-
-
-FUSED_GROUP = 8  # mini-batches per recompute group of the fused backward when remat_every = 0
-
-
-def _ttt_dual_fused(learner, W0, fixed, per_sequence, xs, eps, remat_every, n):
-    """ttt_dual for a one-layer learner through `_fused.fused_dual` (see ttt_dual)."""
-    q_m, k_m, v_m, eta_m = xs  # (B, H, M, b, ·), eta_m (B, H, M, b, b)
-    ((w1, b1),) = learner.dense
-    B, H, M = q_m.shape[:3]
-    group = min(remat_every if remat_every > 0 else FUSED_GROUP, M)
-    pad = -(-M // group) * group - M  # whole groups: extra mini-batches with zero η (exact)
-    if pad:
-        widen = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
-        q_m, k_m, v_m, eta_m = (widen(x) for x in (q_m, k_m, v_m, eta_m))
-    # (B, H, M, b, d) x (B, H, M, b, d) -> (B, H, M, b, b); η is already causally masked
-    A = eta_m * jnp.einsum("...id,...jd->...ij", q_m, k_m)
-    if b1 is not None:
-        A = A + eta_m  # the bias's gradient enters every row with weight η_ij
-    e = eta_m[..., -1, :]  # (B, H, M, b): the row that carries the state
-    T = v_m - k_m if eps is not None else v_m  # LN residual: LN(Z)·scale + bias fits v − k
-    per_bh = lambda x: x if per_sequence else jnp.broadcast_to(x, (B, *x.shape))  # (B, H, ...)
-    W = per_bh(W0[w1])
-    d_out = W.shape[-1]
-    beta = per_bh(W0[b1])[:, :, None, :] if b1 is not None else jnp.zeros((B, H, 1, d_out), W.dtype)
-    if eps is not None:
-        scale, bias = (jnp.broadcast_to(fixed[p][None, :, None, :], (B, H, 1, d_out))
-                       for p in ("scale", "bias"))
-    else:
-        scale = bias = jnp.zeros((B, H, 1, d_out), W.dtype)
-    cfg = _fused.Config(eps=eps, bias=b1 is not None, group=group)
-    Zq, W_N, beta_N = _fused.fused_dual(cfg, W, beta, k_m, q_m, T, A, e, scale, bias)
-    if learner.post is not None:  # the LN residual, per head: fixed leaves (H, d) -> (H, 1, 1, d)
-        fixed_b = jax.tree_util.tree_map(lambda f: f[:, None, None, :], fixed)
-        Zq = learner.post(q_m, Zq, fixed_b)
-    W_out = {w1: W_N} if b1 is None else {w1: W_N, b1: beta_N[:, :, 0, :]}
-    return from_minibatches(Zq[:, :, :M], n), W_out
 
 
 # ----------------------------------------------------------------------------- reference and API
