@@ -8,10 +8,14 @@ Notable choices:
   prefill and single-step paths one function; its parameters have nn.Conv's layout and init.
 - Inner-loop arithmetic runs in `inner_dtype(dtype)`: float32 for float32/bfloat16 compute (the TTT
   state stays float32), float64 when the whole layer runs in float64 (tests).
+- `LayerNorm` is flax's LayerNorm (same parameters, same numbers) with a written-out backward:
+  XLA:CPU fuses the row statistics of the autodiff backward into the column sums of the scale and
+  bias gradients and recomputes them per element (measured 39 ms vs 1.2 ms forward at 2048×768).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +29,53 @@ DEFAULT_INIT_SCALE = 0.02
 def inner_dtype(dtype) -> jnp.dtype:
     """Dtype of the inner loop / attention arithmetic: at least float32."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, eps: float = 1e-6):
+    """LayerNorm over the last axis, flax's convention var = E[x²] − E[x]²; scale, bias (C,)."""
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.maximum(jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean, 0.0)
+    rho = jax.lax.rsqrt(var + eps)  # (..., 1)
+    xhat = (x - mean) * rho
+    return xhat * scale + bias, (xhat, rho, scale)
+
+
+def _layer_norm_bwd(eps, res, dy):
+    xhat, rho, scale = res
+    rows = tuple(range(dy.ndim - 1))
+    dscale = jnp.sum(dy * xhat, axis=rows)  # plain column sums, nothing fused into them
+    dbias = jnp.sum(dy, axis=rows)
+    dxhat = dy * scale
+    # mean(dx̂ ⊙ x̂) as a batched dot: XLA:CPU's fused reduce of a product of two arrays is slow
+    C = dy.shape[-1]
+    dot_x = jnp.einsum("...c,...c->...", dxhat, xhat)[..., None] / C
+    dx = rho * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True) - xhat * dot_x)
+    return dx, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+    """flax.linen.LayerNorm's parameters (scale ones, bias zeros) and results, `layer_norm` inside."""
+
+    epsilon: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        C = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (C,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (C,), self.param_dtype)
+        dt = inner_dtype(self.dtype)  # statistics in at least float32, like flax
+        y = layer_norm(x.astype(dt), scale.astype(dt), bias.astype(dt), self.epsilon)
+        return y.astype(self.dtype)
 
 
 def split_heads(x, num_heads: int):
@@ -43,17 +94,23 @@ def apply_rope(x, positions, theta: float = 10000.0):
     """Rotary position embedding on interleaved pairs.
 
     x: (..., N, d) with d even; positions: (N,) integers (any offsets, e.g. t mod b) -> same shape.
-    Pair i of token t is rotated by the angle positions[t] · θ^(−2i/d).
+    Pair i of token t is rotated by the angle positions[t] · θ^(−2i/d):
+        (x_2i, x_2i+1) -> (x_2i cos − x_2i+1 sin, x_2i sin + x_2i+1 cos).
+    The (N, d/2) cos/sin tables are computed once behind an optimization barrier (otherwise XLA
+    fuses the transcendentals into the per-head product and recomputes them H times), and the
+    rotation is two products with the pair-swapped x, with no stacking of the halves.
     """
     d = x.shape[-1]
     dtype = inner_dtype(x.dtype)
     freqs = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=dtype) / d))  # (d/2,)
     angle = jnp.asarray(positions, dtype)[:, None] * freqs[None, :]  # (N, d/2)
-    cos, sin = jnp.cos(angle), jnp.sin(angle)
-    pairs = x.astype(dtype).reshape(*x.shape[:-1], d // 2, 2)  # (..., N, d/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)  # (..., N, d/2, 2)
-    return out.reshape(x.shape).astype(x.dtype)
+    cos, sin = jax.lax.optimization_barrier((jnp.cos(angle), jnp.sin(angle)))
+    pairs = lambda t: jnp.repeat(t, 2, axis=-1)  # (N, d/2) -> (N, d): both members of a pair
+    sign = jnp.tile(jnp.asarray([-1.0, 1.0], dtype), d // 2)  # (d,): −sin on x_2i, +sin on x_2i+1
+    xf = x.astype(dtype)
+    swapped = jnp.flip(xf.reshape(*x.shape[:-1], d // 2, 2), axis=-1).reshape(x.shape)
+    out = xf * pairs(cos) + swapped * (pairs(sin) * sign)  # (..., N, d)
+    return out.astype(x.dtype)
 
 
 class CausalConv(nn.Module):

@@ -288,7 +288,7 @@ class TTTMixer(nn.Module):
         C, dt, pdt = self.width, self.dtype, self.param_dtype
         y = common.merge_heads(z.astype(dt))  # (B, N, C)
         if self.post_norm:
-            y = nn.LayerNorm(epsilon=1e-6, dtype=dt, param_dtype=pdt, name="post_norm")(y)
+            y = common.LayerNorm(epsilon=1e-6, dtype=dt, param_dtype=pdt, name="post_norm")(y)
         if self.backbone == "mamba":
             g = common.dense(C, "wg", dt, pdt, self.init_scale)(x.astype(dt))
             y = nn.gelu(g, approximate=True) * y

@@ -48,18 +48,20 @@ def key_gradients(learner, W, fixed, k_in, v_in, Z1k, eps):
     if learner.post is None:
         G = Z - v_in  # (b, d_out)
     elif eps is not None:
-        # f = k + LN(Z)·scale + bias, so f − v = LN(Z)·scale + bias − (v − k)
-        mu = jnp.mean(Z, axis=-1, keepdims=True)  # (b, 1)
-        var = jnp.maximum(jnp.mean(Z * Z, axis=-1, keepdims=True) - mu * mu, 0.0)
-        rho = jax.lax.rsqrt(var + eps)  # (b, 1)
-        xhat = (Z - mu) * rho  # (b, d)
-        g = (xhat * fixed["scale"] + fixed["bias"] + k_in - v_in) * fixed["scale"]  # (b, d)
+        # f = k + LN(Z)·scale + bias, so f − v = LN(Z)·scale + bias − (v − k). Every product with
+        # a per-row or per-column factor is an einsum: autodiff then transposes it into a dot, not
+        # into a reduce of a product, which XLA:CPU runs many times slower.
+        d = Z.shape[-1]
+        rows = lambda x, s: jnp.einsum("...d,...->...d", x, s)  # x (b, d) ⊙ s (b,) per row
+        cols = lambda x, c: jnp.einsum("...d,d->...d", x, c)  # x (b, d) ⊙ c (d,) per column
+        rowdot = lambda x, y: jnp.einsum("...d,...d->...", x, y) / d  # mean(x ⊙ y) per row: (b,)
+        mu = jnp.mean(Z, axis=-1)  # (b,)
+        var = jnp.maximum(rowdot(Z, Z) - mu * mu, 0.0)
+        rho = jax.lax.rsqrt(var + eps)  # (b,)
+        xhat = rows(Z - mu[:, None], rho)  # (b, d)
+        g = cols(cols(xhat, fixed["scale"]) + fixed["bias"] + k_in - v_in, fixed["scale"])
         # LayerNorm backward for x̂ = (Z − μ)ρ, ρ = (var + eps)^-½: ρ (g − mean(g) − x̂ mean(g x̂))
-        G = rho * (
-            g
-            - jnp.mean(g, axis=-1, keepdims=True)
-            - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)
-        )
+        G = rows(g - jnp.mean(g, axis=-1, keepdims=True) - rows(xhat, rowdot(g, xhat)), rho)
         G = G.astype(Z.dtype)
     else:
         out, pullback = jax.vjp(lambda Z_: learner.post(k_in, Z_, fixed), Z)
