@@ -342,6 +342,25 @@ def test_causal_conv_matches_flax_conv():
     assert_close(jnp.concatenate([y1, y2], 1), y, 1e-6, "CausalConv in two chunks")
 
 
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float64, 1e-12), (jnp.float32, 1e-5)])
+def test_layer_norm_matches_flax(x64, dtype, rtol):
+    """common.LayerNorm (written-out backward) == flax LayerNorm: params, outputs, all gradients."""
+    from ttt.layers.common import LayerNorm
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, C)) * 3 + 1, dtype)
+    ours, ref = LayerNorm(epsilon=1e-6, dtype=dtype), nn.LayerNorm(epsilon=1e-6, dtype=dtype)
+    p = ref.init(jax.random.PRNGKey(0), x)
+    assert jax.tree_util.tree_map(jnp.shape, ours.init(jax.random.PRNGKey(0), x)) == (
+        jax.tree_util.tree_map(jnp.shape, p))
+    p = jax.tree_util.tree_map(  # non-trivial scale and bias
+        lambda w: w + jnp.asarray(np.random.default_rng(1).normal(size=w.shape), w.dtype), p)
+    ct = jnp.asarray(np.random.default_rng(2).normal(size=x.shape), dtype)
+    grads = lambda m: jit(jax.grad(lambda p, x: jnp.sum(m.apply(p, x) * ct), argnums=(0, 1)))
+    assert_close(jit(ours.apply)(p, x), jit(ref.apply)(p, x), rtol, "LayerNorm forward")
+    assert_close(grads(ours)(p, x), grads(ref)(p, x), rtol, "LayerNorm gradients")
+    assert rel_err(grads(ours)(p, x * 1.5)[1], grads(ref)(p, x)[1]) > 1e-3  # negative control
+
+
 def test_official_parameter_names():
     x = inputs(1, 4, jnp.float32)
     names = lambda m: set(jax.eval_shape(m.init, jax.random.PRNGKey(0), x)["params"])

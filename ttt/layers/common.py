@@ -62,7 +62,7 @@ layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class LayerNorm(nn.Module):
-    """flax.linen.LayerNorm's parameters (scale ones, bias zeros) and results, `layer_norm` inside."""
+    """flax.linen.LayerNorm (same parameters, same results) computed by `layer_norm`."""
 
     epsilon: float = 1e-6
     dtype: Any = jnp.float32

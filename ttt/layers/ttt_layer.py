@@ -58,7 +58,8 @@ def eta_rows(a, coef, b: int):
     B, H, N = a.shape
     M = -(-N // b)
     ap = jnp.pad(a, ((0, 0), (0, 0), (0, M * b - N))).reshape(B, H, M, b)  # (B, H, M, b_j)
-    rows = coef[:, None] * ap[:, :, :, None, :]  # (B, H, M, b_i, b_j)
+    # an einsum, not a broadcast product: its gradient is then a dot, not a reduce of a product
+    rows = jnp.einsum("i,bhmj->bhmij", coef, ap)  # (B, H, M, b_i, b_j)
     return rows.reshape(B, H, M * b, b)[:, :, :N]  # (B, H, N, b)
 
 
@@ -83,7 +84,8 @@ def reconstruction_stats(learner, W0, fixed, k, v, a, coef, b: int, form: str = 
         return jnp.concatenate([x, x], axis=3).reshape(B, H, 2 * M * b, x.shape[-1])
 
     ap = jnp.pad(a, ((0, 0), (0, 0), (0, M * b - N))).reshape(B, H, M, b)  # (B, H, M, b)
-    rows = coef[:, None] * ap[:, :, :, None, :]  # (B, H, M, b_i, b_j)
+    # an einsum, not a broadcast product: its gradient is then a dot, not a reduce of a product
+    rows = jnp.einsum("i,bhmj->bhmij", coef, ap)  # (B, H, M, b_i, b_j)
     zero = jnp.zeros_like(rows)
     top = jnp.concatenate([zero, zero], axis=-1)  # copies: learn nothing, (B, H, M, b, 2b)
     bottom = jnp.concatenate([zero, rows], axis=-1)  # originals: see only originals

@@ -243,7 +243,7 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
                     if b_name is not None:
                         Z = Z + W[b_name]
                 # (b, d_l)ᵀ @ (b, d_{l+1}) -> (d_l, d_{l+1})
-                W_next[w_name] = W[w_name] - Xk[l].T @ (eta_last[:, None] * G[l])
+                W_next[w_name] = W[w_name] - Xk[l].T @ jnp.einsum("b,bd->bd", eta_last, G[l])
                 if b_name is not None:
                     W_next[b_name] = W[b_name] - eta_last @ G[l]  # (b,) @ (b, d_{l+1})
             z = learner.post(q_in, Z, fixed_h) if learner.post is not None else Z
