@@ -342,6 +342,25 @@ def test_causal_conv_matches_flax_conv():
     assert_close(jnp.concatenate([y1, y2], 1), y, 1e-6, "CausalConv in two chunks")
 
 
+def test_depthwise_causal_backward_matches_autodiff(x64):
+    """The written-out backward of the causal conv == autodiff of its defining sum."""
+    from ttt.layers.common import depthwise_causal
+
+    rng = np.random.default_rng(0)
+    xp, kernel, ct = (jnp.asarray(rng.normal(size=s)) for s in ((2, 3 + 9, C), (4, C), (2, 9, C)))
+
+    def reference(xp, kernel):
+        return sum(xp[:, i : i + 9, :] * kernel[i] for i in range(4))
+
+    loss = lambda f: jit(jax.grad(lambda a, b: jnp.sum(f(a, b) * ct), argnums=(0, 1)))
+    assert_close(jit(depthwise_causal)(xp, kernel), reference(xp, kernel), 1e-12, "conv forward")
+    assert_close(loss(depthwise_causal)(xp, kernel), loss(reference)(xp, kernel), 1e-12,
+                 "conv gradients")
+    dk = loss(reference)(xp, kernel)[1]
+    assert rel_err(loss(depthwise_causal)(xp, kernel * 2)[1], dk) < 1e-12  # dK is free of K
+    assert rel_err(loss(depthwise_causal)(xp * 2, kernel)[1], dk) > 0.5  # negative control
+
+
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float64, 1e-12), (jnp.float32, 1e-5)])
 def test_layer_norm_matches_flax(x64, dtype, rtol):
     """common.LayerNorm (written-out backward) == flax LayerNorm: params, outputs, all gradients."""

@@ -8,9 +8,10 @@ Notable choices:
   prefill and single-step paths one function; its parameters have nn.Conv's layout and init.
 - Inner-loop arithmetic runs in `inner_dtype(dtype)`: float32 for float32/bfloat16 compute (the TTT
   state stays float32), float64 when the whole layer runs in float64 (tests).
-- `LayerNorm` is flax's LayerNorm (same parameters, same numbers) with a written-out backward:
-  XLA:CPU fuses the row statistics of the autodiff backward into the column sums of the scale and
-  bias gradients and recomputes them per element (measured 39 ms vs 1.2 ms forward at 2048×768).
+- `LayerNorm` is flax's LayerNorm (same parameters, same numbers) with a written-out backward, and
+  the causal convolution has one too: XLA:CPU runs the reduce-of-a-product that autodiff makes of
+  a broadcast multiply (a parameter's gradient) many times slower than the forward (LayerNorm at
+  2048×768: 39 ms fwd+bwd with flax's, 5 ms with ours, 1 ms forward).
 """
 
 from __future__ import annotations
@@ -113,6 +114,39 @@ def apply_rope(x, positions, theta: float = 10000.0):
     return out.astype(x.dtype)
 
 
+@jax.custom_vjp
+def depthwise_causal(xp, kernel):
+    """y_t = Σ_w xp_{t+w} K[w] for xp (B, w−1+N, C) (left context included), kernel (w, C).
+
+    The backward is written out so that the kernel's gradient is a plain sum over tokens of a
+    materialised product: autodiff gives XLA:CPU a fused reduce of a product (or, as an einsum, a
+    transpose of the whole sequence), both many times slower than the forward.
+    """
+    return _depthwise_causal_fwd(xp, kernel)[0]
+
+
+def _depthwise_causal_fwd(xp, kernel):
+    w = kernel.shape[0]
+    n = xp.shape[1] - (w - 1)
+    return sum(xp[:, i : i + n, :] * kernel[i] for i in range(w)), (xp, kernel)
+
+
+def _depthwise_causal_bwd(res, dy):
+    xp, kernel = res
+    w = kernel.shape[0]
+    n = dy.shape[1]
+    dxp = jnp.zeros_like(xp)
+    dk = []
+    for i in range(w):
+        dxp = dxp.at[:, i : i + n, :].add(dy * kernel[i])
+        prod = jax.lax.optimization_barrier(xp[:, i : i + n, :] * dy)  # (B, N, C), materialised
+        dk.append(jnp.sum(prod, axis=(0, 1)))
+    return dxp, jnp.stack(dk).astype(kernel.dtype)
+
+
+depthwise_causal.defvjp(_depthwise_causal_fwd, _depthwise_causal_bwd)
+
+
 class CausalConv(nn.Module):
     """Depthwise causal convolution over the token axis with bias (Mamba-style, width 4).
 
@@ -140,7 +174,7 @@ class CausalConv(nn.Module):
             tail = jnp.zeros((B, w - 1, C), x.dtype)
         xp = jnp.concatenate([tail.astype(x.dtype), x], axis=1)  # (B, w−1+N, C)
         kernel = kernel.astype(self.dtype)
-        y = sum(xp[:, i : i + N, :] * kernel[i, 0] for i in range(w))  # (B, N, C)
+        y = depthwise_causal(xp, kernel[:, 0, :])  # (B, N, C)
         y = (y + bias.astype(self.dtype)).astype(self.dtype)
         return y, xp[:, xp.shape[1] - (w - 1) :, :]
 
