@@ -56,11 +56,17 @@ def eta_rows(a, coef, b: int):
     Returns (B, H, N, b): for token t = m·b + i, column j holds c_i · a_{m·b + j} (0 past N).
     """
     B, H, N = a.shape
+    rows = _eta_blocks(a, coef, b)  # (B, H, M, b_i, b_j)
+    return rows.reshape(B, H, -1, b)[:, :, :N]  # (B, H, N, b)
+
+
+def _eta_blocks(a, coef, b: int):
+    """(B, H, M, b_i, b_j) blocks c_i · a_{m·b + j}, zero past N."""
+    B, H, N = a.shape
     M = -(-N // b)
     ap = jnp.pad(a, ((0, 0), (0, 0), (0, M * b - N))).reshape(B, H, M, b)  # (B, H, M, b_j)
     # an einsum, not a broadcast product: its gradient is then a dot, not a reduce of a product
-    rows = jnp.einsum("i,bhmj->bhmij", coef, ap)  # (B, H, M, b_i, b_j)
-    return rows.reshape(B, H, M * b, b)[:, :, :N]  # (B, H, N, b)
+    return jnp.einsum("i,bhmj->bhmij", coef, ap)
 
 
 def reconstruction_stats(learner, W0, fixed, k, v, a, coef, b: int, form: str = "auto"):
@@ -83,9 +89,7 @@ def reconstruction_stats(learner, W0, fixed, k, v, a, coef, b: int, form: str = 
         x = x.reshape(B, H, M, 1, b, x.shape[-1])  # (B, H, M, 1, b, e)
         return jnp.concatenate([x, x], axis=3).reshape(B, H, 2 * M * b, x.shape[-1])
 
-    ap = jnp.pad(a, ((0, 0), (0, 0), (0, M * b - N))).reshape(B, H, M, b)  # (B, H, M, b)
-    # an einsum, not a broadcast product: its gradient is then a dot, not a reduce of a product
-    rows = jnp.einsum("i,bhmj->bhmij", coef, ap)  # (B, H, M, b_i, b_j)
+    rows = _eta_blocks(a, coef, b)  # (B, H, M, b_i, b_j)
     zero = jnp.zeros_like(rows)
     top = jnp.concatenate([zero, zero], axis=-1)  # copies: learn nothing, (B, H, M, b, 2b)
     bottom = jnp.concatenate([zero, rows], axis=-1)  # originals: see only originals
