@@ -15,6 +15,7 @@ import pytest
 from conftest import assert_close, rel_err
 
 from ttt.layers import CausalConv, LinearAttention, TTTMixer, make_mixer
+from ttt.layers.ttt_layer import GPU_UNROLL, default_unroll
 
 C, H = 16, 2
 D = C // H
@@ -324,6 +325,16 @@ def test_switches_mini_batch_zero_form_and_remat(x64):
     assert_close(y0, y7, 1e-10, "mini_batch=0 (dual) vs mini_batch=N (primal, remat)")
     y3, _ = jit(whole.clone(mini_batch=3).apply)(p, x)
     assert rel_err(y3, y0) > 1e-3  # negative control: b matters
+    y3u, _ = jit(whole.clone(mini_batch=3, unroll=2).apply)(p, x)
+    assert_close(y3u, y3, 1e-12, "unroll=2 vs the default")
+
+
+def test_unroll_default_and_checks():
+    assert default_unroll("gpu") == GPU_UNROLL > 1
+    assert default_unroll("cpu") == default_unroll("tpu") == 1
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="unroll: expected None or an int >= 1"):
+            TTTMixer(C, H, unroll=bad)
 
 
 def test_causal_conv_matches_flax_conv():

@@ -62,7 +62,7 @@ def _probe(z, W_N, Rz, RW):
 
 
 @functools.cache
-def forward_and_grads(name, b, remat_every=0, forms=("primal", "dual")):
+def forward_and_grads(name, b, remat_every=0, forms=("primal", "dual"), unroll=1):
     """jit: per form, (z, W_N, grads of a random functional w.r.t. q, k, v, eta, W0)."""
     lrn = LEARNERS[name]
     fns = {"primal": ttt_primal, "dual": ttt_dual}
@@ -72,7 +72,8 @@ def forward_and_grads(name, b, remat_every=0, forms=("primal", "dual")):
         for form in forms:
             def loss(q, k, v, eta, W0, form=form):
                 z, W_N = fns[form](
-                    lrn, W0, q, k, v, eta, mini_batch=b, fixed=fixed, remat_every=remat_every
+                    lrn, W0, q, k, v, eta, mini_batch=b, fixed=fixed, remat_every=remat_every,
+                    unroll=unroll,
                 )
                 return _probe(z, jax.tree_util.tree_leaves(W_N), Rz, RW), (z, W_N)
 
@@ -282,6 +283,20 @@ def test_remat_gives_identical_results(x64):
         _record("remat vs plain", assert_close(remat[form], plain[form], 1e-12, f"{form} remat"))
 
 
+def test_unrolled_scan_gives_identical_results(x64):
+    """unroll (mini-batch steps per loop iteration) changes nothing, with and without remat groups;
+    3 mini-batches, so unroll=2 leaves a remainder step."""
+    name, n, b = "ln_mlp", 10, 4
+    lrn, W0, q, k, v, eta, fixed = make_case(name, n, b, "token")
+    Rz, RW = _probe_weights(q, W0)
+    plain = forward_and_grads(name, b)(q, k, v, eta, W0, fixed, Rz, RW)
+    for remat_every, unroll in ((0, 2), (0, 5), (2, 3)):
+        out = forward_and_grads(name, b, remat_every=remat_every, unroll=unroll)(
+            q, k, v, eta, W0, fixed, Rz, RW)
+        for form in ("primal", "dual"):
+            assert_close(out[form], plain[form], 1e-12, f"{form} unroll={unroll} r={remat_every}")
+
+
 def test_decode_steps_reproduce_dual_with_per_sequence_state(x64):
     """Prefill by decode steps (η_ij = c_i a_j, mini-batches closed by the caller) == ttt_dual,
     starting from a per-sequence W0 with leading (B, H)."""
@@ -346,6 +361,7 @@ def _bad_calls():
     yield "must share one dtype", lrn, dict(ok, v=v.astype(jnp.float16)), {}
     yield "mini_batch: expected an integer >= 1", lrn, ok, {"mini_batch": 0}
     yield "remat_every: expected an integer >= 0", lrn, ok, {"remat_every": -1}
+    yield "unroll: expected an integer >= 1", lrn, ok, {"unroll": 0}
     yield "at least one token", lrn, dict(ok, q=q[:, :, :0], k=k[:, :, :0], v=v[:, :, :0],
                                           eta=eta[:, :, :0]), {}
     yield r"W0\['W1'\]: expected shape \(H, ...\)", lrn, dict(ok, W0=dict(W0, W1=W0["W1"][0])), {}
@@ -363,8 +379,8 @@ def test_bad_arguments_raise_in_words(fn):
         call = lambda: jax.eval_shape(  # checks run at trace time: no compile needed
             lambda a: fn(lrn, a["W0"], a["q"], a["k"], a["v"], a["eta"], **kwargs), args
         )
-        if fn is ttt_naive and "remat_every" in kwargs:
-            continue  # the naive loop has no remat knob
+        if fn is ttt_naive and ("remat_every" in kwargs or "unroll" in kwargs):
+            continue  # the naive loop has no scan knobs
         if message is None:
             call()
             continue

@@ -47,6 +47,16 @@ from ttt.ops import ttt as ttt_ops
 LEARNERS = ("linear", "mlp")
 BACKBONES = ("transformer", "mamba")
 FORMS = ("auto", "dual", "primal")
+GPU_UNROLL = 8  # mini-batch steps per loop iteration on a GPU (measured: docs/benchmarks.md)
+
+
+def default_unroll(backend: str | None = None) -> int:
+    """Unroll of the mini-batch scan when the layer's `unroll` is None: GPU_UNROLL on a GPU, else 1.
+
+    A GPU pays a fixed cost per iteration of a compiled loop that the per-mini-batch matmuls
+    (b × d by d × d per head) are too small to hide; the CPU gains nothing and compiles longer.
+    """
+    return GPU_UNROLL if (backend or jax.default_backend()) == "gpu" else 1
 
 
 def eta_rows(a, coef, b: int):
@@ -124,7 +134,9 @@ class TTTMixer(nn.Module):
         learn_W0); ln_residual: f(x) = x + LN(f_res(x)) (else f = f_res); rope, rope_theta;
         post_norm: LayerNorm on the inner-loop output.
       form: "auto" | "dual" | "primal" inner-loop form; remat_every: checkpoint groups of that many
-        mini-batches (0 = off).
+        mini-batches (0 = off); unroll: mini-batch steps per compiled loop iteration (same
+        results); None = `default_unroll()`: 8 on a GPU, where it made the layer's fwd+bwd ~30 %
+        faster, 1 elsewhere (on the CPU it only lengthened compiles; docs/benchmarks.md).
       stats: return the inner reconstruction diagnostics in aux (one extra no-grad inner pass).
       init_scale: std of projections and W0; inner_out_init_scale: std of the last inner dense
         layer (ttt-lm-jax uses init_scale / sqrt(2 · layers) for TTT-MLP; default init_scale).
@@ -149,6 +161,7 @@ class TTTMixer(nn.Module):
     mlp_factor: int = 4
     form: str = "auto"
     remat_every: int = 0
+    unroll: int | None = None
     stats: bool = True
     init_scale: float = common.DEFAULT_INIT_SCALE
     inner_out_init_scale: float | None = None
@@ -177,6 +190,10 @@ class TTTMixer(nn.Module):
             )
         if not (isinstance(self.remat_every, int) and self.remat_every >= 0):
             raise ValueError(f"remat_every: expected an int >= 0, got {self.remat_every!r}")
+        if self.unroll is not None and not (
+                isinstance(self.unroll, int) and not isinstance(self.unroll, bool)
+                and self.unroll >= 1):
+            raise ValueError(f"unroll: expected None or an int >= 1, got {self.unroll!r}")
         if self.conv_width < 1:
             raise ValueError(f"conv_width: expected >= 1, got {self.conv_width}")
         super().__post_init__()
@@ -336,6 +353,7 @@ class TTTMixer(nn.Module):
                 mini_batch=b,
                 fixed=fixed,
                 remat_every=self.remat_every,
+                unroll=default_unroll() if self.unroll is None else self.unroll,
                 form=self.form,
             )
             aux = self._stats(learner, W0, fixed, k, v, a, coef, N)
@@ -391,6 +409,7 @@ class TTTMixer(nn.Module):
                 mini_batch=b,
                 fixed=fixed,
                 remat_every=self.remat_every,
+                unroll=default_unroll() if self.unroll is None else self.unroll,
                 form=self.form,
             )
             zs.append(z)

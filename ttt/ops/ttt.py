@@ -132,10 +132,11 @@ def _check_dual(learner, W0):
         )
 
 
-def _prepare(learner, W0, q, k, v, eta, mini_batch, fixed, remat_every):
+def _prepare(learner, W0, q, k, v, eta, mini_batch, fixed, remat_every, unroll):
     """Validate, then lay the sequence out as mini-batches: (B, H, M, b, ·) arrays + η matrix."""
     _check_sequence(q, k, v, eta, mini_batch)
     _checks.check_int("remat_every", remat_every, 0)
+    _checks.check_int("unroll", unroll, 1)
     per_sequence = _head_shapes(learner, W0, q, v, fixed)
     b = mini_batch
     xs = (to_minibatches(q, b), to_minibatches(k, b), to_minibatches(v, b), eta_matrix(eta, b))
@@ -156,15 +157,17 @@ def _cast_like(tree, ref):
 # ----------------------------------------------------------------------------- primal form
 
 
-def ttt_primal(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0):
+def ttt_primal(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0,
+               unroll=1):
     """Causal mini-batch TTT from the definition (DESIGN §2, primal form); any learner.
 
     q, k (B, H, N, d_in); v (B, H, N, d_out); eta (B, H, N) or (B, H, N, b);
     W0 pytree with leading H (shared over batch) or (B, H); fixed pytree with leading H or None.
     Returns z (B, H, N, d_out) and the final state W_N (leading (B, H)).
-    remat_every = n > 0: jax.checkpoint every group of n mini-batches.
+    remat_every = n > 0: jax.checkpoint every group of n mini-batches; unroll: mini-batch steps per
+    loop iteration (see `scan_minibatches`).
     """
-    per_sequence, xs = _prepare(learner, W0, q, k, v, eta, mini_batch, fixed, remat_every)
+    per_sequence, xs = _prepare(learner, W0, q, k, v, eta, mini_batch, fixed, remat_every, unroll)
     loss = lambda W, f, kj, vj: reconstruction_loss(learner, W, f, kj, vj)
     grads = jax.vmap(jax.grad(loss), in_axes=(None, None, 0, 0))  # per-token g_j, leaves (b, ...)
     answer = jax.vmap(learner.apply, in_axes=(0, 0, None))  # z_i = f(q_i; W_i)
@@ -181,7 +184,7 @@ def ttt_primal(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ev
             W_next = jax.tree_util.tree_map(lambda w: w[-1], W_i)  # row b−1 carries (see _scan)
             return _cast_like(W_next, W), z
 
-        return scan_minibatches(step, W0_h, xs_h, remat_every)
+        return scan_minibatches(step, W0_h, xs_h, remat_every, unroll)
 
     W_N, z = _map_heads(head, W0, fixed, per_sequence, xs)  # z (B, H, M, b, d_out)
     return from_minibatches(z, q.shape[2]), W_N
@@ -190,7 +193,7 @@ def ttt_primal(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ev
 # ----------------------------------------------------------------------------- dual form
 
 
-def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0):
+def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, unroll=1):
     """Causal mini-batch TTT in the dual form (TTT-LM §2.7); same contract and results as primal.
 
     For a dense chain Z_l = X_l W_l + b_l (activation between layers, optional `post` after), per
@@ -205,7 +208,7 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
     queries go through W_1 as one (2b, d) matmul, and the bias term joins A_1 G_1 in one matmul.
     """
     per_sequence, (q_m, k_m, v_m, eta_m) = _prepare(
-        learner, W0, q, k, v, eta, mini_batch, fixed, remat_every
+        learner, W0, q, k, v, eta, mini_batch, fixed, remat_every, unroll
     )
     _check_dual(learner, W0)
     dense = learner.dense
@@ -251,7 +254,7 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
 
         # recompute the step in the backward from the carried W (see module docstring)
         step_remat = jax.checkpoint(step, prevent_cse=False)
-        return scan_minibatches(step_remat, W0_h, xs_h, remat_every)
+        return scan_minibatches(step_remat, W0_h, xs_h, remat_every, unroll)
 
     W_N, z = _map_heads(head, W0, fixed, per_sequence, (kq, v_m, eta_m, A1))  # z (B, H, M, b, ·)
     return from_minibatches(z, q.shape[2]), W_N
@@ -305,7 +308,8 @@ def ttt_naive(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None):
     return jnp.stack(zs, axis=2), W  # (B, H, N, d_out)
 
 
-def ttt(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, form="auto"):
+def ttt(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, unroll=1,
+        form="auto"):
     """Causal mini-batch TTT; form "auto" runs the dual form when the learner has a dense chain.
 
     form: "auto" | "dual" | "primal". Shapes and results as ttt_primal.
@@ -314,7 +318,7 @@ def ttt(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, 
     if form == "auto":
         form = "dual" if getattr(learner, "dense", None) is not None else "primal"
     fn = ttt_dual if form == "dual" else ttt_primal
-    kwargs = dict(mini_batch=mini_batch, fixed=fixed, remat_every=remat_every)
+    kwargs = dict(mini_batch=mini_batch, fixed=fixed, remat_every=remat_every, unroll=unroll)
     return fn(learner, W0, q, k, v, eta, **kwargs)
 
 
