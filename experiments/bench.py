@@ -119,6 +119,9 @@ def est_mem_gib(label: str, N: int) -> float:
         return (act + 3 * HEADS * N * N * 4) / GiB  # scores, probabilities, their gradient
     if label == "linattn_cumsum":
         return (act + 3 * HEADS * N * d * d * 4) / GiB  # cumulative states S_t and gradient
+    if label.endswith("_primal"):  # one inner-parameter gradient per token, ~3 live copies
+        inner = d * d if MIXERS[label][2]["learner"] == "linear" else 2 * 4 * d * d
+        return (act + 3 * HEADS * N * inner * 4) / GiB
     return act / GiB
 
 
@@ -160,6 +163,7 @@ def sweep(labels, ns, runs: int, max_mem_gib: float, case_budget: float, log) ->
     for label in labels:
         spec = MIXERS[label][2]
         prev = None  # (N, seconds for one fwd + one fwd+bwd call)
+        oom = None  # the N at which this mixer ran out of memory
         for N in ns:
             row = {"mixer": label, "N": N,
                    "flops_fwd": bench_flops.mixer_flops(spec, N, WIDTH, HEADS)}
@@ -167,13 +171,21 @@ def sweep(labels, ns, runs: int, max_mem_gib: float, case_budget: float, log) ->
             mem = est_mem_gib(label, N)
             power = 2 if label == "softmax" else 1
             est = prev[1] * (N / prev[0]) ** power * (runs + 1) if prev else 0.0
-            if mem > max_mem_gib:
+            if oom is not None:
+                row["skipped"] = f"out of memory at N={oom}"
+            elif mem > max_mem_gib:
                 row["skipped"] = f"estimated memory {mem:.1f} GiB > {max_mem_gib:g} GiB"
             elif est > case_budget:
                 row["skipped"] = f"estimated time {est:.0f} s > budget {case_budget:g} s"
             else:
-                row.update(measure_layer(label, N, runs))
-                prev = (N, row["fwd_s"] + row["fb_s"])
+                try:
+                    row.update(measure_layer(label, N, runs))
+                    prev = (N, row["fwd_s"] + row["fb_s"])
+                except Exception as e:  # out of memory, typically: keep the rest of the run
+                    if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e):
+                        raise
+                    row["skipped"] = "out of memory: " + str(e).split("\n")[0][:120]
+                    oom = N  # larger N of this mixer would fail too
             log(bench_report.row_line(row))
             rows.append(row)
     return rows

@@ -64,3 +64,42 @@ def test_bench_tiny_run_writes_json_table_and_plot(tmp_path, monkeypatch):
 def test_bench_rejects_unknown_mixer(tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--out", str(tmp_path), "--mixers", "no_such_mixer"])
+
+
+def test_sweep_records_out_of_memory_and_goes_on(monkeypatch):
+    """A case that runs out of memory is recorded, the mixer's larger N are skipped, the other
+    mixers still run; any other error still propagates."""
+    def fake_measure(label, N, runs, **_):
+        if label == "ttt_linear" and N >= 64:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9GiB")
+        return {"fwd_s": 1e-3, "fb_s": 2e-3, "fwd_compile_s": 1.0, "fb_compile_s": 1.0}
+
+    monkeypatch.setattr(bench, "measure_layer", fake_measure)
+    rows = bench.sweep(["ttt_linear", "linattn_chunked"], [32, 64, 128], 1, 99.0, 1e9,
+                       log=lambda *_: None)
+    by = {(r["mixer"], r["N"]): r for r in rows}
+    assert "skipped" not in by[("ttt_linear", 32)]
+    assert by[("ttt_linear", 64)]["skipped"].startswith("out of memory: RESOURCE_EXHAUSTED")
+    assert by[("ttt_linear", 128)]["skipped"] == "out of memory at N=64"
+    assert all("skipped" not in by[("linattn_chunked", n)] for n in (32, 64, 128))
+
+    monkeypatch.setattr(bench, "measure_layer",
+                        lambda *a, **k: (_ for _ in ()).throw(ValueError("a real bug")))
+    with pytest.raises(ValueError, match="a real bug"):
+        bench.sweep(["ttt_linear"], [32], 1, 99.0, 1e9, log=lambda *_: None)
+
+
+def test_bench_train_tiny_run(tmp_path):
+    """One train step of the tiny LM: the table and json are written, figures are positive."""
+    from experiments import bench_train
+
+    out = tmp_path / "train"
+    bench_train.main(["--out", str(out), "--preset", "tiny", "--seq-len", "32", "--batch", "1",
+                      "--steps", "1", "--mixers", "ttt_linear", "--dtype", "float32"])
+    data = json.loads((out / "bench_train.json").read_text())
+    (row,) = data["rows"]
+    assert row["mixer"] == "ttt_linear" and row["step_s"] > 0 and row["tokens_per_s"] > 0
+    assert row["model_flops"] == bench_train.model_flops("tiny", "ttt_linear", 32, 1) > 0
+    assert "| ttt_linear |" in (out / "bench_train.md").read_text()
+    with pytest.raises(SystemExit):
+        bench_train.main(["--out", str(out), "--mixers", "nope"])
