@@ -133,10 +133,13 @@ class TTTMixer(nn.Module):
       learn_W0: learn the initial state (else W0 = 0); inner_bias: biases in f_res (default =
         learn_W0); ln_residual: f(x) = x + LN(f_res(x)) (else f = f_res); rope, rope_theta;
         post_norm: LayerNorm on the inner-loop output.
-      form: "auto" | "dual" | "primal" inner-loop form; remat_every: checkpoint groups of that many
-        mini-batches (0 = off); unroll: mini-batch steps per compiled loop iteration (same
-        results); None = `default_unroll()`: 8 on a GPU, where it made the layer's fwd+bwd ~30 %
-        faster, 1 elsewhere (on the CPU it only lengthened compiles; docs/benchmarks.md).
+      form: "auto" | "dual" | "primal" inner-loop form; remat_every: run the layer in checkpointed
+        groups of that many mini-batches (0 = off): training memory of one group's activations
+        plus one inner state per group instead of every whole-sequence activation, at the cost
+        of a second forward pass in the backward (see _grouped_call).
+      unroll: mini-batch steps per compiled loop iteration (same results); None =
+        `default_unroll()`: 8 on a GPU, where it made the layer's fwd+bwd ~30 % faster, 1
+        elsewhere (on the CPU it only lengthened compiles; docs/benchmarks.md).
       stats: return the inner reconstruction diagnostics in aux (one extra no-grad inner pass).
       init_scale: std of projections and W0; inner_out_init_scale: std of the last inner dense
         layer (ttt-lm-jax uses init_scale / sqrt(2 · layers) for TTT-MLP; default init_scale).
@@ -330,6 +333,8 @@ class TTTMixer(nn.Module):
         B, N, _ = x.shape
         if mode == "step":
             self._check_cache(cache, B)
+        if mode == "call" and self._group_tokens(N) and not self.is_initializing():
+            return self._grouped_call(x, ttt_lr_mult, learner, W0, fixed)
         tail = cache.get("conv") if cache is not None else None
         q, k, v, new_tail = self._projections(x, tail)
         a, coef = self._eta_parts(x, ttt_lr_mult)
@@ -353,11 +358,17 @@ class TTTMixer(nn.Module):
                 mini_batch=b,
                 fixed=fixed,
                 remat_every=self.remat_every,
-                unroll=default_unroll() if self.unroll is None else self.unroll,
+                unroll=self._unroll(),
                 form=self.form,
             )
             aux = self._stats(learner, W0, fixed, k, v, a, coef, N)
             return self._output(x, z), aux
+        if mode == "group":  # one remat group of _grouped_call: the state comes in `cache`
+            b = self.mini_batch
+            z, W = ttt_ops.ttt(learner, cache["W"], q, k, v, eta_rows(a, coef(jnp.arange(b)), b),
+                               mini_batch=b, fixed=fixed, unroll=self._unroll(), form=self.form)
+            state = {"W": W} if new_tail is None else {"W": W, "conv": new_tail}
+            return self._output(x, z), state
         if mode == "prefill":
             z, state = self._prefill_inner(learner, W0, fixed, q, k, v, a, coef)
             state["pos"] = jnp.asarray(N, jnp.int32)
@@ -385,6 +396,56 @@ class TTTMixer(nn.Module):
             new_cache["conv"] = new_tail.astype(cache["conv"].dtype)
         return self._output(x, z_t[:, :, None, :]), new_cache
 
+    def _unroll(self) -> int:
+        return default_unroll() if self.unroll is None else self.unroll
+
+    def _group_tokens(self, N: int) -> int:
+        """Tokens per remat group of the whole layer (0 = no grouping; see _grouped_call)."""
+        T = self.remat_every * self.mini_batch
+        return T if 0 < T < N else 0
+
+    def _grouped_call(self, x, ttt_lr_mult, learner, W0, fixed):
+        """mode "call" with remat_every = n > 0: the whole layer in groups of n mini-batches.
+
+        A lax.scan over groups of T = n·b tokens, each group under jax.checkpoint, carries the
+        inner state W (and the Mamba conv tail) from group to group; a group runs projections,
+        RoPE, η, the inner loop and the output projection on its own T tokens (mode "group", by a
+        functional apply of this module on its own parameters). The backward pass recomputes one
+        group at a time, so training memory holds x, one state per group and one group's
+        intermediates instead of every whole-sequence activation. Same results as the ungrouped
+        layer (tests); the sequence is padded with zeros to whole groups, and the padded tokens
+        come after every real one, so they change no output.
+        """
+        B, N, C = x.shape
+        T = self._group_tokens(N)
+        G = -(-N // T)
+        xs = jnp.pad(x, ((0, 0), (0, G * T - N), (0, 0))).reshape(B, G, T, C)
+        xs = jnp.moveaxis(xs, 1, 0)  # (G, B, T, C)
+        state = {"W": common.broadcast_heads(W0, B)}
+        if self.backbone == "mamba":
+            state["conv"] = jnp.zeros((B, self.conv_width - 1, C), self.dtype)
+        params = self.variables["params"]
+        plain = self.clone(parent=None, remat_every=0, stats=False)
+
+        @jax.checkpoint
+        def group(state, x_g):
+            y_g, state = plain.apply({"params": params}, "group", x_g, cache=state,
+                                     ttt_lr_mult=ttt_lr_mult, method=TTTMixer._run)
+            return state, y_g
+
+        _, ys = jax.lax.scan(group, state, xs)  # ys (G, B, T, C)
+        y = jnp.moveaxis(ys, 0, 1).reshape(B, G * T, C)[:, :N]
+        if not self.stats:
+            return y, {}
+        # the diagnostics need k, v, η of the whole sequence (a forward pass without gradient)
+        _, k, v, _ = self._projections(x, None)
+        a, coef = self._eta_parts(x, ttt_lr_mult)
+        i = jnp.arange(N) % self.mini_batch
+        if self.rope:
+            k = common.apply_rope(k, i, self.rope_theta)
+        idt = common.inner_dtype(self.dtype)
+        return y, self._stats(learner, W0, fixed, k.astype(idt), v.astype(idt), a, coef, N)
+
     def _stats(self, learner, W0, fixed, k, v, a, coef, N):
         if not self.stats:
             return {}
@@ -409,7 +470,7 @@ class TTTMixer(nn.Module):
                 mini_batch=b,
                 fixed=fixed,
                 remat_every=self.remat_every,
-                unroll=default_unroll() if self.unroll is None else self.unroll,
+                unroll=self._unroll(),
                 form=self.form,
             )
             zs.append(z)
