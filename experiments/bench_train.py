@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from experiments import bench_flops
-from experiments.bench import MIXERS
+from experiments.bench import MIXERS, _median_time
 from ttt.models import PRESETS, build_model, param_count
 from ttt.train.steps import Task, TrainState, train_step
 
@@ -48,13 +48,7 @@ def matmul_peak(dtype, runs: int = 10) -> dict:
     for n in sizes:
         a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
         b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
-        f = jax.jit(jnp.matmul)
-        jax.block_until_ready(f(a, b))
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(a, b))
-            times.append(time.perf_counter() - t0)
+        times = _median_time(jax.jit(jnp.matmul), a, b, runs=runs)
         out[f"square_{n}"] = 2.0 * n**3 / statistics.median(times) / 1e12
     out["peak_tflops"] = max(out.values())
     return out
