@@ -26,7 +26,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from ttt.ops import _checks
+from ttt.ops import checks
 
 _FEATURE_MAPS = (None, "elu")
 _NORMALIZERS = (None, "adaptive", "constant")
@@ -35,16 +35,16 @@ _FORMS = ("cumsum", "chunked", "quadratic")
 
 def _check_qkv(q, k, v) -> None:
     """q, k (B, H, N, d) alike; v (B, H, N, dv); one floating dtype."""
-    _checks.check_rank("q", q, 4, "(B, H, N, d)")
+    checks.check_rank("q", q, 4, "(B, H, N, d)")
     B, H, N, d = q.shape
-    _checks.check_shape("k", k, (B, H, N, d), "(B, H, N, d)", like="q")
-    _checks.check_rank("v", v, 4, "(B, H, N, dv)")
-    _checks.check_shape("v", v, (B, H, N, None), "(B, H, N, dv)", like="q")
+    checks.check_shape("k", k, (B, H, N, d), "(B, H, N, d)", like="q")
+    checks.check_rank("v", v, 4, "(B, H, N, dv)")
+    checks.check_shape("v", v, (B, H, N, None), "(B, H, N, dv)", like="q")
     if N < 1:
         raise ValueError(f"q: expected at least one token (N >= 1), got shape {tuple(q.shape)}")
     for name, x in (("q", q), ("k", k), ("v", v)):
-        _checks.check_floating(name, x)
-    _checks.check_same_dtype(q=q, k=k, v=v)
+        checks.check_floating(name, x)
+    checks.check_same_dtype(q=q, k=k, v=v)
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -261,16 +261,16 @@ def linear_attention_decode_step(
         normalize = None
     _check_choice("normalize", normalize, _NORMALIZERS)
     _check_choice("feature_map", feature_map, _FEATURE_MAPS)
-    _checks.check_rank("q_t", q_t, 3, "(B, H, d)")
+    checks.check_rank("q_t", q_t, 3, "(B, H, d)")
     B, H, d = q_t.shape
-    _checks.check_shape("k_t", k_t, (B, H, d), "(B, H, d)", like="q_t")
-    _checks.check_rank("v_t", v_t, 3, "(B, H, dv)")
-    _checks.check_shape("v_t", v_t, (B, H, None), "(B, H, dv)", like="q_t")
+    checks.check_shape("k_t", k_t, (B, H, d), "(B, H, d)", like="q_t")
+    checks.check_rank("v_t", v_t, 3, "(B, H, dv)")
+    checks.check_shape("v_t", v_t, (B, H, None), "(B, H, dv)", like="q_t")
     dv = v_t.shape[-1]
     if not isinstance(state, dict) or set(state) != {"S", "s"}:
         raise ValueError('state: expected a dict {"S": (B, H, d, dv), "s": (B, H, d)}')
-    _checks.check_shape('state["S"]', state["S"], (B, H, d, dv), "(B, H, d, dv)", like="q_t, v_t")
-    _checks.check_shape('state["s"]', state["s"], (B, H, d), "(B, H, d)", like="q_t")
+    checks.check_shape('state["S"]', state["S"], (B, H, d, dv), "(B, H, d, dv)", like="q_t, v_t")
+    checks.check_shape('state["s"]', state["s"], (B, H, d), "(B, H, d)", like="q_t")
     if normalize == "constant" and position is None:
         raise ValueError('position: required with normalize="constant" (0-based token index)')
     fq, fk = _feature(q_t, feature_map), _feature(k_t, feature_map)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttt.ops import _checks
+from ttt.ops import checks
 
 _MODES = ("gd", "sgd")
 
@@ -71,9 +71,9 @@ def _state_layout(learner, W0, d_in: int, B: int, H: int) -> bool:
         )
     extra = jnp.ndim(leaves_w[0]) - len(leaves_t[0].shape)
     if extra == 2:
-        _checks.check_leading("W0", W0, (B, H), "(B, H)")
+        checks.check_leading("W0", W0, (B, H), "(B, H)")
         return True
-    _checks.check_leading("W0", W0, (H,), "(H,)")
+    checks.check_leading("W0", W0, (H,), "(H,)")
     return False
 
 
@@ -117,25 +117,25 @@ def _mttt_head(learner, decode, loss_norm, mode, W0, fixed, dparams, q, k, v, lr
 
 def _check_args(q, k, v, lrs, fixed, decode, decode_params, mode, key):
     """Shapes, dtypes and options of `mttt`, checked before tracing so errors read in words."""
-    _checks.check_rank("q", q, 4, "(B, H, N, d_in)")
+    checks.check_rank("q", q, 4, "(B, H, N, d_in)")
     B, H, N, d_in = q.shape
-    _checks.check_shape("k", k, (B, H, N, d_in), "(B, H, N, d_in)", like="q")
-    _checks.check_rank("v", v, 4, "(B, H, N, d_v)")
-    _checks.check_shape("v", v, (B, H, N, None), "(B, H, N, d_v)", like="q")
+    checks.check_shape("k", k, (B, H, N, d_in), "(B, H, N, d_in)", like="q")
+    checks.check_rank("v", v, 4, "(B, H, N, d_v)")
+    checks.check_shape("v", v, (B, H, N, None), "(B, H, N, d_v)", like="q")
     if N < 1:
         raise ValueError(f"q: expected at least one token (N >= 1), got shape {tuple(q.shape)}")
     for name, x in (("q", q), ("k", k), ("v", v), ("lrs", lrs)):
-        _checks.check_floating(name, x)
-    _checks.check_same_dtype(q=q, k=k, v=v)
-    _checks.check_rank("lrs", lrs, 1, "(T,)")
+        checks.check_floating(name, x)
+    checks.check_same_dtype(q=q, k=k, v=v)
+    checks.check_rank("lrs", lrs, 1, "(T,)")
     if mode not in _MODES:
         raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
     if mode == "sgd" and lrs.shape[0] > 0 and key is None:
         raise ValueError('key: a PRNG key is required with mode="sgd"')
     if fixed is not None:
-        _checks.check_leading("fixed", fixed, (H,), "(H,)")
+        checks.check_leading("fixed", fixed, (H,), "(H,)")
     if decode_params is not None:
-        _checks.check_leading("decode_params", decode_params, (H,), "(H,)")
+        checks.check_leading("decode_params", decode_params, (H,), "(H,)")
     if decode is None and decode_params is not None:
         raise ValueError("decode_params: given without a decode function; pass decode=...")
 

@@ -30,7 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ttt.ops import _checks, _dual
+from ttt.ops import _dual, checks
 from ttt.ops._scan import eta_matrix, from_minibatches, scan_minibatches, to_minibatches
 from ttt.ops.learners import Learner, reconstruction_loss
 
@@ -67,11 +67,11 @@ def _head_shapes(learner, W0, q, v, fixed, what="W0"):
                 f"{where}: expected shape (H, ...) = {(H, *tail)} or (B, H, ...) = "
                 f"{(B, H, *tail)}, got {shape}"
             )
-        _checks.check_floating(where, w)
+        checks.check_floating(where, w)
     if len(leads) > 1:
         raise ValueError(f"{what}: leaves mix leading (H,) and (B, H) axes; use one for all")
     if fixed is not None:
-        _checks.check_leading("fixed", fixed, (H,), "(H,)")
+        checks.check_leading("fixed", fixed, (H,), "(H,)")
     W_head = jax.tree_util.tree_map(
         lambda w, ref: jax.ShapeDtypeStruct(ref.shape, w.dtype), W0, per_head
     )
@@ -96,25 +96,25 @@ def _head_shapes(learner, W0, q, v, fixed, what="W0"):
 
 def _check_sequence(q, k, v, eta, mini_batch):
     """Check q, k, v, eta, mini_batch (contract of ttt_primal/ttt_dual)."""
-    _checks.check_int("mini_batch", mini_batch, 1)
-    _checks.check_rank("q", q, 4, "(B, H, N, d_in)")
+    checks.check_int("mini_batch", mini_batch, 1)
+    checks.check_rank("q", q, 4, "(B, H, N, d_in)")
     B, H, N, d_in = q.shape
     if N < 1:
         raise ValueError(f"q: expected at least one token (N >= 1), got shape {q.shape}")
-    _checks.check_shape("k", k, (B, H, N, d_in), "(B, H, N, d_in)", like="q")
-    _checks.check_shape("v", v, (B, H, N, None), "(B, H, N, d_out)", like="q")
+    checks.check_shape("k", k, (B, H, N, d_in), "(B, H, N, d_in)", like="q")
+    checks.check_shape("v", v, (B, H, N, None), "(B, H, N, d_out)", like="q")
     if jnp.ndim(eta) == 3:
-        _checks.check_shape("eta", eta, (B, H, N), "(B, H, N)", like="q")
+        checks.check_shape("eta", eta, (B, H, N), "(B, H, N)", like="q")
     elif jnp.ndim(eta) == 4:
-        _checks.check_shape("eta", eta, (B, H, N, mini_batch), "(B, H, N, b)", like="q, mini_batch")
+        checks.check_shape("eta", eta, (B, H, N, mini_batch), "(B, H, N, b)", like="q, mini_batch")
     else:
         raise ValueError(
             f"eta: expected (B, H, N) per-token or (B, H, N, b) per-row learning rates, "
             f"got shape {jnp.shape(eta)}"
         )
     for name, x in (("q", q), ("k", k), ("v", v), ("eta", eta)):
-        _checks.check_floating(name, x)
-    _checks.check_same_dtype(q=q, k=k, v=v)
+        checks.check_floating(name, x)
+    checks.check_same_dtype(q=q, k=k, v=v)
 
 
 def _check_dual(learner, W0):
@@ -135,8 +135,8 @@ def _check_dual(learner, W0):
 def _prepare(learner, W0, q, k, v, eta, mini_batch, fixed, remat_every, unroll):
     """Validate, then lay the sequence out as mini-batches: (B, H, M, b, ·) arrays + η matrix."""
     _check_sequence(q, k, v, eta, mini_batch)
-    _checks.check_int("remat_every", remat_every, 0)
-    _checks.check_int("unroll", unroll, 1)
+    checks.check_int("remat_every", remat_every, 0)
+    checks.check_int("unroll", unroll, 1)
     per_sequence = _head_shapes(learner, W0, q, v, fixed)
     b = mini_batch
     xs = (to_minibatches(q, b), to_minibatches(k, b), to_minibatches(v, b), eta_matrix(eta, b))
@@ -314,7 +314,7 @@ def ttt(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, 
 
     form: "auto" | "dual" | "primal". Shapes and results as ttt_primal.
     """
-    _checks.check_choice("form", form, FORMS)
+    checks.check_choice("form", form, FORMS)
     if form == "auto":
         form = "dual" if getattr(learner, "dense", None) is not None else "primal"
     fn = ttt_dual if form == "dual" else ttt_primal
@@ -331,16 +331,16 @@ def ttt_decode_step(learner, W_start, G_acc, q_t, k_t, v_t, a_t, c_t, *, fixed=N
     Returns (z_t (B, H, d_out), G_acc_new). To close a mini-batch the caller sets
     W_start ← W_start − c_last G_acc_new and G_acc ← 0.
     """
-    _checks.check_rank("q_t", q_t, 3, "(B, H, d_in)")
+    checks.check_rank("q_t", q_t, 3, "(B, H, d_in)")
     B, H, d_in = q_t.shape
-    _checks.check_shape("k_t", k_t, (B, H, d_in), "(B, H, d_in)", like="q_t")
-    _checks.check_rank("v_t", v_t, 3, "(B, H, d_out)")
-    _checks.check_shape("v_t", v_t, (B, H, None), "(B, H, d_out)", like="q_t")
-    _checks.check_shape("a_t", a_t, (B, H), "(B, H)", like="q_t")
-    _checks.check_shape("c_t", c_t, (B, H), "(B, H)", like="q_t")
+    checks.check_shape("k_t", k_t, (B, H, d_in), "(B, H, d_in)", like="q_t")
+    checks.check_rank("v_t", v_t, 3, "(B, H, d_out)")
+    checks.check_shape("v_t", v_t, (B, H, None), "(B, H, d_out)", like="q_t")
+    checks.check_shape("a_t", a_t, (B, H), "(B, H)", like="q_t")
+    checks.check_shape("c_t", c_t, (B, H), "(B, H)", like="q_t")
     for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t), ("a_t", a_t), ("c_t", c_t)):
-        _checks.check_floating(name, x)
-    _checks.check_same_dtype(q_t=q_t, k_t=k_t, v_t=v_t)
+        checks.check_floating(name, x)
+    checks.check_same_dtype(q_t=q_t, k_t=k_t, v_t=v_t)
     seq = lambda x: x[:, :, None]  # (B, H, d) -> (B, H, 1, d): reuse the sequence checks
     if not _head_shapes(learner, W_start, seq(q_t), seq(v_t), fixed, what="W_start"):
         raise ValueError("W_start: expected leading (B, H) axes (a per-sequence state), got (H,)")
