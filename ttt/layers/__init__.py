@@ -5,7 +5,7 @@ x (B, N, C) -> (y (B, N, C), aux) and the causal ones decode with init_cache / p
 """
 
 from ttt.layers.attention import LinearAttention, SoftmaxAttention
-from ttt.layers.common import CausalConv, apply_rope
+from ttt.layers.common import CausalConv, LayerNorm
 from ttt.layers.mttt_layer import MTTTMixer
 from ttt.layers.registry import MIXERS, accepted_kwargs, make_mixer
 from ttt.layers.ttt_layer import TTTMixer
@@ -13,11 +13,11 @@ from ttt.layers.ttt_layer import TTTMixer
 __all__ = [
     "MIXERS",
     "CausalConv",
+    "LayerNorm",
     "LinearAttention",
     "MTTTMixer",
     "SoftmaxAttention",
     "TTTMixer",
     "accepted_kwargs",
-    "apply_rope",
     "make_mixer",
 ]

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 
 from ttt.layers import common
 from ttt.ops import attention as attn_ops
+from ttt.ops import checks
+from ttt.ops.primitives import rope
 
 FEATURE_MAPS = (None, "elu")
 NORMALIZERS = (None, "adaptive", "constant")
@@ -81,14 +83,14 @@ class SoftmaxAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        common.check_heads(type(self).__name__, self.width, self.num_heads, even_head_dim=self.rope)
+        checks.check_heads(type(self).__name__, self.width, self.num_heads, even_head_dim=self.rope)
         if not (isinstance(self.cache_size, int) and self.cache_size >= 1):
             raise ValueError(f"cache_size: expected a positive int, got {self.cache_size!r}")
         super().__post_init__()
 
     @nn.compact
     def _run(self, mode, x, cache=None):
-        common.check_input(type(self).__name__, x, self.width)
+        checks.check_input(type(self).__name__, x, self.width)
         B, N, _ = x.shape
         q, k, v = _qkv(self, x, self.use_bias)
         idt = common.inner_dtype(self.dtype)
@@ -96,8 +98,8 @@ class SoftmaxAttention(nn.Module):
         t = pos0 + jnp.arange(N)  # (N,) absolute positions
         if self.rope:
             q, k = (
-                common.apply_rope(q, t, self.rope_theta),
-                common.apply_rope(k, t, self.rope_theta),
+                rope(q, t, self.rope_theta),
+                rope(k, t, self.rope_theta),
             )
         q, k, v = q.astype(idt), k.astype(idt), v.astype(idt)
         if mode != "step":
@@ -186,15 +188,15 @@ class LinearAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        common.check_heads(type(self).__name__, self.width, self.num_heads, even_head_dim=False)
-        common.check_choice("feature_map", self.feature_map, FEATURE_MAPS)
-        common.check_choice("normalize", self.normalize, NORMALIZERS)
-        common.check_choice("form", self.form, ("chunked", "cumsum", "quadratic"))
+        checks.check_heads(type(self).__name__, self.width, self.num_heads, even_head_dim=False)
+        checks.check_choice("feature_map", self.feature_map, FEATURE_MAPS)
+        checks.check_choice("normalize", self.normalize, NORMALIZERS)
+        checks.check_choice("form", self.form, ("chunked", "cumsum", "quadratic"))
         super().__post_init__()
 
     @nn.compact
     def _run(self, mode, x, cache=None):
-        common.check_input(type(self).__name__, x, self.width)
+        checks.check_input(type(self).__name__, x, self.width)
         q, k, v = _qkv(self, x, self.use_bias)
         idt = common.inner_dtype(self.dtype)
         q, k, v = q.astype(idt), k.astype(idt), v.astype(idt)

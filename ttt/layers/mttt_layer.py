@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from ttt.layers import common
-from ttt.ops import learners
+from ttt.ops import checks, learners
 from ttt.ops import mttt as mttt_ops
+from ttt.ops.primitives import layer_norm
 
 LEARNERS = ("linear", "mlp")
 MODES = ("gd", "sgd")
@@ -64,9 +65,9 @@ class MTTTMixer(nn.Module):
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        common.check_heads(type(self).__name__, self.width, self.num_heads, even_head_dim=False)
-        common.check_choice("learner", self.learner, LEARNERS)
-        common.check_choice("mode", self.mode, MODES)
+        checks.check_heads(type(self).__name__, self.width, self.num_heads, even_head_dim=False)
+        checks.check_choice("learner", self.learner, LEARNERS)
+        checks.check_choice("mode", self.mode, MODES)
         if not (isinstance(self.steps, int) and self.steps >= 0):
             raise ValueError(f"steps: expected an int >= 0 (T), got {self.steps!r}")
         if self.lrs is not None and len(self.lrs) != self.steps:
@@ -89,7 +90,7 @@ class MTTTMixer(nn.Module):
     @nn.compact
     def __call__(self, x, *, ttt_lr_mult=1.0, train=False):
         """x (B, N, C) -> (y (B, N, C), {"inner_losses": (T + 1,)}); `ttt_lr_mult` scales η_t."""
-        common.check_input(type(self).__name__, x, self.width)
+        checks.check_input(type(self).__name__, x, self.width)
         C, H = self.width, self.num_heads
         dh = C // H
         pdt, dt = self.param_dtype, self.dtype
@@ -126,7 +127,7 @@ class MTTTMixer(nn.Module):
 
         def decode(y, p):  # (m, dh) -> (m, C)
             r = y @ p["g"] + p["g_bias"]  # (m, dh) @ (dh, C) -> (m, C)
-            return learners.layer_norm(r, p["scale"], p["bias"]) if self.decoder_ln else r
+            return layer_norm(r, p["scale"], p["bias"]) if self.decoder_ln else r
 
         lrs = jnp.asarray(self.lrs if self.lrs is not None else (1.0,) * self.steps, idt)
         lrs = lrs * jnp.asarray(ttt_lr_mult, idt)
@@ -150,26 +151,16 @@ class MTTTMixer(nn.Module):
     def _initial_state(self, learner, dh, idt):
         """W0 with leading H: parameters inner_Dense_l/{kernel,bias}, or zeros when frozen."""
         learn = self.learner == "mlp" if self.learn_W0 is None else self.learn_W0
-        shapes = jax.eval_shape(lambda key: learner.init(key, dh), jax.random.PRNGKey(0))
-        H = self.num_heads
-        if not learn:
-            return {n: jnp.zeros((H, *s.shape), idt) for n, s in shapes.items()}
-        W0 = {}
-        for l, (w_name, b_name) in enumerate(learner.dense):
-            specs = [
-                (
-                    "kernel",
-                    nn.initializers.xavier_uniform(batch_axis=(0,)),
-                    (H, *shapes[w_name].shape),
-                )
-            ]
-            if b_name is not None:
-                specs.append(("bias", nn.initializers.zeros, (H, *shapes[b_name].shape)))
+
+        def make(l, kernel_shape, bias_shape):
+            specs = [("kernel", nn.initializers.xavier_uniform(batch_axis=(0,)), kernel_shape)]
+            if bias_shape is not None:
+                specs.append(("bias", nn.initializers.zeros, bias_shape))
             p = common.ParamGroup(tuple(specs), self.param_dtype, name=f"inner_Dense_{l}")()
-            W0[w_name] = p["kernel"].astype(idt)
-            if b_name is not None:
-                W0[b_name] = p["bias"].astype(idt)
-        return W0
+            return p["kernel"], p.get("bias")
+
+        W0 = common.inner_weights(learner, dh, self.num_heads, make if learn else None, idt)
+        return jax.tree_util.tree_map(lambda w: w.astype(idt), W0)
 
     def _key(self, train):
         if self.mode != "sgd" or self.steps == 0:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ttt import layers
+from ttt.layers.common import CausalConv
 from ttt.models.stack import make_stack
 
 Array = jax.Array
@@ -64,7 +65,8 @@ class SwiGLU(nn.Module):
 class PreConv(nn.Module):
     """Depthwise causal convolution of RMSNorm(h) (Mamba backbone, DESIGN §3.8).
 
-    (B, N, C) -> (B, N, C).
+    (B, N, C) -> (B, N, C). The convolution is `ttt.layers.common.CausalConv` (the one causal conv
+    of the package), so the full sequence, prefill and one-token step share its code.
 
     Decode cache: the last `width - 1` normalised inputs (B, width - 1, C).
     """
@@ -77,24 +79,16 @@ class PreConv(nn.Module):
 
     def setup(self):
         self.conv_norm = RMSNorm(self.eps, self.dtype, self.param_dtype)
-        self.conv1 = nn.Conv(self.channels, (self.width,), padding="CAUSAL",
-                             feature_group_count=self.channels, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+        self.conv1 = CausalConv(self.channels, self.width, self.dtype, self.param_dtype)
 
     def __call__(self, h: Array) -> Array:
-        return self.conv1(self.conv_norm(h))
+        return self.conv1(self.conv_norm(h))[0]
 
     def prefill(self, h: Array) -> tuple[Array, Array]:
-        u = self.conv_norm(h)  # (B, N, C)
-        pad = jnp.zeros((u.shape[0], self.width - 1, u.shape[2]), u.dtype)
-        tail = jnp.concatenate([pad, u], axis=1)[:, -(self.width - 1):]  # (B, width-1, C)
-        return self.conv1(u), tail
+        return self.conv1(self.conv_norm(h))  # (B, N, C), tail (B, width-1, C)
 
     def step(self, h_t: Array, tail: Array) -> tuple[Array, Array]:
-        u_t = self.conv_norm(h_t)  # (B, 1, C)
-        window = jnp.concatenate([tail.astype(u_t.dtype), u_t], axis=1)  # (B, width, C)
-        # The causal conv over exactly `width` tokens: its last output sees the whole window.
-        return self.conv1(window)[:, -1:], window[:, 1:]
+        return self.conv1(self.conv_norm(h_t), tail)
 
     def init_cache(self, batch_size: int) -> Array:
         return jnp.zeros((batch_size, self.width - 1, self.channels), self.dtype)

@@ -72,7 +72,7 @@ class EncoderBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     def setup(self):
-        ln = lambda: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype)
+        ln = lambda: layers.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype)
         self.LayerNorm_0 = ln()
         self.seq_modeling_block = layers.make_mixer(
             self.mixer, self.width, self.num_heads, dtype=self.dtype,
@@ -102,7 +102,7 @@ class Encoder(nn.Module):
                            per_layer={"__call__": (False,)}, static_argnums=(2,),
                            rng_names=("params", "inner"), name="encoderblock")
         x, aux = stack(x, train)
-        norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+        norm = layers.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
                             name="encoder_norm")
         return norm(x), aux
 

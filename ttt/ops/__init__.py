@@ -1,11 +1,16 @@
 """ttt.ops: the math as pure jax.numpy functions on per-head arrays (B, H, N, d).
 
-- learners: inner models f(x; W) as (init, apply) pairs (linear, MLP, x + LN(f_res(x))).
-- ttt:      causal mini-batch TTT (TTT-LM): primal, dual (fast), naive (reference), decode step.
-- mttt:     multi-step non-causal TTT (MTTT) with per-step inner losses.
-- attention: softmax attention, Nadaraya–Watson kernel regression, linear attention.
+- primitives: LayerNorm, the causal depthwise convolution, RoPE (one copy each in the package).
+- learners:   inner models f(x; W) as (init, apply) pairs (linear, MLP, x + LN(f_res(x))).
+- ttt:        causal mini-batch TTT (TTT-LM): primal, dual (fast), naive (reference), decode step.
+- ttt_state:  the causal TTT state machine: training forward, prefill, one-token step, the η
+              construction and the inner-loss diagnostics.
+- mttt:       multi-step non-causal TTT (MTTT) with per-step inner losses.
+- attention:  softmax attention, Nadaraya–Watson kernel regression, linear attention.
+- checks:     the argument checks every level uses (errors in words, not XLA traces).
 
-`ttt.ops.ttt` and `ttt.ops.mttt` stay the submodules: the functions of those names live there.
+`ttt.ops.ttt`, `ttt.ops.mttt` and `ttt.ops.ttt_state` stay the submodules: the functions of those
+names live there.
 """
 
 from ttt.ops.attention import (
@@ -20,17 +25,20 @@ from ttt.ops.learners import (
     Learner,
     gelu_tanh,
     init_fixed_ln,
-    layer_norm,
     linear,
     ln_residual,
     mlp,
     reconstruction_loss,
 )
 from ttt.ops.mttt import sgd_chunks
+from ttt.ops.primitives import causal_conv, layer_norm, rope
 from ttt.ops.ttt import ttt_decode_step, ttt_dual, ttt_naive, ttt_primal
+from ttt.ops.ttt_state import TTTState
 
 __all__ = [
     "Learner",
+    "TTTState",
+    "causal_conv",
     "exp_kernel",
     "gelu_tanh",
     "init_fixed_ln",
@@ -43,6 +51,7 @@ __all__ = [
     "ln_residual",
     "mlp",
     "reconstruction_loss",
+    "rope",
     "sgd_chunks",
     "softmax_attention",
     "ttt_decode_step",

@@ -16,24 +16,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def ln_residual_eps(learner):
-    """eps of an `ln_residual` learner's LayerNorm post, or None when `post` is anything else."""
-    post = learner.post
-    if post is None or not learner.name.startswith("ln_residual("):
-        return None
-    names = getattr(getattr(post, "__code__", None), "co_freevars", ())
-    cells = getattr(post, "__closure__", None) or ()
-    found = dict(zip(names, (c.cell_contents for c in cells), strict=False))
-    eps = found.get("eps")
-    return eps if isinstance(eps, float) else None
+from ttt.ops.primitives import layer_norm_backward, layer_norm_stats
 
 
-def key_gradients(learner, W, fixed, k_in, v_in, Z1k, eps):
+def key_gradients(learner, W, fixed, k_in, v_in, Z1k):
     """Per-token G_l (b, d_{l+1}) of every dense layer and the key inputs X_l (b, d_l), layers 2..
 
-    Z1k (b, d_1): layer 1's pre-activations of the keys k_in (b, d_in); v_in (b, d_out) targets;
-    eps: `ln_residual_eps(learner)` (closed-form LN backward) or None (vjp of `post`).
+    Z1k (b, d_1): layer 1's pre-activations of the keys k_in (b, d_in); v_in (b, d_out) targets.
+    A learner with `ln_eps` set (the residual LayerNorm post) gets the closed-form LN backward;
+    any other `post` goes through jax.vjp.
     """
     dense = learner.dense
     Zs, Xs = [Z1k], []
@@ -47,22 +38,13 @@ def key_gradients(learner, W, fixed, k_in, v_in, Z1k, eps):
         Zs.append(Z)
     if learner.post is None:
         G = Z - v_in  # (b, d_out)
-    elif eps is not None:
-        # f = k + LN(Z)·scale + bias, so f − v = LN(Z)·scale + bias − (v − k). Every product with
-        # a per-row or per-column factor is an einsum: autodiff then transposes it into a dot, not
-        # into a reduce of a product, which XLA:CPU runs many times slower.
-        d = Z.shape[-1]
-        rows = lambda x, s: jnp.einsum("...d,...->...d", x, s)  # x (b, d) ⊙ s (b,) per row
-        cols = lambda x, c: jnp.einsum("...d,d->...d", x, c)  # x (b, d) ⊙ c (d,) per column
-        rowdot = lambda x, y: jnp.einsum("...d,...d->...", x, y) / d  # mean(x ⊙ y) per row: (b,)
-        mu = jnp.mean(Z, axis=-1)  # (b,)
-        var = jnp.maximum(rowdot(Z, Z) - mu * mu, 0.0)
-        rho = jax.lax.rsqrt(var + eps)  # (b,)
-        xhat = rows(Z - mu[:, None], rho)  # (b, d)
-        g = cols(cols(xhat, fixed["scale"]) + fixed["bias"] + k_in - v_in, fixed["scale"])
-        # LayerNorm backward for x̂ = (Z − μ)ρ, ρ = (var + eps)^-½: ρ (g − mean(g) − x̂ mean(g x̂))
-        G = rows(g - jnp.mean(g, axis=-1, keepdims=True) - rows(xhat, rowdot(g, xhat)), rho)
-        G = G.astype(Z.dtype)
+    elif learner.ln_eps is not None:
+        # f = k + LN(Z)·scale + bias, so f − v = x̂·scale + bias − (v − k), and G is the LN
+        # backward of that residual times the scale
+        cols = lambda x, c: jnp.einsum("bd,d->bd", x, c)  # per-feature product, as a dot's input
+        xhat, rho = layer_norm_stats(Z, learner.ln_eps)  # (b, d), (b,)
+        r = cols(xhat, fixed["scale"]) + fixed["bias"] + k_in - v_in  # (b, d)
+        G = layer_norm_backward(cols(r, fixed["scale"]), xhat, rho).astype(Z.dtype)
     else:
         out, pullback = jax.vjp(lambda Z_: learner.post(k_in, Z_, fixed), Z)
         (G,) = pullback(out - v_in)

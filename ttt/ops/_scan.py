@@ -55,6 +55,31 @@ def eta_matrix(eta, b: int):
     return jnp.where(valid & causal, rows, jnp.zeros((), rows.dtype))
 
 
+def scan_groups(group_step, carry, xs, size: int):
+    """Scan `group_step(carry, xs_g) -> (carry, ys_g)` over groups of `size` elements of the
+    leading axis of `xs`, each group under `jax.checkpoint` (the one remat mechanism of a layer).
+
+    The backward pass stores the carry at each group boundary and recomputes one group at a time,
+    so training memory holds one group's intermediates instead of the whole sequence's. The leading
+    axis (length n) is padded with zeros to whole groups; padded elements come after every real
+    one, so they change no real output, and the outputs are cut back to n. The carry returned is
+    the one after the padded elements: callers that return it need a `group_step` that leaves the
+    carry unchanged on all-zero inputs (true of every TTT step, where zero η means no update).
+    """
+    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    groups = num_minibatches(n, size)
+    pad = groups * size - n
+
+    def group_up(x):
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))  # (G·size, ...)
+        return x.reshape(groups, size, *x.shape[1:])  # (G, size, ...)
+
+    carry, ys = jax.lax.scan(jax.checkpoint(group_step), carry,
+                             jax.tree_util.tree_map(group_up, xs))
+    ys = jax.tree_util.tree_map(lambda y: y.reshape(groups * size, *y.shape[2:])[:n], ys)
+    return carry, ys
+
+
 def scan_minibatches(step, carry, xs, remat_every: int = 0, unroll: int = 1):
     """lax.scan of `step(carry, x_m) -> (carry, y_m)` over the leading (mini-batch) axis of `xs`.
 
@@ -62,27 +87,13 @@ def scan_minibatches(step, carry, xs, remat_every: int = 0, unroll: int = 1):
     GPU each iteration of a compiled loop costs a fixed launch/synchronisation overhead that the
     tiny per-mini-batch matmuls do not hide, so unrolling a few steps pays there.
 
-    remat_every = n > 0 wraps each group of n mini-batches in jax.checkpoint, so the backward pass
-    stores one state per group instead of one per mini-batch. The mini-batch count is padded to a
-    multiple of n with all-zero inputs; `step` must leave the carry unchanged when η is zero (true
-    of every TTT step: zero learning rates mean no update), and the padded outputs are dropped.
+    remat_every = n > 0 runs the mini-batches in checkpointed groups of n (`scan_groups`), so the
+    backward pass stores one state per group instead of one per mini-batch.
     """
     if remat_every <= 0:
         return jax.lax.scan(step, carry, xs, unroll=unroll)
-    m = jax.tree_util.tree_leaves(xs)[0].shape[0]
-    groups = num_minibatches(m, remat_every)
-    pad = groups * remat_every - m
 
-    def group_up(x):
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))  # (G*n, ...)
-        return x.reshape(groups, remat_every, *x.shape[1:])  # (G, n, ...)
-
-    @jax.checkpoint
     def group_step(c, xg):
         return jax.lax.scan(step, c, xg, unroll=min(unroll, remat_every))
 
-    carry, ys = jax.lax.scan(group_step, carry, jax.tree_util.tree_map(group_up, xs))
-    ys = jax.tree_util.tree_map(
-        lambda y: y.reshape(groups * remat_every, *y.shape[2:])[:m], ys
-    )  # (M, ...)
-    return carry, ys
+    return scan_groups(group_step, carry, xs, remat_every)

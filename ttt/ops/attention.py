@@ -47,11 +47,6 @@ def _check_qkv(q, k, v) -> None:
     checks.check_same_dtype(q=q, k=k, v=v)
 
 
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
-
-
 def _causal_mask(n: int) -> jax.Array:
     """(n, n) bool, True where key s may be seen by query t (s <= t, diagonal included)."""
     return jnp.tril(jnp.ones((n, n), dtype=bool))
@@ -204,9 +199,9 @@ def linear_attention(
       N need not be a multiple).
     """
     _check_qkv(q, k, v)
-    _check_choice("feature_map", feature_map, _FEATURE_MAPS)
-    _check_choice("normalize", normalize, _NORMALIZERS)
-    _check_choice("form", form, _FORMS)
+    checks.check_choice("feature_map", feature_map, _FEATURE_MAPS)
+    checks.check_choice("normalize", normalize, _NORMALIZERS)
+    checks.check_choice("form", form, _FORMS)
     if int(chunk) < 1:
         raise ValueError(f"chunk: expected a positive chunk size, got {chunk}")
     return _linear_attention(q, k, v, causal, feature_map, normalize, form, int(chunk), eps)
@@ -259,8 +254,8 @@ def linear_attention_decode_step(
         normalize = "adaptive"
     elif normalize is False:
         normalize = None
-    _check_choice("normalize", normalize, _NORMALIZERS)
-    _check_choice("feature_map", feature_map, _FEATURE_MAPS)
+    checks.check_choice("normalize", normalize, _NORMALIZERS)
+    checks.check_choice("feature_map", feature_map, _FEATURE_MAPS)
     checks.check_rank("q_t", q_t, 3, "(B, H, d)")
     B, H, d = q_t.shape
     checks.check_shape("k_t", k_t, (B, H, d), "(B, H, d)", like="q_t")

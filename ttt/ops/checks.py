@@ -59,7 +59,70 @@ def check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
 
 
-def check_choice(name: str, value, choices: Sequence[str]) -> None:
+def check_choice(name: str, value, choices: Sequence) -> None:
     """Raise ValueError unless `value` is one of `choices`, listing them."""
     if value not in choices:
-        raise ValueError(f"{name}: unknown value {value!r}; expected one of {', '.join(choices)}")
+        known = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name}: expected one of {known}; got {value!r}")
+
+
+def inner_state_layout(learner, W0, B: int, H: int, d_in: int, what: str = "W0") -> bool:
+    """Check an inner state against its learner; True when it leads with (B, H), False for (H,).
+
+    W0 must have the structure of `learner.init(key, d_in)` with every leaf shaped (H, ...) (one
+    state per head, shared over the batch) or (B, H, ...) (one per sequence), floating point.
+    """
+    if not (hasattr(learner, "init") and hasattr(learner, "apply")):
+        raise ValueError(f"learner: expected a Learner (name, init, apply, ...), got {learner!r}")
+    per_head = jax.eval_shape(lambda key: learner.init(key, d_in), jax.random.PRNGKey(0))
+    structure = jax.tree_util.tree_structure
+    if structure(W0) != structure(per_head):
+        raise ValueError(
+            f"{what}: expected a pytree like {learner.name}.init(key, {d_in}) with leading H, "
+            f"got structure {structure(W0)}, expected {structure(per_head)}"
+        )
+    leads = set()
+    for (path, w), ref in zip(
+        jax.tree_util.tree_leaves_with_path(W0), jax.tree_util.tree_leaves(per_head), strict=True
+    ):
+        shape, tail = tuple(jnp.shape(w)), tuple(ref.shape)
+        where = what + jax.tree_util.keystr(path)
+        if shape == (H, *tail):
+            leads.add(1)
+        elif shape == (B, H, *tail):
+            leads.add(2)
+        else:
+            raise ValueError(
+                f"{where}: expected leading axes (H,) = {(H,)} or (B, H) = {(B, H)} before the "
+                f"learner's shape {tail}, i.e. {(H, *tail)} or {(B, H, *tail)}; got {shape}"
+            )
+        check_floating(where, w)
+    if len(leads) > 1:
+        raise ValueError(f"{what}: leaves mix leading (H,) and (B, H) axes; use one for all")
+    return leads == {2}
+
+
+def check_heads(owner: str, width: int, num_heads: int, even_head_dim: bool) -> int:
+    """Validate width/num_heads (and an even head dim for RoPE); return the head dim d."""
+    if not (isinstance(width, int) and width > 0 and isinstance(num_heads, int) and num_heads > 0):
+        raise ValueError(
+            f"{owner}: width and num_heads must be positive ints, got {width}, {num_heads}"
+        )
+    if width % num_heads:
+        raise ValueError(f"{owner}: width {width} is not divisible by num_heads {num_heads}")
+    d = width // num_heads
+    if even_head_dim and d % 2:
+        raise ValueError(
+            f"{owner}: RoPE needs an even head dim, got width/num_heads = {d}; change the "
+            f"width or heads, or pass rope=False"
+        )
+    return d
+
+
+def check_input(owner: str, x, width: int, name: str = "x") -> None:
+    """ValueError unless x is a floating (B, N, C=width) array with N >= 1."""
+    shape = tuple(jnp.shape(x))
+    if len(shape) != 3 or shape[-1] != width or shape[1] < 1:
+        raise ValueError(f"{owner}: {name} must be (B, N, C={width}) with N >= 1, got {shape}")
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(f"{owner}: {name} must be floating point, got {jnp.result_type(x)}")

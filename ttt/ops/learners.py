@@ -10,7 +10,8 @@ which is what the dual form (TTT-LM §2.7) needs to answer queries without mater
 
 Notable choices:
 - Weights are stored as (d_in, d_out) and applied as x W (row vectors), like flax Dense.
-- LayerNorm follows flax: var = E[x²] − E[x]², eps 1e-6 (parity with ttt-lm-jax).
+- LayerNorm is `ttt.ops.primitives.layer_norm` (flax's var = E[x²] − E[x]², eps 1e-6: parity with
+  ttt-lm-jax).
 - GELU is the tanh approximation (parity with ttt-lm-jax).
 - In `ln_residual` the LN scale/bias are `fixed`: outer-loop parameters the inner loop never trains.
 """
@@ -23,6 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ttt.ops.primitives import layer_norm
+
 
 class Learner(NamedTuple):
     """An inner model f(x; W) as pure functions over a per-head parameter dict.
@@ -34,6 +37,8 @@ class Learner(NamedTuple):
                                    dual form cannot handle this learner
     activation                     elementwise nonlinearity between dense layers (None = identity)
     post(x_in, y, fixed) -> out    applied after the dense chain (None = identity)
+    ln_eps                         when `post` is the residual LayerNorm of `ln_residual`, its eps
+                                   (the dual form then uses the closed-form LN backward); else None
     """
 
     name: str
@@ -42,25 +47,12 @@ class Learner(NamedTuple):
     dense: tuple | None = None
     activation: Callable | None = None
     post: Callable | None = None
+    ln_eps: float | None = None
 
 
 def gelu_tanh(x):
     """GELU, tanh approximation (as in ttt-lm-jax)."""
     return jax.nn.gelu(x, approximate=True)
-
-
-def layer_norm(x, scale, bias, eps=1e-6):
-    """LayerNorm flax convention var = E[x²] − E[x]²; x (..., d), scale, bias (d,)."""
-    d = x.shape[-1]
-    mean = jnp.mean(x, axis=-1)  # (...,)
-    # flax computes the variance from the two moments, not as E[(x - mean)²]; match it exactly.
-    var = jnp.maximum(jnp.einsum("...d,...d->...", x, x) / d - mean * mean, 0.0)
-    # the per-row and per-feature products are einsums so that their gradients are dots: XLA:CPU
-    # runs a fused reduce of a product (what autodiff of a broadcast multiply gives) far slower
-    xhat = jnp.einsum("...d,...->...d", x - mean[..., None], jax.lax.rsqrt(var + eps))
-    if jnp.ndim(scale) == 1:
-        return jnp.einsum("...d,d->...d", xhat, scale) + bias
-    return xhat * scale + bias
 
 
 def init_fixed_ln(d) -> dict:
@@ -148,6 +140,7 @@ def ln_residual(inner: Learner, eps=1e-6) -> Learner:
         dense=inner.dense if dual_ok else None,
         activation=inner.activation if dual_ok else None,
         post=post if dual_ok else None,
+        ln_eps=float(eps) if dual_ok else None,
     )
 
 

@@ -59,24 +59,6 @@ def sgd_chunks(key, n: int, T: int):
     return idx, jnp.asarray(mask)
 
 
-def _state_layout(learner, W0, d_in: int, B: int, H: int) -> bool:
-    """True if W0 carries leading (B, H) axes (per sequence), False for leading H (shared)."""
-    template = jax.eval_shape(lambda key: learner.init(key, d_in), jax.random.PRNGKey(0))
-    leaves_t = jax.tree_util.tree_leaves(template)
-    leaves_w = jax.tree_util.tree_leaves(W0)
-    if len(leaves_t) != len(leaves_w) or not leaves_w:
-        raise ValueError(
-            f"W0: expected a pytree like learner.init(key, {d_in}) with a leading H or (B, H) "
-            f"axis, got {jax.tree_util.tree_structure(W0)}"
-        )
-    extra = jnp.ndim(leaves_w[0]) - len(leaves_t[0].shape)
-    if extra == 2:
-        checks.check_leading("W0", W0, (B, H), "(B, H)")
-        return True
-    checks.check_leading("W0", W0, (H,), "(H,)")
-    return False
-
-
 def _loss_fn(learner, decode, loss_norm):
     """L(W; S) for one head: (W, fixed, decode_params_h, k_S (m, d_in), v_S (m, d_v), w (m,))."""
 
@@ -174,7 +156,7 @@ def mttt(
     lrs = jnp.asarray(lrs)
     _check_args(q, k, v, lrs, fixed, decode, decode_params, mode, key)
     B, H, N, d_in = q.shape
-    per_sequence = _state_layout(learner, W0, d_in, B, H)
+    per_sequence = checks.inner_state_layout(learner, W0, B, H, d_in)
     T = lrs.shape[0]
     if mode == "sgd" and T == 0:
         mode = "gd"  # no steps, nothing to sample

@@ -43,37 +43,12 @@ FORMS = ("auto", "dual", "primal")
 def _head_shapes(learner, W0, q, v, fixed, what="W0"):
     """Check W0/fixed against the learner; return True when W0 leads with (B, H), False for (H,)."""
     B, H, _, d_in = q.shape
-    if not (hasattr(learner, "init") and hasattr(learner, "apply")):
-        raise ValueError(f"learner: expected a Learner (name, init, apply, ...), got {learner!r}")
-    per_head = jax.eval_shape(lambda key: learner.init(key, d_in), jax.random.PRNGKey(0))
-    if jax.tree_util.tree_structure(W0) != jax.tree_util.tree_structure(per_head):
-        raise ValueError(
-            f"{what}: expected a pytree like {learner.name}.init(key, {d_in}) with leading H, "
-            f"got structure {jax.tree_util.tree_structure(W0)}, expected "
-            f"{jax.tree_util.tree_structure(per_head)}"
-        )
-    leads = set()
-    for (path, w), ref in zip(
-        jax.tree_util.tree_leaves_with_path(W0), jax.tree_util.tree_leaves(per_head), strict=True
-    ):
-        shape, tail = tuple(jnp.shape(w)), tuple(ref.shape)
-        where = what + jax.tree_util.keystr(path)
-        if shape == (H, *tail):
-            leads.add(1)
-        elif shape == (B, H, *tail):
-            leads.add(2)
-        else:
-            raise ValueError(
-                f"{where}: expected shape (H, ...) = {(H, *tail)} or (B, H, ...) = "
-                f"{(B, H, *tail)}, got {shape}"
-            )
-        checks.check_floating(where, w)
-    if len(leads) > 1:
-        raise ValueError(f"{what}: leaves mix leading (H,) and (B, H) axes; use one for all")
+    per_sequence = checks.inner_state_layout(learner, W0, B, H, d_in, what)
     if fixed is not None:
         checks.check_leading("fixed", fixed, (H,), "(H,)")
+    lead = 2 if per_sequence else 1
     W_head = jax.tree_util.tree_map(
-        lambda w, ref: jax.ShapeDtypeStruct(ref.shape, w.dtype), W0, per_head
+        lambda w: jax.ShapeDtypeStruct(jnp.shape(w)[lead:], jnp.result_type(w)), W0
     )
     fixed_head = jax.tree_util.tree_map(
         lambda f: jax.ShapeDtypeStruct(jnp.shape(f)[1:], jnp.result_type(f)), fixed
@@ -91,7 +66,7 @@ def _head_shapes(learner, W0, q, v, fixed, what="W0"):
             f"v: learner {learner.name} maps d_in={d_in} to {tuple(out.shape)}, but v has "
             f"d_out={v.shape[-1]}"
         )
-    return leads == {2}
+    return per_sequence
 
 
 def _check_sequence(q, k, v, eta, mini_batch):
@@ -221,8 +196,6 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
         A1 = A1 + eta_m  # the bias's gradient enters every row with weight η_ij
     kq = jnp.concatenate([k_m, q_m], axis=-2)  # (B, H, M, 2b, d_in): keys then queries
 
-    eps = _dual.ln_residual_eps(learner)
-
     def head(W0_h, fixed_h, xs_h):
         def step(W, x):
             kq_m, v_in, eta_mb, A1_m = x  # (2b, d_in), (b, d_out), (b, b), (b, b)
@@ -230,7 +203,7 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
             Z1 = kq_m @ W[w1]  # (2b, d_in) @ (d_in, d_1) -> (2b, d_1)
             if b1 is not None:
                 Z1 = Z1 + W[b1]
-            G, Xk = _dual.key_gradients(learner, W, fixed_h, k_in, v_in, Z1[:b], eps)
+            G, Xk = _dual.key_gradients(learner, W, fixed_h, k_in, v_in, Z1[:b])
             Xk = [k_in, *Xk]
             eta_last = eta_mb[-1]  # (b,): the row that carries the state
             W_next = dict(W)
