@@ -93,8 +93,8 @@ def inner_state_layout(learner, W0, B: int, H: int, d_in: int, what: str = "W0")
             leads.add(2)
         else:
             raise ValueError(
-                f"{where}: expected leading axes (H,) = {(H,)} or (B, H) = {(B, H)} before the "
-                f"learner's shape {tail}, i.e. {(H, *tail)} or {(B, H, *tail)}; got {shape}"
+                f"{where}: expected shape (H, ...) = {(H, *tail)} or (B, H, ...) = "
+                f"{(B, H, *tail)}, got {shape}"
             )
         check_floating(where, w)
     if len(leads) > 1:
