@@ -48,18 +48,6 @@ def _out(module, z, use_bias):
     return common.dense(C, "wo", dt, pdt, module.init_scale, bias=use_bias)(y)
 
 
-def _check_step(module, x_t, cache, keys):
-    if jnp.ndim(x_t) != 3 or x_t.shape[1] != 1:
-        raise ValueError(
-            f"{type(module).__name__}.step: x_t must be (B, 1, C), got {jnp.shape(x_t)}"
-        )
-    if not isinstance(cache, dict) or set(cache) != set(keys):
-        got = sorted(cache) if isinstance(cache, dict) else type(cache).__name__
-        raise ValueError(
-            f"cache: expected keys {sorted(keys)} (from init_cache or prefill), got {got}"
-        )
-
-
 def _no_decode(module):
     raise ValueError(f"{type(module).__name__}(causal=False) is non-causal: it has no decode path")
 
@@ -163,7 +151,7 @@ class SoftmaxAttention(nn.Module):
         del ttt_lr_mult
         if not self.causal:
             _no_decode(self)
-        _check_step(self, x_t, cache, ("k", "v", "pos"))
+        checks.check_step(type(self).__name__, x_t, cache, ("k", "v", "pos"), self.width)
         return self._run("step", x_t, cache)
 
 
@@ -260,5 +248,5 @@ class LinearAttention(nn.Module):
         del ttt_lr_mult
         if not self.causal:
             _no_decode(self)
-        _check_step(self, x_t, cache, ("S", "s", "pos"))
+        checks.check_step(type(self).__name__, x_t, cache, ("S", "s", "pos"), self.width)
         return self._run("step", x_t, cache)

@@ -10,6 +10,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+GPU_UNROLL = 8  # mini-batch steps per loop iteration on a GPU (measured: docs/benchmarks.md)
+
+
+def default_unroll(backend: str | None = None) -> int:
+    """The scan `unroll` a layer uses unless told otherwise: GPU_UNROLL on a GPU, else 1.
+
+    A GPU pays a fixed cost per iteration of a compiled loop that the per-mini-batch matmuls
+    (b × d by d × d per head) are too small to hide; the CPU gains nothing and compiles longer.
+    """
+    return GPU_UNROLL if (backend or jax.default_backend()) == "gpu" else 1
+
 
 def num_minibatches(n: int, b: int) -> int:
     """ceil(n / b)."""

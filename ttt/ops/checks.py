@@ -126,3 +126,16 @@ def check_input(owner: str, x, width: int, name: str = "x") -> None:
         raise ValueError(f"{owner}: {name} must be (B, N, C={width}) with N >= 1, got {shape}")
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise ValueError(f"{owner}: {name} must be floating point, got {jnp.result_type(x)}")
+
+
+def check_step(owner: str, x_t, cache, keys, width: int) -> None:
+    """A one-token decode call: x_t (B, 1, C=width), `cache` a dict with exactly `keys`."""
+    if jnp.ndim(x_t) != 3 or x_t.shape[1] != 1:
+        raise ValueError(f"{owner}.step: x_t must be (B, 1, C), got {jnp.shape(x_t)}")
+    check_input(owner, x_t, width, "x_t")
+    if not isinstance(cache, dict) or set(cache) != set(keys):
+        got = sorted(cache) if isinstance(cache, dict) else type(cache).__name__
+        raise ValueError(
+            f"cache: expected a dict with keys {sorted(keys)} (from init_cache or prefill), "
+            f"got {got}"
+        )
