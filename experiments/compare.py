@@ -29,7 +29,6 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import time
@@ -37,6 +36,8 @@ import traceback
 
 from absl import flags
 from ml_collections import config_flags
+
+from ttt.config import flag_error_line
 
 FOUR = ("ttt_linear", "ttt_mlp", "linear_attention", "softmax")
 MQAR_DEMO = ((64, 4), (64, 16))  # (sequence length, key-value pairs)
@@ -80,17 +81,9 @@ def load_config(spec: str, overrides=()):
                                     flag_values=holder, lock_config=True, sys_argv=argv)
     try:
         holder(argv)
-    except flags.Error as err:
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        if "Traceback (most recent call last):" in lines:  # get_config's own error: its last line
-            message = re.sub(r"^[\w.]+: ", "", lines[-1])  # without the exception's class name
-        else:
-            message = lines[0]
-        raise ValueError(f"{spec}: {message}") from None
-    except (AttributeError, KeyError) as err:  # an override path that the config does not have
-        name = str(err.args[0] if err.args else err).strip("'\"")
-        raise ValueError(f"{spec}: no config field {name!r} (overrides: {' '.join(overrides)})") \
-            from None
+    except (flags.Error, AttributeError, KeyError) as err:  # the latter: an unknown override
+        line = flag_error_line(err)  # names the flag: --config=<spec> or --config.<key>=<value>
+        raise ValueError(line if line.startswith("--config=") else f"{spec}: {line}") from None
     return holder.config
 
 

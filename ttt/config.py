@@ -5,6 +5,7 @@ that names the key to change (`ConfigError("config.train.global_batch_size=6: ..
 from __future__ import annotations
 
 import math
+import re
 
 from ttt.layers import make_mixer
 from ttt.models.build import model_mixer
@@ -22,6 +23,26 @@ REQUIRED = {
 
 class ConfigError(ValueError):
     """A configuration mistake a user can fix; the message names the offending key."""
+
+
+def flag_error_line(err: Exception) -> str:
+    """One line from an absl / ml_collections flag-parsing error.
+
+    An exception raised by a config file's get_config arrives inside a traceback ("flag
+    --config=...: Error whilst parsing config file: Traceback ... ValueError: lm config: ..."):
+    keep the flag and that exception's message ("--config=...: lm config: ..."). Anything else
+    ("flag --config.train.steps=abc: invalid literal ...") is one line already. An override of a
+    field the (locked) config lacks arrives as an AttributeError / KeyError naming the field.
+    """
+    if isinstance(err, (AttributeError, KeyError)):
+        name = str(err.args[0] if err.args else err).strip("'\"")
+        return f"--config override: no config field {name!r} (the config is locked)"
+    lines = [line.removeprefix("flag ") for line in str(err).splitlines() if line.strip()]
+    if "Traceback (most recent call last):" in lines:
+        flag = lines[0].split(": Error whilst parsing", 1)[0]
+        message = re.sub(r"^[\w.]+: ", "", lines[-1])  # without the exception's class name
+        return f"{flag}: {message}"
+    return lines[0] if lines else type(err).__name__
 
 
 def _get(section, key, default=None):
