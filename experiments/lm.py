@@ -113,7 +113,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         steps=4 if smoke else 2000, global_batch_size=8 if smoke else 32, grad_accum=1,
         log_every=1 if smoke else 20, diag_every=1 if smoke else 100,
         eval_every=4 if smoke else 500, eval_steps=1 if smoke else 10,
-        checkpoint_every=2 if smoke else 500, keep_checkpoints=3, keep_every=None,
+        checkpoint_every=2 if smoke else 500, keep_checkpoints=3, keep_every=unset(int),
         async_checkpoints=True, seed=0, progress=True,
         parallel="single", mesh={"data": -1, "fsdp": 1, "model": 1}, fsdp_min_size=2**14,
         partition_rules=(), label_smoothing=0.0, mixup_alpha=0.0)

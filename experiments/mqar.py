@@ -71,7 +71,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         steps=steps, global_batch_size=2 if a["smoke"] else (16 if small else 64), grad_accum=1,
         log_every=1 if a["smoke"] else 50, diag_every=1 if a["smoke"] else 50,
         eval_every=steps, eval_steps=1 if a["smoke"] else (8 if small else 47),
-        checkpoint_every=steps, keep_checkpoints=1, keep_every=None, async_checkpoints=False,
+        checkpoint_every=steps, keep_checkpoints=1, keep_every=unset(int), async_checkpoints=False,
         seed=0, progress=True, parallel="single", mesh={"data": -1, "fsdp": 1, "model": 1},
         fsdp_min_size=2**14, partition_rules=(), label_smoothing=0.0, mixup_alpha=0.0)
     return mlc.ConfigDict(c)

@@ -70,7 +70,8 @@ def _imagenet(c: mlc.ConfigDict, a: dict) -> None:
                    num_classes=1000, image_size=224, channels=3, dtype="bfloat16",
                    remat="block" if pixels else "none")
     c.data = dict(name="tfds_images", dataset="imagenet2012", data_dir=unset(str), image_size=224,
-                  pixels=pixels, flip=True, randaug=None if pixels else (2, 15), mixup=0.0)
+                  pixels=pixels, flip=True, randaug=unset(tuple) if pixels else (2, 15),
+                  mixup=0.0)
     c.optim.update(lr=1e-3, end_lr=0.0, warmup_steps=10_000, b2=0.999, weight_decay=1e-4,
                    weight_decay_mask="matrices")
     c.train.update(steps=steps, global_batch_size=batch, log_every=100, diag_every=1000,
@@ -99,7 +100,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         steps=4 if smoke else 1500, global_batch_size=8 if smoke else 64, grad_accum=1,
         log_every=1 if smoke else 20, diag_every=1 if smoke else 100,
         eval_every=4 if smoke else 300, eval_steps=1 if smoke else 5,
-        checkpoint_every=2 if smoke else 500, keep_checkpoints=3, keep_every=None,
+        checkpoint_every=2 if smoke else 500, keep_checkpoints=3, keep_every=unset(int),
         async_checkpoints=True, seed=0, progress=True,
         parallel="single", mesh={"data": -1, "fsdp": 1, "model": 1}, fsdp_min_size=2**14,
         partition_rules=(), label_smoothing=0.0, mixup_alpha=0.0)

@@ -57,7 +57,7 @@ def lm_mixer_params(mixer: str, C: int, H: int) -> int:
     lr_offset = MINI_BATCH  # learnable offset per position in the mini-batch
     ttt_norm = 2 * H * d  # per-head LayerNorm inside f
     post_norm = 2 * C
-    if mixer.startswith("ttt_linear"):
+    if MIXERS[mixer].attrs()["learner"] == "linear":
         inner = H * (d * d + d)  # W1, b1
     else:
         inner = H * (d * 4 * d + 4 * d + 4 * d * d + d)  # W1, b1, W2, b2
