@@ -18,7 +18,7 @@ rung 2: same parameters, same function), and from rung 5 on it is the ttt-lm-jax
 (with an LN inside f, η = 1 makes the first updates blow up); RoPE (positions t mod b) enters with
 mini-batches, where it first means something.
 
-Argument: comma-separated tokens, any order.
+Argument: comma-separated tokens, any order (`experiments/args.py`; anything else is an error).
   <rung>    a rung name or number 1..8 (default 8)
   cpu       2-core CPU scale: tiny LM (2 layers, width 64), 128-byte contexts of the embedded
             corpus, 150 steps of 8 sequences (~30 s per rung after compilation)
@@ -39,11 +39,14 @@ from __future__ import annotations
 import ml_collections as mlc
 
 from experiments import lm
+from experiments.args import Grammar
 
 PAPER_PPL = {"linear_attn": 15.91, "linear_attn_plain": 15.23, "ttt_equivalence": 15.23,
              "learnable_W0": 15.27, "ln_residual": 14.05, "mini_batch": 12.35,
              "learnable_eta": 11.99, "mamba_backbone": 11.09}
 RUNGS = tuple(PAPER_PPL)
+GRAMMAR = Grammar("ablation", names=RUNGS, default=RUNGS[-1], name_key="rung", name_label="rungs",
+                  aliases={str(i + 1): r for i, r in enumerate(RUNGS)}, flags=("cpu", "smoke"))
 
 _TTT_BASE = dict(learn_W0=False, ln_residual=False, post_norm=False, mini_batch=0, learn_eta=False,
                  eta=1.0, rope=False, stats=False)
@@ -79,18 +82,8 @@ def rung_model(rung: str, head_dim: int) -> tuple[str, dict]:
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     """Config for `python -m ttt.main --config experiments/ablation.py:<arg>`."""
-    rung, flags = RUNGS[-1], []
-    for token in filter(None, (arg or "").split(",")):
-        token = token.strip()
-        if token in ("cpu", "smoke"):
-            flags.append(token)
-        elif token.isdigit() and 1 <= int(token) <= len(RUNGS):
-            rung = RUNGS[int(token) - 1]
-        elif token in RUNGS:
-            rung = token
-        else:
-            raise ValueError(f"ablation config: unknown token {token!r}; rungs: {', '.join(RUNGS)}"
-                             " (or 1..8), plus cpu / smoke")
+    a = GRAMMAR.parse(arg)
+    rung, flags = a["rung"], [f for f in GRAMMAR.flags if a[f]]
     small = bool(flags)
     base = lm.get_config(",".join(["ttt_linear", "tiny" if small else "125m", *flags]
                                   + ([] if small else ["ctx=2k", "paper"])))

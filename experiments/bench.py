@@ -2,14 +2,15 @@
 
     python -m experiments.bench --out runs/bench [--quick] [--max-n 8192] [--mixers a,b] [--runs 5]
 
-Every mixer of MIXERS runs at width 768, 12 heads of 64, mini-batch 16, batch 1, float32, for
-N in 512 … 32k: forward and forward+backward time (median of `--runs` timed calls after one
-warm-up, `block_until_ready`), tokens/s, compile time, peak memory (XLA's compiled memory analysis:
-arguments + outputs + temporaries), FLOPs written down from the math (`bench_flops.py`) and the
-achieved GFLOP/s against a matmul ceiling measured in the same run. Also: decode latency of one
-step at contexts 1k/4k/16k, training memory with and without mini-batch-group remat, and the
-compile time of a 12- vs 24-layer LM train step. Writes bench.json, bench.md and bench.png to
---out; `bench_report.py` builds the tables, the target checks and the plot.
+Every label of LABELS (a registry mixer plus overrides of its defaults) runs at width 768, 12
+heads of 64, mini-batch 16, batch 1, float32, for N in 512 … 32k: forward and forward+backward time
+(median of `--runs` timed calls after one warm-up, `block_until_ready`), tokens/s, compile time,
+peak memory (XLA's compiled memory analysis: arguments + outputs + temporaries), FLOPs written down
+from the math (the registry's `flops`, `ttt.layers.costs`) and the achieved GFLOP/s against a
+matmul ceiling measured in the same run. Also: decode latency of one step at contexts
+1k/4k/16k, training memory with and without mini-batch-group remat, and the compile time of a 12-
+vs 24-layer LM train step (built by the trainer's own `build_setup`). Writes bench.json, bench.md
+and bench.png to --out; `bench_report.py` builds the tables, the target checks and the plot.
 
 Notable choices:
 - The baseline of every ratio is causal linear attention in chunked form with the same four
@@ -39,104 +40,82 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import bench_flops, bench_report
-from ttt.layers.registry import make_mixer
+from experiments import bench_report, lm
+from experiments.timing import compile_timed, matmul_rates, peak_bytes, timed_calls
+from ttt.layers import MIXERS, SoftmaxAttention, costs, forward_flops, make_mixer
+from ttt.models import PRESETS, build_model
+from ttt.train.train import build_setup, lower_train_step, resolve_config
 
-WIDTH, HEADS, MINI_BATCH = 768, 12, 16
+WIDTH, HEADS, MINI_BATCH = 768, 12, 16  # the 125M layer shape (defaults of the flags)
 NS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 DECODE_CONTEXTS = (1024, 4096, 16384)
 BASELINE = "linattn_chunked"
 
-# label -> (registry name, mixer kwargs, FLOP spec for bench_flops.mixer_flops)
-MIXERS: dict[str, tuple[str, dict, dict]] = {
-    "ttt_linear": ("ttt_linear", dict(stats=False, form="dual"),
-                   dict(family="ttt", learner="linear", form="dual")),
-    "ttt_linear_primal": ("ttt_linear", dict(stats=False, form="primal"),
-                          dict(family="ttt", learner="linear", form="primal")),
-    "ttt_linear_mamba": ("ttt_linear_mamba", dict(stats=False, form="dual"),
-                         dict(family="ttt", learner="linear", form="dual", backbone="mamba")),
-    "ttt_mlp": ("ttt_mlp", dict(stats=False, form="dual"),
-                dict(family="ttt", learner="mlp", form="dual")),
-    "ttt_mlp_primal": ("ttt_mlp", dict(stats=False, form="primal"),
-                       dict(family="ttt", learner="mlp", form="primal")),
-    "linattn_chunked": ("linear_attention", dict(form="chunked"),
-                        dict(family="linear_attention", form="chunked", chunk=64)),
-    "linattn_cumsum": ("linear_attention", dict(form="cumsum"),
-                       dict(family="linear_attention", form="cumsum")),
-    "softmax": ("softmax", {}, dict(family="softmax")),
+# label -> (registry name, overrides of its defaults); FLOPs come from the registry entry
+LABELS: dict[str, tuple[str, dict]] = {
+    "ttt_linear": ("ttt_linear", dict(stats=False, form="dual")),
+    "ttt_linear_primal": ("ttt_linear", dict(stats=False, form="primal")),
+    "ttt_linear_mamba": ("ttt_linear_mamba", dict(stats=False, form="dual")),
+    "ttt_mlp": ("ttt_mlp", dict(stats=False, form="dual")),
+    "ttt_mlp_primal": ("ttt_mlp", dict(stats=False, form="primal")),
+    "linattn_chunked": ("linear_attention", dict(form="chunked")),
+    "linattn_cumsum": ("linear_attention", dict(form="cumsum")),
+    "softmax": ("softmax", {}),
 }
-DECODE_MIXERS = ("ttt_linear", "ttt_mlp", "linattn_chunked", "softmax")
+DECODE_LABELS = ("ttt_linear", "ttt_mlp", "linattn_chunked", "softmax")
 GiB = 2.0**30
 
 
-def _median_time(fn, *args, runs: int) -> list[float]:
-    """Seconds of `runs` calls of fn(*args) after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return times
+def flops_fwd(label: str, N: int, width: int, heads: int) -> float:
+    """Forward FLOPs of one call of `label` (the registry's formula for its attributes)."""
+    name, kwargs = LABELS[label]
+    return forward_flops(name, N, width, heads, **kwargs)
 
 
-def _compile(fn, *args):
-    """jit-compile fn for args -> (compiled, seconds for trace + lower + compile)."""
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    return compiled, time.perf_counter() - t0
-
-
-def _peak_bytes(compiled) -> int | None:
-    """Arguments + outputs + temporaries of a compiled executable (None if XLA does not say)."""
-    try:
-        m = compiled.memory_analysis()
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                   - m.alias_size_in_bytes)
-    except Exception:  # backends without memory analysis
-        return None
+def _quadratic(label: str) -> bool:
+    """Whether the label's time and memory grow with N² (softmax attention's N×N scores)."""
+    return MIXERS[LABELS[label][0]].module is SoftmaxAttention
 
 
 def matmul_ceiling(runs: int) -> dict:
     """Best GFLOP/s of float32 matmuls at the projection shape and a large square one."""
-    out = {}
-    for name, (m, k, n) in {"proj_8192x768x768": (8192, 768, 768),
-                            "square_2048": (2048, 2048, 2048)}.items():
-        a = jax.random.normal(jax.random.PRNGKey(0), (m, k), jnp.float32)
-        b = jax.random.normal(jax.random.PRNGKey(1), (k, n), jnp.float32)
-        f = jax.jit(jnp.matmul)
-        t = statistics.median(_median_time(f, a, b, runs=max(runs, 5)))
-        out[name] = 2.0 * m * k * n / t / 1e9
+    rates = matmul_rates({"proj_8192x768x768": (8192, 768, 768),
+                          "square_2048": (2048, 2048, 2048)}, jnp.float32, max(runs, 5))
+    out = {name: rate / 1e9 for name, rate in rates.items()}
     out["ceiling_gflops"] = max(out.values())
     return out
 
 
-def est_mem_gib(label: str, N: int) -> float:
+def est_mem_gib(label: str, N: int, width: int = WIDTH, heads: int = HEADS) -> float:
     """Rough training memory of the mixer's N-dependent intermediates (for skipping)."""
-    d = WIDTH // HEADS
-    act = 40 * N * WIDTH * 4  # projections, residuals and their gradients
-    if label == "softmax":
-        return (act + 3 * HEADS * N * N * 4) / GiB  # scores, probabilities, their gradient
-    if label == "linattn_cumsum":
-        return (act + 3 * HEADS * N * d * d * 4) / GiB  # cumulative states S_t and gradient
-    if label.endswith("_primal"):  # one inner-parameter gradient per token, ~3 live copies
-        inner = d * d if MIXERS[label][2]["learner"] == "linear" else 2 * 4 * d * d
-        return (act + 3 * HEADS * N * inner * 4) / GiB
+    name, kwargs = LABELS[label]
+    attrs = MIXERS[name].attrs(**kwargs)
+    d = width // heads
+    act = 40 * N * width * 4  # projections, residuals and their gradients
+    if _quadratic(label):
+        return (act + 3 * heads * N * N * 4) / GiB  # scores, probabilities, their gradient
+    if attrs.get("form") == "cumsum":
+        return (act + 3 * heads * N * d * d * 4) / GiB  # cumulative states S_t and gradient
+    if attrs.get("form") == "primal":  # one inner-parameter gradient per token, ~3 live copies
+        layers = costs.inner_layers(d, attrs["learner"], attrs["mlp_factor"])
+        inner = sum(din * dout for din, dout in layers)
+        return (act + 3 * heads * N * inner * 4) / GiB
     return act / GiB
 
 
-def _setup(label: str, N: int, **overrides):
-    name, kwargs, _ = MIXERS[label]
-    module = make_mixer(name, WIDTH, HEADS, **{**kwargs, **overrides})
-    x = jax.random.normal(jax.random.PRNGKey(0), (1, N, WIDTH), jnp.float32)
+def _setup(label: str, N: int, width: int, heads: int, **overrides):
+    name, kwargs = LABELS[label]
+    module = make_mixer(name, width, heads, **{**kwargs, **overrides})
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, N, width), jnp.float32)
     params = module.init(jax.random.PRNGKey(1), x[:, : min(N, 2 * MINI_BATCH)])
-    ct = jax.random.normal(jax.random.PRNGKey(2), (1, N, WIDTH), jnp.float32)
+    ct = jax.random.normal(jax.random.PRNGKey(2), (1, N, width), jnp.float32)
     return module, params, x, ct
 
 
-def measure_layer(label: str, N: int, runs: int, **overrides) -> dict:
+def measure_layer(label: str, N: int, runs: int, width: int = WIDTH, heads: int = HEADS,
+                  **overrides) -> dict:
     """Forward and forward+backward time, compile time and peak memory of one mixer at N."""
-    module, params, x, ct = _setup(label, N, **overrides)
+    module, params, x, ct = _setup(label, N, width, heads, **overrides)
 
     def forward(p, x):
         return module.apply(p, x)[0]
@@ -145,31 +124,30 @@ def measure_layer(label: str, N: int, runs: int, **overrides) -> dict:
         return jnp.sum(forward(p, x) * ct)  # a fixed random cotangent for the backward
 
     train = jax.value_and_grad(loss, argnums=(0, 1))
-    fwd, fwd_compile = _compile(forward, params, x)
-    fb, fb_compile = _compile(train, params, x, ct)
-    fwd_t = _median_time(fwd, params, x, runs=runs)
-    fb_t = _median_time(fb, params, x, ct, runs=runs)
+    fwd, fwd_compile = compile_timed(jax.jit(forward), params, x)
+    fb, fb_compile = compile_timed(jax.jit(train), params, x, ct)
+    fwd_t = timed_calls(fwd, params, x, runs=runs)
+    fb_t = timed_calls(fb, params, x, ct, runs=runs)
     return {
         "fwd_s": statistics.median(fwd_t), "fb_s": statistics.median(fb_t),
         "fwd_runs": fwd_t, "fb_runs": fb_t,
         "fwd_compile_s": fwd_compile, "fb_compile_s": fb_compile,
-        "fwd_peak_bytes": _peak_bytes(fwd), "fb_peak_bytes": _peak_bytes(fb),
+        "fwd_peak_bytes": peak_bytes(fwd), "fb_peak_bytes": peak_bytes(fb),
     }
 
 
-def sweep(labels, ns, runs: int, max_mem_gib: float, case_budget: float, log) -> list[dict]:
+def sweep(labels, ns, runs: int, max_mem_gib: float, case_budget: float, log,
+          width: int = WIDTH, heads: int = HEADS) -> list[dict]:
     """measure_layer over labels × ns with the memory and time skips of the module docstring."""
     rows = []
     for label in labels:
-        spec = MIXERS[label][2]
         prev = None  # (N, seconds for one fwd + one fwd+bwd call)
         oom = None  # the N at which this mixer ran out of memory
         for N in ns:
-            row = {"mixer": label, "N": N,
-                   "flops_fwd": bench_flops.mixer_flops(spec, N, WIDTH, HEADS)}
+            row = {"mixer": label, "N": N, "flops_fwd": flops_fwd(label, N, width, heads)}
             row["flops_fb"] = 3 * row["flops_fwd"]
-            mem = est_mem_gib(label, N)
-            power = 2 if label == "softmax" else 1
+            mem = est_mem_gib(label, N, width, heads)
+            power = 2 if _quadratic(label) else 1
             est = prev[1] * (N / prev[0]) ** power * (runs + 1) if prev else 0.0
             if oom is not None:
                 row["skipped"] = f"out of memory at N={oom}"
@@ -179,7 +157,7 @@ def sweep(labels, ns, runs: int, max_mem_gib: float, case_budget: float, log) ->
                 row["skipped"] = f"estimated time {est:.0f} s > budget {case_budget:g} s"
             else:
                 try:
-                    row.update(measure_layer(label, N, runs))
+                    row.update(measure_layer(label, N, runs, width=width, heads=heads))
                     prev = (N, row["fwd_s"] + row["fb_s"])
                 except Exception as e:  # out of memory, typically: keep the rest of the run
                     if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e):
@@ -191,57 +169,61 @@ def sweep(labels, ns, runs: int, max_mem_gib: float, case_budget: float, log) ->
     return rows
 
 
-def measure_decode(label: str, ctx: int, runs: int) -> dict:
+def measure_decode(label: str, ctx: int, runs: int, width: int = WIDTH,
+                   heads: int = HEADS) -> dict:
     """Latency of one decode step on a cache at position ctx − 1 (see module docstring)."""
-    overrides = {"cache_size": ctx} if label == "softmax" else {}
-    module, params, x, _ = _setup(label, 2 * MINI_BATCH, **overrides)
+    name, _ = LABELS[label]
+    overrides = {"cache_size": ctx} if "cache_size" in MIXERS[name].accepted() else {}
+    module, params, x, _ = _setup(label, 2 * MINI_BATCH, width, heads, **overrides)
     cache = module.apply(params, 1, method=module.init_cache)
     key = jax.random.PRNGKey(3)
     cache = {k: (jax.random.normal(key, v.shape, v.dtype) * 0.1
-                 if k in ("k", "v") else v) for k, v in cache.items()}
+                 if k in ("k", "v") else v) for k, v in cache.items()}  # a full KV cache
     cache["pos"] = jnp.asarray(ctx - 1, jnp.int32)
     x_t = x[:, :1]
     step = jax.jit(lambda p, x_t, c: module.apply(p, x_t, c, method=module.step))
-    times = _median_time(step, params, x_t, cache, runs=runs)
+    times = timed_calls(step, params, x_t, cache, runs=runs)
     return {"mixer": label, "context": ctx, "step_s": statistics.median(times), "runs": times}
 
 
-def measure_remat(N: int, runs: int, group: int) -> list[dict]:
+def measure_remat(N: int, runs: int, group: int, width: int = WIDTH,
+                  heads: int = HEADS) -> list[dict]:
     """TTT-Linear fwd+bwd with and without mini-batch-group remat (memory and time)."""
     rows = []
     for every in (0, group):
-        r = measure_layer("ttt_linear", N, runs, remat_every=every)
+        r = measure_layer("ttt_linear", N, runs, width=width, heads=heads, remat_every=every)
         rows.append({"N": N, "remat_every": every, **r})
     return rows
 
 
+def lm_train_setup(mixer: str, mixer_kwargs: dict, preset: str, seq_len: int, batch: int, *,
+                   dtype: str = "float32", remat: str = "none", num_layers: int | None = None):
+    """The trainer's own Setup (`ttt.train.build_setup`: model, the paper's AdamW recipe,
+    single-device placement, pure train step) for an LM of `preset` with a registry mixer."""
+    config = lm.get_config(f"{mixer},{preset}")
+    with config.unlocked():
+        config.model.mixer_kwargs = mixer_kwargs  # replaces the recipe's, not merged into them
+        config.model.update(dtype=dtype, remat=remat, scan_layers=True)
+        if num_layers is not None:
+            config.model.num_layers = num_layers
+        config.data.seq_len = seq_len
+        config.train.update(global_batch_size=batch, grad_accum=1, parallel="single")
+    meta = {"vocab_size": PRESETS["lm"][preset]["vocab_size"], "seq_len": seq_len}
+    return build_setup(resolve_config(config, meta), meta, build_model)
+
+
 def measure_lm_compile(layers_list=(12, 24), preset: str = "125m", seq_len: int = 256,
                        repeats: int = 1) -> list[dict]:
-    """Compile time of a TTT-Linear LM train step (scan_layers=True) per depth (best of repeats)."""
-    import optax
-
-    from ttt.models.build import build_model
-    from ttt.train.steps import Task, TrainState, train_step
-
+    """Compile time of a TTT-Linear LM train step (scan_layers=True) per depth (best of repeats):
+    the trainer's step lowered on abstract state and batch (nothing allocated), then compiled."""
     rows = []
     for layers in layers_list:
         best = None
         for _ in range(repeats):
-            model = build_model({"kind": "lm", "preset": preset, "mixer": "ttt_linear",
-                                 "num_layers": layers, "scan_layers": True})
-            task = Task("lm", model)
-            tx = optax.adamw(1e-3)
-            tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-            batch = {"inputs": tokens, "targets": tokens,
-                     "mask": jax.ShapeDtypeStruct((1, seq_len), jnp.float32)}
-            params = jax.eval_shape(task.init, jax.random.PRNGKey(0),
-                                    {"inputs": jnp.zeros((1, seq_len), jnp.int32)})
-            state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                               opt_state=jax.eval_shape(tx.init, params),
-                               rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-            step = functools.partial(train_step, task=task, tx=tx, lr_fn=lambda s: 1e-3,
-                                     ttt_lr_fn=lambda s: 1.0)
-            _, seconds = _compile(step, state, batch)
+            setup = lm_train_setup("ttt_linear", {}, preset, seq_len, 1, num_layers=layers)
+            t0 = time.perf_counter()
+            lower_train_step(setup).compile()
+            seconds = time.perf_counter() - t0
             best = seconds if best is None else min(best, seconds)
         rows.append({"layers": layers, "seq_len": seq_len, "compile_s": best})
     return rows
@@ -249,13 +231,12 @@ def measure_lm_compile(layers_list=(12, 24), preset: str = "125m", seq_len: int 
 
 def main(argv=None):
     """Parse the flags, run every measurement, write bench.json / bench.md / bench.png."""
-    global WIDTH, HEADS  # the layer shape; changed only by the smoke flags --width/--heads
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--quick", action="store_true", help="N <= 2048 and 3 runs")
     parser.add_argument("--max-n", type=int, default=None)
-    parser.add_argument("--mixers", default=",".join(MIXERS),
-                        help=f"comma-separated subset of {', '.join(MIXERS)}")
+    parser.add_argument("--mixers", default=",".join(LABELS),
+                        help=f"comma-separated subset of {', '.join(LABELS)}")
     parser.add_argument("--runs", type=int, default=None, help="timed calls (default 5, quick 3)")
     parser.add_argument("--max-mem-gib", type=float, default=12.0)
     parser.add_argument("--case-budget", type=float, default=90.0,
@@ -272,9 +253,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     labels = [m.strip() for m in args.mixers.split(",") if m.strip()]
-    unknown = sorted(set(labels) - set(MIXERS))
+    unknown = sorted(set(labels) - set(LABELS))
     if unknown:
-        parser.error(f"unknown mixers {unknown}; known: {', '.join(MIXERS)}")
+        parser.error(f"unknown mixers {unknown}; known: {', '.join(LABELS)}")
     if BASELINE not in labels:
         labels.insert(0, BASELINE)  # every ratio needs the baseline from the same run
     runs = args.runs or (3 if args.quick else 5)
@@ -282,7 +263,7 @@ def main(argv=None):
     ns = [int(n) for n in args.ns.split(",")] if args.ns else list(NS)
     ns = [n for n in ns if n <= max_n]
     contexts = [int(c) for c in args.decode_contexts.split(",") if c]
-    WIDTH, HEADS = args.width, args.heads
+    shape = dict(width=args.width, heads=args.heads)  # the layer shape (smoke runs shrink it)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     os.makedirs(args.out, exist_ok=True)
     log = functools.partial(print, flush=True)
@@ -301,16 +282,16 @@ def main(argv=None):
     log("matmul ceiling ...")
     result["ceiling_start"] = matmul_ceiling(runs)
     log(json.dumps(result["ceiling_start"]))
-    result["layers"] = sweep(labels, ns, runs, args.max_mem_gib, args.case_budget, log)
+    result["layers"] = sweep(labels, ns, runs, args.max_mem_gib, args.case_budget, log, **shape)
     if "decode" not in skip:
         result["decode"] = []
-        for label in [m for m in DECODE_MIXERS if m in labels]:
+        for label in [m for m in DECODE_LABELS if m in labels]:
             for ctx in contexts:
-                result["decode"].append(measure_decode(label, ctx, max(runs, 20)))
+                result["decode"].append(measure_decode(label, ctx, max(runs, 20), **shape))
                 log(f"decode {label} ctx={ctx}: {result['decode'][-1]['step_s'] * 1e3:.3f} ms")
     if "remat" not in skip and "ttt_linear" in labels:
         remat_n = 8192 if max(ns) >= 8192 else max(ns)
-        result["remat"] = measure_remat(remat_n, runs, group=16)
+        result["remat"] = measure_remat(remat_n, runs, group=16, **shape)
         log(json.dumps([{k: r[k] for k in ("N", "remat_every", "fb_s", "fb_peak_bytes")}
                         for r in result["remat"]]))
     if "lm_compile" not in skip:

@@ -3,16 +3,17 @@
     python -m experiments.bench_train --out runs/bench_train [--preset 125m] [--seq-len 2048]
         [--batch 8] [--dtype bfloat16] [--mixers ttt_linear,softmax] [--steps 10]
 
-For each mixer: one full optax train step of `ttt.train.steps.train_step` (AdamW, the state
-donated) on random tokens, jit-compiled once; the median of --steps timed steps after two warm-up
-steps (`block_until_ready`). Prints and writes (bench_train.json, bench_train.md):
+For each mixer: the trainer's own train step (`ttt.train.build_setup` on the LM recipe of
+`experiments/lm.py`: clipped AdamW, single-device placement, the state donated) on random tokens,
+jit-compiled once; the median of --steps timed steps after two warm-up steps
+(`block_until_ready`). Prints and writes (bench_train.json, bench_train.md):
 tokens/s, step time, compile time, model FLOPs per step and MFU.
 
 - Model FLOPs are written down from the math: 3 × the forward FLOPs (forward + backward) of every
-  layer's mixer (`bench_flops.mixer_flops`, projections included; softmax counted as full N²
-  attention, the usual MFU convention), SwiGLU (3 matrices of width × ffn_dim) and the output head
-  (width × vocab). Norms, the embedding gather and the optimizer are not counted. (XLA's
-  `cost_analysis` is no cross-check here: it counts the body of the scan over layers once.)
+  layer's mixer (the registry's `flops`, `ttt.layers.costs`, projections included; softmax counted
+  as full N² attention, the usual MFU convention), SwiGLU (3 matrices of width × ffn_dim) and the
+  output head (width × vocab). Norms, the embedding gather and the optimizer are not counted.
+  (XLA's `cost_analysis` is no cross-check here: it counts the body of the scan over layers once.)
 - MFU = model FLOPs / step time / peak. The peak is the best matmul rate measured in this run in
   the compute dtype (square products up to 8192 on an accelerator, 2048 on a CPU), or
   --peak-tflops when given (for example a datasheet figure).
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import platform
@@ -31,12 +31,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from experiments import bench_flops
-from experiments.bench import MIXERS, _median_time
-from ttt.models import PRESETS, build_model, param_count
-from ttt.train.steps import Task, TrainState, train_step
+from experiments.bench import LABELS, flops_fwd, lm_train_setup
+from experiments.timing import compile_timed, matmul_rates
+from ttt.models import PRESETS, param_count
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -44,12 +42,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def matmul_peak(dtype, runs: int = 10) -> dict:
     """Best TFLOP/s of square matmuls in `dtype` (sizes by backend), measured now."""
     sizes = (2048, 4096, 8192) if jax.default_backend() != "cpu" else (1024, 2048)
-    out = {}
-    for n in sizes:
-        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
-        b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
-        times = _median_time(jax.jit(jnp.matmul), a, b, runs=runs)
-        out[f"square_{n}"] = 2.0 * n**3 / statistics.median(times) / 1e12
+    rates = matmul_rates({f"square_{n}": (n, n, n) for n in sizes}, dtype, runs)
+    out = {name: rate / 1e12 for name, rate in rates.items()}
     out["peak_tflops"] = max(out.values())
     return out
 
@@ -59,8 +53,7 @@ def model_flops(preset: str, mixer: str, seq_len: int, batch: int) -> float:
     dims = PRESETS["lm"][preset]
     C, H, F, V, L = (dims[k] for k in ("width", "num_heads", "ffn_dim", "vocab_size",
                                        "num_layers"))
-    spec = MIXERS[mixer][2]
-    per_layer = bench_flops.mixer_flops(spec, seq_len, C, H) + 3 * 2.0 * seq_len * C * F
+    per_layer = flops_fwd(mixer, seq_len, C, H) + 3 * 2.0 * seq_len * C * F
     head = 2.0 * seq_len * C * V
     return 3.0 * batch * (L * per_layer + head)
 
@@ -68,25 +61,14 @@ def model_flops(preset: str, mixer: str, seq_len: int, batch: int) -> float:
 def measure(preset: str, mixer: str, seq_len: int, batch: int, dtype: str, steps: int,
             remat: str) -> dict:
     """Compile and time the train step of one LM; see the module docstring."""
-    name, kwargs, _ = MIXERS[mixer]
-    model = build_model({"kind": "lm", "preset": preset, "mixer": name,
-                         "mixer_kwargs": kwargs, "dtype": dtype, "scan_layers": True,
-                         "remat": remat})
-    task = Task("lm", model)
-    tx = optax.adamw(1e-4)
+    setup = lm_train_setup(*LABELS[mixer], preset, seq_len, batch, dtype=dtype, remat=remat)
+    placement = setup.placement
     tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq_len + 1), 0,
                                 PRESETS["lm"][preset]["vocab_size"], jnp.int32)
-    data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "mask": jnp.ones((batch, seq_len), jnp.float32)}
-    params = jax.jit(task.init)(jax.random.PRNGKey(1), data)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       opt_state=jax.jit(tx.init)(params),
-                       rng=jax.random.key_data(jax.random.PRNGKey(2)).astype(jnp.uint32))
-    step = jax.jit(functools.partial(train_step, task=task, tx=tx, lr_fn=lambda s: 1e-4,
-                                     ttt_lr_fn=lambda s: 1.0), donate_argnums=(0,))
-    t0 = time.perf_counter()
-    compiled = step.lower(state, data).compile()
-    compile_s = time.perf_counter() - t0
+    data = placement.place_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                                  "mask": jnp.ones((batch, seq_len), jnp.float32)})
+    state = placement.place_state(setup.create_state)
+    compiled, compile_s = compile_timed(placement.compile_train(setup.train_step), state, data)
     for _ in range(2):  # warm-up
         state, metrics = compiled(state, data)
     jax.block_until_ready(state)
@@ -100,7 +82,7 @@ def measure(preset: str, mixer: str, seq_len: int, batch: int, dtype: str, steps
     if not jnp.isfinite(loss):
         raise FloatingPointError(f"{mixer}: non-finite loss {loss} in the timed steps")
     step_s = statistics.median(times)
-    return {"mixer": mixer, "params": param_count(params), "step_s": step_s, "runs": times,
+    return {"mixer": mixer, "params": param_count(state.params), "step_s": step_s, "runs": times,
             "tokens_per_s": batch * seq_len / step_s, "compile_s": compile_s,
             "model_flops": model_flops(preset, mixer, seq_len, batch),
             "loss": loss}
@@ -134,7 +116,7 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/bench_train")
     parser.add_argument("--preset", default="125m", choices=sorted(PRESETS["lm"]))
     parser.add_argument("--mixers", default="ttt_linear,softmax",
-                        help=f"comma-separated subset of {', '.join(MIXERS)}")
+                        help=f"comma-separated subset of {', '.join(LABELS)}")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
@@ -144,9 +126,9 @@ def main(argv=None):
                         help="MFU denominator (default: matmul peak measured in this run)")
     args = parser.parse_args(argv)
     mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
-    unknown = sorted(set(mixers) - set(MIXERS))
+    unknown = sorted(set(mixers) - set(LABELS))
     if unknown:
-        parser.error(f"unknown mixers {unknown}; known: {', '.join(MIXERS)}")
+        parser.error(f"unknown mixers {unknown}; known: {', '.join(LABELS)}")
     if args.seq_len < 1 or args.batch < 1 or args.steps < 1:
         parser.error("--seq-len, --batch and --steps must be >= 1")
     os.makedirs(args.out, exist_ok=True)

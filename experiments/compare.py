@@ -6,11 +6,15 @@ r"""Train a list of configs one after another and build one comparison report fr
       [--set train.steps=100 ...]                                           # your own variants
   python -m experiments.compare --workdir runs/report --runs runs/a runs/b  # report only
 
-Each run trains in `WORKDIR/<group>/<name>` through `ttt.train.train_and_evaluate` (the same
-driver as `python -m ttt.main`), so it logs `metrics.jsonl`, TensorBoard events and a checkpoint
-there. A run whose `run.json` exists is finished and is not trained again (pass --force to
-retrain); an interrupted one resumes from its checkpoint. The report (`WORKDIR/report.md` and PNG
-plots, see `experiments.report`) is built only from the runs' files and printed at the end.
+A config is loaded exactly as `python -m ttt.main --config=<spec> --config.<key>=<value>` loads
+it (ml_collections' `config_flags`: the same `file.py:arg` syntax, and `--set key=value` is the
+typed override `--config.key=value`); a bad spec or override stops everything before training, in
+one line (exit status 2). Each run trains in `WORKDIR/<group>/<name>` through
+`ttt.train.train_and_evaluate` (the same driver as `python -m ttt.main`), so it logs
+`metrics.jsonl`, TensorBoard events and a checkpoint there. A run whose `run.json` exists is
+finished and is not trained again (pass --force to retrain); an interrupted one resumes from its
+checkpoint. The report (`WORKDIR/report.md` and PNG plots, see `experiments.report`) is built only
+from the runs' files and printed at the end.
 
 The `demo` preset (2-core CPU, ~15 minutes in all) compares TTT-Linear, TTT-MLP, linear attention
 and softmax attention on (1) a byte-level LM on the embedded corpus, (2) MQAR at three (length,
@@ -21,9 +25,7 @@ T = 0, 1, 2, 4 inner steps. `tiny` (two smoke runs) exercises the pipeline in te
 from __future__ import annotations
 
 import argparse
-import ast
 import concurrent.futures
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -31,6 +33,11 @@ import shutil
 import sys
 import time
 import traceback
+
+from absl import flags
+from ml_collections import config_flags
+
+from ttt.config import flag_error_line
 
 FOUR = ("ttt_linear", "ttt_mlp", "linear_attention", "softmax")
 MQAR_DEMO = ((64, 4), (64, 16))  # (sequence length, key-value pairs)
@@ -58,33 +65,26 @@ PRESETS: dict[str, list[tuple[str, str, str]]] = {
 PRESET_JOBS = {"demo": (2, ("lm",)), "tiny": (1, ())}
 
 
-def load_config(spec: str):
-    """'path/to/file.py:arg' (or 'file.py') -> the file's get_config(arg)."""
-    path, _, arg = spec.partition(":")
+def load_config(spec: str, overrides=()):
+    """'path/to/file.py:arg' and ['train.steps=100', ...] -> the file's get_config(arg) with the
+    overrides set, through the same `config_flags` machinery as `python -m ttt.main` (locked).
+
+    Raises FileNotFoundError for a missing file and a one-line ValueError for a bad argument or
+    override.
+    """
+    path = spec.partition(":")[0]
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file {path!r} (from {spec!r}) does not exist")
-    name = "_cfg_" + os.path.splitext(os.path.basename(path))[0]
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
-
-def apply_overrides(config, overrides: list[str]):
-    """['train.steps=100', 'model.mixer_kwargs={"stats": False}'] -> config with them set."""
-    with config.unlocked():
-        for item in overrides:
-            key, _, text = item.partition("=")
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # a bare string
-            node = config
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
-    return config
+    argv = ["compare", f"--config={spec}", *(f"--config.{item}" for item in overrides)]
+    holder = flags.FlagValues()  # private: nothing leaks into absl's global FLAGS
+    config_flags.DEFINE_config_file("config", None, "experiments/<task>.py:<arg>",
+                                    flag_values=holder, lock_config=True, sys_argv=argv)
+    try:
+        holder(argv)
+    except (flags.Error, AttributeError, KeyError) as err:  # the latter: an unknown override
+        line = flag_error_line(err)  # names the flag: --config=<spec> or --config.<key>=<value>
+        raise ValueError(line if line.startswith("--config=") else f"{spec}: {line}") from None
+    return holder.config
 
 
 def run_one(group: str, name: str, spec: str, run_dir: str, overrides: list[str],
@@ -100,7 +100,7 @@ def run_one(group: str, name: str, spec: str, run_dir: str, overrides: list[str]
         shutil.rmtree(run_dir)
     from ttt.train import train_and_evaluate
 
-    config = apply_overrides(load_config(spec), overrides)
+    config = load_config(spec, overrides)
     info = {"name": name, "group": group, "spec": spec, "overrides": overrides}
     start = time.perf_counter()
     try:
@@ -143,20 +143,21 @@ def _run_pool(entries, args, jobs: int, done: int, total: int, start: float) -> 
 
 
 def _entries(args) -> list[tuple[str, str, str]]:
-    if args.preset:
-        entries = PRESETS[args.preset]
-        if args.only:
-            keep = set(args.only.split(","))
-            entries = [e for e in entries if e[0] in keep]
-        return entries
+    """(group, name, spec) of every run. Each spec is loaded here with the overrides, so a bad
+    one fails before anything trains."""
     from experiments.report import group_of
 
+    if args.preset:
+        keep = set(args.only.split(",")) if args.only else None
+        entries = [e for e in PRESETS[args.preset] if keep is None or e[0] in keep]
+    else:
+        entries = [(None, os.path.basename(spec.partition(":")[0])[:-3] + "_" +
+                    spec.partition(":")[2].replace(",", "_").replace("=", ""), spec)
+                   for spec in args.configs or []]
     out = []
-    for spec in args.configs or []:
-        config = load_config(spec)
-        name = os.path.basename(spec.partition(":")[0])[:-3] + "_" + \
-            spec.partition(":")[2].replace(",", "_").replace("=", "")
-        out.append((group_of(config.to_dict()), name.strip("_"), spec))
+    for group, name, spec in entries:
+        config = load_config(spec, args.overrides)
+        out.append((group or group_of(config.to_dict()), name.strip("_"), spec))
     return out
 
 
@@ -184,7 +185,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--only", help="comma-separated groups of the preset to run")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="config override applied to every run, e.g. train.steps=100")
+                        help="config override applied to every run, e.g. train.steps=100 (the "
+                             "same as ttt.main's --config.train.steps=100)")
     parser.add_argument("--force", action="store_true", help="retrain finished runs")
     parser.add_argument("--jobs", type=int, default=0,
                         help="runs trained at once in worker processes (default: the preset's, "
@@ -197,7 +199,11 @@ def main(argv=None) -> int:
     from experiments.report import build_report, summarize
 
     start = time.perf_counter()
-    entries = _entries(args)
+    try:
+        entries = _entries(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     jobs, alone = PRESET_JOBS.get(args.preset, (1, ()))
     jobs = args.jobs or jobs
     serial = [e for e in entries if jobs == 1 or e[0] in alone]

@@ -8,9 +8,9 @@ paper's recipe (`paper`). The paper reports its results as perplexity-vs-FLOPs p
 variants beat Mamba and, with the Mamba backbone, match or beat the Transformer; on Books at
 32k the TTT curves keep improving with context while Mamba's stops.
 
-Argument: comma-separated tokens, any order.
-  <mixer>    a name in the mixer registry (default ttt_linear): ttt_linear, ttt_mlp,
-             ttt_linear_mamba, ttt_mlp_mamba, linear_attention, softmax, ...
+Argument: comma-separated tokens, any order (`experiments/args.py`; anything else is an error).
+  <mixer>    a causal mixer of the registry (default ttt_linear): ttt_linear, ttt_mlp,
+             ttt_linear_mamba, ttt_mlp_mamba, linear_attention, softmax
   <preset>   model size from ttt.models.PRESETS["lm"] (default tiny): tiny, 125m, 350m, 760m, 1.3b
   smoke      shrink everything so a run takes seconds on a CPU (4 steps, batch 8, 64 tokens)
   cpu        2-core CPU scale on the embedded corpus: tiny model, 128-byte contexts, 200 steps of
@@ -43,6 +43,9 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
+from experiments.args import Grammar, mixer_names, tokens, unset
+from ttt import layers
+
 PRESETS = ("tiny", "125m", "350m", "760m", "1.3b")
 PEAK_LR = {"tiny": 3e-3, "125m": 3e-3, "350m": 1.5e-3, "760m": 1.25e-3, "1.3b": 1e-3}
 PAPER_TOKENS = {"tiny": 2**24, "125m": 2.5e9, "350m": 7e9, "760m": 15e9, "1.3b": 26e9}
@@ -50,23 +53,15 @@ TOKENS_PER_STEP = 2**19  # 0.5M tokens per optimizer step (paper §3 / ttt-lm-ja
 MIXERS = ("ttt_linear", "ttt_mlp", "ttt_linear_mamba", "ttt_mlp_mamba", "linear_attention",
           "softmax")
 CONTEXTS = {"pile": (2048, 8192), "books": (2048, 8192, 32768)}
+GRAMMAR = Grammar("lm", names=mixer_names(causal_only=True), default="ttt_linear",
+                  name_label="causal mixers", flags=("smoke", "cpu", "paper", "books"),
+                  presets=PRESETS, preset_default="tiny", options={"ctx": tokens})
 
 
-def _parse(arg: str | None) -> dict:
-    out = {"mixer": "ttt_linear", "preset": "tiny", "smoke": False, "cpu": False,
-           "paper": False, "books": False, "ctx": None}
-    for token in filter(None, (arg or "").split(",")):
-        token = token.strip()
-        if token in ("smoke", "cpu", "paper", "books"):
-            out[token] = True
-        elif token in PRESETS:
-            out["preset"] = token
-        elif token.startswith("ctx="):
-            value = token[4:].lower()
-            out["ctx"] = int(value[:-1]) * 1024 if value.endswith("k") else int(value)
-        else:
-            out["mixer"] = token  # validated against the registry before anything compiles
-    return out
+def ttt_mlp_recipe(mixer: str) -> bool:
+    """Whether the paper's TTT-MLP inner-lr warm-up applies: a TTT layer with an MLP learner."""
+    spec = layers.MIXERS[mixer]
+    return spec.module is layers.TTTMixer and spec.attrs()["learner"] == "mlp"
 
 
 def _paper(c: mlc.ConfigDict, a: dict) -> None:
@@ -74,7 +69,8 @@ def _paper(c: mlc.ConfigDict, a: dict) -> None:
     n = a["ctx"] or 2048
     steps = max(int(PAPER_TOKENS[a["preset"]] // TOKENS_PER_STEP), 10)
     c.model.update(vocab_size=32000, dtype="bfloat16", remat="block")
-    c.data = dict(name="tfds_text", dataset="books3" if a["books"] else "pile", data_dir=None,
+    c.data = dict(name="tfds_text", dataset="books3" if a["books"] else "pile",
+                  data_dir=unset(str),
                   tokenizer="tokenizer.model", seq_len=n)
     c.optim.update(warmup_steps=steps // 10)
     c.train.update(steps=steps, global_batch_size=max(TOKENS_PER_STEP // n, 1), log_every=50,
@@ -90,13 +86,13 @@ def _cpu(c: mlc.ConfigDict, a: dict) -> None:
     c.train.update(steps=steps, global_batch_size=8, log_every=25, diag_every=25,
                    eval_every=steps, eval_steps=16, checkpoint_every=steps, keep_checkpoints=1,
                    async_checkpoints=False)
-    if a["mixer"].startswith("ttt"):
+    if "stats" in layers.accepted_kwargs(a["mixer"]):
         c.model.mixer_kwargs = {"stats": False}  # skip the diagnostic inner pass (compile time)
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     """Config for `python -m ttt.main --config experiments/lm.py:<arg>`."""
-    a = _parse(arg)
+    a = GRAMMAR.parse(arg)
     smoke = a["smoke"]
     c = mlc.ConfigDict()
     c.model = dict(
@@ -104,19 +100,20 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         dtype="float32",  # compute dtype; "bfloat16" keeps parameters and inner state float32
         scan_layers=True,  # nn.scan over identical blocks: compile time independent of depth
         remat="none",  # "block" etc.: rematerialise blocks in the backward pass
-        vocab_size=None,  # filled from the dataset
-        num_layers=None, width=None, num_heads=None, ffn_dim=None,  # None: the preset's
+        vocab_size=unset(int),  # filled from the dataset
+        # None: the preset's (typed placeholders, so --config.model.width=... can set them)
+        num_layers=unset(int), width=unset(int), num_heads=unset(int), ffn_dim=unset(int),
     )
     c.data = dict(name="text_corpus", tokenizer="byte", seq_len=a["ctx"] or (64 if smoke else 512))
     c.optim = dict(
         name="adamw", lr=PEAK_LR[a["preset"]], end_lr=1e-5, warmup_steps=1 if smoke else 200,
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, weight_decay_mask="all", clip=1.0,
-        ttt_mlp_lr_warmup=a["mixer"].startswith("ttt_mlp"), ttt_lr_mult_init=0.1)
+        ttt_mlp_lr_warmup=ttt_mlp_recipe(a["mixer"]), ttt_lr_mult_init=0.1)
     c.train = dict(
         steps=4 if smoke else 2000, global_batch_size=8 if smoke else 32, grad_accum=1,
         log_every=1 if smoke else 20, diag_every=1 if smoke else 100,
         eval_every=4 if smoke else 500, eval_steps=1 if smoke else 10,
-        checkpoint_every=2 if smoke else 500, keep_checkpoints=3, keep_every=None,
+        checkpoint_every=2 if smoke else 500, keep_checkpoints=3, keep_every=unset(int),
         async_checkpoints=True, seed=0, progress=True,
         parallel="single", mesh={"data": -1, "fsdp": 1, "model": 1}, fsdp_min_size=2**14,
         partition_rules=(), label_smoothing=0.0, mixup_alpha=0.0)
@@ -124,7 +121,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         _paper(c, a)
     elif a["cpu"] and not smoke:
         _cpu(c, a)
-    if a["mixer"] == "softmax":
+    if "cache_size" in layers.accepted_kwargs(a["mixer"]):  # the KV cache holds a whole context
         c.model.mixer_kwargs = {"cache_size": max(int(c.data.seq_len), 2048)}
     return mlc.ConfigDict(c)
 

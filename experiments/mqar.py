@@ -8,8 +8,9 @@ fixed-state mixers need a state that grows with the number of pairs. Zoology rep
 attention near 100% everywhere and linear-attention-like models falling off as pairs grow at
 fixed width.
 
-Argument: comma-separated tokens, any order.
-  <mixer>     ttt_linear (default), ttt_mlp, linear_attention, softmax, ... (the mixer registry)
+Argument: comma-separated tokens, any order (`experiments/args.py`; anything else is an error).
+  <mixer>     ttt_linear (default), ttt_mlp, linear_attention, softmax, ... (a causal mixer of
+              the registry)
   n=<int>     sequence length (default 256; cpu 64)
   kv=<int>    key-value pairs (default 16; cpu 4)
   width=<int> model width (default 128; cpu 32); heads = width // 64 (at least 1; cpu 2)
@@ -28,46 +29,35 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
+from experiments.args import Grammar, mixer_names, positive_int, unset
+from ttt import layers
+
 MIXERS = ("ttt_linear", "ttt_mlp", "linear_attention", "softmax")
 SWEEP = ((64, 4), (128, 8), (256, 16), (512, 64))  # (sequence length, key-value pairs)
 WIDTHS = (64, 128, 256, 512)
 CPU_SWEEP = ((64, 4), (64, 8), (128, 16))
-
-
-def _parse(arg: str | None) -> dict:
-    out = {"mixer": "ttt_linear", "cpu": False, "smoke": False, "n": None, "kv": None,
-           "width": None}
-    for token in filter(None, (arg or "").split(",")):
-        token = token.strip()
-        if token in ("cpu", "smoke"):
-            out[token] = True
-        elif "=" in token:
-            key, value = token.split("=", 1)
-            if key not in ("n", "kv", "width"):
-                raise ValueError(f"mqar config: unknown key {key!r} in {arg!r}; "
-                                 "use n=, kv=, width=")
-            out[key] = int(value)
-        else:
-            out["mixer"] = token  # validated against the registry before anything compiles
-    return out
+GRAMMAR = Grammar("mqar", names=mixer_names(causal_only=True), default="ttt_linear",
+                  name_label="causal mixers", flags=("cpu", "smoke"),
+                  options={"n": positive_int, "kv": positive_int, "width": positive_int})
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     """Config for `python -m ttt.main --config experiments/mqar.py:<arg>`."""
-    a = _parse(arg)
+    a = GRAMMAR.parse(arg)
     small = a["cpu"] or a["smoke"]
     n = a["n"] or (64 if small else 256)
     kv = a["kv"] or (4 if small else 16)
     width = a["width"] or (32 if small else 128)
     heads = 2 if small else max(1, width // 64)
     mixer_kwargs = {}
-    if a["mixer"].startswith("ttt"):
+    accepted = layers.accepted_kwargs(a["mixer"])
+    if "stats" in accepted:
         mixer_kwargs["stats"] = False  # no diagnostic inner pass: MQAR reports accuracy only
-    if a["mixer"] == "softmax":
-        mixer_kwargs["cache_size"] = n
+    if "cache_size" in accepted:
+        mixer_kwargs["cache_size"] = n  # the KV cache holds the whole sequence
     c = mlc.ConfigDict()
     c.model = dict(kind="lm", preset="tiny", mixer=a["mixer"], mixer_kwargs=mixer_kwargs,
-                   dtype="float32", scan_layers=True, remat="none", vocab_size=None,
+                   dtype="float32", scan_layers=True, remat="none", vocab_size=unset(int),
                    num_layers=2, width=width, num_heads=heads, ffn_dim=2 * width)
     c.data = dict(name="mqar", vocab_size=256 if small else 8192, seq_len=n, num_kv_pairs=kv,
                   num_train_examples=100_000 if not small else 20_000,
@@ -81,7 +71,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         steps=steps, global_batch_size=2 if a["smoke"] else (16 if small else 64), grad_accum=1,
         log_every=1 if a["smoke"] else 50, diag_every=1 if a["smoke"] else 50,
         eval_every=steps, eval_steps=1 if a["smoke"] else (8 if small else 47),
-        checkpoint_every=steps, keep_checkpoints=1, keep_every=None, async_checkpoints=False,
+        checkpoint_every=steps, keep_checkpoints=1, keep_every=unset(int), async_checkpoints=False,
         seed=0, progress=True, parallel="single", mesh={"data": -1, "fsdp": 1, "model": 1},
         fsdp_min_size=2**14, partition_rules=(), label_smoothing=0.0, mixup_alpha=0.0)
     return mlc.ConfigDict(c)

@@ -53,39 +53,26 @@ def _dims(model: dict) -> tuple[int, int, int]:
     return pick("num_layers"), pick("width"), pick("num_heads")
 
 
-def state_size(config: dict) -> int:
-    """Floats of recurrent state per layer per sequence (DESIGN §6, the MQAR x-axis).
+def _tokens(config: dict) -> int:
+    """Sequence length of a resolved config: the LM's context, or the ViT's patches / pixels."""
+    model = config["model"]
+    if model["kind"] == "lm":
+        return int(config["data"]["seq_len"])
+    patch = model.get("patch_size") or 1
+    return (int(model["image_size"]) // patch) ** 2
 
-    TTT: the inner model's weights W (and biases) over all heads; linear attention: the running sum
-    S = Σ φ(k) vᵀ (and s = Σ φ(k) when normalised); softmax attention: the KV cache at the
-    configured context, 2·N·C; MTTT: the inner model's weights (rebuilt per image).
-    """
-    from ttt.layers.registry import MIXERS
+
+def state_size(config: dict) -> int:
+    """Floats of recurrent state per layer per sequence (DESIGN §6, the MQAR x-axis): the
+    registry's `state_size` of the mixer the model builds (`ttt.layers.costs`: TTT and MTTT inner
+    weights, linear attention's S (+ s), softmax's KV cache of the whole sequence)."""
+    from ttt.layers import state_size as registry_state_size
+    from ttt.models import model_mixer
 
     model = config["model"]
     _, C, H = _dims(model)
-    d = C // H
-    _, defaults = MIXERS[model["mixer"]]
-    kw = {**defaults, **(model.get("mixer_kwargs") or {})}
-    cls = MIXERS[model["mixer"]][0].__name__
-    if cls == "SoftmaxAttention":
-        n = config["data"].get("seq_len") or model.get("image_size", 0) ** 2
-        return 2 * int(n) * C
-    if cls == "LinearAttention":
-        return H * (d * d + (d if kw.get("normalize") else 0))
-    if cls == "TTTMixer":
-        bias = kw.get("learn_W0", True) if kw.get("inner_bias") is None else kw["inner_bias"]
-        hidden = kw.get("mlp_factor", 4) * d
-        if kw.get("learner", "linear") == "linear":
-            return H * (d * d + (d if bias else 0))
-        return H * (2 * d * hidden + ((hidden + d) if bias else 0))
-    if cls == "MTTTMixer":
-        bias = kw.get("inner_bias", True)
-        hidden = kw.get("mlp_factor", 4) * d
-        if kw.get("learner", "linear") == "linear":
-            return H * (d * d + (d if bias else 0))
-        return H * (2 * d * hidden + ((hidden + d) if bias else 0))
-    return 0
+    name = model_mixer(model["kind"], model["mixer"])
+    return registry_state_size(name, C, H, _tokens(config), **(model.get("mixer_kwargs") or {}))
 
 
 def param_count(config: dict) -> int:
@@ -165,7 +152,10 @@ def summarize(run_dir: str) -> dict:
     if group == "ladder":
         out.update(rung=config["rung"], paper_perplexity=config.get("paper_perplexity"))
     if group == "vision":
-        out.update(T=kw.get("steps", 1) if config["model"]["mixer"].startswith("mttt") else None,
+        from ttt.layers import mixer_spec
+
+        spec = mixer_spec(config["model"]["mixer"])
+        out.update(T=spec.attrs(**kw)["steps"] if "steps" in spec.accepted() else None,
                    inner=_inner_curves(rows))
     return out
 

@@ -6,9 +6,10 @@ and from raw pixels with ViT-Ti (50,176 tokens) — MTTT-MLP 61.9 (T = 1) / 65.2
 linear attention 49.9-55.7, self-attention out of memory. On the embedded digits the default and
 `cpu` arguments show the same mechanics in seconds.
 
-Argument: comma-separated tokens, any order.
+Argument: comma-separated tokens, any order (`experiments/args.py`; anything else is an error).
   <mixer>    a name in the mixer registry (default mttt_mlp): mttt_linear, mttt_mlp,
-             linear_attention_noncausal, softmax_noncausal, ...
+             linear_attention_noncausal, softmax_noncausal, ...; a causal name with a
+             non-causal twin (softmax, linear_attention) builds the twin
   <preset>   model size from ttt.models.PRESETS["vit"] (default tiny): tiny, Ti, S
   T=<n>      MTTT inner steps (default 1; 0 = answer with W0)
   gd | sgd   MTTT inner steps on all tokens (default) or on T random chunks
@@ -35,33 +36,20 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
+from experiments.args import Grammar, mixer_names, non_negative_int, one_of, unset
+from ttt import layers
+
 PRESETS = ("tiny", "Ti", "S")
 IMAGENET_TRAIN = 1_281_167
-
-
-def _parse(arg: str | None) -> dict:
-    out = {"mixer": "mttt_mlp", "preset": None, "smoke": False, "cpu": False, "imagenet": False,
-           "pixels": False, "T": None, "mode": None, "norm": None}
-    for token in filter(None, (arg or "").split(",")):
-        token = token.strip()
-        if token in ("smoke", "cpu", "imagenet", "pixels"):
-            out[token] = True
-        elif token in PRESETS:
-            out["preset"] = token
-        elif token in ("gd", "sgd"):
-            out["mode"] = token
-        elif token.startswith("T="):
-            out["T"] = int(token[2:])
-        elif token.startswith("norm="):
-            out["norm"] = token[5:]
-        else:
-            out["mixer"] = token  # validated against the registry before anything compiles
-    return out
+GRAMMAR = Grammar("vit", names=mixer_names(causal_only=False), default="mttt_mlp",
+                  flags=("smoke", "cpu", "imagenet", "pixels"), presets=PRESETS,
+                  choices={"mode": ("gd", "sgd")},
+                  options={"T": non_negative_int, "norm": one_of("adaptive", "constant")})
 
 
 def _mixer_kwargs(a: dict) -> dict:
     kwargs = {}
-    if a["mixer"].startswith("mttt"):
+    if "steps" in layers.accepted_kwargs(a["mixer"]):  # MTTT: inner steps and their data
         if a["T"] is not None:
             kwargs["steps"] = a["T"]
         if a["mode"] is not None:
@@ -81,8 +69,9 @@ def _imagenet(c: mlc.ConfigDict, a: dict) -> None:
     c.model.update(preset=a["preset"] or ("Ti" if pixels else "S"), patch_size=0 if pixels else 16,
                    num_classes=1000, image_size=224, channels=3, dtype="bfloat16",
                    remat="block" if pixels else "none")
-    c.data = dict(name="tfds_images", dataset="imagenet2012", data_dir=None, image_size=224,
-                  pixels=pixels, flip=True, randaug=None if pixels else (2, 15), mixup=0.0)
+    c.data = dict(name="tfds_images", dataset="imagenet2012", data_dir=unset(str), image_size=224,
+                  pixels=pixels, flip=True, randaug=unset(tuple) if pixels else (2, 15),
+                  mixup=0.0)
     c.optim.update(lr=1e-3, end_lr=0.0, warmup_steps=10_000, b2=0.999, weight_decay=1e-4,
                    weight_decay_mask="matrices")
     c.train.update(steps=steps, global_batch_size=batch, log_every=100, diag_every=1000,
@@ -92,14 +81,16 @@ def _imagenet(c: mlc.ConfigDict, a: dict) -> None:
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     """Config for `python -m ttt.main --config experiments/vit.py:<arg>`."""
-    a = _parse(arg)
+    a = GRAMMAR.parse(arg)
     smoke = a["smoke"]
     c = mlc.ConfigDict()
     c.model = dict(
         kind="vit", preset=a["preset"] or "tiny", mixer=a["mixer"], mixer_kwargs=_mixer_kwargs(a),
         dtype="float32", scan_layers=True, remat="none", patch_size=2,
-        num_classes=None, image_size=None, channels=None,  # filled from the dataset
-        num_layers=None, width=None, num_heads=None, mlp_dim=None)  # None: the preset's
+        # filled from the dataset (typed placeholders: --config.model.x=... can set them)
+        num_classes=unset(int), image_size=unset(int), channels=unset(int),
+        # None: the preset's
+        num_layers=unset(int), width=unset(int), num_heads=unset(int), mlp_dim=unset(int))
     c.data = dict(name="digits")
     c.optim = dict(
         name="adamw", lr=1e-3, end_lr=1e-5, warmup_steps=1 if smoke else 100, b1=0.9, b2=0.95,
@@ -109,7 +100,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         steps=4 if smoke else 1500, global_batch_size=8 if smoke else 64, grad_accum=1,
         log_every=1 if smoke else 20, diag_every=1 if smoke else 100,
         eval_every=4 if smoke else 300, eval_steps=1 if smoke else 5,
-        checkpoint_every=2 if smoke else 500, keep_checkpoints=3, keep_every=None,
+        checkpoint_every=2 if smoke else 500, keep_checkpoints=3, keep_every=unset(int),
         async_checkpoints=True, seed=0, progress=True,
         parallel="single", mesh={"data": -1, "fsdp": 1, "model": 1}, fsdp_min_size=2**14,
         partition_rules=(), label_smoothing=0.0, mixup_alpha=0.0)

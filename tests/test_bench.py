@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from experiments import bench, bench_flops
+from experiments import bench
+from ttt.layers import forward_flops
 
 
 def test_flop_counts_follow_the_math():
@@ -15,29 +16,27 @@ def test_flop_counts_follow_the_math():
     d = C // H
     proj = 4 * 2 * N * C * C
     # linear attention, chunk 64: 4 N c d + 4 N d² per head on top of the projections
-    la = bench_flops.mixer_flops(dict(family="linear_attention", chunk=64), N, C, H)
+    la = forward_flops("linear_attention", N, C, H, chunk=64)
     assert la == proj + H * (4 * N * 64 * d + 4 * N * d * d)
     # softmax: full masked N×N scores, 4 N² d per head
-    sm = bench_flops.mixer_flops(dict(family="softmax"), N, C, H)
+    sm = forward_flops("softmax", N, C, H)
     assert sm == proj + H * 4 * N * N * d
     # TTT-Linear dual: per head and mini-batch 6 b d² + 6 b² d, plus the η gate 2 N C H
     b = 16
-    tl = bench_flops.mixer_flops(dict(family="ttt", learner="linear", form="dual"), N, C, H)
+    tl = forward_flops("ttt_linear", N, C, H, form="dual", stats=False)
     assert tl == proj + 2 * N * C * H + H * (N // b) * (6 * b * d * d + 6 * b * b * d)
     # negative controls: the primal form materialises b states per mini-batch; MLP costs more
-    primal = bench_flops.mixer_flops(dict(family="ttt", learner="linear", form="primal"), N, C, H)
-    mlp = bench_flops.mixer_flops(dict(family="ttt", learner="mlp", form="dual"), N, C, H)
+    primal = forward_flops("ttt_linear", N, C, H, form="primal", stats=False)
+    mlp = forward_flops("ttt_mlp", N, C, H, form="dual", stats=False)
     assert primal > tl and mlp > tl
-    with pytest.raises(ValueError, match="family"):
-        bench_flops.mixer_flops(dict(family="rnn"), N, C, H)
+    with pytest.raises(ValueError, match="known mixers"):
+        forward_flops("rnn", N, C, H)
 
 
-def test_bench_tiny_run_writes_json_table_and_plot(tmp_path, monkeypatch):
+def test_bench_tiny_run_writes_json_table_and_plot(tmp_path):
     out = tmp_path / "bench"
     argv = ["--out", str(out), "--width", "32", "--heads", "2", "--ns", "32", "--runs", "1",
             "--mixers", "ttt_linear", "--decode-contexts", "32", "--skip", "remat,lm_compile"]
-    monkeypatch.setattr(bench, "WIDTH", bench.WIDTH)  # main() rebinds the shape globals
-    monkeypatch.setattr(bench, "HEADS", bench.HEADS)
     result = bench.main(argv)
 
     data = json.loads((out / "bench.json").read_text())

@@ -220,10 +220,45 @@ def test_compare_runs_the_tiny_preset_end_to_end(tmp_path, capsys):
 
 
 def test_overrides_and_spec_loading():
-    config = compare.load_config("experiments/lm.py:softmax,smoke")
-    compare.apply_overrides(config, ["train.steps=7", "model.mixer_kwargs={'cache_size': 64}",
-                                     "data.tokenizer=byte"])
+    config = compare.load_config("experiments/lm.py:softmax,smoke",
+                                 ["train.steps=7", "model.mixer_kwargs={'cache_size': 64}",
+                                  "data.tokenizer=byte"])
     assert config.train.steps == 7 and config.model.mixer_kwargs.cache_size == 64
     assert config.data.tokenizer == "byte"
     with pytest.raises(FileNotFoundError):
         compare.load_config("experiments/nope.py:x")
+    # the fields the trainer or the preset fill are typed placeholders: overridable like the rest
+    config = compare.load_config("experiments/vit.py:smoke", ["model.num_layers=1",
+                                                              "model.width=16"])
+    assert (config.model.num_layers, config.model.width, config.model.mlp_dim) == (1, 16, None)
+    with pytest.raises(ValueError, match="train.steps=abc: invalid literal"):  # typed, as ttt.main
+        compare.load_config("experiments/lm.py:smoke", ["train.steps=abc"])
+    with pytest.raises(ValueError, match="no config field 'nope'"):  # locked, as ttt.main
+        compare.load_config("experiments/lm.py:smoke", ["train.nope=1"])
+
+
+@pytest.mark.parametrize("module,arg,needle", [
+    (lm, "smok", "unknown token 'smok'; known causal mixers: ttt_linear"),
+    (lm, "ttt_linear,125M", "unknown token '125M'"),
+    (lm, "mttt_mlp", "unknown token 'mttt_mlp'"),  # non-causal: not an LM mixer
+    (lm, "ttt_linear,softmax", "mixer given twice"),
+    (lm, "ctx=big", "'ctx=big'"),
+    (mqar, "ttt_linear,depth=2", "unknown key 'depth'"),
+    (mqar, "n=0", "expected a positive integer"),
+    (vit, "mttt_mlp,T=2,gd,sgd", "mode given twice"),
+    (vit, "linear_attention,norm=softmax", "expected one of adaptive, constant"),
+    (ablation, "lnres", "known rungs: linear_attn"),
+])
+def test_argument_typos_fail_in_one_line(module, arg, needle):
+    with pytest.raises(ValueError) as err:
+        module.get_config(arg)
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_compare_bad_spec_or_override_exits_2_in_one_line(tmp_path, capsys):
+    for argv in (["--configs", "experiments/lm.py:ttt_linear,smok"],
+                 ["--preset", "tiny", "--set", "train.stepz=3"]):
+        assert compare.main([*argv, "--workdir", str(tmp_path / "w")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+    assert not os.path.exists(tmp_path / "w")  # nothing trained

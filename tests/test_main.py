@@ -85,11 +85,19 @@ def _main(config, workdir, cache, *flags, timeout=300):
 
 
 def test_cli_bad_config_is_one_line(tmp_path):
-    rc, err = _main(os.path.join(ROOT, "experiments/lm.py:nosuchmixer,smoke"), tmp_path / "w",
-                    tmp_path / "cache")
+    # an unknown mixer, set by an override: the config validation names the key
+    rc, err = _main(os.path.join(ROOT, "experiments/lm.py:smoke"), tmp_path / "w",
+                    tmp_path / "cache", "--config.model.mixer=nosuchmixer")
     assert rc == 2, err[-2000:]
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "config.model.mixer='nosuchmixer'" in lines[0], err[-2000:]
+    # a typo in the config argument is never taken for a mixer name: the flag parser stops, in
+    # one line (bad override values take the same path: test_experiments, compare.load_config)
+    rc, err = _main(os.path.join(ROOT, "experiments/lm.py:nosuchmixer,smoke"), tmp_path / "w",
+                    tmp_path / "cache")
+    assert rc == 2, err[-2000:]
+    assert err.strip().startswith("error: ") and "\n" not in err.strip(), err[-2000:]
+    assert "unknown token 'nosuchmixer'; known causal mixers: ttt_linear" in err, err[-2000:]
 
 
 # The smallest real models: one block, width 16, 2 heads, 16 tokens (LM) / 8x8 digits (ViT).

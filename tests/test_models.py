@@ -16,6 +16,7 @@ import pytest
 from conftest import assert_close, rel_err
 
 from ttt import models
+from ttt.layers import MIXERS
 from ttt.models import PRESETS, build_model, param_count, stack_layers, unstack_layers
 
 LM_MIXERS = ["ttt_linear", "ttt_mlp", "ttt_linear_mamba", "softmax", "linear_attention"]
@@ -39,18 +40,24 @@ def vit_config(**kw) -> ml_collections.ConfigDict:
 
 
 # ---------------------------------------------------------------- parameter-count formulas
+def pre_conv(mixer: str) -> bool:
+    """The registry's pre-conv field at the entry's defaults: on exactly for the Mamba backbone."""
+    spec = MIXERS[mixer]
+    return spec.pre_conv(spec.attrs())
+
+
 def lm_mixer_params(mixer: str, C: int, H: int) -> int:
     d = C // H
     if mixer in ("softmax", "linear_attention"):
         return 4 * C * C  # wq, wk, wv, wo, no biases
-    mamba = mixer.endswith("_mamba")
+    mamba = pre_conv(mixer)  # the Mamba backbone
     proj = 4 * C * C  # transformer: wq wk wv wo; mamba: wq wv wo + gate wg
     convs = 2 * (4 * C + C) if mamba else 0  # conv_q, conv_k: depthwise width 4 + bias
     lr_gate = H * C + H  # per-head Dense C -> 1 with bias (η's token-dependent part)
     lr_offset = MINI_BATCH  # learnable offset per position in the mini-batch
     ttt_norm = 2 * H * d  # per-head LayerNorm inside f
     post_norm = 2 * C
-    if mixer.startswith("ttt_linear"):
+    if MIXERS[mixer].attrs()["learner"] == "linear":
         inner = H * (d * d + d)  # W1, b1
     else:
         inner = H * (d * 4 * d + 4 * d + 4 * d * d + d)  # W1, b1, W2, b2
@@ -61,7 +68,7 @@ def lm_params(preset: str, mixer: str) -> int:
     p = PRESETS["lm"][preset]
     C, H, F, L, V = p["width"], p["num_heads"], p["ffn_dim"], p["num_layers"], p["vocab_size"]
     block = 2 * C + 3 * C * F + lm_mixer_params(mixer, C, H)  # seq/ffn RMSNorm, SwiGLU, mixer
-    if mixer.endswith("_mamba"):
+    if pre_conv(mixer):
         block += C + 4 * C + C  # pre-conv: RMSNorm, depthwise kernel, bias
     return V * C + L * block + C  # tied embedding, blocks, ln_f
 

@@ -15,6 +15,7 @@ import ml_collections
 import pytest
 from conftest import assert_close, rel_err
 
+from ttt.layers import accepted_kwargs
 from ttt.models import build_model, generate
 
 CAUSAL = ["ttt_linear", "ttt_mlp", "ttt_linear_mamba", "softmax", "linear_attention"]
@@ -22,8 +23,8 @@ B, N, V, MB = 2, 12, 32, 4  # batch, sequence, vocab, TTT mini-batch b
 
 
 def config(mixer: str, dtype: str = "float32") -> ml_collections.ConfigDict:
-    kw = {"mini_batch": MB} if mixer.startswith("ttt") else {}
-    if mixer == "softmax":
+    kw = {"mini_batch": MB} if "mini_batch" in accepted_kwargs(mixer) else {}
+    if "cache_size" in accepted_kwargs(mixer):
         kw["cache_size"] = 16
     return ml_collections.ConfigDict(dict(
         kind="lm", preset="tiny", mixer=mixer, mixer_kwargs=kw, dtype=dtype, scan_layers=True,

@@ -1,6 +1,6 @@
 """Checkpoints and faults: SIGTERM saves, SIGKILL + restart resumes to the bit, a corrupt latest
 checkpoint falls back to the previous one, a non-finite loss stops without saving, float32 on disk,
-retention of the last k plus milestones. Stand-in model (ttt.train.testing).
+retention of the last k plus milestones. Stand-in model (tests/toy.py).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import toy
 
-from ttt.train import Checkpointer, NonFiniteLossError, testing
+from ttt.train import Checkpointer, NonFiniteLossError
 from ttt.train.checkpoint import check_full_precision
 from ttt.train.train import abstract_state, build_setup, resolve_config, train_and_evaluate
 
@@ -27,18 +28,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(workdir, data=None, **train):
-    config = testing.toy_config("lm", **train)
+    config = toy.toy_config("lm", **train)
     config.data.update(data or {})
-    return train_and_evaluate(config, str(workdir), build_model=testing.build_model,
-                              make_dataset=testing.make_dataset)
+    return train_and_evaluate(config, str(workdir), build_model=toy.build_model,
+                              make_dataset=toy.make_dataset)
 
 
 def _state_at(workdir, step):
     """TrainState of checkpoint `step` (host arrays)."""
-    config = testing.toy_config("lm")
-    meta = testing.make_dataset(config.data, "train", 8, seed=0).meta
+    config = toy.toy_config("lm")
+    meta = toy.make_dataset(config.data, "train", 8, seed=0).meta
     abstract = abstract_state(build_setup(resolve_config(config, meta), meta,
-                                          testing.build_model))
+                                          toy.build_model))
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
                           abstract)
@@ -61,8 +62,8 @@ def _launch(workdir, cache, delay_s=0.0):
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     train = json.dumps({"steps": 8, "checkpoint_every": 2, "log_every": 1})
     return subprocess.Popen(
-        [sys.executable, "-m", "ttt.train.testing", "--workdir", str(workdir), "--train", train,
-         "--data", json.dumps({"delay_s": delay_s})],
+        [sys.executable, os.path.join(ROOT, "tests", "toy.py"), "--workdir", str(workdir),
+         "--train", train, "--data", json.dumps({"delay_s": delay_s})],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -150,10 +151,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, log_ever
 
 
 def test_bf16_compute_checkpoints_float32(tmp_path):
-    config = testing.toy_config("lm")
+    config = toy.toy_config("lm")
     config.model.dtype = "bfloat16"
-    meta = testing.make_dataset(config.data, "train", 8, seed=0).meta
-    setup = build_setup(resolve_config(config, meta), meta, testing.build_model)
+    meta = toy.make_dataset(config.data, "train", 8, seed=0).meta
+    setup = build_setup(resolve_config(config, meta), meta, toy.build_model)
     state = setup.placement.place_state(setup.create_state)
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
     ckpt.save(1, state, {"next_index": 1})

@@ -1,6 +1,6 @@
 """One device, pmap over 8 and a (data, fsdp) mesh give the same training run; a checkpoint
 written on the 8-device mesh restores onto one device; two `jax.distributed` CPU processes agree
-with one process. Stand-in model (ttt.train.testing), float32, 3 steps.
+with one process. Stand-in model (tests/toy.py), float32, 3 steps.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+import toy
 from conftest import assert_close
 
-from ttt.train import Checkpointer, parallel, testing
+from ttt.train import Checkpointer, parallel
 from ttt.train.train import abstract_state, build_setup, resolve_config, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,9 +26,9 @@ needs8 = pytest.mark.skipif(jax.device_count() < 8,
 
 
 def _run(workdir, **train):
-    config = testing.toy_config("lm", **train)
-    return train_and_evaluate(config, str(workdir), build_model=testing.build_model,
-                              make_dataset=testing.make_dataset)
+    config = toy.toy_config("lm", **train)
+    return train_and_evaluate(config, str(workdir), build_model=toy.build_model,
+                              make_dataset=toy.make_dataset)
 
 
 def _params_at(workdir, step):
@@ -37,9 +38,9 @@ def _params_at(workdir, step):
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     assert step in ckpt.all_steps(), ckpt.all_steps()
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    config = testing.toy_config("lm")
-    meta = testing.make_dataset(config.data, "train", 8, seed=0).meta
-    setup = build_setup(resolve_config(config, meta), meta, testing.build_model)
+    config = toy.toy_config("lm")
+    meta = toy.make_dataset(config.data, "train", 8, seed=0).meta
+    setup = build_setup(resolve_config(config, meta), meta, toy.build_model)
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
                           abstract_state(setup))
     state = ckpt.manager.restore(step, args=ocp.args.Composite(
@@ -133,8 +134,9 @@ def test_two_processes_match_one(runs, tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     train = json.dumps({"parallel": "mesh", "steps": 4, "checkpoint_every": 3})
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "ttt.train.testing", "--workdir", str(tmp_path), "--train", train,
-         "--num_processes", "2", "--process_id", str(i), "--coordinator", address],
+        [sys.executable, os.path.join(ROOT, "tests", "toy.py"), "--workdir", str(tmp_path),
+         "--train", train, "--num_processes", "2", "--process_id", str(i), "--coordinator",
+         address],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
     try:
         outs = [p.communicate(timeout=240)[0].decode() for p in procs]

@@ -9,19 +9,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import toy
 from conftest import assert_close, rel_err
 
-from ttt.train import optim, steps, testing
+from ttt.train import optim, steps
 
 
 @functools.cache
 def _cached_setup(kind):
-    config = testing.toy_config(kind)
-    ds = testing.make_dataset(config.data, "train", 8, seed=0)
+    config = toy.toy_config(kind)
+    ds = toy.make_dataset(config.data, "train", 8, seed=0)
     from ttt.train.train import resolve_config
 
     config = resolve_config(config, ds.meta)
-    task = steps.make_task(config, testing.build_model(config.model))
+    task = steps.make_task(config, toy.build_model(config.model))
     batch = next(ds.iterator())
     params = jax.jit(task.init)(jax.random.PRNGKey(0), batch)
     return config, task, params, batch
@@ -79,7 +80,7 @@ def test_classification_label_smoothing_and_mixup():
 
 
 def test_lr_schedule_warmup_cosine_and_ttt_mult():
-    config = testing.toy_config()
+    config = toy.toy_config()
     config.optim.update(lr=1e-3, end_lr=1e-5, warmup_steps=10)
     lr = optim.lr_schedule(config.optim, total_steps=110)
     assert float(lr(0)) == 0.0
@@ -98,7 +99,7 @@ def test_lr_schedule_warmup_cosine_and_ttt_mult():
 
 def test_weight_decay_mask_matrices_only():
     params = {"w": jnp.ones((3, 3)), "b": jnp.ones((3,))}
-    config = testing.toy_config()
+    config = toy.toy_config()
     config.optim.update(lr=1.0, warmup_steps=0, weight_decay=0.5, clip=0.0,
                         weight_decay_mask="matrices")
     tx = optim.make_optimizer(config.optim, total_steps=10)
@@ -152,7 +153,7 @@ def test_train_step_gradient_is_global_masked_mean_and_accumulation_agrees():
 
 
 def test_make_task_rejects_unknown_kind():
-    config = testing.toy_config()
+    config = toy.toy_config()
     config.model.kind = "rnn"
     with pytest.raises(ValueError, match="model.kind"):
         steps.make_task(config, None)

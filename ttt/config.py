@@ -5,7 +5,13 @@ that names the key to change (`ConfigError("config.train.global_batch_size=6: ..
 from __future__ import annotations
 
 import math
+import re
 
+from ttt.layers import make_mixer
+from ttt.models.build import model_mixer
+from ttt.models.presets import PRESETS
+
+MESH_AXES = ("data", "fsdp", "model")
 PARALLEL_MODES = ("single", "pmap", "mesh")
 REQUIRED = {
     "model": ("kind", "mixer"),
@@ -19,45 +25,67 @@ class ConfigError(ValueError):
     """A configuration mistake a user can fix; the message names the offending key."""
 
 
+def flag_error_line(err: Exception) -> str:
+    """One line from an absl / ml_collections flag-parsing error.
+
+    An exception raised by a config file's get_config arrives inside a traceback ("flag
+    --config=...: Error whilst parsing config file: Traceback ... ValueError: lm config: ..."):
+    keep the flag and that exception's message ("--config=...: lm config: ..."). Anything else
+    ("flag --config.train.steps=abc: invalid literal ...") is one line already. An override of a
+    field the (locked) config lacks arrives as an AttributeError / KeyError naming the field.
+    """
+    if isinstance(err, (AttributeError, KeyError)):
+        name = str(err.args[0] if err.args else err).strip("'\"")
+        return f"--config override: no config field {name!r} (the config is locked)"
+    lines = [line.removeprefix("flag ") for line in str(err).splitlines() if line.strip()]
+    if "Traceback (most recent call last):" in lines:
+        flag = lines[0].split(": Error whilst parsing", 1)[0]
+        message = re.sub(r"^[\w.]+: ", "", lines[-1])  # without the exception's class name
+        return f"{flag}: {message}"
+    return lines[0] if lines else type(err).__name__
+
+
 def _get(section, key, default=None):
     return section.get(key, default) if hasattr(section, "get") else default
 
 
 def model_dims(model_config) -> tuple[int | None, int | None]:
-    """(width, num_heads) from explicit model fields, else from `ttt.models.PRESETS` if present."""
+    """(width, num_heads): the explicit model fields, else the preset's (None if neither)."""
+    preset = PRESETS.get(model_config.kind, {}).get(_get(model_config, "preset"), {})
     width, heads = _get(model_config, "width"), _get(model_config, "num_heads")
-    if width is not None and heads is not None:
-        return width, heads
-    try:
-        from ttt.models import PRESETS
-    except ImportError:
-        return width, heads
-    preset = None
-    for table in (PRESETS.get(model_config.kind), PRESETS):
-        if isinstance(table, dict) and model_config.get("preset") in table:
-            preset = table[model_config.preset]
-            break
-    if preset is None:
-        return width, heads
-    pick = (lambda k: preset.get(k)) if isinstance(preset, dict) else (
-        lambda k: getattr(preset, k, None))
-    return (width if width is not None else pick("width"),
-            heads if heads is not None else pick("num_heads"))
+    return (preset.get("width") if width is None else width,
+            preset.get("num_heads") if heads is None else heads)
 
 
 def _check_mixer(model) -> None:
+    """The mixer name for the model kind (registry), then its kwargs and values (the module)."""
     try:
-        from ttt.layers import make_mixer
-    except ImportError:
-        return  # the layer registry is not importable: the model build will report it
+        name = model_mixer(model.kind, model.mixer)
+    except ValueError as err:
+        reason = str(err).removeprefix("model.mixer: ")
+        raise ConfigError(f"config.model.mixer={model.mixer!r}: {reason}") from None
     width, heads = model_dims(model)
     kwargs = dict(_get(model, "mixer_kwargs", None) or {})
     try:
-        make_mixer(model.mixer, width or 16, heads or 1, **kwargs)
+        make_mixer(name, width or 16, heads or 1, **kwargs)
     except ValueError as err:
         raise ConfigError(f"config.model.mixer={model.mixer!r}: {err}") from None
     except TypeError as err:
         raise ConfigError(f"config.model.mixer_kwargs={kwargs}: {err}") from None
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+    """Axis sizes (data, fsdp, model); one size of -1 takes what the others leave."""
+    sizes = [int(mesh_config.get(a, 1)) for a in MESH_AXES]
+    known = math.prod(s for s in sizes if s != -1)
+    if sizes.count(-1) > 1 or num_devices % known:
+        raise ValueError(f"config.train.mesh {dict(zip(MESH_AXES, sizes, strict=True))} does not "
+                         f"fit {num_devices} devices")
+    sizes = [num_devices // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"config.train.mesh {dict(zip(MESH_AXES, sizes, strict=True))} uses "
+                         f"{math.prod(sizes)} devices, but {num_devices} are present")
+    return tuple(sizes)
 
 
 def replicas(train, num_devices: int) -> int:
@@ -66,8 +94,6 @@ def replicas(train, num_devices: int) -> int:
         return 1
     if train.parallel == "pmap":
         return num_devices
-    from ttt.train.parallel import mesh_shape
-
     try:
         data, fsdp, _ = mesh_shape(train.mesh, num_devices)
     except ValueError as err:

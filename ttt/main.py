@@ -18,7 +18,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from ttt.config import ConfigError
+from ttt.config import ConfigError, flag_error_line
 from ttt.train import NonFiniteLossError, train_and_evaluate
 
 FLAGS = flags.FLAGS
@@ -32,6 +32,15 @@ flags.DEFINE_integer("process_id", 0, "this process's index (multi-process)")
 flags.DEFINE_bool("compile_only", False, "lower and compile the train step on abstract inputs, "
                   "print parameters, per-device memory and FLOPs, and exit")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv):
+    """absl's flag parsing; a bad flag, config argument or override is one line and exit 2."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError) as err:  # the latter: an unknown override
+        print(f"error: {flag_error_line(err)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv):
@@ -65,4 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -2,12 +2,21 @@
 
 `make_mixer(name, width, num_heads, **kwargs)` builds any mixer in `MIXERS`; every mixer maps
 x (B, N, C) -> (y (B, N, C), aux) and the causal ones decode with init_cache / prefill / step.
+`MIXERS[name]` is a `MixerSpec`: causality, non-causal twin, pre-conv, state size and FLOPs.
 """
 
 from ttt.layers.attention import LinearAttention, SoftmaxAttention
 from ttt.layers.common import CausalConv, LayerNorm
 from ttt.layers.mttt_layer import MTTTMixer
-from ttt.layers.registry import MIXERS, accepted_kwargs, make_mixer
+from ttt.layers.registry import (
+    MIXERS,
+    MixerSpec,
+    accepted_kwargs,
+    forward_flops,
+    make_mixer,
+    mixer_spec,
+    state_size,
+)
 from ttt.layers.ttt_layer import TTTMixer
 
 __all__ = [
@@ -16,8 +25,12 @@ __all__ = [
     "LayerNorm",
     "LinearAttention",
     "MTTTMixer",
+    "MixerSpec",
     "SoftmaxAttention",
     "TTTMixer",
     "accepted_kwargs",
+    "forward_flops",
     "make_mixer",
+    "mixer_spec",
+    "state_size",
 ]

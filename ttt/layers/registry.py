@@ -1,4 +1,10 @@
-"""One registry of sequence mixers: a name picks a module class and its default attributes.
+"""One registry of sequence mixers: a name picks a `MixerSpec`, the facts every consumer reads.
+
+`MIXERS[name]` is a frozen `MixerSpec`: the module class and its default attributes, its
+non-causal twin's name (what a ViT uses instead), whether it is causal (has init_cache / prefill /
+step), whether an LM block puts its causal pre-convolution in front of it, its recurrent state
+size and its forward FLOPs (`ttt.layers.costs`). The last three are functions of the *resolved*
+attributes (`spec.attrs(**kwargs)`), so they follow options such as `backbone` or `mini_batch`.
 
 `make_mixer(name, width, num_heads, **kwargs)` validates everything before any tracing: unknown
 names and unknown keyword arguments fail with the accepted ones listed; the modules' own
@@ -8,44 +14,120 @@ names and unknown keyword arguments fail with the accepted ones listed; the modu
 from __future__ import annotations
 
 import dataclasses
+import types
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 
+from ttt.layers import costs
 from ttt.layers.attention import LinearAttention, SoftmaxAttention
 from ttt.layers.mttt_layer import MTTTMixer
 from ttt.layers.ttt_layer import TTTMixer
-
-# name -> (module class, default attributes). Causal LM mixers first, then the vision ones.
-MIXERS: dict[str, tuple[type[nn.Module], dict]] = {
-    "ttt_linear": (TTTMixer, {"learner": "linear", "base_lr": 1.0, "mini_batch": 16}),
-    "ttt_mlp": (TTTMixer, {"learner": "mlp", "base_lr": 0.1, "mini_batch": 16}),
-    "ttt_linear_mamba": (TTTMixer, {"learner": "linear", "backbone": "mamba", "base_lr": 1.0}),
-    "ttt_mlp_mamba": (TTTMixer, {"learner": "mlp", "backbone": "mamba", "base_lr": 0.1}),
-    "linear_attention": (LinearAttention, {"causal": True}),
-    "softmax": (SoftmaxAttention, {"causal": True}),
-    "mttt_linear": (MTTTMixer, {"learner": "linear"}),
-    "mttt_mlp": (MTTTMixer, {"learner": "mlp"}),
-    "linear_attention_noncausal": (
-        LinearAttention,
-        {"causal": False, "normalize": "adaptive", "feature_map": "elu", "use_bias": True},
-    ),
-    "softmax_noncausal": (SoftmaxAttention, {"causal": False, "rope": False, "use_bias": True}),
-}
 
 # attributes every mixer takes positionally or that Flax manages itself
 _RESERVED = {"width", "num_heads", "parent", "name"}
 
 
-def accepted_kwargs(name: str) -> tuple[str, ...]:
-    """The keyword arguments `make_mixer(name, ...)` accepts (the module's attributes)."""
-    cls, _ = _lookup(name)
-    return tuple(f.name for f in dataclasses.fields(cls) if f.init and f.name not in _RESERVED)
+def _never(attrs: Mapping) -> bool:
+    return False
 
 
-def _lookup(name: str):
+def _mamba_backbone(attrs: Mapping) -> bool:
+    return attrs["backbone"] == "mamba"
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerSpec:
+    """Everything the package knows about one registry entry.
+
+    name: the registry name. module: the Flax class; defaults: attributes the entry sets on top
+    of the class's own (read-only). causal: has a decode path (init_cache / prefill / step);
+    noncausal: registry name of the twin a whole-sequence model (the ViT) uses, or None.
+    pre_conv(attrs): whether a CausalLM block puts its causal convolution before this mixer.
+    state_size(width, heads, attrs, seq_len): recurrent state, floats per layer per sequence.
+    flops(N, width, heads, attrs): forward FLOPs of one call at batch 1 (see `ttt.layers.costs`).
+    """
+
+    name: str
+    module: type[nn.Module]
+    defaults: Mapping[str, Any]
+    causal: bool
+    noncausal: str | None
+    pre_conv: Callable[[Mapping], bool]
+    state_size: Callable[[int, int, Mapping, int], int]
+    flops: Callable[[int, int, int, Mapping], float]
+
+    def accepted(self) -> tuple[str, ...]:
+        """The keyword arguments the module takes (its attributes but width / num_heads)."""
+        return tuple(f.name for f in dataclasses.fields(self.module)
+                     if f.init and f.name not in _RESERVED)
+
+    def check_kwargs(self, kwargs: Mapping) -> None:
+        """ValueError listing the accepted arguments if `kwargs` has a name the module lacks."""
+        accepted = self.accepted()
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"mixer {self.name!r} ({self.module.__name__}) got unknown argument(s) {unknown}; "
+                f"accepted: {', '.join(accepted)}"
+            )
+
+    def attrs(self, **kwargs) -> dict[str, Any]:
+        """Every attribute the module would get: class defaults < registry defaults < kwargs."""
+        self.check_kwargs(kwargs)
+        fields = {f.name: f for f in dataclasses.fields(self.module) if f.name in self.accepted()}
+        base = {name: (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+                for name, f in fields.items()}
+        return {**base, **self.defaults, **kwargs}
+
+
+# module class -> (state size, forward FLOPs) from ttt.layers.costs
+_COSTS = {TTTMixer: (costs.ttt_state, costs.ttt_flops),
+          MTTTMixer: (costs.mttt_state, costs.mttt_flops),
+          LinearAttention: (costs.linear_attention_state, costs.linear_attention_flops),
+          SoftmaxAttention: (costs.softmax_state, costs.softmax_flops)}
+
+
+def _spec(name, module, defaults, *, causal, pre_conv=_never, noncausal=None):
+    return name, MixerSpec(name, module, types.MappingProxyType(defaults), causal, noncausal,
+                           pre_conv, *_COSTS[module])
+
+
+# Causal LM mixers first, then the vision ones.
+MIXERS: dict[str, MixerSpec] = dict([
+    _spec("ttt_linear", TTTMixer, {"learner": "linear", "base_lr": 1.0, "mini_batch": 16},
+          causal=True, pre_conv=_mamba_backbone),
+    _spec("ttt_mlp", TTTMixer, {"learner": "mlp", "base_lr": 0.1, "mini_batch": 16},
+          causal=True, pre_conv=_mamba_backbone),
+    _spec("ttt_linear_mamba", TTTMixer, {"learner": "linear", "backbone": "mamba",
+                                         "base_lr": 1.0}, causal=True, pre_conv=_mamba_backbone),
+    _spec("ttt_mlp_mamba", TTTMixer, {"learner": "mlp", "backbone": "mamba", "base_lr": 0.1},
+          causal=True, pre_conv=_mamba_backbone),
+    _spec("linear_attention", LinearAttention, {"causal": True}, causal=True,
+          noncausal="linear_attention_noncausal"),
+    _spec("softmax", SoftmaxAttention, {"causal": True}, causal=True,
+          noncausal="softmax_noncausal"),
+    _spec("mttt_linear", MTTTMixer, {"learner": "linear"}, causal=False),
+    _spec("mttt_mlp", MTTTMixer, {"learner": "mlp"}, causal=False),
+    _spec("linear_attention_noncausal", LinearAttention,
+          {"causal": False, "normalize": "adaptive", "feature_map": "elu", "use_bias": True},
+          causal=False),
+    _spec("softmax_noncausal", SoftmaxAttention, {"causal": False, "rope": False,
+                                                  "use_bias": True}, causal=False),
+])
+
+
+def mixer_spec(name: str) -> MixerSpec:
+    """The registry entry `name`; ValueError listing the known names otherwise."""
     if name not in MIXERS:
         raise ValueError(f"unknown mixer {name!r}; known mixers: {', '.join(MIXERS)}")
     return MIXERS[name]
+
+
+def accepted_kwargs(name: str) -> tuple[str, ...]:
+    """The keyword arguments `make_mixer(name, ...)` accepts (the module's attributes)."""
+    return mixer_spec(name).accepted()
 
 
 def make_mixer(name: str, width: int, num_heads: int, **kwargs) -> nn.Module:
@@ -54,12 +136,18 @@ def make_mixer(name: str, width: int, num_heads: int, **kwargs) -> nn.Module:
     Returns an unbound Flax module with `__call__(x (B, N, C), *, ttt_lr_mult=1.0, train=False)
     -> (y (B, N, C), aux)`; causal mixers also have init_cache / prefill / step.
     """
-    cls, defaults = _lookup(name)
-    accepted = accepted_kwargs(name)
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"mixer {name!r} ({cls.__name__}) got unknown argument(s) {unknown}; accepted: "
-            f"{', '.join(accepted)}"
-        )
-    return cls(width=width, num_heads=num_heads, **{**defaults, **kwargs})
+    spec = mixer_spec(name)
+    spec.check_kwargs(kwargs)
+    return spec.module(width=width, num_heads=num_heads, **{**spec.defaults, **kwargs})
+
+
+def state_size(name: str, width: int, num_heads: int, seq_len: int, **kwargs) -> int:
+    """Recurrent state of mixer `name` (with kwargs), floats per layer per sequence."""
+    spec = mixer_spec(name)
+    return int(spec.state_size(width, num_heads, spec.attrs(**kwargs), seq_len))
+
+
+def forward_flops(name: str, seq_len: int, width: int, num_heads: int, **kwargs) -> float:
+    """Forward FLOPs of one call of mixer `name` (with kwargs) on seq_len tokens at batch 1."""
+    spec = mixer_spec(name)
+    return float(spec.flops(seq_len, width, num_heads, spec.attrs(**kwargs)))

@@ -1,11 +1,11 @@
 """ttt.models: causal LM and ViT classifier built from any sequence mixer, presets, sampling."""
 
-from ttt.models.build import build_model, param_count
+from ttt.models.build import build_model, model_mixer, param_count
 from ttt.models.generate import generate
 from ttt.models.lm import CausalLM
 from ttt.models.presets import PRESETS
 from ttt.models.stack import stack_layers, unstack_layers
 from ttt.models.vit import ViT
 
-__all__ = ["CausalLM", "PRESETS", "ViT", "build_model", "generate", "param_count",
+__all__ = ["CausalLM", "PRESETS", "ViT", "build_model", "generate", "model_mixer", "param_count",
            "stack_layers", "unstack_layers"]

@@ -32,14 +32,22 @@ def _get(cfg, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
-def _known_mixers() -> list[str] | None:
-    """Names in the mixer registry, or None when the registry does not list them."""
-    for attr in ("MIXERS", "REGISTRY", "MIXER_REGISTRY"):
-        registry = getattr(layers, attr, None)
-        if isinstance(registry, Mapping):
-            return sorted(registry)
-    names = getattr(layers, "mixer_names", None)
-    return sorted(names()) if callable(names) else None
+def model_mixer(kind: str, mixer) -> str:
+    """The registry name a model of `kind` builds for `mixer`.
+
+    A classifier sees the whole image, so a ViT takes the entry's non-causal twin where it has
+    one ("softmax" -> "softmax_noncausal"); a causal LM needs an entry with a decode path.
+    """
+    if not isinstance(mixer, str) or mixer not in layers.MIXERS:
+        raise ValueError(f"model.mixer: unknown {mixer!r}; known: {', '.join(layers.MIXERS)}")
+    spec = layers.MIXERS[mixer]
+    if kind == "vit":
+        return spec.noncausal or mixer
+    if not spec.causal:
+        causal = [name for name, s in layers.MIXERS.items() if s.causal]
+        raise ValueError(f"model.mixer: {mixer!r} is non-causal (it sees future tokens); a "
+                         f"causal LM needs one of {', '.join(causal)}")
+    return mixer
 
 
 def _choice(value, key: str, known) -> Any:
@@ -71,10 +79,10 @@ def build_model(model_config) -> nn.Module:
     """Build a CausalLM (kind "lm") or ViT (kind "vit") from a config (see interfaces).
 
     Fields: kind, preset, mixer, mixer_kwargs, dtype, scan_layers, remat; LM: vocab_size;
-    ViT: num_classes, image_size, patch_size, channels; a mixer with a non-causal twin in the
-    registry ("softmax", "linear_attention") resolves to it. Optional overrides of the preset's
-    dimensions (num_layers, width, num_heads, ffn_dim / mlp_dim) and, for the LM, pre_conv
-    (default: on exactly for the Mamba backbone).
+    ViT: num_classes, image_size, patch_size, channels; the mixer resolves by `model_mixer`
+    (a ViT takes the registry's non-causal twin). Optional overrides of the preset's dimensions
+    (num_layers, width, num_heads, ffn_dim / mlp_dim) and, for the LM, pre_conv (default: the
+    registry's `pre_conv` of the resolved mixer attributes, i.e. on for the Mamba backbone).
     """
     kind = _choice(_get(model_config, "kind"), "kind", sorted(PRESETS))
     preset = _choice(_get(model_config, "preset"), "preset", list(PRESETS[kind]))
@@ -83,13 +91,7 @@ def build_model(model_config) -> nn.Module:
         if _get(model_config, key) is not None:
             dims[key] = _positive_int(model_config, key)
 
-    mixer = _get(model_config, "mixer")
-    known = _known_mixers()
-    if not isinstance(mixer, str) or (known is not None and mixer not in known):
-        raise ValueError(f"model.mixer: unknown {mixer!r}; known: {', '.join(known or [])}")
-    if kind == "vit" and known is not None and f"{mixer}_noncausal" in known:
-        # A classifier sees the whole image: take the registry's non-causal variant.
-        mixer = f"{mixer}_noncausal"
+    mixer = model_mixer(kind, _get(model_config, "mixer"))
     mixer_kwargs = _frozen_kwargs(_get(model_config, "mixer_kwargs"))
     if dims["width"] % dims["num_heads"]:
         raise ValueError(f"model: width {dims['width']} is not divisible by num_heads "
@@ -111,7 +113,8 @@ def build_model(model_config) -> nn.Module:
             dims["vocab_size"] = _positive_int(model_config, "vocab_size")
         pre_conv = _get(model_config, "pre_conv")
         if pre_conv is None:
-            pre_conv = dict(mixer_kwargs).get("backbone") == "mamba" or mixer.endswith("_mamba")
+            spec = layers.MIXERS[mixer]
+            pre_conv = spec.pre_conv(spec.attrs(**dict(mixer_kwargs)))
         return CausalLM(vocab_size=dims["vocab_size"], ffn_dim=dims["ffn_dim"],
                         pre_conv=bool(pre_conv), **common)
 

@@ -27,7 +27,8 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "model")
+from ttt.config import MESH_AXES, mesh_shape
+
 # The TTT inner model's initial state (ttt_dense_l, ttt_bias_l, the per-head ttt_norm; MTTT's W0)
 # is small and read by every token of every sequence: keep it replicated.
 DEFAULT_RULES = ((r"(^|/)(ttt_dense_\d+|ttt_bias_\d+|ttt_norm|W0|inner_[^/]*)(/|$)", ()),)
@@ -59,20 +60,6 @@ def partition_spec(path: str, shape, fsdp: int, rules=DEFAULT_RULES, min_size: i
             spec[axis] = "fsdp"
             return P(*spec)
     return P()
-
-
-def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
-    """Axis sizes (data, fsdp, model); one size of -1 takes what the others leave."""
-    sizes = [int(mesh_config.get(a, 1)) for a in MESH_AXES]
-    known = math.prod(s for s in sizes if s != -1)
-    if sizes.count(-1) > 1 or num_devices % known:
-        raise ValueError(f"config.train.mesh {dict(zip(MESH_AXES, sizes, strict=True))} does not "
-                         f"fit {num_devices} devices")
-    sizes = [num_devices // known if s == -1 else s for s in sizes]
-    if math.prod(sizes) != num_devices:
-        raise ValueError(f"config.train.mesh {dict(zip(MESH_AXES, sizes, strict=True))} uses "
-                         f"{math.prod(sizes)} devices, but {num_devices} are present")
-    return tuple(sizes)
 
 
 class _JitPlacement:

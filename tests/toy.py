@@ -1,4 +1,5 @@
-"""Small stand-ins for the model and data packages, used by the training tests.
+"""Small stand-ins for the model and data packages, used by the training tests (not part of the
+package: `import toy` from a test, or `python tests/toy.py ...` for a subprocess run).
 
 They follow the pinned interfaces exactly (`build_model(model_config)` returning a Linen module
 whose `apply` gives `(logits, aux)`, and `make_dataset(...)` returning an object with `.meta` and
@@ -196,7 +197,7 @@ def toy_config(kind: str = "lm", **train) -> mlc.ConfigDict:
 
 
 def main(argv=None) -> int:
-    """`python -m ttt.train.testing --workdir D [--train '{json}'] [--data '{json}']
+    """`python tests/toy.py --workdir D [--train '{json}'] [--data '{json}']
     [--num_processes P --process_id I --coordinator H:P]`: train the toy LM; exit 143 if
     preempted."""
     parser = argparse.ArgumentParser()

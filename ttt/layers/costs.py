@@ -1,0 +1,151 @@
+"""What a mixer costs, written down from the math: forward FLOPs and recurrent state size.
+
+Every function takes the mixer's *resolved* attributes (`MixerSpec.attrs(...)`: the module's
+defaults, then the registry's, then the caller's), so a count follows the options that change the
+work (mini-batch, inner form, learner, backbone, chunk, steps, ...). The registry attaches one FLOP
+function and one state function to each entry; benchmarks and reports read them from there.
+
+FLOPs (one multiply-add = 2 FLOPs) are per layer call at batch 1: N tokens, width C, H heads of
+d = C / H, mini-batch b. Forward only; forward+backward is usually counted as 3× the forward (each
+matmul Y = X W costs one more matmul for dX and one for dW). Elementwise work (LayerNorm, GELU,
+RoPE, sigmoid gates, softmax) is left out: it is O(N C) against the O(N C²) of the projections.
+
+- projections: 2 N C² per dense C→C map (four for attention and TTT-transformer: q, k, v, o;
+  Mamba backbone: q, v, gate, o plus two depthwise convolutions of width conv_width); the TTT
+  learning-rate gate x·k_h is 2 N C H (only with learn_eta).
+- softmax attention: the implementation forms the full N×N score matrix and masks it, so
+  QKᵀ and PV cost 2 N² d each per head (the causal half is not subtracted).
+- linear attention, chunked (chunk c): per head 4 N c d (intra-chunk scores and their product
+  with V) + 4 N d² (inter-chunk q S and the state update kᵀv); cumulative form and the non-causal
+  layer (one global state): 4 N d²; quadratic form: 4 N² d.
+- TTT dual form, per head and mini-batch, for each dense layer l with input width d_l and output
+  width e_l: keys X_k W (2 b d_l e_l), queries X_q W (2 b d_l e_l), X_q X_kᵀ (2 b² d_l),
+  (η ⊙ ·) G (2 b² e_l), tril(η) G for the bias (2 b² e_l), state update X_kᵀ (η G) (2 b d_l e_l);
+  plus, for a 2-layer MLP, the backward of the keys' layer 2 to get G_1 (2 b e_2 d_2). A final
+  partial mini-batch is padded and costs a full one; mini_batch=0 is one mini-batch of N.
+- TTT primal form, per head and mini-batch, per dense layer: keys X_k W (2 b d e), per-token
+  gradients X_kᵀ G as b outer products (2 b d e), the b states W_i = W − Σ_j η_ij g_j
+  (2 b² d e), answers X_q W_i (2 b d e); MLP: the layer-2 backward as in the dual form.
+- TTT with stats=True also pays for its diagnostics: the inner model at W0 on every key, and one
+  more inner pass over the sequence with every mini-batch doubled (mini-batch 2b).
+- MTTT, per head: ψ, φ and the output map H are 2 N C² each over all heads; each of the T inner
+  steps reconstructs every token through f and the decoder G (d→C) and back-propagates to W
+  ("sgd": the full-set loss, plus forward and backward on its chunk of ⌈N/T⌉ tokens); then the
+  loss at W_T and the answers f(ψ(x); W_T).
+
+State sizes are floats per layer per sequence (what a recurrent model carries from token to
+token; the x-axis of the MQAR comparison): TTT, the inner model's weights (and biases) over all
+heads; linear attention, S = Σ φ(k) vᵀ (and s = Σ φ(k) when normalised); softmax attention, the
+KV cache of N tokens, 2 N C; MTTT, the inner model's weights (rebuilt for every sequence).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+
+def dense(N: int, C: int, maps: int = 4) -> float:
+    """FLOPs of `maps` dense C→C projections of N tokens."""
+    return maps * 2.0 * N * C * C
+
+
+def inner_layers(d: int, learner: str, mlp_factor: int = 4) -> list[tuple[int, int]]:
+    """(input width, output width) of each dense layer of a TTT / MTTT inner model."""
+    if learner == "linear":
+        return [(d, d)]
+    h = mlp_factor * d
+    return [(d, h), (h, d)]
+
+
+def inner_floats(layers: list[tuple[int, int]], bias: bool) -> int:
+    """Floats of one head's inner weights (and biases)."""
+    return sum(din * dout + (dout if bias else 0) for din, dout in layers)
+
+
+def ttt_core(N: int, H: int, b: int, layers: list[tuple[int, int]], form: str) -> float:
+    """FLOPs of the causal TTT inner loop over all heads, dual or primal form."""
+    M = -(-N // b)  # mini-batches (a final partial one is padded and costs a full one)
+    per_mb = 0.0
+    for din, dout in layers:
+        if form == "dual":
+            per_mb += 3 * 2.0 * b * din * dout + 2.0 * b * b * din + 2 * 2.0 * b * b * dout
+        else:
+            per_mb += 3 * 2.0 * b * din * dout + 2.0 * b * b * din * dout
+    if len(layers) == 2:
+        h, d_out = layers[1]
+        per_mb += 2.0 * b * h * d_out  # backward through layer 2 of the keys' forward
+    return H * M * per_mb
+
+
+# ----------------------------------------------------------------------------- forward FLOPs
+
+
+def softmax_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
+    d = C // H
+    return dense(N, C) + H * 4.0 * N * N * d
+
+
+def linear_attention_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
+    d = C // H
+    form = attrs["form"] if attrs["causal"] else "global"
+    if form == "chunked":
+        core = 4.0 * N * attrs["chunk"] * d + 4.0 * N * d * d
+    elif form == "quadratic":
+        core = 4.0 * N * N * d
+    else:  # cumsum, or the non-causal global state
+        core = 4.0 * N * d * d
+    return dense(N, C) + H * core
+
+
+def ttt_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
+    d = C // H
+    b = attrs["mini_batch"] or N
+    form = "dual" if attrs["form"] == "auto" else attrs["form"]  # the learners have dense chains
+    layers = inner_layers(d, attrs["learner"], attrs["mlp_factor"])
+    flops = dense(N, C) + ttt_core(N, H, b, layers, form)
+    if attrs["learn_eta"]:
+        flops += 2.0 * N * C * H  # the learnable-η logits x·k_h
+    if attrs["backbone"] == "mamba":
+        flops += 2 * 2.0 * N * C * attrs["conv_width"]  # two depthwise convolutions
+    if attrs["stats"]:
+        flops += H * N * sum(2.0 * din * dout for din, dout in layers)  # answers at W0
+        flops += ttt_core(2 * b * -(-N // b), H, 2 * b, layers, form)  # the doubled pass
+    return flops
+
+
+def mttt_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
+    dh = C // H
+    layers = inner_layers(dh, attrs["learner"], attrs["mlp_factor"])
+    f = sum(2.0 * din * dout for din, dout in layers)  # one token through f
+    forward = f + 2.0 * dh * C  # ... and through the decoder G
+    # dL/dW of one token: back through G (2 dh C), dW of every layer, dx of all but the first
+    grad = 2.0 * dh * C + f + sum(2.0 * din * dout for din, dout in layers[1:])
+    T = attrs["steps"]
+    if attrs["mode"] == "sgd" and T:
+        step = N * forward + math.ceil(N / T) * (forward + grad)
+    else:
+        step = N * (forward + grad)
+    return dense(N, C, maps=3) + H * (T * step + N * forward + N * f)
+
+
+# ----------------------------------------------------------------------------- state sizes
+
+
+def softmax_state(C: int, H: int, attrs: Mapping, N: int) -> int:
+    return 2 * N * C
+
+
+def linear_attention_state(C: int, H: int, attrs: Mapping, N: int) -> int:
+    d = C // H
+    return H * (d * d + (d if attrs["normalize"] else 0))
+
+
+def ttt_state(C: int, H: int, attrs: Mapping, N: int) -> int:
+    bias = attrs["learn_W0"] if attrs["inner_bias"] is None else attrs["inner_bias"]
+    return H * inner_floats(inner_layers(C // H, attrs["learner"], attrs["mlp_factor"]), bias)
+
+
+def mttt_state(C: int, H: int, attrs: Mapping, N: int) -> int:
+    layers = inner_layers(C // H, attrs["learner"], attrs["mlp_factor"])
+    return H * inner_floats(layers, attrs["inner_bias"])
