@@ -326,7 +326,7 @@ def test_bad_arguments_raise():
         mttt(LINEAR, W0, q, k, jnp.concatenate([v, v], -1), lrs)
     with pytest.raises(ValueError, match=r"lrs: expected a rank-1 array \(T,\)"):
         mttt(LINEAR, W0, q, k, v, lrs[None])
-    with pytest.raises(ValueError, match="mode: expected one of"):
+    with pytest.raises(ValueError, match="mode: unknown 'adam'; known: gd, sgd"):
         mttt(LINEAR, W0, q, k, v, lrs, mode="adam")
     with pytest.raises(ValueError, match="key: a PRNG key is required"):
         mttt(LINEAR, W0, q, k, v, lrs, mode="sgd")

@@ -338,7 +338,7 @@ def test_dispatch_and_per_sequence_broadcast(x64):
     z_bh, W_bh = ttt(lrn, W0_bh, q, k, v, eta, mini_batch=4, form="primal")
     assert_close(z_auto, z_bh, 1e-12, "auto(H) vs primal(B, H) z")
     assert_close(W_auto, W_bh, 1e-12, "auto(H) vs primal(B, H) W_N")
-    with pytest.raises(ValueError, match="form: expected one of 'auto', 'dual', 'primal'; got 'fa"):
+    with pytest.raises(ValueError, match="form: unknown 'fast'; known: auto, dual, primal"):
         ttt(lrn, W0, q, k, v, eta, mini_batch=4, form="fast")
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttt import layers
+from ttt.ops import checks
 from ttt.models.lm import CausalLM
 from ttt.models.presets import PRESETS
 from ttt.models.stack import REMAT_CHOICES
@@ -51,8 +52,7 @@ def model_mixer(kind: str, mixer) -> str:
 
 
 def _choice(value, key: str, known) -> Any:
-    if value not in known:
-        raise ValueError(f"model.{key}: unknown {value!r}; known: {', '.join(map(str, known))}")
+    checks.check_choice(f"model.{key}", value, known)
     return value
 
 

@@ -62,8 +62,7 @@ def check_int(name: str, value, minimum: int) -> None:
 def check_choice(name: str, value, choices: Sequence) -> None:
     """Raise ValueError unless `value` is one of `choices`, listing them."""
     if value not in choices:
-        known = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{name}: expected one of {known}; got {value!r}")
+        raise ValueError(f"{name}: unknown {value!r}; known: {', '.join(map(str, choices))}")
 
 
 def inner_state_layout(learner, W0, B: int, H: int, d_in: int, what: str = "W0") -> bool:

@@ -110,8 +110,7 @@ def _check_args(q, k, v, lrs, fixed, decode, decode_params, mode, key):
         checks.check_floating(name, x)
     checks.check_same_dtype(q=q, k=k, v=v)
     checks.check_rank("lrs", lrs, 1, "(T,)")
-    if mode not in _MODES:
-        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+    checks.check_choice("mode", mode, _MODES)
     if mode == "sgd" and lrs.shape[0] > 0 and key is None:
         raise ValueError('key: a PRNG key is required with mode="sgd"')
     if fixed is not None:
