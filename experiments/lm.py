@@ -17,10 +17,10 @@ Argument: comma-separated tokens, any order (`experiments/args.py`; anything els
              8 sequences (under a minute per mixer after compilation)
   ctx=<n>    context length in tokens (accepts 2k / 8k / 32k); default 512 (smoke 64, cpu 128,
              paper 2k)
-  paper      the paper recipe (DESIGN §3.9): Llama-2 SentencePiece tokenizer (32000), 0.5M tokens
-             per step, Chinchilla token budget (125m 2.5B, 350m 7B, 760m 15B, 1.3b 26B tokens),
-             AdamW(0.9, 0.95), wd 0.1, clip 1.0, 10% warm-up then cosine to 1e-5, bfloat16 compute,
-             rematerialised blocks, FSDP over a device mesh
+  paper      the paper recipe (docs/design.md §10.3): Llama-2 SentencePiece tokenizer (32000),
+             0.5M tokens per step, Chinchilla token budget (125m 2.5B, 350m 7B, 760m 15B,
+             1.3b 26B tokens), AdamW(0.9, 0.95), wd 0.1, clip 1.0, 10% warm-up then cosine to
+             1e-5, bfloat16 compute, rematerialised blocks, FSDP over a device mesh
   books      with `paper`: Books3 instead of the Pile (the long-context runs; ctx up to 32k)
 
 Data: the embedded standard-library text corpus with the byte tokenizer (no download); `paper`
@@ -65,7 +65,7 @@ def ttt_mlp_recipe(mixer: str) -> bool:
 
 
 def _paper(c: mlc.ConfigDict, a: dict) -> None:
-    """The paper recipe in place (DESIGN §3.9)."""
+    """The paper recipe in place (docs/design.md §10.3)."""
     n = a["ctx"] or 2048
     steps = max(int(PAPER_TOKENS[a["preset"]] // TOKENS_PER_STEP), 10)
     c.model.update(vocab_size=32000, dtype="bfloat16", remat="block")

@@ -63,7 +63,7 @@ def _tokens(config: dict) -> int:
 
 
 def state_size(config: dict) -> int:
-    """Floats of recurrent state per layer per sequence (DESIGN §6, the MQAR x-axis): the
+    """Floats of recurrent state per layer per sequence (docs/design.md §13, the MQAR x-axis): the
     registry's `state_size` of the mixer the model builds (`ttt.layers.costs`: TTT and MTTT inner
     weights, linear attention's S (+ s), softmax's KV cache of the whole sequence)."""
     from ttt.layers import state_size as registry_state_size

@@ -1,8 +1,8 @@
 r"""Image classification with a ViT whose token mixer is MTTT (or a baseline) — arXiv 2310.13807.
 
-Reproduces the MTTT paper's ImageNet tables (DESIGN §4): from 16x16 patches with ViT-S (196
-tokens) — self-attention 76.5, MTTT-MLP 74.6, linear attention 73.0-73.2, MTTT-Linear 72.8 top-1 —
-and from raw pixels with ViT-Ti (50,176 tokens) — MTTT-MLP 61.9 (T = 1) / 65.2 (SGD, T = 4),
+Reproduces the MTTT paper's ImageNet tables (docs/design.md §10.3): from 16x16 patches with ViT-S
+(196 tokens) — self-attention 76.5, MTTT-MLP 74.6, linear attention 73.0-73.2, MTTT-Linear 72.8
+top-1 — and from raw pixels with ViT-Ti (50,176 tokens) — MTTT-MLP 61.9 (T = 1) / 65.2 (SGD, T = 4),
 linear attention 49.9-55.7, self-attention out of memory. On the embedded digits the default and
 `cpu` arguments show the same mechanics in seconds.
 
@@ -62,7 +62,7 @@ def _mixer_kwargs(a: dict) -> dict:
 
 
 def _imagenet(c: mlc.ConfigDict, a: dict) -> None:
-    """The official ImageNet recipe in place (DESIGN §4)."""
+    """The official ImageNet recipe in place (docs/design.md §10.3)."""
     pixels = a["pixels"]
     batch = 1024
     steps = 90 * IMAGENET_TRAIN // batch

@@ -1,4 +1,5 @@
-"""Imported official trees (ttt.interop) against independent forwards written from DESIGN §3–4.
+"""Imported official trees (ttt.interop) against independent forwards written from the math of
+docs/design.md §8–9 and §11.
 
 The references below read the official parameter layout directly (no ttt code) and run the math
 token by token: per head, every gradient of a mini-batch at the state it started from,
@@ -175,7 +176,7 @@ def ref_minibatch(W, sc, bi, q, k, v, a, c):
 
 
 def ref_ttt_layer(s, x, base_lr):
-    """One official TTT layer on one sequence x (N, C), token-level primal form (DESIGN §3)."""
+    """One official TTT layer on one sequence x (N, C), token-level primal form (design.md §8)."""
     H, d = s["ttt_norm/scale"].shape
     b = s["learnable_token_idx"].shape[0]
     n_tok, C = x.shape
@@ -277,7 +278,7 @@ def ref_mttt_head(p, xs, lrs):
 
 
 def ref_mttt(tree, x, lrs):
-    """Official mttt TTTLayer on x (B, N, C): T full-batch GD steps per head (DESIGN §4)."""
+    """Official mttt TTTLayer on x (B, N, C): T full-batch GD steps per head (docs/design.md §9)."""
     p = _flat(tree)
     H = p["psi/kernel"].shape[0]
     outs = []

@@ -90,7 +90,7 @@ def _rope_complex(x, pos, theta=10000.0):
 
 
 def reference_ttt_linear(p, x, b, base_lr, backbone):
-    """DESIGN §3 written out token by token in numpy for TTT-Linear (LN residual, learned η).
+    """docs/design.md §8 written out token by token in numpy for TTT-Linear (LN residual, η).
 
     Returns (y (B, N, C), {"init", "before", "after"} mean squared reconstruction errors).
     """

@@ -90,7 +90,7 @@ def test_ln_residual_apply_loss_and_chain(x64, inner):
     inner_k = np.asarray(base.apply(W, jnp.asarray(k), None))
     ln_k = _np_layer_norm(inner_k, np.asarray(fixed["scale"]), np.asarray(fixed["bias"]), 1e-6)
     assert_close(lrn.apply(W, jnp.asarray(k), fixed), k + ln_k, 1e-13, "x + LN(inner(x))")
-    # the residual turns the target of LN(inner(k)) into v − k (DESIGN §3.4)
+    # the residual turns the target of LN(inner(k)) into v − k (docs/design.md §3.3)
     want = 0.5 * np.sum((ln_k - (v - k)) ** 2)
     assert_close(L.reconstruction_loss(lrn, W, fixed, k, v), want, 1e-13, "loss")
     # the dual-form description reproduces apply: dense chain, activation between, then post

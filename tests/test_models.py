@@ -1,7 +1,7 @@
 """ttt.models: config validation, preset parameter counts, LM layer layouts, remat and bf16.
 
 Parameter counts are checked against formulas written out here from the papers' dimensions
-(DESIGN §3, §4), computed with `jax.eval_shape` so the 1.3B presets cost no memory.
+(docs/design.md §10.3), computed with `jax.eval_shape` so the 1.3B presets cost no memory.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def _W0(learner, dtype, seed=1, scale=1.0):
 
 
 def _decoder(dtype, seed=2):
-    """MTTT's decoder r = LN_h(y G_h + g_bias) (DESIGN §4), params with leading H."""
+    """MTTT's decoder r = LN_h(y G_h + g_bias) (docs/design.md §9), params with leading H."""
     rng = np.random.default_rng(seed)
     params = {
         "G": rng.standard_normal((H, DH, C)) / np.sqrt(DH),

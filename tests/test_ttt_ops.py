@@ -1,5 +1,5 @@
 """Causal mini-batch TTT: primal == dual == naive (outputs, final state, gradients), the exact
-special cases of DESIGN §2 (E3 causal linear attention, the delta rule), causality, remat,
+special cases of docs/design.md §7 (E3 causal linear attention, the delta rule), causality, remat,
 decoding, argument checks.
 
 Every forward/backward pair is compiled once per (learner, shapes) and reused across tests: the

@@ -1,4 +1,4 @@
-"""Import and export of the official TTT parameter trees (DESIGN §3–4).
+"""Import and export of the official TTT parameter trees (docs/design.md §11).
 
 - `import_ttt_lm_jax(tree, **overrides) -> (model, variables)`: a ttt-lm-jax `CausalLM` tree
   (TTT-Linear / TTT-MLP on either backbone, or the self-attention baseline) becomes a

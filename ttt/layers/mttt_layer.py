@@ -1,4 +1,4 @@
-"""The MTTT sequence mixer (Sun et al. 2023, "Learning to (Learn at Test Time)"), DESIGN §4.
+"""The MTTT sequence mixer (Sun et al. 2023, "Learning to (Learn at Test Time)"), docs/design.md §9.
 
 Non-causal: per head the inner model f(·; W) takes T gradient steps on reconstructing every token x
 (full width C) from φ_h(x) through a decoder, then answers ψ_h(x):

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttt import layers
-from ttt.ops import checks
 from ttt.models.lm import CausalLM
 from ttt.models.presets import PRESETS
 from ttt.models.stack import REMAT_CHOICES
 from ttt.models.vit import ViT
+from ttt.ops import checks
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 # Preset dimensions a config may override (e.g. a narrower model for a synthetic task).

@@ -1,4 +1,4 @@
-"""Causal language model around any sequence mixer (TTT-LM, DESIGN §3.8).
+"""Causal language model around any sequence mixer (TTT-LM, docs/design.md §10.1).
 
 Notable choices:
 - Block: `h += conv(RMSNorm(h))` (Mamba backbone only), `h += mixer(RMSNorm(h))`,
@@ -63,7 +63,7 @@ class SwiGLU(nn.Module):
 
 
 class PreConv(nn.Module):
-    """Depthwise causal convolution of RMSNorm(h) (Mamba backbone, DESIGN §3.8).
+    """Depthwise causal convolution of RMSNorm(h) (Mamba backbone, docs/design.md §10.1).
 
     (B, N, C) -> (B, N, C). The convolution is `ttt.layers.common.CausalConv` (the one causal conv
     of the package), so the full sequence, prefill and one-token step share its code.

@@ -1,7 +1,7 @@
 """Named model sizes.
 
-LM sizes are the TTT-LM paper's (DESIGN §3.9; layers / width / heads / SwiGLU hidden, Llama-2
-vocabulary of 32000). ViT sizes are big_vision's Ti and S (DESIGN §4; MLP hidden is 4× width).
+LM sizes are the TTT-LM paper's (layers / width / heads / SwiGLU hidden, Llama-2 vocabulary of
+32000); ViT sizes are big_vision's Ti and S (MLP hidden 4× width); docs/design.md §10.3.
 `tiny` presets exist so tests and smoke runs compile in seconds.
 """
 

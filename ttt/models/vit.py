@@ -1,4 +1,4 @@
-"""ViT classifier around any sequence mixer (MTTT, DESIGN §4).
+"""ViT classifier around any sequence mixer (MTTT, docs/design.md §10.2).
 
 Notable choices (big_vision's ViT, which the official mttt code adapts):
 - Tokens: 16×16 patches with a fixed 2-D sin-cos position embedding, or raw pixels

@@ -1,4 +1,4 @@
-"""Per-token pre-activation gradients of a dense-chain learner, written out (DESIGN §2.7).
+"""Per-token pre-activation gradients of a dense-chain learner, written out (docs/design.md §4.3).
 
 For one mini-batch of keys the dual form needs G_l,j = ∂l_j/∂Z_l,j, l_j = ½‖f(k_j; W) − v_j‖², at
 every dense layer l. Taking them with `jax.grad` inside the scan step makes the outer backward

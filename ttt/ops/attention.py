@@ -3,12 +3,12 @@
 - `softmax_attention`: the usual scaled dot-product attention, causal or not.
 - `kernel_regression`: the Nadaraya–Watson estimator z_t = Σ_s κ(k_s, q_t) v_s / Σ_s κ(k_s, q_t)
   with an arbitrary kernel. With κ(k, q) = exp(kᵀq/√d) it *is* softmax attention (TTT-LM
-  Theorem 2, DESIGN §2 E4); it is written as an explicit ratio, not via softmax, so the test of that
-  identity compares two different computations.
+  Theorem 2, docs/design.md §7.3); it is written as an explicit ratio, not via softmax, so the
+  test of that identity compares two different computations.
 - `linear_attention`: z_t = Σ_{s≤t} v_s (φ(k_s)·φ(q_t)) [/ normaliser], in three forms that must
   agree: "quadratic" (masked N×N, the reference), "cumsum" (cumulative outer-product states,
   O(N d dv) memory), and "chunked" (masked quadratic inside chunks of c tokens plus a state carried
-  across chunks by `lax.scan`; the fast form). Non-causal uses one global state (DESIGN §2 E1).
+  across chunks by `lax.scan`; the fast form). Non-causal uses one global state (design.md §7.1).
 - `linear_attention_decode_step`: one token of the recurrent form; a loop of it reproduces the
   causal forward.
 

@@ -1,4 +1,4 @@
-"""Inner learners f(x; W): the models whose weights W are the TTT hidden state (DESIGN §2, §3.4).
+"""Inner learners f(x; W): the models whose weights W are the TTT hidden state (docs/design.md §3).
 
 A learner is a pure (init, apply) pair over a plain parameter dict for ONE head. The inner loops in
 `ttt.ops.ttt` and `ttt.ops.mttt` only ever call `init`, `apply` and `jax.grad` of
@@ -114,7 +114,7 @@ def mlp(factor=4, bias=True, init_scale=0.02) -> Learner:
 
 
 def ln_residual(inner: Learner, eps=1e-6) -> Learner:
-    """f(x) = x + LN(inner(x)) with fixed = {"scale": (d,), "bias": (d,)} (DESIGN §3.4).
+    """f(x) = x + LN(inner(x)) with fixed = {"scale": (d,), "bias": (d,)} (docs/design.md §3.3).
 
     Because of the residual, ½‖f(k) − v‖² = ½‖LN(inner(k)) − (v − k)‖²: the inner model learns to
     reconstruct v − k. `inner` must map d -> d. The dual form is available when `inner` is a plain

@@ -1,4 +1,4 @@
-"""Multi-step non-causal TTT (MTTT, Sun et al. 2023), DESIGN §2 and §4.
+"""Multi-step non-causal TTT (MTTT, Sun et al. 2023), docs/design.md §5 and §9.
 
 Per sequence and head the hidden state is the parameter pytree W of an inner learner f(·; W).
 Starting from W_0 the inner loop takes T gradient steps on a reconstruction loss over the tokens,
@@ -136,7 +136,7 @@ def mttt(
     key=None,
     loss_norm: float = 1.0,
 ):
-    """Multi-step TTT on all tokens of a sequence, then answer every query (DESIGN §2, §4).
+    """Multi-step TTT on all tokens of a sequence, then answer every query (docs/design.md §5).
 
     learner: a `Learner` (init/apply); W0: its parameter pytree with a leading H axis (shared over
       the batch) or leading (B, H) axes (one state per sequence).

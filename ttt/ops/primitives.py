@@ -1,5 +1,5 @@
 """Primitives every layer shares, as pure functions: LayerNorm, the causal depthwise convolution,
-rotary position embedding (docs/design.md §2).
+rotary position embedding (docs/design.md §3.3, §8.1, §8.2).
 
 Each exists once in the package: the inner learners, the dual form and the Flax modules all call
 these.

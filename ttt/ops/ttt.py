@@ -1,4 +1,4 @@
-"""Causal mini-batch TTT (TTT-LM, arXiv 2407.04620 §2.4–2.7; DESIGN §2–3).
+"""Causal mini-batch TTT (TTT-LM, arXiv 2407.04620 §2.4–2.7; docs/design.md §4).
 
 Per sequence and head the hidden state is the weight pytree W of an inner learner f(x; W). Tokens
 are cut into mini-batches of b. Inside a mini-batch every gradient is taken at its starting state W:
@@ -134,7 +134,7 @@ def _cast_like(tree, ref):
 
 def ttt_primal(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0,
                unroll=1):
-    """Causal mini-batch TTT from the definition (DESIGN §2, primal form); any learner.
+    """Causal mini-batch TTT from the definition (docs/design.md §4.2); any learner.
 
     q, k (B, H, N, d_in); v (B, H, N, d_out); eta (B, H, N) or (B, H, N, b);
     W0 pytree with leading H (shared over batch) or (B, H); fixed pytree with leading H or None.
@@ -296,7 +296,7 @@ def ttt(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, 
 
 
 def ttt_decode_step(learner, W_start, G_acc, q_t, k_t, v_t, a_t, c_t, *, fixed=None):
-    """One decoding token of causal TTT when η_ij = c_i · a_j (true of TTT-LM, DESIGN §3.3).
+    """One decoding token of causal TTT when η_ij = c_i · a_j (true of TTT-LM, docs/design.md §4.6).
 
     W_start, G_acc: pytrees with leading (B, H) (state at the mini-batch start; accumulated
     gradient of the mini-batch so far); q_t, k_t (B, H, d_in); v_t (B, H, d_out); a_t, c_t (B, H).

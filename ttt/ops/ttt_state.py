@@ -1,5 +1,5 @@
 """The causal TTT state machine (TTT-LM): training forward, prefill, and the one-token step over an
-explicit state (docs/design.md §4).
+explicit state (docs/design.md §4.6–4.8).
 
 The learning rates of TTT-LM factorise, η_ij = c_i · a_j: a per-token gate a_j (`lr_gate`) times a
 coefficient c_i of the position i inside the mini-batch (`lr_coefficients`). That is what lets a

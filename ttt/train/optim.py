@@ -1,4 +1,4 @@
-"""The outer-loop optimizer: the paper recipe (TTT-LM §3 / DESIGN §3.9).
+"""The outer-loop optimizer: the paper recipe (TTT-LM §3 / docs/design.md §10.3).
 
 AdamW(b1=0.9, b2=0.95), weight decay 0.1 (optionally on matrices only), global-norm clipping at 1.0,
 learning rate warmed up linearly from 0 and decayed with a cosine to `end_lr`. Separately, the
