@@ -83,6 +83,7 @@ def validate(config, *, num_devices: int | None = None, process_count: int | Non
         for key in keys:
             if key not in config[section]:
                 raise ConfigError(f"config.{section}.{key}: missing")
+    check_run_settings(config)
     model, data, optim, train = config.model, config.data, config.optim, config.train
     if model.kind not in ("lm", "vit"):
         raise ConfigError(f"config.model.kind={model.kind!r}: must be 'lm' or 'vit'")
@@ -123,3 +124,50 @@ def validate(config, *, num_devices: int | None = None, process_count: int | Non
     if accum < 1 or (batch // n) % accum:
         raise ConfigError(f"config.train.grad_accum={accum}: must divide the per-replica batch "
                           f"{batch // n}")
+
+
+# ---------------------------------------------------------------- the run around the model
+# Counts of config.train and the optional config.init section (where a run's weights start from).
+
+INIT_SOURCES = ("from_workdir", "transformer_workdir", "official_checkpoint")
+_POSITIVE = {"steps": 1, "global_batch_size": 1, "grad_accum": 1, "log_every": 1,
+             "diag_every": 1, "checkpoint_every": 1, "keep_checkpoints": 1, "eval_every": 0,
+             "eval_steps": 1, "stop_at": 0}
+
+
+def with_defaults(config):
+    """`config` with the optional sections every run accepts added when absent, so that
+    `--config.init.from_workdir=DIR` can be set on any experiment file (a copy; input untouched)."""
+    import copy
+
+    from ml_collections import config_dict
+
+    config = copy.deepcopy(config)  # keeps placeholders (typed None fields) as they are
+    if "init" not in config:
+        with config.unlocked():
+            config.init = config_dict.ConfigDict(
+                {k: config_dict.placeholder(str) for k in INIT_SOURCES})
+    return config
+
+
+def check_run_settings(config) -> None:
+    """One-line ConfigError for a train count below its minimum or a bad config.init."""
+    import os
+
+    train = config.train
+    for key, low in _POSITIVE.items():
+        value = _get(train, key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"config.train.{key}={value!r}: must be an integer >= {low}")
+    init = _get(config, "init", None) or {}
+    chosen = [k for k in INIT_SOURCES if _get(init, k)]
+    if len(chosen) > 1:
+        raise ConfigError(f"config.init: set one of {', '.join(chosen)}, not several")
+    for key in chosen:
+        path = os.path.expanduser(str(init[key]))
+        exists = os.path.isfile(path) if key == "official_checkpoint" else os.path.isdir(path)
+        if not exists:
+            what = "file" if key == "official_checkpoint" else "run directory"
+            raise ConfigError(f"config.init.{key}={init[key]!r}: no such {what}")
