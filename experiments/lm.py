@@ -42,6 +42,7 @@ Runtime class: smoke seconds, cpu ~1-2 minutes; paper 125m@2k ~ hours on a v4-64
 from __future__ import annotations
 
 import ml_collections as mlc
+from ml_collections.config_dict import placeholder
 
 PRESETS = ("tiny", "125m", "350m", "760m", "1.3b")
 PEAK_LR = {"tiny": 3e-3, "125m": 3e-3, "350m": 1.5e-3, "760m": 1.25e-3, "1.3b": 1e-3}
@@ -104,8 +105,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         dtype="float32",  # compute dtype; "bfloat16" keeps parameters and inner state float32
         scan_layers=True,  # nn.scan over identical blocks: compile time independent of depth
         remat="none",  # "block" etc.: rematerialise blocks in the backward pass
-        vocab_size=None,  # filled from the dataset
-        num_layers=None, width=None, num_heads=None, ffn_dim=None,  # None: the preset's
+        vocab_size=placeholder(int),  # None: filled from the dataset
+        # None: the preset's (typed, so --config.model.width=96 overrides them)
+        num_layers=placeholder(int), width=placeholder(int), num_heads=placeholder(int),
+        ffn_dim=placeholder(int),
     )
     c.data = dict(name="text_corpus", tokenizer="byte", seq_len=a["ctx"] or (64 if smoke else 512))
     c.optim = dict(

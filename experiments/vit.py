@@ -34,6 +34,7 @@ pixels several days.
 from __future__ import annotations
 
 import ml_collections as mlc
+from ml_collections.config_dict import placeholder
 
 PRESETS = ("tiny", "Ti", "S")
 IMAGENET_TRAIN = 1_281_167
@@ -98,8 +99,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.model = dict(
         kind="vit", preset=a["preset"] or "tiny", mixer=a["mixer"], mixer_kwargs=_mixer_kwargs(a),
         dtype="float32", scan_layers=True, remat="none", patch_size=2,
-        num_classes=None, image_size=None, channels=None,  # filled from the dataset
-        num_layers=None, width=None, num_heads=None, mlp_dim=None)  # None: the preset's
+        # None: filled from the dataset / the preset's (typed, so each can be overridden)
+        num_classes=placeholder(int), image_size=placeholder(int), channels=placeholder(int),
+        num_layers=placeholder(int), width=placeholder(int), num_heads=placeholder(int),
+        mlp_dim=placeholder(int))
     c.data = dict(name="digits")
     c.optim = dict(
         name="adamw", lr=1e-3, end_lr=1e-5, warmup_steps=1 if smoke else 100, b1=0.9, b2=0.95,

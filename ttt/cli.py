@@ -15,6 +15,7 @@ second.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import difflib
 import importlib.util
@@ -292,28 +293,52 @@ def one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def setup_console() -> None:
-    """The package's log lines on stderr without decoration ('warning: ...' for warnings)."""
-    class _Format(logging.Formatter):
-        def format(self, record):
-            message = super().format(record)
-            return message if record.levelno < logging.WARNING else \
-                f"{record.levelname.lower()}: {message}"
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (test harnesses swap it)."""
 
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class _Format(logging.Formatter):
+    def format(self, record):
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else \
+            f"{record.levelname.lower()}: {message}"
+
+
+@contextlib.contextmanager
+def console():
+    """While active, the package's log lines go to stderr undecorated ('warning: ...' for
+    warnings) and orbax's INFO chatter is off; the logging setup is restored afterwards."""
     logger = logging.getLogger("ttt")
-    if not any(getattr(h, "_ttt_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_Format("%(message)s"))
-        handler._ttt_console = True
-        logger.addHandler(handler)
+    handler = _Stderr()
+    handler.setFormatter(_Format("%(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    absl_level = None
     try:
         from absl import logging as absl_logging
 
-        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax is chatty at INFO
+        absl_level = absl_logging.get_verbosity()
+        absl_logging.set_verbosity(absl_logging.WARNING)
     except ImportError:  # pragma: no cover
         pass
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        if absl_level is not None:
+            absl_logging.set_verbosity(absl_level)
 
 
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
@@ -321,7 +346,8 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = any(a in ("--debug", "--debug=true", "--debug=True", "--debug=1") for a in argv)
     try:
-        return int(main(argv) or 0)
+        with console():
+            return int(main(argv) or 0)
     except ConfigError as err:
         if debug:
             traceback.print_exc()

@@ -42,7 +42,6 @@ def _main(argv: list[str]) -> int:
                              "config.json go there (or pass --compile_only)")
     defaults = with_defaults(cli.load_config(values["config"]))
     config = cli.apply_overrides(with_defaults(defaults), overrides)
-    cli.setup_console()
 
     import jax
 

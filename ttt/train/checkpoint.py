@@ -104,10 +104,13 @@ class Checkpointer:
 
     def __init__(self, directory, *, keep: int = 3, keep_every: int | None = None,
                  async_save: bool = True, read_only: bool = False):
+        # read_only: for reading another run (nothing created, cleaned up or deleted; orbax's own
+        # read_only mode would warn on every use)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=None if read_only else keep, keep_period=keep_every or None,
-            create=not read_only, read_only=read_only,
+            max_to_keep=None if read_only else keep,
+            keep_period=None if read_only else keep_every or None, create=not read_only,
             enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
+        self.read_only = read_only
         self.directory = directory
         self.manager = ocp.CheckpointManager(
             directory, options=options, item_names=("state", "data"),
@@ -119,6 +122,8 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: dict | None, *, force: bool = False) -> bool:
         """Start an (async) save of `state` (global arrays) and this process's iterator state."""
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only")
         if step in self.manager.all_steps():
             return False
         check_full_precision(state)

@@ -342,7 +342,7 @@ def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=N
 
     defaults: the config file's own config (before command-line overrides); the console lists
     what differs from it. source: its name for that line. Console lines go to the "ttt" logger
-    (`ttt.cli.setup_console` shows them on stderr).
+    (`ttt.cli.console()` shows them on stderr, as the command lines do).
     """
     if build_model is None or make_dataset is None:
         default_model, default_data = _default_builders()
