@@ -8,8 +8,9 @@ error style (`error: <what to change>` on one line, exit status 2; `--debug` add
 
 Overrides are typed by the field they replace (int, float, bool, str, tuple, dict; fields whose
 default is None take a Python literal, else the text), and a key that does not exist is refused
-with the nearest known key. Nothing here imports JAX, so a bad flag is reported in a fraction of a
-second.
+with the nearest known key (except the free-form mixer_kwargs and the keys of ttt.config.ADDABLE,
+e.g. data.paths when switching --config.data.name=text_files). Nothing here imports JAX, so a
+bad flag is reported in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ttt.config import ConfigError
+from ttt.config import ADDABLE, ConfigError
 
 # Sections whose keys are free-form (checked later by the code that reads them).
 FREE_FORM = ("model.mixer_kwargs", "data.splits")
@@ -176,7 +177,8 @@ def load_config(spec: str):
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().strip("'\"")
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    text = text.strip()
     return text.splitlines()[0] if text else type(err).__name__
 
 
@@ -237,7 +239,8 @@ def apply_overrides(config, overrides: Sequence[tuple[str, str]]):
         leaf = parts[-1]
         if not isinstance(node, config_dict.ConfigDict):
             raise UsageError(f"{what}: {path} is {type(node).__name__}, not a section")
-        free = path[len("config."):] in FREE_FORM
+        section = path[len("config."):]
+        free = section in FREE_FORM or leaf in ADDABLE.get(section, ())
         if leaf not in node:
             if not free:
                 raise UsageError(_unknown_key(what, path, leaf, node))
@@ -348,6 +351,8 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     try:
         with console():
             return int(main(argv) or 0)
+    except SystemExit as done:  # --help
+        return int(done.code or 0)
     except ConfigError as err:
         if debug:
             traceback.print_exc()

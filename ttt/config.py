@@ -135,18 +135,49 @@ _POSITIVE = {"steps": 1, "global_batch_size": 1, "grad_accum": 1, "log_every": 1
              "eval_steps": 1, "stop_at": 0}
 
 
+# Optional keys the trainer reads with a default, by section; with_defaults adds the missing ones
+# so that every setting can be given on the command line (--config.train.stop_at=100).
+OPTIONAL = {
+    "train": {"stop_at": 0, "grad_accum": 1, "log_every": 50, "checkpoint_every": 1000,
+              "keep_checkpoints": 3, "async_checkpoints": True, "eval_every": 0, "eval_steps": 1,
+              "progress": True, "label_smoothing": 0.0, "mixup_alpha": 0.0},
+    "optim": {"eps": 1e-8, "clip": 0.0, "weight_decay_mask": "all", "ttt_mlp_lr_warmup": False,
+              "ttt_lr_mult_init": 0.1},
+    "data": {"eval_split": "validation"},
+}
+
+
+# Keys a section may gain on the command line although the config file does not set them: the
+# data keys of every data.name (switching --config.data.name=text_files needs data.paths), and the
+# model's optional pre-conv switch. Anything else must already be in the file.
+ADDABLE = {
+    "data": ("name", "seq_len", "tokenizer", "paths", "data_dir", "dataset", "text_key", "splits",
+             "vocab_size", "num_kv_pairs", "test_seq_len", "test_num_kv_pairs", "power_a",
+             "random_filler", "num_train_examples", "num_test_examples", "test_seed",
+             "image_size", "flip", "crop_frac", "pixels", "randaug", "mixup", "shuffle_windows",
+             "num_threads", "prefetch", "eval_split"),
+    "model": ("pre_conv",),
+}
+
+
 def with_defaults(config):
-    """`config` with the optional sections every run accepts added when absent, so that
-    `--config.init.from_workdir=DIR` can be set on any experiment file (a copy; input untouched)."""
+    """A copy of `config` with the optional settings every run accepts added where absent: the
+    `init` section (where a new run's weights come from) and the OPTIONAL keys, so that any of them
+    can be set on the command line (`--config.init.from_workdir=DIR`) of any experiment file."""
     import copy
 
     from ml_collections import config_dict
 
     config = copy.deepcopy(config)  # keeps placeholders (typed None fields) as they are
-    if "init" not in config:
-        with config.unlocked():
+    with config.unlocked():
+        if "init" not in config:
             config.init = config_dict.ConfigDict(
                 {k: config_dict.placeholder(str) for k in INIT_SOURCES})
+        for section, keys in OPTIONAL.items():
+            if section in config:
+                for key, value in keys.items():
+                    if key not in config[section]:
+                        config[section][key] = value
     return config
 
 

@@ -258,11 +258,16 @@ def run_differences(saved: dict, current: dict, sections=("model", "data")) -> l
 
     Keys in RUNTIME_KEYS may differ; a value saved as None (sizes left to the preset by an
     older version) matches anything."""
+    from ttt.config import OPTIONAL
+
     a = _flat({s: saved.get(s) or {} for s in sections})
     b = _flat({s: current.get(s) or {} for s in sections})
+    optional = _flat(OPTIONAL)  # a key absent on one side holds its default
     out = []
     for key in sorted(set(a) | set(b)):
         if key in RUNTIME_KEYS or (key in a and a[key] is None):
+            continue
+        if key in optional and a.get(key, optional[key]) == b.get(key, optional[key]):
             continue
         if a.get(key, "(unset)") != b.get(key, "(unset)"):
             there = repr(a[key]) if key in a else "unset"
@@ -303,9 +308,9 @@ def _describe_start(setup: Setup, meta: dict, state, workdir: str, where: str,
     c = setup.config
     m, t = c.model, c.train
     params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(setup.placement.params(state))))
-    sizes = [f"{m.num_layers} layers" if m.get("num_layers") else "",
+    sizes = [_plural(m.num_layers, "layer") if m.get("num_layers") else "",
              f"width {m.width}" if m.get("width") else "",
-             f"{m.num_heads} heads" if m.get("num_heads") else ""]
+             _plural(m.num_heads, "head") if m.get("num_heads") else ""]
     sizes = ", ".join(x for x in sizes if x)
     lines = [f"workdir: {workdir} ({where})",
              f"model: {m.kind} {m.mixer} (preset {m.get('preset')}{': ' + sizes if sizes else ''}"
