@@ -244,20 +244,26 @@ def prepare_workdir(workdir: str) -> str:
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1, 'c': {}}} -> {'a.b': 1} (an empty dict holds no setting)."""
     out = {}
     for k, v in tree.items():
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict):
             out.update(_flat(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
+_RESOLVED_SIZES = tuple(f"model.{k}" for k in ("num_layers", "width", "num_heads", "ffn_dim",
+                                                "mlp_dim", "vocab_size", "num_classes",
+                                                "image_size", "channels"))
+
+
 def run_differences(saved: dict, current: dict, sections=("model", "data")) -> list[str]:
     """The settings of two config dicts that differ in `sections` ('key: A there, B here').
 
-    Keys in RUNTIME_KEYS may differ; a value saved as None (sizes left to the preset by an
-    older version) matches anything."""
+    Keys in RUNTIME_KEYS may differ; a size saved as None (left to the preset or the dataset by
+    an older version, which did not write resolved sizes) matches anything."""
     from ttt.config import OPTIONAL
 
     a = _flat({s: saved.get(s) or {} for s in sections})
@@ -265,7 +271,7 @@ def run_differences(saved: dict, current: dict, sections=("model", "data")) -> l
     optional = _flat(OPTIONAL)  # a key absent on one side holds its default
     out = []
     for key in sorted(set(a) | set(b)):
-        if key in RUNTIME_KEYS or (key in a and a[key] is None):
+        if key in RUNTIME_KEYS or (key in _RESOLVED_SIZES and a.get(key, 0) is None):
             continue
         if key in optional and a.get(key, optional[key]) == b.get(key, optional[key]):
             continue
