@@ -79,7 +79,7 @@ def _parse_bool(text: str, what: str) -> bool:
 
 
 def usage(prog: str, doc: str, flags: Sequence[Flag]) -> str:
-    lines = [doc.strip(), "", "flags:"]
+    lines = [f"usage: {prog} --flag=value ...", "", doc.strip(), "", "flags:"]
     for f in flags:
         default = "" if f.default is None else f" (default {f.default})"
         lines.append(f"  --{f.name}{'' if f.type is bool else '=...'}  {f.help}{default}"
