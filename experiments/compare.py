@@ -7,8 +7,8 @@ r"""Train a list of configs one after another and build one comparison report fr
   python -m experiments.compare --workdir runs/report --runs runs/a runs/b  # report only
 
 A config is loaded exactly as `python -m ttt.main --config=<spec> --config.<key>=<value>` loads
-it (ml_collections' `config_flags`: the same `file.py:arg` syntax, and `--set key=value` is the
-typed override `--config.key=value`); a bad spec or override stops everything before training, in
+it (`ttt.cli`: the same `file.py:arg` syntax, and `--set key=value` is the typed override
+`--config.key=value`); a bad spec or override stops everything before training, in
 one line (exit status 2). Each run trains in `WORKDIR/<group>/<name>` through
 `ttt.train.train_and_evaluate` (the same driver as `python -m ttt.main`), so it logs
 `metrics.jsonl`, TensorBoard events and a checkpoint there. A run whose `run.json` exists is
@@ -34,10 +34,8 @@ import sys
 import time
 import traceback
 
-from absl import flags
-from ml_collections import config_flags
-
-from ttt.config import flag_error_line
+from ttt import cli
+from ttt.config import ConfigError, with_defaults
 
 FOUR = ("ttt_linear", "ttt_mlp", "linear_attention", "softmax")
 MQAR_DEMO = ((64, 4), (64, 16))  # (sequence length, key-value pairs)
@@ -67,24 +65,18 @@ PRESET_JOBS = {"demo": (2, ("lm",)), "tiny": (1, ())}
 
 def load_config(spec: str, overrides=()):
     """'path/to/file.py:arg' and ['train.steps=100', ...] -> the file's get_config(arg) with the
-    overrides set, through the same `config_flags` machinery as `python -m ttt.main` (locked).
+    overrides set, exactly as `python -m ttt.main --config=<spec> --config.<key>=<value>` loads
+    it (`ttt.cli.load_config`, `ttt.config.with_defaults`, `ttt.cli.apply_overrides`).
 
-    Raises FileNotFoundError for a missing file and a one-line ValueError for a bad argument or
-    override.
+    Raises `ttt.config.ConfigError` (one line naming the spec or the override) on any mistake.
     """
-    path = spec.partition(":")[0]
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config file {path!r} (from {spec!r}) does not exist")
-    argv = ["compare", f"--config={spec}", *(f"--config.{item}" for item in overrides)]
-    holder = flags.FlagValues()  # private: nothing leaks into absl's global FLAGS
-    config_flags.DEFINE_config_file("config", None, "experiments/<task>.py:<arg>",
-                                    flag_values=holder, lock_config=True, sys_argv=argv)
-    try:
-        holder(argv)
-    except (flags.Error, AttributeError, KeyError) as err:  # the latter: an unknown override
-        line = flag_error_line(err)  # names the flag: --config=<spec> or --config.<key>=<value>
-        raise ValueError(line if line.startswith("--config=") else f"{spec}: {line}") from None
-    return holder.config
+    pairs = []
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise cli.UsageError(f"--set {item}: expected key=value, e.g. --set train.steps=100")
+        pairs.append((key, text))
+    return cli.apply_overrides(with_defaults(cli.load_config(spec)), pairs)
 
 
 def run_one(group: str, name: str, spec: str, run_dir: str, overrides: list[str],
@@ -201,8 +193,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         entries = _entries(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {cli.one_line(err)}", file=sys.stderr)
         return 2
     jobs, alone = PRESET_JOBS.get(args.preset, (1, ()))
     jobs = args.jobs or jobs

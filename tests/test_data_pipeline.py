@@ -18,8 +18,7 @@ CONFIGS = {
     "text_corpus": dict(name="text_corpus", seq_len=16, shuffle_windows=16),
     "mqar": dict(name="mqar", vocab_size=32, seq_len=16, num_kv_pairs=2, num_train_examples=40),
     "digits": dict(name="digits"),
-    "cifar10": dict(name="tfds_images", dataset="cifar10", image_size=16, randaug=(2, 10),
-                    mixup=0.2),
+    "cifar10": dict(name="tfds_images", dataset="cifar10", image_size=16, randaug=(2, 10)),
 }
 
 
@@ -87,7 +86,7 @@ def test_digits_meta_and_ranges():
 @pytest.mark.parametrize("dataset,shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
 def test_tfds_images_with_mock_data(dataset, shape, tmp_path):
     cfg = mlc.ConfigDict(dict(name="tfds_images", dataset=dataset, data_dir=str(tmp_path),
-                              randaug=(2, 15), mixup=0.2))
+                              randaug=(2, 15)))
     with tfds.testing.mock_data(**MOCK):
         data.validate(cfg)
         m = data.meta(cfg)
@@ -98,9 +97,14 @@ def test_tfds_images_with_mock_data(dataset, shape, tmp_path):
     assert m == {"num_classes": 10, "image_shape": shape}
     assert train["images"].shape == (4, *shape) and train["images"].dtype == np.float32
     assert train["labels"].dtype == np.int32 and train["labels"].max() < 10
-    assert train["soft_labels"].shape == (4, 10)
-    np.testing.assert_allclose(train["soft_labels"].sum(1), 1.0, rtol=1e-6)
-    assert "soft_labels" not in plain, "no mixup for pixel models"
+    # mixup is the train step's (config.train.mixup_alpha); the pipeline refuses data.mixup
+    assert "soft_labels" not in train and "soft_labels" not in plain
+    mixed = mlc.ConfigDict(dict(cfg.to_dict(), mixup=0.2))
+    for call in (lambda: data.validate(mixed),
+                 lambda: data.make_dataset(mixed, "train", 4, seed=0)):
+        with pytest.raises(data.DataConfigError, match=r"train\.mixup_alpha=0\.2") as err:
+            call()
+        assert "\n" not in str(err.value)
     assert sum(int(b["mask"].sum()) for b in evals) == 24  # every example once
     assert all(-1 <= b["images"].min() and b["images"].max() <= 1 for b in evals)
 

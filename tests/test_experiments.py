@@ -225,15 +225,15 @@ def test_overrides_and_spec_loading():
                                   "data.tokenizer=byte"])
     assert config.train.steps == 7 and config.model.mixer_kwargs.cache_size == 64
     assert config.data.tokenizer == "byte"
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="no such file 'experiments/nope.py'"):
         compare.load_config("experiments/nope.py:x")
     # the fields the trainer or the preset fill are typed placeholders: overridable like the rest
     config = compare.load_config("experiments/vit.py:smoke", ["model.num_layers=1",
                                                               "model.width=16"])
     assert (config.model.num_layers, config.model.width, config.model.mlp_dim) == (1, 16, None)
-    with pytest.raises(ValueError, match="train.steps=abc: invalid literal"):  # typed, as ttt.main
+    with pytest.raises(ValueError, match="train.steps=abc: expected an integer"):  # as ttt.main
         compare.load_config("experiments/lm.py:smoke", ["train.steps=abc"])
-    with pytest.raises(ValueError, match="no config field 'nope'"):  # locked, as ttt.main
+    with pytest.raises(ValueError, match="config.train has no key 'nope'"):  # as ttt.main
         compare.load_config("experiments/lm.py:smoke", ["train.nope=1"])
 
 

@@ -603,3 +603,83 @@ def test_init_ttt_from_transformer_mamba():
     assert "h/1/seq_modeling_block/wk/kernel" not in ours  # Mamba backbone: no wk to fill
     for k in ("h/1/conv/conv1/bias", "h/1/seq_modeling_block/conv_q/bias"):
         _check_initial(k, np.asarray(ours[k]))  # TTT-only here
+
+
+# ---------------------------------------------------------------------------- the official configs
+
+OFFICIAL_TTT = dict(  # the official config_patch.py's config.inner.TTT, with two inner steps
+    inner_encoder="mlp_2", inner_itr=2, inner_lr=(1.0, 0.5, 0.1), train_init=True,
+    inner_encoder_init="xavier_uniform", inner_encoder_bias=True, decoder_LN=True, SGD=False)
+
+
+def test_mttt_accepts_the_official_config_dict(x64):
+    import ml_collections as mlc
+
+    tree = fake_mttt_tree(learner="mlp")
+    x = np.random.default_rng(2).normal(size=(B, 12, WIDTH))
+    layer, variables = interop.import_mttt_layer(tree, **mlc.ConfigDict(OFFICIAL_TTT),
+                                                 num_heads=HEADS, width=WIDTH, dtype="float64")
+    assert layer.learner == "mlp" and layer.steps == 2 and layer.lrs == (1.0, 0.5)
+    assert layer.mode == "gd" and layer.learn_W0
+    y, _ = jax.jit(layer.apply)(variables, x)
+    assert_close(y, ref_mttt(tree, x, (1.0, 0.5)), 1e-10, "official config")
+    # train_init=False on a linear encoder whose W0 is zero: the frozen zero W0
+    linear = fake_mttt_tree(learner="linear")
+    for k in ("inner_Dense_0/kernel", "inner_Dense_0/bias"):
+        linear[k] = np.zeros_like(linear[k])
+    frozen, fv = interop.import_mttt_layer(linear, **dict(OFFICIAL_TTT, inner_encoder="mlp_1",
+                                                          train_init=False))
+    assert frozen.learn_W0 is False and "inner_Dense_0" not in fv["params"]
+
+
+@pytest.mark.parametrize("key,value,named", [
+    ("inner_encoder", "mlp_1", "inner_encoder='mlp_1' contradicts the tree"),
+    ("inner_encoder", "mlp_3", "inner_encoder='mlp_3': the official encoders"),
+    ("inner_encoder_bias", False, "inner_encoder_bias=False contradicts the tree"),
+    ("decoder_LN", False, "decoder_LN=False contradicts the tree"),
+    ("num_heads", 4, "num_heads=4 contradicts the tree"),
+    ("width", 64, "width=64 contradicts the tree"),
+])
+def test_mttt_names_the_contradicting_key(key, value, named):
+    tree = fake_mttt_tree(learner="mlp")
+    with pytest.raises(ValueError) as err:
+        interop.import_mttt_layer(tree, **{**OFFICIAL_TTT, key: value})
+    assert str(err.value).startswith(named) and "\n" not in str(err.value), str(err.value)
+
+
+def write_streaming_checkpoint(path, state, float_dtype=None):
+    """A file as ttt-lm-jax's StreamingCheckpointer.save_train_state_to_file writes it: one
+    msgpack (key path, flax to_bytes(array)) pair per leaf of the flattened state, floats cast
+    to its float_dtype."""
+    import msgpack
+    from flax import serialization, traverse_util
+
+    packer = msgpack.Packer()
+    with open(path, "wb") as f:
+        for key, value in traverse_util.flatten_dict(state).items():
+            value = np.asarray(value)
+            if float_dtype is not None and np.issubdtype(value.dtype, np.floating):
+                value = np.asarray(jnp.asarray(value, float_dtype))
+            f.write(packer.pack((key, serialization.to_bytes(value))))
+
+
+def test_official_checkpoint_file(tmp_path):
+    tree = jax.tree.map(lambda a: a.astype(np.float32),
+                        fake_official_tree(learner="linear", backbone="mamba"))
+    params_file, state_file = tmp_path / "streaming_params", tmp_path / "streaming_train_state"
+    write_streaming_checkpoint(params_file, tree["params"])  # params only: model/...
+    adam = jax.tree.map(np.zeros_like, tree)
+    write_streaming_checkpoint(state_file, {"step": np.int32(7), "params": tree,
+                                            "opt_state": {"0": {"mu": adam, "nu": adam}}},
+                               float_dtype=jnp.bfloat16)  # the official default float_dtype
+    _assert_tree_equal(interop.load_ttt_lm_jax_checkpoint(str(params_file)), tree)
+    loaded = interop.load_ttt_lm_jax_checkpoint(str(state_file))
+    assert set(interop._flatten(loaded)) == set(interop._flatten(tree))  # optimizer skipped
+    as_bf16 = jax.tree.map(lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16)), tree)
+    _assert_tree_equal(loaded, as_bf16)
+    _, ours = interop.import_ttt_lm_jax(loaded)
+    _, reference = interop.import_ttt_lm_jax(as_bf16)
+    _assert_tree_equal(jax.tree.map(np.asarray, ours), jax.tree.map(np.asarray, reference))
+    (tmp_path / "garbage").write_bytes(b"\x93not msgpack at all")
+    with pytest.raises(ValueError, match="not a ttt-lm-jax"):
+        interop.load_ttt_lm_jax_checkpoint(str(tmp_path / "garbage"))

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,15 @@ import pytest
 import toy
 
 from ttt.train import Checkpointer, NonFiniteLossError
+from ttt.train import checkpoint as ckpt_lib
 from ttt.train.checkpoint import check_full_precision
-from ttt.train.train import abstract_state, build_setup, resolve_config, train_and_evaluate
+from ttt.train.train import (
+    WorkdirError,
+    abstract_state,
+    build_setup,
+    resolve_config,
+    train_and_evaluate,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -179,3 +187,88 @@ def test_keeps_last_k_plus_milestones(tmp_path):
     assert step == 9 and data == {"next_index": 9}
     np.testing.assert_array_equal(restored["w"], state["w"])
     ckpt.close()
+
+
+def test_another_train_state_is_refused_not_called_corrupt(tmp_path):
+    """A checkpoint that reads but holds another optimizer state (clipping off adds no state,
+    on adds a chain element) stops the run with one line; nothing is moved or written."""
+    _run(tmp_path, steps=2, checkpoint_every=2)
+    before = {f: os.path.getmtime(tmp_path / f) for f in ("config.json", "metrics.jsonl")}
+    config = toy.toy_config("lm", steps=4, checkpoint_every=2)
+    config.optim.clip = 0.0
+    with pytest.raises(ckpt_lib.CheckpointMismatchError) as err:
+        train_and_evaluate(config, str(tmp_path), build_model=toy.build_model,
+                           make_dataset=toy.make_dataset)
+    message = str(err.value)
+    assert "\n" not in message and "does not fit" in message and "opt_state" in message
+    assert "optim.clip: 1.0 there, 0.0 here" in message, message
+    assert _steps(tmp_path) == [2] and not os.path.exists(tmp_path / "corrupt_checkpoints")
+    assert before == {f: os.path.getmtime(tmp_path / f) for f in before}
+    # the same through Checkpointer.restore: a structure mismatch raises, never quarantines
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    wrong = {"w": jax.ShapeDtypeStruct((3,), np.float32,
+                                       sharding=jax.sharding.SingleDeviceSharding(
+                                           jax.devices()[0]))}
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="w missing; unexpected opt_state"):
+        ckpt.restore(wrong)
+    assert ckpt.all_steps() == [2]
+    ckpt.close()
+
+
+def test_workdir_of_another_model_is_refused_before_anything(tmp_path):
+    _run(tmp_path, steps=2, checkpoint_every=2)
+    files = {f: open(tmp_path / f, "rb").read() for f in ("config.json", "metrics.jsonl")}
+    config = toy.toy_config("lm", steps=4)
+    config.model.mixer = "ttt_mlp"
+    config.data.seq_len = 32
+    with pytest.raises(WorkdirError) as err:
+        train_and_evaluate(config, str(tmp_path), build_model=toy.build_model,
+                           make_dataset=toy.make_dataset)
+    message = str(err.value)
+    assert "\n" not in message and "new --workdir" in message
+    assert "data.seq_len: 16 there, 32 here" in message
+    assert "model.mixer: 'ttt_linear' there, 'ttt_mlp' here" in message
+    assert files == {f: open(tmp_path / f, "rb").read() for f in files}
+    assert _steps(tmp_path) == [2] and not os.path.exists(tmp_path / "corrupt_checkpoints")
+    # settings that change how, not what, a run computes may differ on resume
+    config = toy.toy_config("lm", steps=3, checkpoint_every=100)
+    config.model.dtype = "bfloat16"
+    assert train_and_evaluate(config, str(tmp_path), build_model=toy.build_model,
+                              make_dataset=toy.make_dataset)["step"] == 3
+
+
+def _garble_arrays(workdir, step):
+    """Overwrite the array files of `step` but not its metadata: orbax fails mid-read."""
+    for sub in ("d", "ocdbt.process_0"):
+        for root, _, files in os.walk(workdir / "checkpoints" / str(step) / "state" / sub):
+            for f in files:
+                with open(os.path.join(root, f), "wb") as fh:
+                    fh.write(b"garbage")
+
+
+def test_unreadable_checkpoint_is_set_aside_without_stray_tracebacks(tmp_path, monkeypatch):
+    """Orbax fails with reads still in flight; their late callbacks find its event loop closed
+    and Python reports each as an 'unraisable' RuntimeError (a traceback on stderr each). After a
+    checkpoint is set aside those, and only those, are dropped."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    _run(tmp_path, steps=4, checkpoint_every=2)
+    _garble_arrays(tmp_path, 4)
+    summary = _run(tmp_path, steps=5, checkpoint_every=100)
+    time.sleep(1.0)  # any read still in flight finishes on tensorstore's threads
+    assert summary["step"] == 5 and os.listdir(tmp_path / "corrupt_checkpoints")
+    assert not [e for e in seen if str(e) == "Event loop is closed"]
+    # the filter that set-aside installed: exactly those dropped, everything else passed on
+    report = lambda err: sys.unraisablehook(types.SimpleNamespace(
+        exc_type=type(err), exc_value=err, exc_traceback=None, err_msg=None, object=None))
+    report(RuntimeError("Event loop is closed"))
+    report(RuntimeError("something else"))
+    report(ValueError("Event loop is closed"))
+    assert [f"{type(e).__name__}: {e}" for e in seen] == [
+        "RuntimeError: something else", "ValueError: Event loop is closed"]
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="No checkpoint had been saved yet") as err:
+        _run(tmp_path, data={"nan_from": 0}, steps=3, checkpoint_every=100, log_every=1)
+    assert "None" not in str(err.value)

@@ -5,11 +5,6 @@ that names the key to change (`ConfigError("config.train.global_batch_size=6: ..
 from __future__ import annotations
 
 import math
-import re
-
-from ttt.layers import make_mixer
-from ttt.models.build import model_mixer
-from ttt.models.presets import PRESETS
 
 MESH_AXES = ("data", "fsdp", "model")
 PARALLEL_MODES = ("single", "pmap", "mesh")
@@ -25,32 +20,14 @@ class ConfigError(ValueError):
     """A configuration mistake a user can fix; the message names the offending key."""
 
 
-def flag_error_line(err: Exception) -> str:
-    """One line from an absl / ml_collections flag-parsing error.
-
-    An exception raised by a config file's get_config arrives inside a traceback ("flag
-    --config=...: Error whilst parsing config file: Traceback ... ValueError: lm config: ..."):
-    keep the flag and that exception's message ("--config=...: lm config: ..."). Anything else
-    ("flag --config.train.steps=abc: invalid literal ...") is one line already. An override of a
-    field the (locked) config lacks arrives as an AttributeError / KeyError naming the field.
-    """
-    if isinstance(err, (AttributeError, KeyError)):
-        name = str(err.args[0] if err.args else err).strip("'\"")
-        return f"--config override: no config field {name!r} (the config is locked)"
-    lines = [line.removeprefix("flag ") for line in str(err).splitlines() if line.strip()]
-    if "Traceback (most recent call last):" in lines:
-        flag = lines[0].split(": Error whilst parsing", 1)[0]
-        message = re.sub(r"^[\w.]+: ", "", lines[-1])  # without the exception's class name
-        return f"{flag}: {message}"
-    return lines[0] if lines else type(err).__name__
-
-
 def _get(section, key, default=None):
     return section.get(key, default) if hasattr(section, "get") else default
 
 
 def model_dims(model_config) -> tuple[int | None, int | None]:
     """(width, num_heads): the explicit model fields, else the preset's (None if neither)."""
+    from ttt.models.presets import PRESETS  # imported here: validating flags alone needs no JAX
+
     preset = PRESETS.get(model_config.kind, {}).get(_get(model_config, "preset"), {})
     width, heads = _get(model_config, "width"), _get(model_config, "num_heads")
     return (preset.get("width") if width is None else width,
@@ -59,6 +36,9 @@ def model_dims(model_config) -> tuple[int | None, int | None]:
 
 def _check_mixer(model) -> None:
     """The mixer name for the model kind (registry), then its kwargs and values (the module)."""
+    from ttt.layers import make_mixer  # imported here: validating flags alone needs no JAX
+    from ttt.models.build import model_mixer
+
     try:
         name = model_mixer(model.kind, model.mixer)
     except ValueError as err:
@@ -109,6 +89,7 @@ def validate(config, *, num_devices: int | None = None, process_count: int | Non
         for key in keys:
             if key not in config[section]:
                 raise ConfigError(f"config.{section}.{key}: missing")
+    check_run_settings(config)
     model, data, optim, train = config.model, config.data, config.optim, config.train
     if model.kind not in ("lm", "vit"):
         raise ConfigError(f"config.model.kind={model.kind!r}: must be 'lm' or 'vit'")
@@ -149,3 +130,81 @@ def validate(config, *, num_devices: int | None = None, process_count: int | Non
     if accum < 1 or (batch // n) % accum:
         raise ConfigError(f"config.train.grad_accum={accum}: must divide the per-replica batch "
                           f"{batch // n}")
+
+
+# ---------------------------------------------------------------- the run around the model
+# Counts of config.train and the optional config.init section (where a run's weights start from).
+
+INIT_SOURCES = ("from_workdir", "transformer_workdir", "official_checkpoint")
+_POSITIVE = {"steps": 1, "global_batch_size": 1, "grad_accum": 1, "log_every": 1,
+             "diag_every": 1, "checkpoint_every": 1, "keep_checkpoints": 1, "eval_every": 0,
+             "eval_steps": 1, "stop_at": 0}
+
+
+# Optional keys the trainer reads with a default, by section; with_defaults adds the missing ones
+# so that every setting can be given on the command line (--config.train.stop_at=100).
+OPTIONAL = {
+    "train": {"stop_at": 0, "grad_accum": 1, "log_every": 50, "checkpoint_every": 1000,
+              "keep_checkpoints": 3, "async_checkpoints": True, "eval_every": 0, "eval_steps": 1,
+              "progress": True, "label_smoothing": 0.0, "mixup_alpha": 0.0},
+    "optim": {"eps": 1e-8, "clip": 0.0, "weight_decay_mask": "all", "ttt_mlp_lr_warmup": False,
+              "ttt_lr_mult_init": 0.1},
+    "data": {"eval_split": "validation"},
+}
+
+
+# Keys a section may gain on the command line although the config file does not set them: the
+# data keys of every data.name (switching --config.data.name=text_files needs data.paths), and the
+# model's optional pre-conv switch. Anything else must already be in the file.
+ADDABLE = {
+    "data": ("name", "seq_len", "tokenizer", "paths", "data_dir", "dataset", "text_key", "splits",
+             "vocab_size", "num_kv_pairs", "test_seq_len", "test_num_kv_pairs", "power_a",
+             "random_filler", "num_train_examples", "num_test_examples", "test_seed",
+             "image_size", "flip", "crop_frac", "pixels", "randaug", "mixup", "shuffle_windows",
+             "num_threads", "prefetch", "eval_split"),
+    "model": ("pre_conv",),
+}
+
+
+def with_defaults(config):
+    """A copy of `config` with the optional settings every run accepts added where absent: the
+    `init` section (where a new run's weights come from) and the OPTIONAL keys, so that any of them
+    can be set on the command line (`--config.init.from_workdir=DIR`) of any experiment file."""
+    import copy
+
+    from ml_collections import config_dict
+
+    config = copy.deepcopy(config)  # keeps placeholders (typed None fields) as they are
+    with config.unlocked():
+        if "init" not in config:
+            config.init = config_dict.ConfigDict(
+                {k: config_dict.placeholder(str) for k in INIT_SOURCES})
+        for section, keys in OPTIONAL.items():
+            if section in config:
+                for key, value in keys.items():
+                    if key not in config[section]:
+                        config[section][key] = value
+    return config
+
+
+def check_run_settings(config) -> None:
+    """One-line ConfigError for a train count below its minimum or a bad config.init."""
+    import os
+
+    train = config.train
+    for key, low in _POSITIVE.items():
+        value = _get(train, key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"config.train.{key}={value!r}: must be an integer >= {low}")
+    init = _get(config, "init", None) or {}
+    chosen = [k for k in INIT_SOURCES if _get(init, k)]
+    if len(chosen) > 1:
+        raise ConfigError(f"config.init: set one of {', '.join(chosen)}, not several")
+    for key in chosen:
+        path = os.path.expanduser(str(init[key]))
+        exists = os.path.isfile(path) if key == "official_checkpoint" else os.path.isdir(path)
+        if not exists:
+            what = "file" if key == "official_checkpoint" else "run directory"
+            raise ConfigError(f"config.init.{key}={init[key]!r}: no such {what}")

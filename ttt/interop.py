@@ -5,7 +5,8 @@
   `ttt.models.CausalLM` whose `apply(variables, input_ids)` gives the official logits.
 - `export_ttt_lm_jax(model_or_config, variables) -> tree`: the inverse.
 - `import_mttt_layer(tree, **config) -> (layer, variables)` / `export_mttt_layer(...)`: the same
-  for one official mttt `TTTLayer`.
+  for one official mttt `TTTLayer` (config may be the official `config.inner.TTT` dict as it is).
+- `load_ttt_lm_jax_checkpoint(path) -> tree`: the parameters of an official checkpoint file.
 - `init_ttt_from_transformer(ttt_config, transformer_variables)`: a TTT LM whose embeddings, norms,
   feed-forwards and Q/K/V/O projections come from a softmax-attention LM of the same size.
 
@@ -62,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from ttt import layers
 from ttt.models import PRESETS, build_model, stack_layers, unstack_layers
@@ -72,6 +74,7 @@ __all__ = [
     "import_mttt_layer",
     "import_ttt_lm_jax",
     "init_ttt_from_transformer",
+    "load_ttt_lm_jax_checkpoint",
     "ttt_lm_jax_config",
 ]
 
@@ -83,6 +86,10 @@ _LM_OVERRIDES = (
 _LM_LITERAL_GROUPS = ("learnable_ttt_lr", "ttt_norm")
 _MTTT_LITERAL_GROUPS = ("psi", "phi", "g", "h", "inner_Dense_0", "inner_Dense_1", "decoder_LN")
 _MTTT_ALIASES = {"inner_itr": "steps", "inner_lr": "lrs", "SGD": "mode"}
+# Keys of the official `config.inner.TTT` dict that describe the tree (checked against it) or only
+# its initialisation (ignored on import); inner_itr, inner_lr and SGD are aliases above.
+_MTTT_OFFICIAL = ("inner_encoder", "inner_encoder_init", "inner_encoder_bias", "decoder_LN",
+                  "train_init", "num_heads", "width")
 _TTT_MIXERS = ("ttt_linear", "ttt_mlp", "ttt_linear_mamba", "ttt_mlp_mamba")
 # TTTMixer attributes whose value must be the official one for an export to mean the same thing.
 _OFFICIAL_TTT = dict(learn_eta=True, learn_W0=True, ln_residual=True, rope=True, post_norm=True,
@@ -93,14 +100,8 @@ _OFFICIAL_TTT = dict(learn_eta=True, learn_W0=True, ln_residual=True, rope=True,
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     """Nested dict -> {"a/b/c": leaf}; keys that already contain '/' flatten the same way."""
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, path + "/"))
-        else:
-            out[path] = v
-    return out
+    flat = traverse_util.flatten_dict(dict(tree), sep="/")
+    return {f"{prefix}{k}": v for k, v in flat.items()}
 
 
 def _nest(flat: Mapping[str, Any], literal: Callable[[list[str]], bool] = lambda p: False) -> dict:
@@ -308,6 +309,37 @@ def import_ttt_lm_jax(tree: Mapping, **overrides) -> tuple[nn.Module, dict]:
     return model, {"params": params}
 
 
+def load_ttt_lm_jax_checkpoint(path: str) -> dict:
+    """A ttt-lm-jax checkpoint file -> its parameter tree `{"params": {"model": ...}}`, ready for
+    `import_ttt_lm_jax`.
+
+    The file is what the official `StreamingCheckpointer` writes: a stream of msgpack pairs
+    (key path, flax-serialised array), one per leaf of the flattened state. Both of its kinds read:
+    `streaming_train_state*` (parameters under params/params/model/, the optimizer state beside
+    them, which is skipped without decoding) and `streaming_params*` (model/... at the top).
+    bfloat16 leaves (its default `float_dtype`) come back as bfloat16; the import casts them.
+    """
+    import msgpack
+    from flax import serialization
+
+    params: dict[tuple, Any] = {}
+    try:
+        with open(path, "rb") as f:
+            for key, value in msgpack.Unpacker(f, read_size=2**26, max_buffer_size=0):
+                key = tuple(key)
+                if key[:3] == ("params", "params", "model"):
+                    key = key[2:]
+                elif key[:1] != ("model",):
+                    continue  # step, optimizer state
+                params[key] = serialization.msgpack_restore(value)
+    except (ValueError, TypeError, msgpack.exceptions.ExtraData) as err:
+        raise ValueError(f"{path} is not a ttt-lm-jax streaming checkpoint ({err})") from None
+    if not params:
+        raise ValueError(f"{path} holds no model parameters (no params/params/model/... or "
+                         "model/... keys): not a ttt-lm-jax checkpoint")
+    return {"params": traverse_util.unflatten_dict(params)}
+
+
 def _lm_model(model_or_config) -> nn.Module:
     return model_or_config if isinstance(model_or_config, nn.Module) else _build_lm(
         model_or_config)
@@ -363,15 +395,46 @@ def export_ttt_lm_jax(model_or_config, variables: Mapping, *, params_key: bool =
 
 # ---------------------------------------------------------------------------- mttt layer
 
+def _check_official_mttt(official: dict, flat: Mapping, H: int, C: int, learner: str) -> None:
+    """ValueError naming the first key of the official `config.inner.TTT` dict (or num_heads /
+    width) that contradicts the tree."""
+    psi = f"psi/kernel (H, C, dh) = {tuple(np.shape(flat['psi/kernel']))}"
+    if "num_heads" in official and official["num_heads"] != H:
+        raise ValueError(f"num_heads={official['num_heads']!r} contradicts the tree: {psi} holds "
+                         f"{H} heads")
+    if "width" in official and official["width"] != C:
+        raise ValueError(f"width={official['width']!r} contradicts the tree: {psi} has width {C}")
+    if "inner_encoder" in official:
+        encoder = official["inner_encoder"]
+        if encoder not in ("mlp_1", "mlp_2"):
+            raise ValueError(f"inner_encoder={encoder!r}: the official encoders are 'mlp_1' "
+                             "(linear) and 'mlp_2' (MLP)")
+        has = "mlp_2 (it has inner_Dense_1)" if learner == "mlp" else "mlp_1 (no inner_Dense_1)"
+        if (encoder == "mlp_2") != (learner == "mlp"):
+            raise ValueError(f"inner_encoder={encoder!r} contradicts the tree: its encoder is "
+                             f"{has}")
+    for key, path in (("inner_encoder_bias", "inner_Dense_0/bias"),
+                      ("decoder_LN", "decoder_LN/scale")):
+        if key in official and bool(official[key]) != (path in flat):
+            raise ValueError(f"{key}={official[key]!r} contradicts the tree: it "
+                             f"{'has' if path in flat else 'has no'} {path}")
+
+
 def import_mttt_layer(tree: Mapping, **config) -> tuple[nn.Module, dict]:
     """Official mttt `TTTLayer` parameter dict -> (layer, variables) with identical outputs.
 
     tree: the layer's dict (keys like "psi/kernel", nested or not, optional outer "params").
     Inferred: heads H and width C (psi/kernel (H, C, dh)), learner ("mlp" when inner_Dense_1 is
     present = official mlp_2), inner biases, MLP factor, decoder LN. config: MTTTMixer attributes
-    (steps, lrs, mode, dtype, ...) or the official names inner_itr, inner_lr (a tuple; its first
-    `steps` entries are used), SGD (bool). Defaults as the official patch config: steps=1,
-    lrs=(1.0,)·steps, mode="gd". learn_W0=False is accepted only when inner_Dense_* are all zero.
+    (steps, lrs, mode, dtype, ...) or the official `config.inner.TTT` dict as it is
+    (`import_mttt_layer(tree, **config.inner.TTT)`): inner_itr, inner_lr (a tuple; its first
+    `steps` entries are used), SGD (bool); inner_encoder, inner_encoder_bias and decoder_LN must
+    agree with the tree, as must num_heads / width when given (a contradiction is a ValueError
+    naming the key); inner_encoder_init only initialises and is ignored; train_init=False (W0
+    frozen) imports as a frozen zero W0 when the tree's linear W0 is zero, else as parameters (the
+    same function; to keep them frozen, leave them out of your optimizer). Defaults as the
+    official patch config: steps=1, lrs=(1.0,)·steps, mode="gd". learn_W0=False is accepted only
+    when inner_Dense_* are all zero.
     Returns an `MTTTMixer` and {"params": ...}: `layer.apply(variables, x (B, N, C))` -> (y, aux).
     SGD mode draws its permutations from our own "inner" RNG stream, so it matches the official
     layer in distribution, not sample by sample.
@@ -380,22 +443,26 @@ def import_mttt_layer(tree: Mapping, **config) -> tuple[nn.Module, dict]:
         raise ValueError(f"tree: expected a dict of arrays, got {type(tree).__name__}")
     flat = _strip_params(_flatten(tree))
     H, C, dh = np.shape(_require(flat, "psi/kernel", "mttt TTTLayer"))
-    cfg = {_MTTT_ALIASES.get(k, k): v for k, v in config.items()}
+    learner = "mlp" if "inner_Dense_1/kernel" in flat else "linear"
+    official = {k: config[k] for k in _MTTT_OFFICIAL if k in config}
+    _check_official_mttt(official, flat, int(H), int(C), learner)
+    cfg = {_MTTT_ALIASES.get(k, k): v for k, v in config.items() if k not in _MTTT_OFFICIAL}
     if "mode" in cfg and isinstance(cfg["mode"], bool):
         cfg["mode"] = "sgd" if cfg["mode"] else "gd"
     steps = int(cfg.setdefault("steps", 1))
     if cfg.get("lrs") is not None:
         cfg["lrs"] = tuple(float(x) for x in tuple(cfg["lrs"])[:steps])
-    learner = "mlp" if "inner_Dense_1/kernel" in flat else "linear"
     attrs = dict(inner_bias="inner_Dense_0/bias" in flat, decoder_ln="decoder_LN/scale" in flat)
     if learner == "mlp":
         attrs["mlp_factor"] = int(np.shape(flat["inner_Dense_0/kernel"])[-1] // dh)
     dtype_name = cfg.pop("dtype", "float32")
     pdt = _param_dtype(dtype_name)
     inner = [k for k in flat if k.startswith("inner_Dense_")]
-    learn_W0 = cfg.pop("learn_W0", True if inner else False)
+    zero_w0 = bool(inner) and all(not np.any(np.asarray(flat[k])) for k in inner)
+    frozen_zero = official.get("train_init", True) is False and learner == "linear" and zero_w0
+    learn_W0 = cfg.pop("learn_W0", bool(inner) and not frozen_zero)
     if not learn_W0 and inner:
-        if any(np.any(np.asarray(flat[k]) != 0) for k in inner):
+        if not zero_w0:
             raise ValueError("learn_W0=False fixes W0 = 0, but the tree's inner_Dense_* are not "
                              "all zero; drop learn_W0=False to import them")
         flat = {k: v for k, v in flat.items() if k not in inner}

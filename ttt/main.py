@@ -1,77 +1,75 @@
 r"""Command line: train a config into a workdir (resuming if it holds checkpoints).
 
-  python -m ttt.main --config experiments/lm.py:ttt_linear,smoke --workdir /tmp/run \
-      [--config.train.steps=10 ...]
+  python -m ttt.main --config=experiments/lm.py:ttt_linear,smoke --workdir=/tmp/run \
+      [--config.train.steps=10 --config.model.width=96 --config.model.mixer_kwargs.mini_batch=8]
+  python -m ttt.main --config=experiments/lm.py:ttt_mlp,125m,paper --compile_only \
+      [--config.train.mesh.fsdp=1]
+  python -m ttt.main --config=experiments/lm.py:ttt_linear,cpu --workdir=/tmp/ft \
+      --config.init.from_workdir=/tmp/run      # start from another run's parameters
+      (or --config.init.transformer_workdir=DIR, --config.init.official_checkpoint=FILE)
 
-Several processes (one per host, or local CPU processes in tests) pass --num_processes,
---process_id and --coordinator_address, or --distributed to let JAX auto-detect the cluster.
-Exit status: 0 done, 2 bad config, 3 non-finite loss, 143 preempted (checkpoint saved).
+Every field of the config file can be overridden with --config.<section>.<key>=<value>. Several
+processes (one per host) pass --num_processes, --process_id and --coordinator_address, or
+--distributed to let JAX detect the cluster.
+Exit status: 0 done, 2 bad input (one line on stderr saying what to change; --debug adds the
+traceback), 3 non-finite loss, 143 preempted (checkpoint saved).
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 
-import jax
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
+from ttt import cli
+from ttt.config import with_defaults
 
-from ttt.config import ConfigError, flag_error_line
-from ttt.train import NonFiniteLossError, train_and_evaluate
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "experiments/<task>.py:<arg>",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "checkpoints, metrics and the resolved config go here")
-flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with auto-detection")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process)")
-flags.DEFINE_integer("num_processes", 1, "number of processes (multi-process)")
-flags.DEFINE_integer("process_id", 0, "this process's index (multi-process)")
-flags.DEFINE_bool("compile_only", False, "lower and compile the train step on abstract inputs, "
-                  "print parameters, per-device memory and FLOPs, and exit")
-flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = (
+    cli.Flag("workdir", str, None, "checkpoints, metrics and the resolved config go here"),
+    cli.Flag("compile_only", bool, False, "lower and compile the train step on abstract inputs, "
+             "print parameters, per-device memory and FLOPs, and exit (no --workdir needed)"),
+    cli.Flag("distributed", bool, False, "jax.distributed.initialize() with auto-detection"),
+    cli.Flag("coordinator_address", str, None, "host:port of process 0 (multi-process)"),
+    cli.Flag("num_processes", int, 1, "number of processes (multi-process)"),
+    cli.Flag("process_id", int, 0, "this process's index (multi-process)"),
+    cli.DEBUG,
+)
 
 
-def parse_flags(argv):
-    """absl's flag parsing; a bad flag, config argument or override is one line and exit 2."""
-    try:
-        return FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError) as err:  # the latter: an unknown override
-        print(f"error: {flag_error_line(err)}", file=sys.stderr)
-        sys.exit(2)
+def _main(argv: list[str]) -> int:
+    values, overrides = cli.parse_flags(argv, FLAGS, prog="python -m ttt.main", doc=__doc__,
+                                        config=True)
+    if not values["compile_only"] and not values["workdir"]:
+        raise cli.UsageError("--workdir is required: the run's checkpoints, metrics and "
+                             "config.json go there (or pass --compile_only)")
+    defaults = with_defaults(cli.load_config(values["config"]))
+    config = cli.apply_overrides(with_defaults(defaults), overrides)
 
+    import jax
 
-def main(argv):
-    del argv
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax is chatty at INFO
-    logging.getLogger("ttt").setLevel(logging.INFO)
-    if FLAGS.num_processes > 1:
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                                   FLAGS.process_id)
-    elif FLAGS.distributed:
+    if values["num_processes"] > 1:
+        jax.distributed.initialize(values["coordinator_address"], values["num_processes"],
+                                   values["process_id"])
+    elif values["distributed"]:
         jax.distributed.initialize()
-    if FLAGS.compile_only:
+    if values["compile_only"]:
         from ttt.train.compile_only import run
 
-        try:
-            run(FLAGS.config)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-        return
+        run(config)
+        return 0
+    from ttt.train import NonFiniteLossError, train_and_evaluate
+
     try:
-        summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        summary = train_and_evaluate(config, values["workdir"], defaults=defaults,
+                                     source=values["config"])
     except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(3)
-    if summary["preempted"]:
-        sys.exit(143)
+        print(f"error: {cli.one_line(err)}", file=sys.stderr)
+        return 3
+    return 143 if summary["preempted"] else 0
+
+
+def main(argv=None) -> int:
+    """The `python -m ttt.main` entry point: returns the exit status (see the module doc)."""
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    sys.exit(main())

@@ -1,5 +1,8 @@
 """The one error type the data pipelines raise for things a user can fix."""
 
+from ttt.config import ConfigError
 
-class DataConfigError(ValueError):
-    """A one-line message saying what is wrong with the data config and what to change."""
+
+class DataConfigError(ConfigError):
+    """A one-line message saying what is wrong with the data config and what to change (a
+    ConfigError, so the command line reports it like any other config mistake)."""

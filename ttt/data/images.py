@@ -3,8 +3,9 @@ Sec. 5 and App. C, which follow big_vision's ViT recipe), implemented with numpy
 
 Train: Inception crop (random area in [5%, 100%], aspect ratio in [3/4, 4/3]) resized to
 `image_size`, random horizontal flip, and -- for patch models only -- optional RandAugment
-(`randaug=(num_ops, magnitude)`) and mixup (batch level, `mixup` = Beta alpha). Raw-pixel models
-get no RandAugment or mixup. Eval: resize the shorter side to image_size / crop_frac, centre crop.
+(`randaug=(num_ops, magnitude)`). Raw-pixel models get no RandAugment. Mixup is not done here but
+in the train step (`config.train.mixup_alpha`), where the loss sees the mixed labels. Eval: resize
+the shorter side to image_size / crop_frac, centre crop.
 Pixels are scaled to [-1, 1].
 
 Embedded default "digits": scikit-learn's bundled copy of the UCI optical digits (1797 images,
@@ -172,15 +173,3 @@ def randaugment(img: Image.Image, rng: np.random.Generator, num_ops: int,
     for i in rng.integers(0, len(names), size=num_ops):
         img = _RANDAUG_OPS[names[i]](img, rng, magnitude)
     return img
-
-
-def mixup(batch: dict, rng: np.random.Generator, alpha: float, num_classes: int) -> dict:
-    """Batch-level mixup (Zhang et al. 2018) with the batch rolled by one: adds
-    "soft_labels" (B, num_classes) float32; "labels" stays the dominant integer class."""
-    lam = float(rng.beta(alpha, alpha))
-    lam = max(lam, 1.0 - lam)  # keep `labels` the majority class
-    one_hot = np.eye(num_classes, dtype=np.float32)[batch["labels"]]  # (B, K)
-    out = dict(batch)
-    out["images"] = lam * batch["images"] + (1 - lam) * np.roll(batch["images"], 1, axis=0)
-    out["soft_labels"] = lam * one_hot + (1 - lam) * np.roll(one_hot, 1, axis=0)
-    return out

@@ -16,7 +16,8 @@ data_config.name and its keys (defaults in brackets):
   digits       embedded sklearn 8x8 digits (no augmentation)
   tfds_images  dataset ('imagenet2012', 'cifar10', 'mnist', ...), data_dir, image_size [native or
                224], flip [True], crop_frac [0.875 for variable-size images, else 1.0],
-               pixels [False], randaug [None, e.g. (2, 15)], mixup [0.0 = off], splits
+               pixels [False], randaug [None, e.g. (2, 15)], splits. Mixup is done in the train
+               step (config.train.mixup_alpha), so data.mixup > 0 is refused.
 Shared: shuffle_windows [1024, text], num_threads [2], prefetch [8].
 """
 
@@ -33,7 +34,7 @@ from ttt.data import images as img_lib
 from ttt.data import text_sources
 from ttt.data.errors import DataConfigError
 from ttt.data.mqar import check_mqar, make_mqar_fn
-from ttt.data.packing import PackIterDataset
+from ttt.data.packing import pack_windows
 from ttt.data.tokenizers import make_tokenizer
 
 TEXT_NAMES = ("text_corpus", "text_files", "tfds_text")
@@ -158,11 +159,20 @@ def _check_text_split(cfg, split: str, tok, docs) -> None:
         )
 
 
+def _check_no_mixup(cfg) -> None:
+    alpha = _get(cfg, "mixup", 0.0)
+    if alpha:
+        raise DataConfigError(
+            f"data.mixup={alpha}: mixup is done in the train step, on the mixed labels; set "
+            f"config.train.mixup_alpha={alpha} and leave data.mixup at 0")
+
+
 def validate(data_config) -> None:
     """Raise a one-line DataConfigError for anything that would fail once training started:
     unknown name, missing dataset or files, empty corpus, missing tokenizer file, a seq_len
-    longer than a split's whole token stream, MQAR sizes that cannot fit."""
+    longer than a split's whole token stream, MQAR sizes that cannot fit, data.mixup > 0."""
     name = _name(data_config)
+    _check_no_mixup(data_config)
     if name in TEXT_NAMES:
         tok = make_tokenizer(_get(data_config, "tokenizer", "byte"))
         _seq_len(data_config)
@@ -258,7 +268,7 @@ def _text_dataset(cfg, split, rows, seed, shard_index, shard_count) -> Dataset:
     ds = _indexed(docs, split, seed, shard_index, shard_count)
     ds = ds.map(lambda doc: np.concatenate([tok.encode(doc), eos]))  # (n + 1,)
     it = ds.to_iter_dataset(_read_options(cfg))
-    it = PackIterDataset(it, window=_seq_len(cfg) + 1, pad_id=tok.eos_id)
+    it = pack_windows(it, window=_seq_len(cfg) + 1, pad_id=tok.eos_id)
     if split == "train":
         # Windows of one document are adjacent in the stream; mix them across documents.
         it = gex.WindowShuffleIterDataset(it, window_size=int(_get(cfg, "shuffle_windows", 1024)),
@@ -332,10 +342,6 @@ def _image_dataset(cfg, split, rows, seed, shard_index, shard_count) -> Dataset:
 
     ds = ds.random_map(train_fn, seed=seed + 2) if train else ds.map(eval_fn)
     ds = ds.batch(rows, drop_remainder=train)
-    alpha = float(_get(cfg, "mixup", 0.0))
-    if train and alpha > 0 and not _get(cfg, "pixels", False):
-        ds = ds.random_map(lambda b, rng: img_lib.mixup(b, rng, alpha, m["num_classes"]),
-                           seed=seed + 3)
     if not train:
         ds = ds.map(lambda b: _pad_rows(b, rows))
     return Dataset(ds.to_iter_dataset(_read_options(cfg)), m)
@@ -347,10 +353,10 @@ def make_dataset(data_config, split: str, global_batch_size: int, *, seed: int,
 
     Each process gets global_batch_size // shard_count rows per batch:
     text/MQAR {"inputs", "targets" (B, N) int32, "mask" (B, N) float32};
-    images {"images" (B, H, W, C) float32 in [-1, 1], "labels" (B,) int32, "mask" (B,) float32,
-    plus "soft_labels" (B, K) when mixup is on}.
+    images {"images" (B, H, W, C) float32 in [-1, 1], "labels" (B,) int32, "mask" (B,) float32}.
     """
     name = _name(data_config)
+    _check_no_mixup(data_config)
     _check_split(split)
     if not 0 <= shard_index < shard_count:
         raise DataConfigError(f"shard_index {shard_index} is outside 0..{shard_count - 1}")

@@ -1,15 +1,17 @@
 """ttt.train: the outer loop — train/eval steps, parallel placements, checkpoints, metrics.
 
-`train_and_evaluate(config, workdir)` is the whole driver; `train_step` / `eval_step` are the pure
-steps it wraps with `jit`, `pmap` or a sharded `jit` depending on `config.train.parallel`.
+`train_and_evaluate(config, workdir)` is the whole driver (`ttt.train.init`: where a new run's
+weights start); `train_step` / `eval_step` are the pure steps it wraps with `jit`, `pmap` or a
+sharded `jit` depending on `config.train.parallel`.
 """
 
-from ttt.train.checkpoint import Checkpointer
+from ttt.train.checkpoint import Checkpointer, CheckpointMismatchError
 from ttt.train.optim import lr_schedule, make_optimizer, ttt_lr_mult_schedule
 from ttt.train.parallel import make_placement, partition_spec
 from ttt.train.steps import Task, TrainState, eval_step, make_task, train_step
 from ttt.train.train import (
     NonFiniteLossError,
+    WorkdirError,
     abstract_state,
     build_setup,
     lower_train_step,
@@ -17,7 +19,8 @@ from ttt.train.train import (
 )
 
 __all__ = [
-    "Checkpointer", "NonFiniteLossError", "Task", "TrainState", "abstract_state", "build_setup",
-    "eval_step", "lower_train_step", "lr_schedule", "make_optimizer", "make_placement",
-    "make_task", "partition_spec", "train_and_evaluate", "train_step", "ttt_lr_mult_schedule",
+    "CheckpointMismatchError", "Checkpointer", "NonFiniteLossError", "Task", "TrainState",
+    "WorkdirError", "abstract_state", "build_setup", "eval_step", "lower_train_step",
+    "lr_schedule", "make_optimizer", "make_placement", "make_task", "partition_spec",
+    "train_and_evaluate", "train_step", "ttt_lr_mult_schedule",
 ]

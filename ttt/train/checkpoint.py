@@ -6,9 +6,12 @@ Notable choices
   abstract arrays carrying the *current* shardings, so 8 devices -> 1 device (or pmap -> mesh)
   works.
 - Retention: the last `keep` checkpoints plus every multiple of `keep_every` (milestones).
-- A latest checkpoint that fails to restore (partial write, corrupt file) is skipped with a warning
-  and the previous one is used. Orbax writes into a temporary directory and renames it when the save
-  is complete, so a run killed mid-save leaves no step directory behind.
+- A latest checkpoint that cannot be *read* (partial write, corrupt file) is moved to
+  `corrupt_checkpoints/` with a warning and the previous one is used. One that reads but holds
+  another train state (other parameter or optimizer shapes) is never called corrupt: restoring
+  stops with a one-line `CheckpointMismatchError` and nothing is moved. Orbax writes into a
+  temporary directory and renames it when the save is complete, so a run killed mid-save leaves no
+  step directory behind.
 - Saving refuses low-precision floats: the official code stored bf16 weights; here a bf16 leaf in
   the state is a bug, not a rounding.
 """
@@ -19,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 
 import jax
@@ -27,7 +31,51 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from ttt.config import ConfigError
+
 log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(ConfigError):
+    """A readable checkpoint whose arrays do not fit the train state asked for."""
+
+
+def signature(tree) -> dict[str, tuple]:
+    """{'params/h/wq/kernel': (shape, dtype name)} for arrays, abstract arrays or orbax metadata."""
+    return {jax.tree_util.keystr(path, simple=True, separator="/"):
+            (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def describe_mismatch(saved: dict, wanted: dict, limit: int = 4) -> str:
+    """'' when the signatures agree, else a short list of the first differences."""
+    problems = [f"{k} missing" for k in wanted if k not in saved]
+    problems += [f"{k} {saved[k][0]} where this run has {wanted[k][0]}" for k in wanted
+                 if k in saved and saved[k] != wanted[k]]
+    problems += [f"unexpected {k}" for k in saved if k not in wanted]
+    if not problems:
+        return ""
+    more = f" and {len(problems) - limit} more" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more
+
+
+def _ignore_closed_loop_callbacks() -> None:
+    """After a failed read, tensorstore still completes the reads in flight and posts each result
+    to orbax's event loop, which is closed by then: Python prints every one of those as an
+    'unraisable' `RuntimeError: Event loop is closed` traceback. They carry nothing (the failure
+    was reported once); drop exactly those and pass everything else to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_ttt_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        err = unraisable.exc_value
+        if isinstance(err, RuntimeError) and str(err) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._ttt_closed_loop = True
+    sys.unraisablehook = hook
 
 
 def _allgather_json(obj) -> list:
@@ -55,19 +103,27 @@ class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` with items "state" and "data"."""
 
     def __init__(self, directory, *, keep: int = 3, keep_every: int | None = None,
-                 async_save: bool = True):
+                 async_save: bool = True, read_only: bool = False):
+        # read_only: for reading another run (nothing created, cleaned up or deleted; orbax's own
+        # read_only mode would warn on every use)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, keep_period=keep_every or None, create=True,
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+            max_to_keep=None if read_only else keep,
+            keep_period=None if read_only else keep_every or None, create=not read_only,
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
+        self.read_only = read_only
         self.directory = directory
-        self.manager = ocp.CheckpointManager(directory, options=options,
-                                             item_names=("state", "data"))
+        self.manager = ocp.CheckpointManager(
+            directory, options=options, item_names=("state", "data"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": ocp.JsonCheckpointHandler()})
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, data_state: dict | None, *, force: bool = False) -> bool:
         """Start an (async) save of `state` (global arrays) and this process's iterator state."""
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only")
         if step in self.manager.all_steps():
             return False
         check_full_precision(state)
@@ -75,21 +131,42 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=force)
 
+    def saved_signature(self, step: int) -> dict[str, tuple]:
+        """Paths, shapes and dtypes of checkpoint `step`'s state, from its metadata alone."""
+        meta = self.manager.item_metadata(step)["state"]
+        if meta is None:
+            raise ValueError("no readable metadata")
+        return signature(meta)
+
+    def check_fits(self, step: int, target, what: str = "this run's train state") -> None:
+        """CheckpointMismatchError (one line) unless checkpoint `step` has `target`'s arrays."""
+        problems = describe_mismatch(self.saved_signature(step), signature(target))
+        if problems:
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory}/{step} does not fit {what} ({problems}): it was "
+                "written by another model or optimizer setting; train in a new --workdir or "
+                "restore the settings it was written with")
+
     def restore(self, target):
         """Newest readable checkpoint onto `target` (abstract arrays with shardings).
 
         Returns (step, state, data_state for this process or None), or None if there is none.
+        A checkpoint that does not read is set aside; one that reads but does not fit `target`
+        raises CheckpointMismatchError and nothing is moved.
         """
         for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                saved = self.saved_signature(step)
+            except Exception as err:  # noqa: BLE001 — unreadable metadata: a corrupt step
+                self._set_aside(step, err)
+                continue
+            if describe_mismatch(saved, signature(target)):
+                self.check_fits(step, target)
             try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
             except Exception as err:  # noqa: BLE001 — any unreadable checkpoint is skipped
-                log.warning("checkpoint %s/%d could not be restored (%s: %s); moved to %s and "
-                            "falling back to the previous one", self.directory, step,
-                            type(err).__name__, (str(err).splitlines() or [""])[0][:200],
-                            self._quarantine_dir)
-                self._quarantine(step)
+                self._set_aside(step, err)
                 continue
             data = out["data"] or {}
             states = data.get("states") or [None]
@@ -100,6 +177,31 @@ class Checkpointer:
                 return step, out["state"], None
             return step, out["state"], states[jax.process_index()]
         return None
+
+    def restore_params(self, step: int, target_params):
+        """Only the parameters of checkpoint `step` (no optimizer state is read) onto
+        `target_params` (abstract arrays with shardings); CheckpointMismatchError if they differ.
+        """
+        saved = {k[len("params/"):]: v for k, v in self.saved_signature(step).items()
+                 if k.startswith("params/")}
+        problems = describe_mismatch(saved, signature(target_params))
+        if problems:
+            raise CheckpointMismatchError(
+                f"the parameters of checkpoint {self.directory}/{step} do not fit this model "
+                f"({problems})")
+        target = {"params": target_params}
+        out = ocp.PyTreeCheckpointer().restore(
+            os.path.join(self.directory, str(step), "state"), args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True))
+        return out["params"]
+
+    def _set_aside(self, step: int, err: Exception) -> None:
+        _ignore_closed_loop_callbacks()
+        log.warning("checkpoint %s/%d could not be restored (%s: %s); moved to %s, resuming "
+                    "from the previous one", self.directory, step, type(err).__name__,
+                    (str(err).splitlines() or [""])[0][:200], self._quarantine_dir)
+        self._quarantine(step)
 
     @property
     def _quarantine_dir(self) -> str:

@@ -1,7 +1,7 @@
 """Compile a config's train step without allocating its parameters, and report its cost.
 
-  python -m ttt.main --config experiments/lm.py:ttt_linear,1.3b,ctx=8k,paper --workdir /tmp/x \
-      --compile_only [--config.train.mesh.fsdp=1]
+  python -m ttt.main --config experiments/lm.py:ttt_linear,1.3b,ctx=8k,paper --compile_only \
+      [--config.train.mesh.fsdp=1]
   python -m ttt.train.compile_only --config experiments/lm.py:softmax,125m,ctx=2k,paper
 
 The train state is built with `jax.eval_shape` (ShapeDtypeStructs only), the batch is abstract, and
@@ -109,23 +109,26 @@ def run(config, *, lower_only: bool = False) -> dict:
     return report
 
 
-def main(argv=None):  # pragma: no cover - thin CLI
-    from absl import app, flags
-    from ml_collections import config_flags
+def _main(argv: list[str]) -> int:
+    from ttt import cli
+    from ttt.config import with_defaults
 
-    config_flags.DEFINE_config_file("config", None, "experiments/<task>.py:<arg>")
-    flags.DEFINE_bool("lower_only", False, "skip XLA compilation (no memory analysis)")
-    flags.mark_flags_as_required(["config"])
+    flags = (cli.Flag("lower_only", bool, False, "skip XLA compilation (no memory analysis)"),
+             cli.DEBUG)
+    values, overrides = cli.parse_flags(argv, flags, prog="python -m ttt.train.compile_only",
+                                        doc=__doc__, config=True)
+    config = cli.apply_overrides(with_defaults(cli.load_config(values["config"])), overrides)
+    run(config, lower_only=values["lower_only"])
+    return 0
 
-    def _main(_):
-        try:
-            run(flags.FLAGS.config, lower_only=flags.FLAGS.lower_only)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
 
-    app.run(_main, argv)
+def main(argv=None) -> int:
+    """`python -m ttt.train.compile_only --config=FILE:ARG [--config.<key>=...] [--lower_only]`;
+    returns the exit status (2 with one line on stderr for bad input)."""
+    from ttt import cli
+
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

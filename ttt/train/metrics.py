@@ -67,7 +67,11 @@ class MetricWriter:
 
 
 class Progress:
-    """One status line: step/total, loss, tokens (or images) per second, elapsed and ETA."""
+    """One status line: step/total, loss, tokens (or images) per second, elapsed and ETA.
+
+    Throughput counts training time only: the clock starts after compilation, and the time the
+    loop spends in evaluation and checkpoints is taken out with `exclude(seconds)`.
+    """
 
     def __init__(self, total: int, start: int, unit: str, enabled: bool = True):
         self.total, self.unit, self.enabled = total, unit, enabled
@@ -77,17 +81,31 @@ class Progress:
 
             self._bar = tqdm(total=total, initial=start, desc="train", unit="step",
                              file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
-        self._t, self._step = time.perf_counter(), start
+        self._t, self._step, self._excluded = time.perf_counter(), start, 0.0
+        self.train_seconds, self._items = 0.0, 0
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (evaluation, checkpointing) out of the throughput."""
+        self._excluded += seconds
 
     def update(self, step: int, loss: float, items_per_step: int) -> float:
         """Advance to `step`; returns the throughput since the last update (items/s)."""
         now = time.perf_counter()
-        rate = (step - self._step) * items_per_step / max(now - self._t, 1e-9)
-        self._t, self._step = now, step
+        seconds = max(now - self._t - self._excluded, 1e-9)
+        items = (step - self._step) * items_per_step
+        rate = items / seconds
+        self.train_seconds += seconds
+        self._items += items
+        self._t, self._step, self._excluded = now, step, 0.0
         if self._bar is not None:
             self._bar.set_postfix_str(f"loss={loss:.4f} {self.unit}/s={rate:,.0f}", refresh=False)
             self._bar.update(step - self._bar.n)
         return rate
+
+    @property
+    def mean_rate(self) -> float:
+        """Items per second of training over every update so far."""
+        return self._items / self.train_seconds if self.train_seconds else float("nan")
 
     def close(self) -> None:
         if self._bar is not None:

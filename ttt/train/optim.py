@@ -15,13 +15,10 @@ import optax
 
 def lr_schedule(optim_config, total_steps: int) -> optax.Schedule:
     """Linear warm-up 0 -> `lr` over `warmup_steps`, then cosine to `end_lr` at `total_steps`."""
-    lr, end = float(optim_config.lr), float(optim_config.end_lr)
     warmup = int(optim_config.warmup_steps)
-    decay_steps = max(int(total_steps) - warmup, 1)
-    cosine = optax.cosine_decay_schedule(lr, decay_steps, alpha=end / lr if lr else 0.0)
-    if warmup <= 0:
-        return cosine
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), cosine], [warmup])
+    return optax.warmup_cosine_decay_schedule(
+        0.0, float(optim_config.lr), warmup, max(int(total_steps), warmup + 1),
+        end_value=float(optim_config.end_lr))
 
 
 def ttt_lr_mult_schedule(optim_config) -> optax.Schedule:

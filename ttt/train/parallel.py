@@ -36,15 +36,7 @@ DEFAULT_RULES = ((r"(^|/)(ttt_dense_\d+|ttt_bias_\d+|ttt_norm|W0|inner_[^/]*)(/|
 
 def path_str(path) -> str:
     """'opt_state/0/mu/Dense_0/kernel' from a jax key path."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def partition_spec(path: str, shape, fsdp: int, rules=DEFAULT_RULES, min_size: int = 0) -> P:

@@ -1,7 +1,8 @@
 """Pure train and eval steps: the meta-gradient of the task loss through the whole model.
 
 Notable choices
-- Losses are returned as *sums* with their weight (number of unmasked tokens / examples). The step
+- Losses are returned as *sums* with their weight (number of unmasked tokens / examples; padded
+  rows of a final eval batch have mask 0 and weigh nothing, for images as for text). The step
   divides only after summing over micro-batches and devices, so the gradient is exactly the mean
   over the global batch whatever the split (one device, pmap, mesh, gradient accumulation) — a
   masked mean per device followed by `pmean` would overweight devices with few unmasked tokens.
@@ -64,11 +65,15 @@ class Task(NamedTuple):
 
     def _classification_loss(self, params, batch, rng, train):
         images, labels = batch["images"], batch["labels"]
+        # Rows padded onto a short final eval batch have mask 0 and count for nothing.
+        mask = batch["mask"].astype(jnp.float32) if "mask" in batch else \
+            jnp.ones(labels.shape, jnp.float32)  # (B,)
         num_classes = self.model.num_classes
         targets = jax.nn.one_hot(labels, num_classes)  # (B, K)
         mix_rng, inner_rng = jax.random.split(rng)
         if train and self.mixup_alpha > 0:
-            # One coefficient per batch, partner = the next row (as in big_vision's mixup).
+            # The only mixup (the data pipeline does none): one coefficient per batch, partner =
+            # the previous row (as in big_vision's mixup); the loss uses the mixed targets.
             lam = jax.random.beta(mix_rng, self.mixup_alpha, self.mixup_alpha)
             images = lam * images + (1 - lam) * jnp.roll(images, 1, axis=0)
             targets = lam * targets + (1 - lam) * jnp.roll(targets, 1, axis=0)
@@ -77,9 +82,9 @@ class Task(NamedTuple):
         logits, aux = self.model.apply({"params": params}, images, train=train,
                                        rngs={"inner": inner_rng})
         logp = jax.nn.log_softmax(logits.astype(jnp.float32))  # (B, K)
-        hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        weight = jnp.asarray(labels.shape[0], jnp.float32)
-        return -jnp.sum(targets * logp), (weight, jnp.sum(hit), aux)
+        nll = -jnp.sum(targets * logp, axis=-1)  # (B,)
+        hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)  # (B,)
+        return jnp.sum(nll * mask), (jnp.sum(mask), jnp.sum(hit * mask), aux)
 
 
 def make_task(config, model: nn.Module) -> Task:

@@ -2,10 +2,16 @@
 
 Restarting the same command in the same workdir continues from the newest readable checkpoint
 (parameters, optimizer state, step, PRNG key and the data iterators' positions), so a killed run
-resumes to the bit. `train.stop_at` ends this invocation early (with a checkpoint) without
-changing the learning-rate schedule of `train.steps`, for jobs that run in time slices. SIGTERM
-(preemption) saves a checkpoint and returns; a non-finite loss raises `NonFiniteLossError`
-without saving, so the last good checkpoint stays the newest.
+resumes to the bit. A workdir whose `config.json` names another model or dataset is refused before
+anything in it is touched (one line naming the differing keys). A new run starts from a fresh
+initialisation or from `config.init` (another run's parameters, a trained Transformer, an official
+checkpoint: `ttt.train.init`). `train.stop_at` ends this invocation early (with a checkpoint)
+without changing the learning-rate schedule of `train.steps`, for jobs that run in time slices.
+SIGTERM (preemption) saves a checkpoint and returns; a non-finite loss raises
+`NonFiniteLossError` without saving, so the last good checkpoint stays the newest. The console
+(the "ttt" logger) opens with the workdir, parameter count, data, devices and the settings changed
+from the config file, then shows eval results, checkpoint saves and a final summary; throughput
+leaves out compilation (timed on its own), evaluation and checkpointing.
 
 The pieces are separate functions so a compile-only tool can reuse them: `build_setup` (config ->
 model, optimizer, placement, pure state constructor), `abstract_state` (`jax.eval_shape`) and
@@ -16,10 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +37,7 @@ import numpy as np
 
 from ttt.config import ConfigError, validate
 from ttt.train import checkpoint as ckpt_lib
+from ttt.train import init as init_lib
 from ttt.train import metrics as metrics_lib
 from ttt.train import optim as optim_lib
 from ttt.train import parallel, steps
@@ -40,6 +49,17 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class WorkdirError(ConfigError):
+    """The workdir cannot be used for this run (unwritable, or it holds another run)."""
+
+
+# Settings that change how a run computes, not what it computes: they may differ on resume
+# (data.delay_s: the test stand-in's slow input pipeline).
+RUNTIME_KEYS = ("model.remat", "model.dtype", "model.mixer_kwargs.unroll",
+                "model.mixer_kwargs.remat_every", "model.mixer_kwargs.stats", "data.num_threads",
+                "data.prefetch", "data.data_dir", "data.delay_s")
+
+
 @dataclasses.dataclass
 class Setup:
     """Everything derived from the config before any array is allocated."""
@@ -48,7 +68,7 @@ class Setup:
     task: steps.Task
     tx: Any
     placement: Any
-    create_state: Callable[[], steps.TrainState]  # pure; run under jit by the placement
+    create_state: Callable[..., steps.TrainState]  # pure; run under jit by the placement
     train_step: Callable  # partial of steps.train_step
     eval_step: Callable  # partial of steps.eval_step
     ttt_lr_fn: Callable
@@ -75,8 +95,19 @@ def dummy_batch(config, meta: dict) -> dict:
             "labels": np.zeros((b,), np.int32)}
 
 
+def _fill_preset_sizes(model_config) -> None:
+    """Size fields left None (num_layers, width, ...) take the preset's value, in place."""
+    from ttt.models.presets import PRESETS
+
+    preset = PRESETS.get(model_config.get("kind"), {}).get(model_config.get("preset"), {})
+    for key, value in preset.items():
+        if key in model_config and model_config[key] is None:
+            model_config[key] = value
+
+
 def resolve_config(config, meta: dict):
-    """Copy of `config` with dataset-dependent model fields (vocab, classes, image size) filled."""
+    """Copy of `config` with dataset-dependent model fields (vocab, classes, image size) and the
+    preset's sizes filled, so `config.json` holds the values the run used."""
     config = config.copy_and_resolve_references()
     with config.unlocked():
         if config.model.kind == "lm" and config.model.get("vocab_size") is None:
@@ -88,6 +119,7 @@ def resolve_config(config, meta: dict):
                 config.model.image_size = int(meta["image_shape"][0])
             if config.model.get("channels") is None:
                 config.model.channels = int(meta["image_shape"][2])
+        _fill_preset_sizes(config.model)
     return config
 
 
@@ -101,9 +133,11 @@ def build_setup(config, meta: dict, build_model) -> Setup:
     ttt_lr_fn = optim_lib.ttt_lr_mult_schedule(config.optim)
     batch = dummy_batch(config, meta)
 
-    def create_state():
+    def create_state(params=None):
+        """A step-0 state; `params` (host arrays, e.g. from config.init) replace the init."""
         params_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.train.seed))
-        params = task.init(params_rng, jax.tree.map(jnp.asarray, batch))
+        if params is None:
+            params = task.init(params_rng, jax.tree.map(jnp.asarray, batch))
         return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                 opt_state=tx.init(params), rng=step_rng)
 
@@ -138,7 +172,8 @@ def lower_train_step(setup: Setup):
 
 
 def evaluate(setup: Setup, p_eval, state, dataset, num_steps: int) -> dict:
-    """Loss, perplexity (LM) and accuracy over `num_steps` batches of a fresh eval iterator."""
+    """Loss, perplexity (LM), accuracy and the count of scored tokens / images over `num_steps`
+    batches of a fresh eval iterator (padded rows count zero)."""
     mult = setup.ttt_lr_fn(jax.device_get(setup.placement.step(state)))
     params = state.params
     totals = {"loss_sum": 0.0, "weight": 0.0, "correct": 0.0}
@@ -147,7 +182,8 @@ def evaluate(setup: Setup, p_eval, state, dataset, num_steps: int) -> dict:
         for k in totals:
             totals[k] += float(np.ravel(sums[k])[0])
     loss = totals["loss_sum"] / max(totals["weight"], 1e-9)
-    out = {"loss": loss, "accuracy": totals["correct"] / max(totals["weight"], 1e-9)}
+    out = {"loss": loss, "accuracy": totals["correct"] / max(totals["weight"], 1e-9),
+           "count": totals["weight"]}  # unmasked tokens / images scored
     if setup.task.kind == "lm":
         out["perplexity"] = float(np.exp(min(loss, 80.0)))
     return out
@@ -175,10 +211,11 @@ def _check_finite(losses: list, first_step: int, last_good: int | None, workdir:
     values = np.asarray(jax.device_get(losses), np.float64).ravel()
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
+        kept = (f"The last good checkpoint (step {last_good}) in {workdir}/checkpoints is kept"
+                if last_good is not None else "No checkpoint had been saved yet")
         raise NonFiniteLossError(
             f"training loss is {values[bad[0]]} at step {first_step + int(bad[0]) + 1}; stopping. "
-            f"The last good checkpoint (step {last_good}) in {workdir}/checkpoints is kept: "
-            "lower config.optim.lr or raise config.optim.warmup_steps and restart.")
+            f"{kept}: lower config.optim.lr or raise config.optim.warmup_steps and restart.")
 
 
 def _config_error(err: Exception, section: str, where: str) -> ConfigError:
@@ -189,15 +226,143 @@ def _config_error(err: Exception, section: str, where: str) -> ConfigError:
     return ConfigError(f"{where}: {msg}")
 
 
-def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=None) -> dict:
+def prepare_workdir(workdir: str) -> str:
+    """Create `workdir` if needed and check it is writable; its absolute path. Called before any
+    data or model is set up, so a bad --workdir fails first."""
+    path = os.path.abspath(os.path.expanduser(str(workdir)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise WorkdirError(f"--workdir={workdir}: exists and is not a directory; pick another "
+                           "--workdir")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise WorkdirError(f"--workdir={workdir}: cannot be created ({err.strerror}); pick a "
+                           "writable --workdir") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise WorkdirError(f"--workdir={workdir}: not writable; pick a writable --workdir")
+    return path
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1, 'c': {}}} -> {'a.b': 1} (an empty dict holds no setting)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+_RESOLVED_SIZES = tuple(f"model.{k}" for k in ("num_layers", "width", "num_heads", "ffn_dim",
+                                                "mlp_dim", "vocab_size", "num_classes",
+                                                "image_size", "channels"))
+
+
+def run_differences(saved: dict, current: dict, sections=("model", "data")) -> list[str]:
+    """The settings of two config dicts that differ in `sections` ('key: A there, B here').
+
+    Keys in RUNTIME_KEYS may differ; a size saved as None (left to the preset or the dataset by
+    an older version, which did not write resolved sizes) matches anything."""
+    from ttt.config import OPTIONAL
+
+    a = _flat({s: saved.get(s) or {} for s in sections})
+    b = _flat({s: current.get(s) or {} for s in sections})
+    optional = _flat(OPTIONAL)  # a key absent on one side holds its default
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key in RUNTIME_KEYS or (key in _RESOLVED_SIZES and a.get(key, 0) is None):
+            continue
+        if key in optional and a.get(key, optional[key]) == b.get(key, optional[key]):
+            continue
+        if a.get(key, "(unset)") != b.get(key, "(unset)"):
+            there = repr(a[key]) if key in a else "unset"
+            here = repr(b[key]) if key in b else "unset"
+            out.append(f"{key}: {there} there, {here} here")
+    return out
+
+
+def check_same_run(workdir: str, config) -> dict | None:
+    """WorkdirError unless `workdir` is new or its config.json has this run's model and data;
+    returns the saved config dict (None for a new workdir)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        raise WorkdirError(f"{path} does not read ({err}): move it away or pick a new --workdir"
+                           ) from None
+    diffs = run_differences(saved, json.loads(config.to_json_best_effort()))
+    if diffs:
+        more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+        raise WorkdirError(
+            f"workdir {workdir} holds a run of another model or data ({'; '.join(diffs[:4])}"
+            f"{more}); nothing was changed: pass a new --workdir, or the settings of "
+            f"{path} to resume it")
+    return saved
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def _describe_start(setup: Setup, meta: dict, state, workdir: str, where: str,
+                    changes: list[str] | None, source: str | None) -> list[str]:
+    """The console's opening lines: workdir, model and parameters, data, devices, changes."""
+    c = setup.config
+    m, t = c.model, c.train
+    params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(setup.placement.params(state))))
+    sizes = [_plural(m.num_layers, "layer") if m.get("num_layers") else "",
+             f"width {m.width}" if m.get("width") else "",
+             _plural(m.num_heads, "head") if m.get("num_heads") else ""]
+    sizes = ", ".join(x for x in sizes if x)
+    lines = [f"workdir: {workdir} ({where})",
+             f"model: {m.kind} {m.mixer} (preset {m.get('preset')}{': ' + sizes if sizes else ''}"
+             f"), {params:,} parameters"]
+    if m.kind == "lm":
+        data = (f"data: {c.data.name}, {t.global_batch_size} x {meta['seq_len']} tokens per step"
+                f" ({setup.items_per_step:,})")
+    else:
+        data = f"data: {c.data.name}, {t.global_batch_size} images per step"
+    if t.get("eval_every", 0):
+        data += (f"; eval on {c.data.get('eval_split', 'validation')!r} every "
+                 f"{_plural(t.eval_every, 'step')} ({_plural(t.get('eval_steps', 1), 'batch')})")
+    lines.append(data.replace("batchs", "batches"))
+    devices = jax.devices()
+    placement = setup.placement
+    mode = t.parallel
+    if mode == "mesh":
+        mode += " (" + ", ".join(f"{k} {v}" for k, v in placement.mesh.shape.items()) + ")"
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    lines.append(f"devices: {len(devices)} x {devices[0].platform}{processes}; parallel={mode}, "
+                 f"{_plural(placement.num_replicas, 'data-parallel replica')}")
+    if changes is not None:
+        lines.append(f"changed from {source or 'the config file'}: "
+                     + ("; ".join(changes) if changes else "nothing"))
+    return lines
+
+
+def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=None,
+                       defaults=None, source: str | None = None) -> dict:
     """Train `config` in `workdir`, resuming from its newest checkpoint; returns a summary dict:
-    {"step", "preempted", "train" (last logged metrics), "eval" (last eval), "state"}."""
+    {"step", "preempted", "train" (last logged metrics), "eval" (last eval), "state",
+    "compile_s", "train_s" (training time without compilation, eval and checkpoints),
+    "items_per_s", "params"}.
+
+    defaults: the config file's own config (before command-line overrides); the console lists
+    what differs from it. source: its name for that line. Console lines go to the "ttt" logger
+    (`ttt.cli.console()` shows them on stderr, as the command lines do).
+    """
     if build_model is None or make_dataset is None:
         default_model, default_data = _default_builders()
         build_model, make_dataset = build_model or default_model, make_dataset or default_data
     validate(config)
+    workdir = prepare_workdir(workdir)
     train_cfg = config.train
     pid, nproc = jax.process_index(), jax.process_count()
+    say = log.info if pid == 0 else (lambda *args: None)
     try:
         train_ds = make_dataset(config.data, "train", train_cfg.global_batch_size,
                                 seed=train_cfg.seed, shard_index=pid, shard_count=nproc)
@@ -209,48 +374,75 @@ def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=N
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise _config_error(err, "data", f"config.data.name={config.data.name!r}") from err
     config = resolve_config(config, train_ds.meta)
+    saved = check_same_run(workdir, config)  # before anything in the workdir is touched
     try:
         setup = build_setup(config, train_ds.meta, build_model)
     except ValueError as err:
         raise _config_error(err, "model", "config.model") from err
     placement = setup.placement
-    os.makedirs(workdir, exist_ok=True)
-    if pid == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
 
-    # State: the newest readable checkpoint, else a fresh initialisation.
+    # State: the newest readable checkpoint, else config.init's parameters or a fresh init.
     ckpt = ckpt_lib.Checkpointer(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        os.path.join(workdir, "checkpoints"),
         keep=int(train_cfg.get("keep_checkpoints", 3)),
         keep_every=train_cfg.get("keep_every", None),
         async_save=bool(train_cfg.get("async_checkpoints", True)))
-    data_iter = train_ds.iterator()
-    restored = ckpt.restore(placement.restore_target(abstract_state(setup)))
-    if restored is None:
-        state = placement.place_state(setup.create_state)
-        start = 0
-    else:
-        start, state, data_state = restored
-        state = placement.from_checkpoint(state)
-        if data_state is not None:
-            data_iter.set_state(data_state)
-        log.info("resumed from checkpoint step %d", start)
+    try:
+        data_iter = train_ds.iterator()
+        abstract = abstract_state(setup)
+        try:
+            restored = ckpt.restore(placement.restore_target(abstract))
+        except ckpt_lib.CheckpointMismatchError as err:
+            changed = run_differences(saved or {}, json.loads(config.to_json_best_effort()),
+                                      ("optim", "train"))
+            if not changed:
+                raise
+            raise ckpt_lib.CheckpointMismatchError(
+                f"{err} (settings changed since: {'; '.join(changed[:4])})") from None
+        if restored is None:
+            start = 0
+            initial = init_lib.initial_params(config, abstract.params)
+            if initial is None:
+                state, where = placement.place_state(setup.create_state), "new run"
+            else:
+                state = placement.place_state(setup.create_state, initial[0])
+                where = f"new run from {initial[1]}"
+        else:
+            start, state, data_state = restored
+            state = placement.from_checkpoint(state)
+            if data_state is not None:
+                data_iter.set_state(data_state)
+            where = f"resumed from checkpoint step {start}"
+            if init_lib.chosen(config):
+                where += f"; config.init.{init_lib.chosen(config)[0]} ignored"
+    except BaseException:
+        ckpt.close()
+        raise
     last_good = start if restored is not None else None
+    if pid == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    changes = None
+    if defaults is not None:
+        from ttt.cli import changed_values
 
-    p_train = placement.compile_train(setup.train_step)
-    p_eval = placement.compile_eval(setup.eval_step)
+        changes = changed_values(resolve_config(defaults, train_ds.meta), config)
+    for line in _describe_start(setup, train_ds.meta, state, workdir, where, changes, source):
+        say(line)
+
     total = int(train_cfg.steps)
     log_every = int(train_cfg.get("log_every", 50))
     diag_every = int(train_cfg.get("diag_every", log_every))
     ckpt_every = int(train_cfg.get("checkpoint_every", 1000))
     eval_every = int(train_cfg.get("eval_every", 0))
+    eval_steps = int(train_cfg.get("eval_steps", 1))
     stop_at = int(train_cfg.get("stop_at", 0) or 0)  # 0: run to train.steps
+    summary = {"step": start, "preempted": False, "train": {}, "eval": {}, "compile_s": 0.0,
+               "train_s": 0.0, "items_per_s": float("nan"), "params": None}
     writer = metrics_lib.MetricWriter(workdir, enabled=pid == 0)
-    progress = metrics_lib.Progress(total, start, setup.unit,
-                                    enabled=pid == 0 and train_cfg.get("progress", True))
+    p_eval = placement.compile_eval(setup.eval_step)
     preemption = _Preemption()
-    summary = {"step": start, "preempted": False, "train": {}, "eval": {}}
+    progress = None
     unchecked, first_unchecked = [], start
 
     def save(step):
@@ -259,40 +451,101 @@ def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=N
         unchecked, first_unchecked = [], step
         ckpt.save(step, placement.to_checkpoint(state), data_iter.get_state(), force=True)
         last_good = step
+        say("checkpoint: step %d -> %s", step, os.path.join(workdir, "checkpoints", str(step)))
+
+    def run_eval(step):
+        t = time.perf_counter()
+        result = evaluate(setup, p_eval, state, eval_ds, eval_steps)
+        first = not summary["eval"]
+        summary["eval"] = writer.write(step, result, "eval/")
+        extra = f", perplexity {result['perplexity']:.4g}" if "perplexity" in result else ""
+        say("eval @ step %d: loss %.4f%s, accuracy %.4f over %s %s (%.1f s%s)", step,
+            result["loss"], extra, result["accuracy"], f"{int(result['count']):,}", setup.unit,
+            time.perf_counter() - t, ", compilation included" if first else "")
 
     try:
-        for step in range(start, total):
-            state, metrics = p_train(state, placement.place_batch(next(data_iter)))
-            unchecked.append(metrics["loss"])
-            done = step + 1
-            if done % log_every == 0 or done == total:
-                host = placement.host_metrics(metrics)
-                _check_finite(unchecked, first_unchecked, last_good, workdir)
-                unchecked, first_unchecked = [], done
-                if done % diag_every and done != total:
-                    host.pop("aux")
-                rate = progress.update(done, host["loss"], setup.items_per_step)
-                summary["train"] = writer.write(done, {**host, f"{setup.unit}_per_s": rate},
-                                                "train/")
-            if eval_ds is not None and (done % eval_every == 0 or done == total):
-                summary["eval"] = writer.write(
-                    done, evaluate(setup, p_eval, state, eval_ds,
-                                   int(train_cfg.get("eval_steps", 1))), "eval/")
-            summary["step"] = done
-            if done == stop_at:  # a time-sliced job: same schedule, continued by the next call
-                save(done)
-                break
-            if preemption.requested:
-                log.warning("SIGTERM received: saving a checkpoint at step %d and exiting", done)
-                save(done)
-                summary["preempted"] = True
-                break
-            if done % ckpt_every == 0 or done == total:
-                save(done)
+        with _redirect_console():
+            if start < total:
+                # Compile ahead of the first step, so the compile time is reported on its own
+                # and the throughput counts training only.
+                batch = placement.place_batch(next(data_iter))
+                say("compiling the train step ...")
+                t = time.perf_counter()
+                p_train = placement.compile_train(setup.train_step).lower(state, batch).compile()
+                summary["compile_s"] = time.perf_counter() - t
+                say("compiled the train step in %.1f s", summary["compile_s"])
+                progress = metrics_lib.Progress(
+                    total, start, setup.unit, enabled=pid == 0 and train_cfg.get("progress", True))
+            for step in range(start, total):
+                if step > start:
+                    batch = placement.place_batch(next(data_iter))
+                state, metrics = p_train(state, batch)
+                unchecked.append(metrics["loss"])
+                done = step + 1
+                if done % log_every == 0 or done == total:
+                    host = placement.host_metrics(metrics)
+                    _check_finite(unchecked, first_unchecked, last_good, workdir)
+                    unchecked, first_unchecked = [], done
+                    if done % diag_every and done != total:
+                        host.pop("aux")
+                    rate = progress.update(done, host["loss"], setup.items_per_step)
+                    logged = {**host, f"{setup.unit}_per_s": rate}
+                    summary["train"] = writer.write(done, logged, "train/")
+                paused = time.perf_counter()
+                if eval_ds is not None and (done % eval_every == 0 or done == total):
+                    run_eval(done)
+                summary["step"] = done
+                if done == stop_at:  # a time-sliced job: same schedule, continued by the next call
+                    save(done)
+                    break
+                if preemption.requested:
+                    log.warning("SIGTERM received: saving a checkpoint at step %d and exiting",
+                                done)
+                    save(done)
+                    summary["preempted"] = True
+                    break
+                if done % ckpt_every == 0 or done == total:
+                    save(done)
+                progress.exclude(time.perf_counter() - paused)
     finally:
         preemption.close()
-        progress.close()
+        if progress is not None:
+            progress.close()
         writer.close()
         ckpt.close()
     summary["state"] = state
+    summary["params"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(placement.params(state))))
+    if progress is not None:
+        summary["train_s"], summary["items_per_s"] = progress.train_seconds, progress.mean_rate
+    say(_final_line(summary, setup, total, stop_at, workdir))
     return summary
+
+
+def _final_line(summary: dict, setup: Setup, total: int, stop_at: int, workdir: str) -> str:
+    step = summary["step"]
+    if summary["preempted"]:
+        head = f"preempted at step {step} of {total}: checkpoint saved; rerun to resume"
+    elif step < total:
+        head = f"paused at step {step} of {total} (train.stop_at={stop_at}); rerun to continue"
+    else:
+        head = f"done: step {step} of {total}"
+    parts = [head]
+    if summary["compile_s"]:
+        parts.append(f"{summary['train_s']:.1f} s training + {summary['compile_s']:.1f} s "
+                     f"compilation, {summary['items_per_s']:,.0f} {setup.unit}/s")
+    if summary["train"]:
+        parts.append(f"train loss {summary['train']['train/loss']:.4f}")
+    if summary["eval"]:
+        ev = summary["eval"]
+        text = f"eval loss {ev['eval/loss']:.4f}"
+        if "eval/perplexity" in ev:
+            text += f" (perplexity {ev['eval/perplexity']:.4g})"
+        parts.append(text + f", accuracy {ev['eval/accuracy']:.4f}")
+    return "; ".join(parts) + f"; {workdir}"
+
+
+def _redirect_console():
+    """Log lines printed above the progress bar instead of through it."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm(loggers=[logging.getLogger("ttt")])
