@@ -36,9 +36,11 @@ LEVEL_OF = {
     "ttt.interop": "interop",
     "ttt.data": "data",
     "ttt.config": "config",
+    "ttt.cli": "cli",
+    "ttt.errors": "errors",
     "ttt.train": "train",
 }
-_BELOW_TRAIN = {"ops", "layers", "models", "interop", "data", "config"}
+_BELOW_TRAIN = {"ops", "layers", "models", "interop", "data", "config", "cli", "errors"}
 # level -> the levels it may import ("root", the package itself, is always allowed)
 ALLOWED = {
     "root": set(),  # at module level; see the module docstring
@@ -46,8 +48,10 @@ ALLOWED = {
     "layers": {"ops", "layers"},
     "models": {"ops", "layers", "models"},
     "interop": {"ops", "layers", "models", "interop"},
-    "data": {"data"},
-    "config": _BELOW_TRAIN,
+    "data": {"data", "errors"},
+    "errors": set(),
+    "cli": {"config", "errors"},
+    "config": _BELOW_TRAIN - {"cli"},
     "train": _BELOW_TRAIN | {"train"},
     "entry": _BELOW_TRAIN | {"train", "entry"},
 }
@@ -59,9 +63,12 @@ RULES = {
     "models": "ttt/models imports only ttt.ops, ttt.layers and ttt.models (not train, data, "
               "config, interop, entry points)",
     "interop": "ttt/interop.py imports only ttt.ops, ttt.layers and ttt.models",
-    "data": "ttt/data imports only ttt.data (it sits beside the model stack)",
-    "config": "ttt/config.py imports ops, layers, models, interop and data, not ttt.train or "
-              "entry points (the trainer imports it)",
+    "data": "ttt/data imports only ttt.data and ttt.errors (it sits beside the model stack)",
+    "errors": "ttt/errors.py imports nothing of ttt (every level raises its ConfigError)",
+    "cli": "ttt/cli.py (command-line plumbing shared by the entry points and the trainer's "
+           "console) imports only ttt.config and ttt.errors",
+    "config": "ttt/config.py imports ops, layers, models, interop, data and errors, not ttt.cli, "
+              "ttt.train or entry points (the trainer imports it)",
     "train": "ttt/train imports no entry point (ttt.main and other top-level command modules)",
     "entry": "",  # entry points may import anything in ttt
 }

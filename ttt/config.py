@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+from ttt.errors import ConfigError  # the one error type, re-exported for the callers
+
 MESH_AXES = ("data", "fsdp", "model")
 PARALLEL_MODES = ("single", "pmap", "mesh")
 REQUIRED = {
@@ -14,10 +16,6 @@ REQUIRED = {
     "optim": ("name", "lr", "end_lr", "warmup_steps", "b1", "b2", "weight_decay"),
     "train": ("steps", "global_batch_size", "seed", "parallel"),
 }
-
-
-class ConfigError(ValueError):
-    """A configuration mistake a user can fix; the message names the offending key."""
 
 
 def _get(section, key, default=None):

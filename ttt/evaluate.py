@@ -57,7 +57,7 @@ def evaluate_run(workdir: str, split: str = "validation", *, seq_len: int | None
     """Evaluate the run in `workdir` (see the module doc); returns what eval/<split>.json holds."""
     import jax
 
-    from ttt import run as run_lib
+    from ttt.train import run as run_lib
     from ttt.data import make_dataset
     from ttt.train import optim, steps
 
@@ -160,7 +160,7 @@ def _main(argv: list[str]) -> int:
     written = [json_path]
     if "loss_by_position" in result:
         png = os.path.join(out_dir, "loss_by_position.png")
-        from ttt.run import read_config
+        from ttt.train.run import read_config
 
         mixer = read_config(workdir).model.mixer
         plot_loss_by_position(result, png, f"{mixer}, {values['split']} split, step "

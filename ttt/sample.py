@@ -46,7 +46,7 @@ def sample(workdir: str, prompt: str, *, max_tokens: int = 200, temperature: flo
     """The continuation of `prompt` by the run in `workdir` (see the module doc)."""
     import jax
 
-    from ttt import run as run_lib
+    from ttt.train import run as run_lib
     from ttt.data.tokenizers import make_tokenizer
     from ttt.models import generate
 

@@ -1,6 +1,6 @@
 """The one error type the data pipelines raise for things a user can fix."""
 
-from ttt.config import ConfigError
+from ttt.errors import ConfigError
 
 
 class DataConfigError(ConfigError):

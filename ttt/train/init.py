@@ -43,7 +43,7 @@ def _fit(params, target, where: str):
 def initial_params(config, target) -> tuple[Any, str] | None:
     """(host parameters shaped like `target`, a description) for `config.init`, or None."""
     from ttt import interop
-    from ttt import run as run_lib
+    from ttt.train import run as run_lib
 
     source = chosen(config)
     if source is None:
