@@ -1,6 +1,4 @@
-"""The TTT-LM sequence mixer: TTT-Linear or TTT-MLP, transformer or Mamba backbone.
-
-docs/design.md §8 has the math.
+"""The TTT-LM sequence mixer: TTT-Linear or TTT-MLP, transformer or Mamba backbone (design.md §8).
 
 One module for every variant: the learner, the backbone and each ingredient of the paper's ablation
 ladder are attributes. The layer owns the parameters: projections (Mamba: a shared XQK then causal
