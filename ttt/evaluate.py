@@ -57,9 +57,9 @@ def evaluate_run(workdir: str, split: str = "validation", *, seq_len: int | None
     """Evaluate the run in `workdir` (see the module doc); returns what eval/<split>.json holds."""
     import jax
 
-    from ttt.train import run as run_lib
     from ttt.data import make_dataset
     from ttt.train import optim, steps
+    from ttt.train import run as run_lib
 
     if split not in ("validation", "test", "train"):
         raise cli.UsageError(f"--split={split}: use validation, test or train")

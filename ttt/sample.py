@@ -46,9 +46,9 @@ def sample(workdir: str, prompt: str, *, max_tokens: int = 200, temperature: flo
     """The continuation of `prompt` by the run in `workdir` (see the module doc)."""
     import jax
 
-    from ttt.train import run as run_lib
     from ttt.data.tokenizers import make_tokenizer
     from ttt.models import generate
+    from ttt.train import run as run_lib
 
     if max_tokens < 1:
         raise cli.UsageError(f"--max_tokens={max_tokens}: must be at least 1")
