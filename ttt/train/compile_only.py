@@ -54,6 +54,9 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u1
 _COLLECTIVE_LINE = re.compile(
     r"=\s*(?P<shape>\([^=]*?\)|\S+)\s+(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(")
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s.*\{\s*$")
+_CALLEE = re.compile(r"\b(calls|to_apply|body|condition|branch_computations)="
+                     r"(\{[^}]*\}|%[\w.\-]+)")
 _XLA_WARNING = re.compile(r"^[WE]\d{4} [\d:.]+\s+\d+ \S+\] (?P<text>.*)$")
 
 
@@ -84,10 +87,22 @@ def _first(analysis):
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """{kind: {"count", "bytes"}} of the collectives in compiled HLO text (see the module doc);
-    bytes are those of each op's result on one device (for an async start: its last element)."""
-    out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+    """{kind: {"count", "bytes", "in_loops"}} of the collectives in compiled HLO text (see the
+    module doc); bytes are those of each op's result on one device (for an async start: its last
+    element); in_loops counts the ops inside a while-loop body (run once per iteration: per layer
+    of a scanned stack, per mini-batch of the TTT scan)."""
+    out = {kind: {"count": 0, "bytes": 0, "in_loops": 0} for kind in COLLECTIVES}
+    found, calls, bodies, comp = [], {}, set(), None
     for line in hlo_text.splitlines():
+        head = _COMPUTATION.match(line)
+        if head:
+            comp = head["name"]
+            continue
+        for key, names in _CALLEE.findall(line):
+            callees = re.findall(r"%([\w.\-]+)", names)
+            calls.setdefault(comp, set()).update(callees)
+            if key == "body":
+                bodies.update(callees)
         m = _COLLECTIVE_LINE.search(line)
         if m is None:
             continue
@@ -96,8 +111,17 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
             arrays = arrays[-1:]  # (operand, result) of an async start: the result
         size = sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
                    for dtype, dims in arrays)
-        out[m["op"]]["count"] += 1
-        out[m["op"]]["bytes"] += size
+        found.append((m["op"], size, comp))
+    looped, todo = set(), list(bodies)
+    while todo:  # every computation a loop body calls, transitively
+        name = todo.pop()
+        if name not in looped:
+            looped.add(name)
+            todo.extend(calls.get(name, ()))
+    for op, size, where in found:
+        out[op]["count"] += 1
+        out[op]["bytes"] += size
+        out[op]["in_loops"] += where in looped
     return out
 
 
@@ -220,10 +244,12 @@ def format_report(report: dict) -> str:
               f"  {'temp':<10} {_size(pd['temp_bytes']):>12}",
               f"  {'total':<10} {_size(pd['total_bytes']):>12}   (arguments + outputs - "
               "donated + temporaries)", "",
-              "collectives in the compiled step (per device; a loop body counts once)",
-              f"  {'kind':<20} {'count':>6} {'bytes':>12}"]
+              "collectives in the compiled step (per device; an op in a loop body counts once;"
+              " 'in loops': those run every iteration)",
+              f"  {'kind':<20} {'count':>6} {'bytes':>12} {'in loops':>9}"]
     for kind, c in report["collectives"].items():
-        lines.append(f"  {kind:<20} {c['count']:>6} {_size(c['bytes']):>12}")
+        lines.append(f"  {kind:<20} {c['count']:>6} {_size(c['bytes']):>12} "
+                     f"{c['in_loops']:>9}")
     warnings = report["warnings"]
     lines += ["", f"XLA warnings while compiling: {len(warnings) or 'none'}"]
     lines += [f"  - {w[:300]}" for w in warnings]

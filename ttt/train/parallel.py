@@ -61,9 +61,10 @@ DEFAULT_RULES = (
     # Mamba backbone: the depthwise convolutions of XQK (width, 1, C), biases (C,)
     (_MIXER + r"conv_[qk]/kernel$", (None, None, _M)),
     (_MIXER + r"conv_[qk]/bias$", (_M,)),
-    # TTT per-head parameters: W0 (H, d_in, d_out) / (H, 1, d_out), inner LN (H, d), η gate
+    # TTT per-head parameters: W0 kernels (H, d_in, d_out) and biases (H, d_out), the inner LN
+    # (H, d), the η gate
     (_MIXER + r"ttt_dense_\d+$", (_M, None, None)),
-    (_MIXER + r"ttt_bias_\d+$", (_M, None, None)),
+    (_MIXER + r"ttt_bias_\d+$", (_M, None)),
     (_MIXER + r"ttt_norm/(scale|bias)$", (_M, None)),
     (_MIXER + r"learnable_ttt_lr/kernel$", (_M, _F, None)),
     (_MIXER + r"learnable_ttt_lr/bias$", (_M, None)),
