@@ -264,3 +264,30 @@ def test_vit_head_parallel_step_compiles_without_warnings():
     report = compile_report(config)
     assert report["warnings"] == [], report["warnings"]
     assert report["collectives"]["all-reduce"]["count"] > 0
+
+
+def test_warnings_written_by_xla_are_captured_and_strict_exits_2(tmp_path, monkeypatch, capfd):
+    """XLA logs from C++ straight to file descriptor 2: the capture reads that descriptor (and
+    passes the text on); --strict turns any warning into exit status 2 with one line, after the
+    report is written."""
+    from ttt.train import compile_only
+
+    line = ("W1130 14:48:42.903247   15259 spmd_partitioner.cc:656] [SPMD] Involuntary full "
+            "rematerialization. The compiler cannot go from sharding A to B")
+    with compile_only._captured_stderr() as log:
+        os.write(2, (line + "\n").encode())  # below Python, as XLA writes
+    assert xla_warnings(log[0]) == [line.split("] ", 1)[1]]
+    assert line in capfd.readouterr().err  # passed on, not swallowed
+
+    report = {"params": 10, "devices": 8, "parallel": "mesh", "mesh": {"data": 8}, "flops": 1.0,
+              "lower_s": 0.1, "compile_s": 0.2, "memory": {},
+              "per_device": {"params_bytes": 40, "opt_state_bytes": 80, "temp_bytes": 100,
+                             "total_bytes": 300},
+              "collectives": collectives(""), "warnings": [line.split("] ", 1)[1]]}
+    monkeypatch.setattr(compile_only, "compile_report", lambda config, lower_only: report)
+    args = ["--config=experiments/lm.py:ttt_linear,smoke", f"--workdir={tmp_path}"]
+    assert compile_only.main(args) == 0  # without --strict a warning is reported, not fatal
+    assert compile_only.main([*args, "--strict"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --strict: XLA printed 1 warning(s)"), err[-1]
+    assert json.load(open(tmp_path / "compile_report.json"))["warnings"] == report["warnings"]

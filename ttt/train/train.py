@@ -7,11 +7,14 @@ anything in it is touched (one line naming the differing keys). A new run starts
 initialisation or from `config.init` (another run's parameters, a trained Transformer, an official
 checkpoint: `ttt.train.init`). `train.stop_at` ends this invocation early (with a checkpoint)
 without changing the learning-rate schedule of `train.steps`, for jobs that run in time slices.
-SIGTERM (preemption) saves a checkpoint and returns; a non-finite loss raises
+SIGTERM (preemption) saves a checkpoint and returns (with several processes, at a step they all
+agree on, whichever of them got the signal); a non-finite loss raises
 `NonFiniteLossError` without saving, so the last good checkpoint stays the newest. The console
 (the "ttt" logger) opens with the workdir, parameter count, data, devices and the settings changed
 from the config file, then shows eval results, checkpoint saves and a final summary; throughput
-leaves out compilation (timed on its own), evaluation and checkpointing.
+leaves out compilation (timed on its own), evaluation and checkpointing. Only the steps that log
+diagnostics (`train.diag_every`) run the model's diagnostic pass (the TTT inner-loss statistics);
+the others, and evaluation, run it without (`Setup.train_step` vs `Setup.diag_step`).
 
 The pieces are separate functions so a compile-only tool can reuse them: `build_setup` (config ->
 model, optimizer, placement, pure state constructor), `abstract_state` (`jax.eval_shape`) and
