@@ -68,8 +68,8 @@ MODES = {"pmap": dict(parallel="pmap"),
 
 def _real_config(mixer, **train):
     config = toy.real_config(mixer, x64=True, steps=3, async_checkpoints=False, **train)
-    if mixer != "ttt_linear":  # TTT-Linear also computes (and compares) its diagnostics
-        config.model.mixer_kwargs = {"stats": False} if mixer.startswith("ttt") else {}
+    # no diagnostics pass (it is its own compiled step; tests/test_train_steps.py has it)
+    config.model.mixer_kwargs = {"stats": False} if mixer.startswith("ttt") else {}
     if mixer == "ttt_mlp":
         config.model.scan_layers = False  # unrolled layers: params h/0/..., h/1/...
     if mixer == "ttt_linear_mamba":

