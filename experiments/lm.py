@@ -34,7 +34,8 @@ Paper size:   python -m ttt.main --config experiments/lm.py:ttt_mlp_mamba,125m,c
                   --workdir gs://.../ttt_mlp_125m_8k
 Multi-host:   the same command on every host plus --distributed (or --num_processes,
               --process_id, --coordinator_address); the global batch is split over the mesh.
-Compile only: add --compile_only to print parameters, per-device memory and FLOPs per step.
+Compile only: add --compile_only --simulate_devices=8 [--workdir=DIR] for the sharding report
+              (per-device memory, collectives, XLA warnings) of the paper's fsdp=8 mesh.
 Runtime class: smoke seconds, cpu ~1-2 minutes; paper 125m@2k ~ hours on a v4-64 / 8xH100,
 1.3b@8k ~ days.
 """

@@ -13,6 +13,7 @@ import pytest
 from conftest import assert_close, rel_err
 
 from ttt.ops.attention import (
+    cudnn_applies,
     kernel_regression,
     linear_attention,
     linear_attention_decode_step,
@@ -78,6 +79,44 @@ def test_softmax_attention_equals_kernel_regression(x64, causal, dtype):
     # Negative control: the kernel without 1/√d is a different estimator.
     unscaled = lambda kk, qq: jnp.exp(jnp.dot(kk, qq))
     assert rel_err(kernel_regression(q, k, v, causal=causal, kernel=unscaled), z_soft) > 1e-2
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_softmax_attention_in_query_chunks(x64, causal, dtype):
+    """Chunks of 4 queries (N = 13: a partial last chunk) == one chunk == numpy, outputs and
+    gradients; in float32 also == jax.nn.dot_product_attention's XLA path (dv = d there)."""
+    q, k, v = _qkv(dtype)
+    whole = softmax_attention(q, k, v, causal=causal, chunk=N)
+    chunked = softmax_attention(q, k, v, causal=causal, chunk=4)
+    assert chunked.dtype == jnp.dtype(dtype)
+    assert_close(chunked, _np_softmax_attention(q, k, v, causal), TOL[dtype], "chunks vs numpy")
+    assert_close(chunked, whole, TOL[dtype], "4-query chunks vs one chunk")
+    loss = lambda c: jax.grad(lambda *a: jnp.sum(jnp.sin(softmax_attention(
+        *a, causal=causal, chunk=c))), argnums=(0, 1, 2))
+    assert_close(loss(4)(q, k, v), loss(N)(q, k, v), TOL[dtype], "gradients, chunks vs one")
+    if dtype == "float32":
+        vd = jnp.asarray(np.random.default_rng(1).standard_normal(k.shape), jnp.float32)
+        api = jax.nn.dot_product_attention(*(jnp.swapaxes(x, 1, 2) for x in (q, k, vd)),
+                                           is_causal=causal, implementation="xla")
+        assert_close(softmax_attention(q, k, vd, causal=causal, chunk=4),
+                     jnp.swapaxes(api, 1, 2), 1e-5, "vs jax.nn.dot_product_attention")
+    assert not cudnn_applies(q, v)  # a CPU run takes the XLA path
+
+
+def test_softmax_attention_memory_is_linear_in_n():
+    """XLA's temporaries for forward + backward grow ~4x from N to 4N with chunks of 128 queries
+    (linear), ~16x with one chunk (quadratic: the negative control)."""
+    def temp(n, chunk):
+        x = jax.ShapeDtypeStruct((1, 2, n, 16), jnp.float32)
+        f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(softmax_attention(q, k, v, chunk=chunk)),
+                             argnums=(0, 1, 2)))
+        return f.lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+
+    linear = temp(2048, 128) / temp(512, 128)
+    quadratic = temp(2048, 2048) / temp(512, 512)
+    print(f"temporaries N=512 -> 2048: chunked x{linear:.1f}, one chunk x{quadratic:.1f}")
+    assert linear < 6 and quadratic > 10, (linear, quadratic)
 
 
 def test_kernel_regression_arbitrary_kernel(x64):

@@ -1,6 +1,7 @@
 """Checkpoints and faults: SIGTERM saves, SIGKILL + restart resumes to the bit, a corrupt latest
 checkpoint falls back to the previous one, a non-finite loss stops without saving, float32 on disk,
-retention of the last k plus milestones. Stand-in model (tests/toy.py).
+retention of the last k plus milestones. Stand-in model (tests/toy.py), and the real tiny LM for
+SIGKILL + rerun and the non-finite stop.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ def _run(workdir, data=None, **train):
                               make_dataset=toy.make_dataset)
 
 
-def _state_at(workdir, step):
-    """TrainState of checkpoint `step` (host arrays)."""
-    config = toy.toy_config("lm")
+def _state_at(workdir, step, mixer=None):
+    """TrainState of checkpoint `step` (host arrays); `mixer`: of the real tiny LM."""
+    from ttt.models import build_model
+
+    config = toy.real_config(mixer) if mixer else toy.toy_config("lm")
     meta = toy.make_dataset(config.data, "train", 8, seed=0).meta
     abstract = abstract_state(build_setup(resolve_config(config, meta), meta,
-                                          toy.build_model))
+                                          build_model if mixer else toy.build_model))
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
                           abstract)
@@ -62,16 +65,18 @@ def _steps(workdir):
     return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
 
 
-def _launch(workdir, cache, delay_s=0.0):
+def _launch(workdir, cache, delay_s=0.0, mixer=None, steps=8):
+    """`python tests/toy.py` (the stand-in, or with `mixer` the real tiny LM) in a subprocess."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_COMPILATION_CACHE_DIR=str(cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    train = json.dumps({"steps": 8, "checkpoint_every": 2, "log_every": 1})
+    train = json.dumps({"steps": steps, "checkpoint_every": 2, "log_every": 1})
+    model = ["--mixer", mixer] if mixer else []
     return subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "tests", "toy.py"), "--workdir", str(workdir),
-         "--train", train, "--data", json.dumps({"delay_s": delay_s})],
+         "--train", train, "--data", json.dumps({"delay_s": delay_s}), *model],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -125,6 +130,49 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(tmp_path):
     earlier = _state_at(str(ref), 6).params
     assert any(not np.array_equal(a, b) for a, b in
                zip(jax.tree.leaves(final.params), jax.tree.leaves(earlier), strict=True))
+
+
+def test_real_model_sigkill_then_rerun_is_bitwise_identical(tmp_path):
+    """The real TTT-Linear LM (tiny preset; diagnostics on the logged steps): SIGKILL after a
+    checkpoint, then the same command again, ends bitwise equal to the uninterrupted run."""
+    cache, ref, run = tmp_path / "cache", tmp_path / "ref", tmp_path / "run"
+    p = _launch(ref, cache, mixer="ttt_linear", steps=6)
+    out = p.communicate(timeout=300)[0].decode()
+    assert p.returncode == 0, out[-3000:]
+    p = _launch(run, cache, delay_s=0.3, mixer="ttt_linear", steps=6)
+    _wait_for(p, lambda: os.path.isdir(run / "checkpoints" / "2"), timeout=240)
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    killed_at = _steps(run)[-1]
+    assert killed_at < 6, "the run finished before it could be killed"
+    p = _launch(run, cache, mixer="ttt_linear", steps=6)
+    out = p.communicate(timeout=300)[0].decode()
+    assert p.returncode == 0, out[-3000:]
+    logged = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [x["step"] for x in logged].count(1) == 1 and logged[-1]["step"] == 6
+    assert any("train/aux/inner_loss_after" in k for k in logged[-1])  # the real TTT layer
+    final, expected = _state_at(str(run), 6, "ttt_linear"), _state_at(str(ref), 6, "ttt_linear")
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)  # bitwise: parameters, Adam moments, step, rng
+    earlier = _state_at(str(ref), killed_at, "ttt_linear").params  # negative control
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(final.params), jax.tree.leaves(earlier), strict=True))
+
+
+def test_real_model_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
+    from ttt.models import build_model
+
+    config = toy.real_config("ttt_mlp", steps=6, checkpoint_every=2, log_every=100)
+    config.model.mixer_kwargs = {"stats": False}
+    config.data.nan_from = 3  # batch index 3 (step 4) has a NaN mask
+    with pytest.raises(NonFiniteLossError, match=r"step 4.*checkpoint \(step 2\)"):
+        train_and_evaluate(config, str(tmp_path), build_model=build_model,
+                           make_dataset=toy.make_dataset)
+    assert _steps(tmp_path) == [2]
+    params = _state_at(str(tmp_path), 2, "ttt_mlp").params
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    assert "ttt_dense_1" in params["h"]["seq_modeling_block"]  # the real TTT-MLP layer
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):

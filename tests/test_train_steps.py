@@ -227,3 +227,42 @@ def test_mixup_trains_on_the_mixed_labels():
     assert rel_err(loss_sum, expected.sum()) < 1e-5
     # negative control: the hard labels alone give another loss
     assert rel_err(loss_sum, _np_ce(logits, labels).sum()) > 1e-3
+
+
+def test_diagnostics_run_only_on_the_steps_that_log_them(tmp_path):
+    """The real TTT-Linear LM, diag_every=2: steps 2 and 4 report the inner-loss statistics
+    (their own compiled step), steps 1 and 3 run the plain layer; the parameter tree is the same
+    and the plain step has fewer FLOPs (the extra inner pass is not in it)."""
+    import json
+    import os
+
+    from ttt.models import build_model, without_diagnostics
+    from ttt.train.train import build_setup, resolve_config, train_and_evaluate
+
+    config = toy.real_config("ttt_linear", steps=4, log_every=1, diag_every=2,
+                             checkpoint_every=100, async_checkpoints=False)
+    summary = train_and_evaluate(config, str(tmp_path), build_model=build_model,
+                                 make_dataset=toy.make_dataset)
+    logged = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
+    with_stats = [x["step"] for x in logged if any("inner_loss_after" in k for k in x)]
+    assert [x["step"] for x in logged] == [1, 2, 3, 4] and with_stats == [2, 4], logged
+    assert summary["step"] == 4
+
+    meta = toy.make_dataset(config.data, "train", 8, seed=0).meta
+    setup = build_setup(resolve_config(config, meta), meta, build_model)
+    assert setup.diag_step is not None
+    assert dict(setup.task.model.mixer_kwargs)["stats"] is False
+    plain = without_diagnostics(setup.task.model)
+    assert plain is setup.task.model  # already off: nothing to change
+    init = lambda m: jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))
+    full = build_model(setup.config.model)
+    assert jax.tree.structure(init(full)) == jax.tree.structure(init(plain))
+    state = jax.eval_shape(setup.create_state)
+    batch = jax.tree.map(jnp.asarray, next(toy.make_dataset(config.data, "train", 8,
+                                                              seed=0).iterator()))
+    flops = {name: jax.jit(fn).lower(state, batch).cost_analysis()["flops"] for name, fn in
+             (("plain", setup.train_step), ("diag", setup.diag_step))}
+    assert flops["plain"] < flops["diag"], flops
+    outs = {name: jax.eval_shape(fn, state, batch)[1]["aux"] for name, fn in
+            (("plain", setup.train_step), ("diag", setup.diag_step))}
+    assert outs["plain"] == {} and "inner_loss_after" in outs["diag"]

@@ -196,15 +196,29 @@ def toy_config(kind: str = "lm", **train) -> mlc.ConfigDict:
     return c
 
 
+def real_config(mixer: str, *, x64: bool = False, **train) -> mlc.ConfigDict:
+    """`toy_config` for the real model (`ttt.models.build_model`, tiny preset) with registry
+    mixer `mixer` on the toy data; x64: float64 compute (parameters and inner loop), so runs that
+    differ only in summation order agree far below float32 rounding."""
+    config = toy_config("lm", **train)
+    config.model.mixer = mixer
+    if x64:
+        config.model.dtype = "float64"
+    return config
+
+
 def main(argv=None) -> int:
-    """`python tests/toy.py --workdir D [--train '{json}'] [--data '{json}']
-    [--num_processes P --process_id I --coordinator H:P]`: train the toy LM; exit 143 if
-    preempted."""
+    """`python tests/toy.py --workdir D [--train '{json}'] [--data '{json}'] [--mixer NAME
+    [--model '{json}']] [--num_processes P --process_id I --coordinator H:P]`: train the toy LM,
+    or with --mixer the real LM (tiny preset) on the toy data; prints one JSON line
+    {"step", "preempted", "process"}; exit 143 if preempted."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--kind", default="lm")
     parser.add_argument("--train", default="{}")
     parser.add_argument("--data", default="{}")
+    parser.add_argument("--mixer", default=None, help="a registry mixer: the real model")
+    parser.add_argument("--model", default="{}", help="config.model updates (with --mixer)")
     parser.add_argument("--num_processes", type=int, default=1)
     parser.add_argument("--process_id", type=int, default=0)
     parser.add_argument("--coordinator", default=None)
@@ -213,10 +227,18 @@ def main(argv=None) -> int:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from ttt.train.train import train_and_evaluate
 
-    config = toy_config(args.kind, **json.loads(args.train))
+    if args.mixer:
+        from ttt.models import build_model as real_build_model
+
+        config, builder = real_config(args.mixer, **json.loads(args.train)), real_build_model
+        config.model.update(json.loads(args.model))
+    else:
+        config, builder = toy_config(args.kind, **json.loads(args.train)), build_model
     config.data.update(json.loads(args.data))
-    summary = train_and_evaluate(config, args.workdir, build_model=build_model,
+    summary = train_and_evaluate(config, args.workdir, build_model=builder,
                                  make_dataset=make_dataset)
+    print(json.dumps({"step": summary["step"], "preempted": summary["preempted"],
+                      "process": jax.process_index()}), flush=True)
     return 143 if summary["preempted"] else 0
 
 

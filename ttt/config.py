@@ -53,17 +53,46 @@ def _check_mixer(model) -> None:
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
-    """Axis sizes (data, fsdp, model); one size of -1 takes what the others leave."""
+    """Axis sizes (data, fsdp, model); one size of -1 takes what the others leave.
+
+    A mesh that does not fit `num_devices` is a ValueError naming the axis to change, and how to
+    try the mesh on this machine (`--compile_only --simulate_devices=N`)."""
     sizes = [int(mesh_config.get(a, 1)) for a in MESH_AXES]
+    shown = dict(zip(MESH_AXES, sizes, strict=True))
     known = math.prod(s for s in sizes if s != -1)
-    if sizes.count(-1) > 1 or num_devices % known:
-        raise ValueError(f"config.train.mesh {dict(zip(MESH_AXES, sizes, strict=True))} does not "
-                         f"fit {num_devices} devices")
-    sizes = [num_devices // known if s == -1 else s for s in sizes]
-    if math.prod(sizes) != num_devices:
-        raise ValueError(f"config.train.mesh {dict(zip(MESH_AXES, sizes, strict=True))} uses "
-                         f"{math.prod(sizes)} devices, but {num_devices} are present")
-    return tuple(sizes)
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"config.train.mesh {shown}: sizes must be positive, with at most one "
+                         "-1 (the axis that takes the devices the others leave)")
+    fits = num_devices % known == 0 if -1 in sizes else known == num_devices
+    if not fits:
+        raise ValueError(f"config.train.mesh {shown} does not fit {num_devices} devices: "
+                         f"{_mesh_fix(sizes, num_devices)}; to try this mesh on this machine, "
+                         f"add --compile_only --simulate_devices={known}")
+    return tuple(num_devices // known if s == -1 else s for s in sizes)
+
+
+def _mesh_fix(sizes: list[int], num_devices: int) -> str:
+    """The change of one axis that makes `sizes` fit `num_devices` (data first)."""
+    free = -1 in sizes
+    for i, axis in enumerate(MESH_AXES):
+        if sizes[i] == -1:
+            continue
+        others = math.prod(s for j, s in enumerate(sizes) if j != i and s != -1)
+        if num_devices % others:
+            continue
+        room = num_devices // others
+        if not free:
+            return f"set --config.train.mesh.{axis}={room} (or -1)"
+        best = max(v for v in range(1, min(sizes[i], room) + 1) if room % v == 0)
+        return f"set --config.train.mesh.{axis}={best} (a divisor of {room})"
+    return f"set --config.train.mesh.data=-1 with fsdp x model dividing {num_devices}"
+
+
+def model_parallel(train, num_devices: int) -> int:
+    """The size of the `model` mesh axis (1 unless train.parallel is 'mesh')."""
+    if train.parallel != "mesh":
+        return 1
+    return mesh_shape(train.mesh, num_devices)[2]
 
 
 def replicas(train, num_devices: int) -> int:
@@ -121,6 +150,11 @@ def validate(config, *, num_devices: int | None = None, process_count: int | Non
         raise ConfigError("config.train.parallel='single': runs with several processes need "
                           "'pmap' or 'mesh'")
     n = replicas(train, num_devices)
+    tensor = model_parallel(train, num_devices)
+    if tensor > 1 and heads is not None and heads % tensor:
+        raise ConfigError(f"config.train.mesh.model={tensor}: must divide the {heads} heads of "
+                          f"config.model.num_heads (head parallelism splits whole heads); pick a "
+                          f"divisor of {heads}")
     batch, accum = train.global_batch_size, _get(train, "grad_accum", 1)
     if batch % (n * process_count if train.parallel == "single" else math.lcm(n, process_count)):
         raise ConfigError(f"config.train.global_batch_size={batch}: must be divisible by the "

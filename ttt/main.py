@@ -3,7 +3,7 @@ r"""Command line: train a config into a workdir (resuming if it holds checkpoint
   python -m ttt.main --config=experiments/lm.py:ttt_linear,smoke --workdir=/tmp/run \
       [--config.train.steps=10 --config.model.width=96 --config.model.mixer_kwargs.mini_batch=8]
   python -m ttt.main --config=experiments/lm.py:ttt_mlp,125m,paper --compile_only \
-      [--config.train.mesh.fsdp=1]
+      --simulate_devices=8 [--workdir=DIR] [--strict] [--config.train.mesh.model=2]
   python -m ttt.main --config=experiments/lm.py:ttt_linear,cpu --workdir=/tmp/ft \
       --config.init.from_workdir=/tmp/run      # start from another run's parameters
       (or --config.init.transformer_workdir=DIR, --config.init.official_checkpoint=FILE)
@@ -25,7 +25,11 @@ from ttt.config import with_defaults
 FLAGS = (
     cli.Flag("workdir", str, None, "checkpoints, metrics and the resolved config go here"),
     cli.Flag("compile_only", bool, False, "lower and compile the train step on abstract inputs, "
-             "print parameters, per-device memory and FLOPs, and exit (no --workdir needed)"),
+             "print the sharding report (per-device memory, collectives, XLA warnings; "
+             "DIR/compile_report.json with --workdir=DIR) and exit"),
+    cli.Flag("simulate_devices", int, 0, "run on this many CPU devices (set before JAX starts), "
+             "e.g. to compile a multi-device mesh on a laptop"),
+    cli.Flag("strict", bool, False, "with --compile_only: exit 2 if XLA printed any warning"),
     cli.Flag("distributed", bool, False, "jax.distributed.initialize() with auto-detection"),
     cli.Flag("coordinator_address", str, None, "host:port of process 0 (multi-process)"),
     cli.Flag("num_processes", int, 1, "number of processes (multi-process)"),
@@ -43,6 +47,8 @@ def _main(argv: list[str]) -> int:
     defaults = with_defaults(cli.load_config(values["config"]))
     config = cli.apply_overrides(with_defaults(defaults), overrides)
 
+    if values["simulate_devices"]:
+        simulate_devices(values["simulate_devices"])
     import jax
 
     if values["num_processes"] > 1:
@@ -53,7 +59,7 @@ def _main(argv: list[str]) -> int:
     if values["compile_only"]:
         from ttt.train.compile_only import run
 
-        run(config)
+        run(config, workdir=values["workdir"], strict=values["strict"])
         return 0
     from ttt.train import NonFiniteLossError, train_and_evaluate
 
@@ -64,6 +70,23 @@ def _main(argv: list[str]) -> int:
         print(f"error: {cli.one_line(err)}", file=sys.stderr)
         return 3
     return 143 if summary["preempted"] else 0
+
+
+def simulate_devices(n: int) -> None:
+    """Make JAX start on `n` CPU devices (before its backend initialises; a no-op if it already
+    runs on exactly those)."""
+    if n < 1:
+        raise cli.UsageError(f"--simulate_devices={n}: expected a positive number of devices")
+    import jax
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        if jax.default_backend() == "cpu" and jax.device_count() == n:
+            return
+        raise cli.UsageError(f"--simulate_devices={n}: JAX already runs on {jax.device_count()} "
+                             f"{jax.default_backend()} device(s); pass it in a fresh process")
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", n)
 
 
 def main(argv=None) -> int:

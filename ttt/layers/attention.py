@@ -5,6 +5,8 @@ the pure ops in `ttt.ops.attention`. Causal by default with a decode path; `caus
 vision (non-causal) baselines, which have no decode path.
 
 Notable choices:
+- Softmax attention runs through `ttt.ops.attention.softmax_attention`: cuDNN's fused attention on
+  a GPU in bf16, elsewhere XLA over query chunks; memory linear in the sequence length either way.
 - Softmax attention decodes with a preallocated KV cache of `cache_size` tokens (static shapes, so
   a jitted step compiles once). `prefill` refuses prompts longer than `cache_size`; a step past the
   end cannot be detected under jit (the write would be clamped), so stop generating there.
@@ -89,9 +91,11 @@ class SoftmaxAttention(nn.Module):
                 rope(q, t, self.rope_theta),
                 rope(k, t, self.rope_theta),
             )
-        q, k, v = q.astype(idt), k.astype(idt), v.astype(idt)
         if mode != "step":
+            # in the compute dtype: cuDNN's fused attention takes bf16 (the op's XLA path
+            # computes in float32 or wider whatever it is given)
             z = attn_ops.softmax_attention(q, k, v, causal=self.causal)
+            q, k, v = q.astype(idt), k.astype(idt), v.astype(idt)
             y = _out(self, z, self.use_bias)
             if mode == "call":
                 return y, {}
@@ -106,6 +110,7 @@ class SoftmaxAttention(nn.Module):
             cache["pos"] = jnp.asarray(N, jnp.int32)
             return y, {}, cache
         # one token: write k, v at pos, attend to positions <= pos
+        q, k, v = q.astype(idt), k.astype(idt), v.astype(idt)
         pos = cache["pos"]
         K = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), pos, axis=2)
         V = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), pos, axis=2)

@@ -11,6 +11,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -44,16 +45,44 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+# Mesh axes of the activations (ttt.train.parallel): the batch is split over data x fsdp, heads
+# (and a head-major feature axis) over model.
+BATCH = ("data", "fsdp")
+HEADS = "model"
+
+
+def shard(x, *spec):
+    """`x` constrained to `spec` (one entry per axis: None, a mesh axis or a tuple of them) on the
+    mesh set by `jax.set_mesh`; the identity when no mesh is set (one device, pmap, decoding).
+
+    A None entry keeps that axis whole. Mesh axes the current mesh lacks, has at size 1, or that
+    do not divide their array axis are left out, so one call site serves every mesh (a batch of 1
+    at init is simply not split).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or jax.sharding.AxisType.Manual in mesh.axis_types:  # no mesh; pmap
+        return x
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    out = []
+    for dim, entry in zip(x.shape, spec, strict=True):
+        names = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ())
+                      if sizes.get(a, 1) > 1)
+        fits = names and dim % math.prod(sizes[a] for a in names) == 0
+        out.append((names if len(names) > 1 else names[0]) if fits else None)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*out))
+
+
 def split_heads(x, num_heads: int):
-    """(B, N, C) -> (B, H, N, d), heads taken head-major from the C axis."""
+    """(B, N, C) -> (B, H, N, d), heads taken head-major from the C axis (heads over `model`)."""
     B, N, C = x.shape
-    return x.reshape(B, N, num_heads, C // num_heads).transpose(0, 2, 1, 3)  # (B, H, N, d)
+    x = x.reshape(B, N, num_heads, C // num_heads).transpose(0, 2, 1, 3)  # (B, H, N, d)
+    return shard(x, BATCH, HEADS, None, None)
 
 
 def merge_heads(x):
-    """(B, H, N, d) -> (B, N, H·d)."""
+    """(B, H, N, d) -> (B, N, H·d), the feature axis head-major (split over `model`)."""
     B, H, N, d = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(B, N, H * d)  # (B, N, C)
+    return shard(x.transpose(0, 2, 1, 3).reshape(B, N, H * d), BATCH, None, HEADS)  # (B, N, C)
 
 
 class CausalConv(nn.Module):

@@ -133,6 +133,20 @@ def build_model(model_config) -> nn.Module:
                patch_size=patch_size, **common)
 
 
+def without_diagnostics(model: nn.Module) -> nn.Module:
+    """`model` with its mixers' diagnostic pass off (the TTT layer's `stats`: the inner-loss
+    statistics, one extra no-grad inner pass per layer), or `model` itself when it has none or it
+    is off already. The parameter tree is the same; the trainer runs this model on the steps
+    that do not log diagnostics (`train.diag_every`)."""
+    mixer = getattr(model, "mixer", None)
+    if mixer not in layers.MIXERS or "stats" not in layers.accepted_kwargs(mixer):
+        return model
+    kwargs = dict(model.mixer_kwargs)
+    if not layers.MIXERS[mixer].attrs(**kwargs)["stats"]:
+        return model
+    return model.clone(mixer_kwargs=_frozen_kwargs({**kwargs, "stats": False}))
+
+
 def param_count(variables) -> int:
     """Number of scalars in `variables["params"]` (or in the whole tree if it has no "params").
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ttt import layers
-from ttt.layers.common import CausalConv
+from ttt.layers.common import BATCH, HEADS, CausalConv, shard
 from ttt.models.stack import make_stack
 
 Array = jax.Array
@@ -125,10 +125,14 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
     def __call__(self, h: Array, ttt_lr_mult) -> tuple[Array, dict]:
+        # The residual stream is split over the batch and whole on `model` at block boundaries:
+        # the mixer and the SwiGLU each end in one reduction over `model` (ttt.train.parallel).
+        h = shard(h, BATCH, None, None)
         if self.pre_conv:
             h = h + self.conv(h)
         y, aux = self.seq_modeling_block(self.seq_norm(h), ttt_lr_mult=ttt_lr_mult)
-        return self._ffn(h + y.astype(h.dtype)), aux
+        h = shard(h + y.astype(h.dtype), BATCH, None, None)
+        return shard(self._ffn(h), BATCH, None, None), aux
 
     def prefill(self, h: Array) -> tuple[Array, tuple[dict, dict]]:
         cache = {}
@@ -196,10 +200,17 @@ class CausalLM(nn.Module):
         out = jnp.promote_types(self.dtype, jnp.float32)  # float32 (float64 in x64 runs)
         h = self.ln_f(h).astype(out)
         e = self.wte.embedding.astype(out)  # (V, C)
-        return jnp.einsum("bnc,vc->bnv", h, e)  # (B, N, V)
+        return shard(jnp.einsum("bnc,vc->bnv", h, e), BATCH, None, HEADS)  # (B, N, V), V on model
+
+    def _embed(self, input_ids: Array) -> Array:
+        """nn.Embed's lookup, with the table's vocabulary split over `model` and its width whole
+        (under FSDP the width is gathered first): a gather XLA partitions by masking and one
+        reduction over `model`, instead of replicating the table."""
+        e = shard(self.wte.embedding, HEADS, None).astype(self.dtype)  # (V, C)
+        return jnp.take(e, input_ids, axis=0)  # (B, N, C)
 
     def __call__(self, input_ids: Array, ttt_lr_mult=1.0) -> tuple[Array, dict]:
-        h, aux = self.h(self.wte(input_ids), ttt_lr_mult)
+        h, aux = self.h(self._embed(input_ids), ttt_lr_mult)
         return self._logits(h), aux
 
     def init_cache(self, batch_size: int) -> dict:
@@ -213,11 +224,11 @@ class CausalLM(nn.Module):
         new sequence, so its contents are not read.
         """
         del cache
-        h, (_, cache) = self.h.prefill(self.wte(input_ids))
+        h, (_, cache) = self.h.prefill(self._embed(input_ids))
         return self._logits(h), cache
 
     def step(self, token: Array, cache: dict) -> tuple[Array, dict]:
         """One decode step: token (B, 1) int32 -> (logits (B, 1, V), cache)."""
-        h, cache = self.h.step(self.wte(token), cache)
+        h, cache = self.h.step(self._embed(token), cache)
         return self._logits(h), cache
 

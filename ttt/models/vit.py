@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttt import layers
+from ttt.layers.common import BATCH, shard
 from ttt.models.stack import make_stack
 
 Array = jax.Array
@@ -81,9 +82,11 @@ class EncoderBlock(nn.Module):
         self.MlpBlock_0 = MlpBlock(self.mlp_dim, self.dtype, self.param_dtype)
 
     def __call__(self, x: Array, train: bool) -> tuple[Array, dict]:
+        # split over the batch, whole on `model` at block boundaries (as the LM's Block)
+        x = shard(x, BATCH, None, None)
         y, aux = self.seq_modeling_block(self.LayerNorm_0(x), train=train)
-        x = x + y.astype(x.dtype)
-        return x + self.MlpBlock_0(self.LayerNorm_1(x)), aux
+        x = shard(x + y.astype(x.dtype), BATCH, None, None)
+        return shard(x + self.MlpBlock_0(self.LayerNorm_1(x)), BATCH, None, None), aux
 
 
 class Encoder(nn.Module):

@@ -119,9 +119,14 @@ def _prepare(learner, W0, q, k, v, eta, mini_batch, fixed, remat_every, unroll):
 
 
 def _map_heads(head_fn, W0, fixed, per_sequence, xs):
-    """vmap `head_fn(W, fixed, xs)` over H (all args), then over B (xs, and W0 if per-sequence)."""
+    """vmap `head_fn(W, fixed, xs)` over H (all args), then over B (xs, fixed, and W0 if
+    per-sequence). `fixed` is broadcast over B first, so its gradient is summed over the batch
+    once after the mini-batch loop, not in every iteration (on a device mesh that sum is a
+    collective over the batch axes)."""
+    B = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    fixed = jax.tree_util.tree_map(lambda f: jnp.broadcast_to(f, (B, *jnp.shape(f))), fixed)
     over_h = jax.vmap(head_fn, in_axes=(0, 0, 0))
-    over_b = jax.vmap(over_h, in_axes=(0 if per_sequence else None, None, 0))
+    over_b = jax.vmap(over_h, in_axes=(0 if per_sequence else None, 0, 0))
     return over_b(W0, fixed, xs)
 
 

@@ -10,10 +10,28 @@ never branches on the mode:
 - `to_checkpoint(state)` / `restore_target(abstract)` / `from_checkpoint(state)`: global arrays for
   orbax, so a checkpoint written under one mode or device count restores under any other.
 
-Mesh axes are (data, fsdp, model). The batch is split over data x fsdp; parameters whose path
-matches a rule in `train.partition_rules` get that spec, otherwise matrices with at least
-`train.fsdp_min_size` elements are split over fsdp along their largest divisible axis, and the rest
-(norms, biases, the TTT inner initial state) are replicated.
+Mesh axes are (data, fsdp, model). The batch is split over data x fsdp. Every state leaf (a
+parameter and its optimizer moments alike) takes the first matching rule of
+`train.partition_rules` (the user's, a spec for the full shape, taken as written), then of
+`DEFAULT_RULES`, else fsdp along its largest divisible axis when it has at least
+`train.fsdp_min_size` elements (vectors and small matrices are replicated).
+
+`DEFAULT_RULES` is head (tensor) parallelism on `model` plus FSDP (docs/design.md §12):
+- Q/K/V (and the Mamba backbone's XQK, convolutions and gate) are column-parallel: their output
+  features, head-major, are split over `model`, so each device holds whole heads; the output
+  projection is row-parallel (its input features split), so a block ends in one reduction.
+- The per-head parameters of the TTT layer (initial inner weights, inner LayerNorm, the η gate)
+  and of MTTT are split over `model` along their head axis, never along an inner feature axis:
+  the inner loop runs per head and needs no collective. (The token offsets are one vector per
+  mini-batch position shared by the heads: replicated.)
+- The SwiGLU / MLP hidden dimension is split over `model` (w1, w3 columns, w2 rows), and so is the
+  vocabulary of the tied embedding (the logits come out split over the vocabulary).
+- The other matrix axis of each of these goes to `fsdp`.
+A default rule's spec names the trailing axes, so a scanned stack's leading layer axis stays
+whole, and a mesh axis is dropped where it has size 1 or does not divide the array's axis (a
+`model` size that does not divide the heads is refused earlier by config validation). Activation
+constraints at block boundaries (`ttt.layers.common.shard`) keep this layout inside the step;
+they apply while the placement's mesh is set (`jax.set_mesh`), i.e. inside its compiled steps.
 """
 
 from __future__ import annotations
@@ -21,6 +39,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -29,9 +48,45 @@ from jax.sharding import PartitionSpec as P
 
 from ttt.config import MESH_AXES, mesh_shape
 
-# The TTT inner model's initial state (ttt_dense_l, ttt_bias_l, the per-head ttt_norm; MTTT's W0)
-# is small and read by every token of every sequence: keep it replicated.
-DEFAULT_RULES = ((r"(^|/)(ttt_dense_\d+|ttt_bias_\d+|ttt_norm|W0|inner_[^/]*)(/|$)", ()),)
+_F, _M = "fsdp", "model"
+_MIXER = r"(^|/)seq_modeling_block/"
+# (path regex, spec of the trailing axes). Paths read like 'params/h/seq_modeling_block/wq/kernel'
+# (scanned stacks add a leading layer axis, unrolled ones an index: 'params/h/3/...'), optimizer
+# moments like 'opt_state/1/0/mu/h/...'.
+DEFAULT_RULES = (
+    # attention and TTT projections (C, C): columns = heads (head-major), rows for wo
+    (_MIXER + r"(wq|wk|wv|wg)/kernel$", (_F, _M)),
+    (_MIXER + r"(wq|wk|wv)/bias$", (_M,)),
+    (_MIXER + r"wo/kernel$", (_M, _F)),
+    # Mamba backbone: the depthwise convolutions of XQK (width, 1, C), biases (C,)
+    (_MIXER + r"conv_[qk]/kernel$", (None, None, _M)),
+    (_MIXER + r"conv_[qk]/bias$", (_M,)),
+    # TTT per-head parameters: W0 kernels (H, d_in, d_out) and biases (H, d_out), the inner LN
+    # (H, d), the η gate
+    (_MIXER + r"ttt_dense_\d+$", (_M, None, None)),
+    (_MIXER + r"ttt_bias_\d+$", (_M, None)),
+    (_MIXER + r"ttt_norm/(scale|bias)$", (_M, None)),
+    (_MIXER + r"learnable_ttt_lr/kernel$", (_M, _F, None)),
+    (_MIXER + r"learnable_ttt_lr/bias$", (_M, None)),
+    (_MIXER + r"learnable_token_idx$", ()),
+    # MTTT per-head parameters: φ, ψ (H, C, d), biases (H, d), g, h (H, d, C), W0, decoder LN
+    (_MIXER + r"(psi|phi)/kernel$", (_M, _F, None)),
+    (_MIXER + r"(psi|phi)/bias$", (_M, None)),
+    (_MIXER + r"(g|h)/kernel$", (_M, None, _F)),
+    (r"(^|/)inner_Dense_\d+/kernel$", (_M, None, None)),
+    (r"(^|/)inner_Dense_\d+/bias$", (_M, None)),
+    (_MIXER + r"decoder_LN/(scale|bias)$", (_M, None)),
+    # feed-forward: hidden dimension over model
+    (r"(^|/)feed_forward/(w1|w3)/kernel$", (_F, _M)),
+    (r"(^|/)feed_forward/w2/kernel$", (_M, _F)),
+    (r"(^|/)MlpBlock_0/Dense_0/kernel$", (_F, _M)),
+    (r"(^|/)MlpBlock_0/Dense_0/bias$", (_M,)),
+    (r"(^|/)MlpBlock_0/Dense_1/kernel$", (_M, _F)),
+    # tied embedding (V, C): vocabulary over model
+    (r"(^|/)wte/embedding$", (_M, _F)),
+)
+# What the rules above do not catch of the inner state (another rank) stays replicated.
+_INNER_STATE = (r"(^|/)(ttt_dense_\d+|ttt_bias_\d+|ttt_norm|W0|inner_[^/]*)(/|$)", ())
 
 
 def path_str(path) -> str:
@@ -39,17 +94,42 @@ def path_str(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def partition_spec(path: str, shape, fsdp: int, rules=DEFAULT_RULES, min_size: int = 0) -> P:
-    """PartitionSpec for one array: the first matching rule, else fsdp on the largest axis."""
+def _fit(shape, trailing, sizes: Mapping[str, int], min_size: int) -> P | None:
+    """A default rule's trailing spec on `shape`: None if the ranks do not fit; mesh axes of size 1
+    or not dividing their array axis are dropped, and fsdp is dropped below `min_size`."""
+    if len(trailing) > len(shape):
+        return None
+    spec = [None] * (len(shape) - len(trailing)) + list(trailing)
+    small = math.prod(shape) < min_size
+    out = []
+    for dim, axis in zip(shape, spec, strict=True):
+        n = sizes.get(axis, 1) if axis else 1
+        keep = axis is not None and n > 1 and dim % n == 0 and not (axis == _F and small)
+        out.append(axis if keep else None)
+    return P(*out) if any(out) else P()
+
+
+def partition_spec(path: str, shape, mesh: int | Mapping[str, int] = 1, rules=(),
+                   min_size: int = 0) -> P:
+    """PartitionSpec for one state leaf on a mesh of `mesh` axis sizes ({"fsdp": 8, "model": 2};
+    an int is the fsdp size alone): the first matching user rule as written, else the first
+    fitting `DEFAULT_RULES` entry, else fsdp on the largest divisible axis."""
+    sizes = {_F: mesh} if isinstance(mesh, int) else dict(mesh)
     for pattern, spec in rules:
         if re.search(pattern, path):
             return P(*spec)
+    for pattern, trailing in (*DEFAULT_RULES, _INNER_STATE):
+        if re.search(pattern, path):
+            spec = _fit(shape, trailing, sizes, min_size)
+            if spec is not None:
+                return spec
+    fsdp = sizes.get(_F, 1)
     if fsdp == 1 or len(shape) < 2 or math.prod(shape) < min_size:
         return P()
     for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
         if shape[axis] % fsdp == 0:
             spec = [None] * len(shape)
-            spec[axis] = "fsdp"
+            spec[axis] = _F
             return P(*spec)
     return P()
 
@@ -165,6 +245,22 @@ class PmapPlacement:
         return state.step[0]
 
 
+class _InMesh:
+    """A jitted function traced with `mesh` set (`jax.set_mesh`), so the models' activation
+    constraints (`ttt.layers.common.shard`) see the mesh axes; calls and `.lower` alike."""
+
+    def __init__(self, fn, mesh):
+        self.fn, self.mesh = fn, mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.fn(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.fn.lower(*args)
+
+
 class MeshPlacement(_JitPlacement):
     """`jit` over a (data, fsdp, model) mesh with `NamedSharding`s; works across processes."""
 
@@ -174,8 +270,8 @@ class MeshPlacement(_JitPlacement):
         sizes = mesh_shape(config.train.mesh, jax.device_count())
         self.mesh = jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
         self.num_replicas = sizes[0] * sizes[1]
-        self.rules = tuple((r, tuple(s)) for r, s in config.train.get("partition_rules",
-                                                                        DEFAULT_RULES))
+        # the user's rules come first; DEFAULT_RULES always apply after them
+        self.rules = tuple((r, tuple(s)) for r, s in config.train.get("partition_rules", ()))
         self.min_size = int(config.train.get("fsdp_min_size", 2**14))
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
@@ -183,14 +279,14 @@ class MeshPlacement(_JitPlacement):
 
     def state_shardings(self, abstract):
         """NamedSharding for every leaf of an abstract state (same rule for params and moments)."""
-        fsdp = self.mesh.shape["fsdp"]
+        sizes = dict(self.mesh.shape)
         return jax.tree_util.tree_map_with_path(
             lambda p, a: NamedSharding(self.mesh, partition_spec(
-                path_str(p), a.shape, fsdp, self.rules, self.min_size)), abstract)
+                path_str(p), a.shape, sizes, self.rules, self.min_size)), abstract)
 
     def place_state(self, create_fn, *args):
         self.state_sharding = self.state_shardings(jax.eval_shape(create_fn, *args))
-        return jax.jit(create_fn, out_shardings=self.state_sharding)(*args)
+        return _InMesh(jax.jit(create_fn, out_shardings=self.state_sharding), self.mesh)(*args)
 
     def place_batch(self, batch):
         return jax.tree.map(
@@ -198,10 +294,11 @@ class MeshPlacement(_JitPlacement):
 
     def compile_train(self, step):
         # The state keeps the layout it was placed with (by place_state or restore_target).
-        return jax.jit(step, donate_argnums=0, out_shardings=(self.state_sharding, self.replicated))
+        return _InMesh(jax.jit(step, donate_argnums=0,
+                               out_shardings=(self.state_sharding, self.replicated)), self.mesh)
 
     def compile_eval(self, step):
-        return jax.jit(step, out_shardings=self.replicated)
+        return _InMesh(jax.jit(step, out_shardings=self.replicated), self.mesh)
 
     def restore_target(self, abstract):
         self.state_sharding = self.state_shardings(abstract)

@@ -7,11 +7,14 @@ anything in it is touched (one line naming the differing keys). A new run starts
 initialisation or from `config.init` (another run's parameters, a trained Transformer, an official
 checkpoint: `ttt.train.init`). `train.stop_at` ends this invocation early (with a checkpoint)
 without changing the learning-rate schedule of `train.steps`, for jobs that run in time slices.
-SIGTERM (preemption) saves a checkpoint and returns; a non-finite loss raises
+SIGTERM (preemption) saves a checkpoint and returns (with several processes, at a step they all
+agree on, whichever of them got the signal); a non-finite loss raises
 `NonFiniteLossError` without saving, so the last good checkpoint stays the newest. The console
 (the "ttt" logger) opens with the workdir, parameter count, data, devices and the settings changed
 from the config file, then shows eval results, checkpoint saves and a final summary; throughput
-leaves out compilation (timed on its own), evaluation and checkpointing.
+leaves out compilation (timed on its own), evaluation and checkpointing. Only the steps that log
+diagnostics (`train.diag_every`) run the model's diagnostic pass (the TTT inner-loss statistics);
+the others, and evaluation, run it without (`Setup.train_step` vs `Setup.diag_step`).
 
 The pieces are separate functions so a compile-only tool can reuse them: `build_setup` (config ->
 model, optimizer, placement, pure state constructor), `abstract_state` (`jax.eval_shape`) and
@@ -69,8 +72,9 @@ class Setup:
     tx: Any
     placement: Any
     create_state: Callable[..., steps.TrainState]  # pure; run under jit by the placement
-    train_step: Callable  # partial of steps.train_step
+    train_step: Callable  # partial of steps.train_step: the default step, no diagnostics pass
     eval_step: Callable  # partial of steps.eval_step
+    diag_step: Callable | None  # the step that also computes the diagnostics (None: the same)
     ttt_lr_fn: Callable
     dummy_batch: dict  # one global batch of zeros with the real shapes and dtypes
     items_per_step: int
@@ -128,6 +132,11 @@ def build_setup(config, meta: dict, build_model) -> Setup:
     total = int(config.train.steps)
     model = build_model(config.model)
     task = steps.make_task(config, model)
+    # The diagnostics (the TTT layer's inner-loss statistics) cost an extra inner pass: they run
+    # only on the steps that log them; every other step and evaluation run the plain model.
+    from ttt.models import without_diagnostics
+
+    diag_task, task = task, task._replace(model=without_diagnostics(model))
     tx = optim_lib.make_optimizer(config.optim, total)
     lr_fn = optim_lib.lr_schedule(config.optim, total)
     ttt_lr_fn = optim_lib.ttt_lr_mult_schedule(config.optim)
@@ -142,13 +151,14 @@ def build_setup(config, meta: dict, build_model) -> Setup:
                                 opt_state=tx.init(params), rng=step_rng)
 
     lm = config.model.kind == "lm"
+    step = functools.partial(steps.train_step, tx=tx, lr_fn=lr_fn, ttt_lr_fn=ttt_lr_fn,
+                             grad_accum=int(config.train.get("grad_accum", 1)))
     return Setup(
         config=config, task=task, tx=tx, placement=parallel.make_placement(config),
-        create_state=create_state,
-        train_step=functools.partial(steps.train_step, task=task, tx=tx, lr_fn=lr_fn,
-                                     ttt_lr_fn=ttt_lr_fn,
-                                     grad_accum=int(config.train.get("grad_accum", 1))),
+        create_state=create_state, train_step=functools.partial(step, task=task),
         eval_step=functools.partial(steps.eval_step, task=task),
+        diag_step=(None if diag_task.model is task.model
+                   else functools.partial(step, task=diag_task)),
         ttt_lr_fn=ttt_lr_fn, dummy_batch=batch,
         items_per_step=config.train.global_batch_size * (meta["seq_len"] if lm else 1),
         unit="tokens" if lm else "images")
@@ -190,17 +200,45 @@ def evaluate(setup: Setup, p_eval, state, dataset, num_steps: int) -> dict:
 
 
 class _Preemption:
-    """Remembers a SIGTERM so the loop can checkpoint before exiting."""
+    """SIGTERM (preemption) -> a checkpoint at a step every process agrees on, then exit.
+
+    One process: a Python SIGTERM handler sets a flag that the loop reads after each step.
+    Several processes (`jax.distributed`): JAX's preemption sync manager catches SIGTERM on any of
+    them and tells the others through the coordination service; `reached_preemption_sync_point`
+    then turns True at the same step on every process (the next step after the largest step any
+    of them had reached), so all save that step together (orbax's save is collective) and exit.
+    Without the sync manager (`jax_enable_preemption_service` off) the processes' flags are
+    combined after every step instead (one all-gather of a flag).
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        try:
+            from jax._src import distributed
+
+            manager = distributed.global_state.preemption_sync_manager
+        except (ImportError, AttributeError):  # pragma: no cover - another JAX layout
+            manager = None
+        self._sync = jax.process_count() > 1 and manager is not None
+        # with the sync manager, its own SIGTERM handler must stay in place
+        if not self._sync and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         del signum, frame
         self.requested = True
+
+    def stop_at(self, step: int) -> bool:
+        """Whether every process saves `step` and stops (call after every step, on all)."""
+        from jax.experimental import multihost_utils
+
+        if self._sync:
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        elif jax.process_count() > 1:
+            flags = multihost_utils.process_allgather(np.int32(self.requested))
+            self.requested = bool(np.any(flags))
+        return self.requested
 
     def close(self):
         if self._previous is not None:
@@ -463,6 +501,26 @@ def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=N
             result["loss"], extra, result["accuracy"], f"{int(result['count']):,}", setup.unit,
             time.perf_counter() - t, ", compilation included" if first else "")
 
+    compiled = {}  # diagnostics on? -> the compiled train step
+
+    def compiled_step(diag: bool, batch):
+        """The compiled step for this step (compiled on first use, outside the throughput)."""
+        fn = setup.diag_step if diag and setup.diag_step is not None else setup.train_step
+        if fn not in compiled:
+            t = time.perf_counter()
+            compiled[fn] = placement.compile_train(fn).lower(state, batch).compile()
+            seconds = time.perf_counter() - t
+            summary["compile_s"] += seconds
+            if progress is not None:
+                progress.exclude(seconds)
+            say("compiled the train step in %.1f s%s", seconds,
+                " (with the diagnostics pass)" if fn is setup.diag_step else "")
+        return compiled[fn]
+
+    def logs_diagnostics(done: int) -> bool:
+        return (done % log_every == 0 or done == total) and (done % diag_every == 0 or
+                                                             done == total)
+
     try:
         with _redirect_console():
             if start < total:
@@ -470,23 +528,21 @@ def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=N
                 # and the throughput counts training only.
                 batch = placement.place_batch(next(data_iter))
                 say("compiling the train step ...")
-                t = time.perf_counter()
-                p_train = placement.compile_train(setup.train_step).lower(state, batch).compile()
-                summary["compile_s"] = time.perf_counter() - t
-                say("compiled the train step in %.1f s", summary["compile_s"])
+                compiled_step(logs_diagnostics(start + 1), batch)
                 progress = metrics_lib.Progress(
                     total, start, setup.unit, enabled=pid == 0 and train_cfg.get("progress", True))
             for step in range(start, total):
                 if step > start:
                     batch = placement.place_batch(next(data_iter))
-                state, metrics = p_train(state, batch)
-                unchecked.append(metrics["loss"])
                 done = step + 1
+                diag = logs_diagnostics(done)
+                state, metrics = compiled_step(diag, batch)(state, batch)
+                unchecked.append(metrics["loss"])
                 if done % log_every == 0 or done == total:
                     host = placement.host_metrics(metrics)
                     _check_finite(unchecked, first_unchecked, last_good, workdir)
                     unchecked, first_unchecked = [], done
-                    if done % diag_every and done != total:
+                    if not diag:
                         host.pop("aux")
                     rate = progress.update(done, host["loss"], setup.items_per_step)
                     logged = {**host, f"{setup.unit}_per_s": rate}
@@ -498,9 +554,9 @@ def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=N
                 if done == stop_at:  # a time-sliced job: same schedule, continued by the next call
                     save(done)
                     break
-                if preemption.requested:
-                    log.warning("SIGTERM received: saving a checkpoint at step %d and exiting",
-                                done)
+                if preemption.stop_at(done):
+                    log.warning("preemption (SIGTERM): saving a checkpoint at step %d and "
+                                "exiting", done)
                     save(done)
                     summary["preempted"] = True
                     break
