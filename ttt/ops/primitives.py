@@ -47,9 +47,10 @@ def layer_norm_stats(x, eps: float):
     """x (..., d) -> (x̂ = (x − μ)ρ (..., d), ρ = (var + eps)^−½ (...,)), var = E[x²] − E[x]²."""
     d = x.shape[-1]
     mean = jnp.mean(x, axis=-1)  # (...,)
-    var = jnp.maximum(_rowdot(x, x) / d - mean * mean, 0.0)
+    xc = x - mean[..., None]
+    var = _rowdot(xc, xc) / d
     rho = jax.lax.rsqrt(var + eps)
-    return _rows(x - mean[..., None], rho), rho
+    return _rows(xc, rho), rho
 
 
 def layer_norm_backward(dxhat, xhat, rho):

@@ -31,10 +31,17 @@ import jax
 import jax.numpy as jnp
 
 from ttt.ops import _dual, checks
-from ttt.ops._scan import eta_matrix, from_minibatches, scan_minibatches, to_minibatches
+from ttt.ops._scan import (
+    eta_matrix,
+    from_minibatches,
+    scan_groups,
+    scan_minibatches,
+    to_minibatches,
+)
 from ttt.ops.learners import Learner, reconstruction_loss
 
 FORMS = ("auto", "dual", "primal")
+DUAL_GROUP = 4  # mini-batches per checkpointed group of the dual form (docs/benchmarks.md)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -177,60 +184,43 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
         W_l ← W_l − X_l^kᵀ (η_last ⊙ G_l),   b_l ← b_l − Σ_j η_last,j G_l,j.
     Shapes as ttt_primal. Raises ValueError for a learner without `dense`.
 
-    Layout for speed (the scan over mini-batches is sequential, so its body is kept small):
-    layer 1's inputs are q and k themselves, so its b×b matrix A_1 = η ⊙ (tril(X_qX_kᵀ) + 1_bias)
-    needs no state and is formed for all mini-batches at once, outside the scan; inside, keys and
-    queries go through W_1 as one (2b, d) matmul, and the bias term joins A_1 G_1 in one matmul.
+    Layout for speed (docs/design.md §4.3; the scan over mini-batches is sequential, so only what
+    needs the state runs inside it): the scan (`_dual.state_scan`) runs the keys' side alone —
+    G_l, X_l^k and the state update, two small matmuls per layer — and stacks the state at the
+    start of every mini-batch; the queries' side (`_dual.query_side`: X_l^q W_l, the b×b matrices,
+    `post`) then runs for all mini-batches at once as batched matmuls. The scan's backward is
+    written out (a reverse scan linearised at the stacked states), so nothing is recomputed.
     """
     per_sequence, (q_m, k_m, v_m, eta_m) = _prepare(
         learner, W0, q, k, v, eta, mini_batch, fixed, remat_every, unroll
     )
     _check_dual(learner, W0)
-    dense = learner.dense
-    act = learner.activation if learner.activation is not None else (lambda x: x)
-    b = mini_batch
-    w1, b1 = dense[0]
-    # (B, H, M, b, d) x (B, H, M, b, d) -> (B, H, M, b, b); η is already causally masked
-    A1 = eta_m * jnp.einsum("...id,...jd->...ij", q_m, k_m)
-    if b1 is not None:
-        A1 = A1 + eta_m  # the bias's gradient enters every row with weight η_ij
-    kq = jnp.concatenate([k_m, q_m], axis=-2)  # (B, H, M, 2b, d_in): keys then queries
-
-    def head(W0_h, fixed_h, xs_h):
-        def step(W, x):
-            kq_m, v_in, eta_mb, A1_m = x  # (2b, d_in), (b, d_out), (b, b), (b, b)
-            k_in, q_in = kq_m[:b], kq_m[b:]
-            Z1 = kq_m @ W[w1]  # (2b, d_in) @ (d_in, d_1) -> (2b, d_1)
-            if b1 is not None:
-                Z1 = Z1 + W[b1]
-            G, Xk = _dual.key_gradients(learner, W, fixed_h, k_in, v_in, Z1[:b])
-            Xk = [k_in, *Xk]
-            eta_last = eta_mb[-1]  # (b,): the row that carries the state
-            W_next = dict(W)
-            Z = Z1[b:] - A1_m @ G[0]  # (b, b) @ (b, d_1) -> (b, d_1)
-            for l, (w_name, b_name) in enumerate(dense):
-                if l > 0:
-                    X = act(Z)  # (b, d_l): layer l's input at the answer states
-                    # η_ij X_l(q_i)·X_l(k_j): (b, d_l) @ (d_l, b) -> (b, b)
-                    A = eta_mb * (X @ Xk[l].T)
-                    if b_name is not None:
-                        A = A + eta_mb
-                    Z = X @ W[w_name] - A @ G[l]  # (b, b) @ (b, d_{l+1}) -> (b, d_{l+1})
-                    if b_name is not None:
-                        Z = Z + W[b_name]
-                # (b, d_l)ᵀ @ (b, d_{l+1}) -> (d_l, d_{l+1})
-                W_next[w_name] = W[w_name] - Xk[l].T @ jnp.einsum("b,bd->bd", eta_last, G[l])
-                if b_name is not None:
-                    W_next[b_name] = W[b_name] - eta_last @ G[l]  # (b,) @ (b, d_{l+1})
-            z = learner.post(q_in, Z, fixed_h) if learner.post is not None else Z
-            return _cast_like(W_next, W), z
-
-        # recompute the step in the backward from the carried W (see module docstring)
-        step_remat = jax.checkpoint(step, prevent_cse=False)
-        return scan_minibatches(step_remat, W0_h, xs_h, remat_every, unroll)
-
-    W_N, z = _map_heads(head, W0, fixed, per_sequence, (kq, v_m, eta_m, A1))  # z (B, H, M, b, ·)
+    B = q.shape[0]
+    if not per_sequence:  # (H, ...) -> (B, H, ...): every sequence carries its own state
+        W0 = jax.tree_util.tree_map(lambda w: jnp.broadcast_to(w, (B, *w.shape)), W0)
+    major = lambda x: jnp.moveaxis(x, 2, 0)  # (B, H, M, ...) -> (M, B, H, ...): scan order
+    xs = tuple(map(major, (q_m, k_m, v_m, eta_m)))
+    run = functools.partial(_dual_minibatches, learner, fixed, unroll)
+    W_N, z = scan_groups(run, W0, xs, remat_every or DUAL_GROUP)
+    z = jnp.moveaxis(z, 0, 2)  # (M, B, H, b, d_out) -> (B, H, M, b, d_out)
     return from_minibatches(z, q.shape[2]), W_N
+
+
+def _dual_minibatches(learner, fixed, unroll, W0, xs):
+    """The dual form over mini-batch-major inputs (M, B, H, ...) from W0 (B, H, ...) -> (W_N, z)."""
+    q_t, k_t, v_t, eta_t = xs  # (M, B, H, b, d_in) ×2, (M, B, H, b, d_out), (M, B, H, b, b)
+    e = eta_t[..., -1, :]  # (M, B, H, b): the η row that carries the state
+    Ws, W_N, G, Xk = _dual.state_scan(learner, unroll, W0, fixed, k_t, v_t, e)
+    # layer 1's b×b matrix needs no state: (M, B, H, b, d) x (M, B, H, b, d) -> (M, B, H, b, b)
+    A1 = eta_t * jnp.einsum("...id,...jd->...ij", q_t, k_t)
+    if learner.dense[0][1] is not None:
+        A1 = A1 + eta_t  # the bias's gradient enters every row with weight η_ij
+    answer = lambda W, f, q_, eta_, A_, G_, X_: _dual.query_side(learner, W, f, q_, eta_, A_, G_,
+                                                                 X_)
+    over_h = jax.vmap(answer, in_axes=(0, 0, 0, 0, 0, 0, 0))
+    over_bh = jax.vmap(over_h, in_axes=(0, None, 0, 0, 0, 0, 0))
+    over_all = jax.vmap(over_bh, in_axes=(0, None, 0, 0, 0, 0, 0))  # over M
+    return W_N, over_all(Ws, fixed, q_t, eta_t, A1, G, Xk)
 
 
 # ----------------------------------------------------------------------------- reference and API
