@@ -38,9 +38,12 @@ from ttt.ops._scan import (
     scan_minibatches,
     to_minibatches,
 )
+from ttt.ops.kernels.ttt_dual import ttt_dual_pallas
+from ttt.ops.kernels.ttt_dual import unsupported as kernel_unsupported
 from ttt.ops.learners import Learner, reconstruction_loss
 
 FORMS = ("auto", "dual", "primal")
+KERNELS = ("auto", "xla", "pallas")
 DUAL_GROUP = 4  # mini-batches per checkpointed group of the dual form (docs/benchmarks.md)
 
 
@@ -175,7 +178,8 @@ def ttt_primal(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ev
 # ----------------------------------------------------------------------------- dual form
 
 
-def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, unroll=1):
+def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, unroll=1,
+             kernel="auto"):
     """Causal mini-batch TTT in the dual form (TTT-LM §2.7); same contract and results as primal.
 
     For a dense chain Z_l = X_l W_l + b_l (activation between layers, optional `post` after), per
@@ -183,6 +187,10 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
         Z_l(q) = X_l^q W_l + b_l − (η ⊙ tril(X_l^q X_l^kᵀ)) G_l − tril(η) G_l
         W_l ← W_l − X_l^kᵀ (η_last ⊙ G_l),   b_l ← b_l − Σ_j η_last,j G_l,j.
     Shapes as ttt_primal. Raises ValueError for a learner without `dense`.
+
+    kernel: "xla" | "pallas" | "auto". "pallas" runs the fused kernel of `ttt.ops.kernels.ttt_dual`
+    (compiled on a GPU, interpreted on a CPU; it keeps its own state checkpoints, so remat_every and
+    unroll do not apply); "auto" picks it on a GPU when it supports the shape, else XLA.
 
     Layout for speed (docs/design.md §4.3; the scan over mini-batches is sequential, so only what
     needs the state runs inside it): the scan (`_dual.state_scan`) runs the keys' side alone —
@@ -195,15 +203,28 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
         learner, W0, q, k, v, eta, mini_batch, fixed, remat_every, unroll
     )
     _check_dual(learner, W0)
+    checks.check_choice("kernel", kernel, KERNELS)
     B = q.shape[0]
     if not per_sequence:  # (H, ...) -> (B, H, ...): every sequence carries its own state
         W0 = jax.tree_util.tree_map(lambda w: jnp.broadcast_to(w, (B, *w.shape)), W0)
+    if _pallas(kernel, learner, W0, q, v, mini_batch):
+        return ttt_dual_pallas(learner, W0, fixed, q, k, v, eta_m)
     major = lambda x: jnp.moveaxis(x, 2, 0)  # (B, H, M, ...) -> (M, B, H, ...): scan order
     xs = tuple(map(major, (q_m, k_m, v_m, eta_m)))
     run = functools.partial(_dual_minibatches, learner, fixed, unroll)
     W_N, z = scan_groups(run, W0, xs, remat_every or DUAL_GROUP)
     z = jnp.moveaxis(z, 0, 2)  # (M, B, H, b, d_out) -> (B, H, M, b, d_out)
     return from_minibatches(z, q.shape[2]), W_N
+
+
+def _pallas(kernel, learner, W0, q, v, mini_batch) -> bool:
+    """Whether `kernel` selects the fused kernel for this case (ValueError if "pallas" cannot)."""
+    if kernel == "xla":
+        return False
+    reason = kernel_unsupported(learner, W0, q.shape[-1], v.shape[-1], mini_batch, q.dtype)
+    if kernel == "pallas" and reason is not None:
+        raise ValueError(f"kernel='pallas': {reason}; use kernel='xla' or 'auto'")
+    return reason is None and (kernel == "pallas" or jax.default_backend() == "gpu")
 
 
 def _dual_minibatches(learner, fixed, unroll, W0, xs):
@@ -272,17 +293,20 @@ def ttt_naive(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None):
 
 
 def ttt(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, unroll=1,
-        form="auto"):
+        form="auto", kernel="auto"):
     """Causal mini-batch TTT; form "auto" runs the dual form when the learner has a dense chain.
 
-    form: "auto" | "dual" | "primal". Shapes and results as ttt_primal.
+    form: "auto" | "dual" | "primal"; kernel: the dual form's "auto" | "xla" | "pallas" (see
+    ttt_dual; the primal form is XLA only). Shapes and results as ttt_primal.
     """
     checks.check_choice("form", form, FORMS)
+    checks.check_choice("kernel", kernel, KERNELS)
     if form == "auto":
         form = "dual" if getattr(learner, "dense", None) is not None else "primal"
-    fn = ttt_dual if form == "dual" else ttt_primal
     kwargs = dict(mini_batch=mini_batch, fixed=fixed, remat_every=remat_every, unroll=unroll)
-    return fn(learner, W0, q, k, v, eta, **kwargs)
+    if form == "dual":
+        return ttt_dual(learner, W0, q, k, v, eta, kernel=kernel, **kwargs)
+    return ttt_primal(learner, W0, q, k, v, eta, **kwargs)
 
 
 def ttt_decode_step(learner, W_start, G_acc, q_t, k_t, v_t, a_t, c_t, *, fixed=None):

@@ -96,21 +96,21 @@ def eta_rows(a, c, b: int):
 
 
 def forward(learner, W0, q, k, v, a, c, *, mini_batch: int, fixed=None, form="auto",
-            remat_every=0, unroll=1):
+            remat_every=0, unroll=1, kernel="auto"):
     """Training forward: z (B, H, N, d_out) and the state W_N after the last token.
 
     q, k (B, H, N, d_in); v (B, H, N, d_out); a (B, H, N) gates; c (N,) per-token coefficients
     (c at each token's position in its mini-batch); W0 leading H or (B, H); fixed leading H.
-    mini_batch: b, or 0 for one mini-batch spanning the sequence. form, remat_every, unroll: as
-    `ttt.ops.ttt.ttt`.
+    mini_batch: b, or 0 for one mini-batch spanning the sequence. form, remat_every, unroll,
+    kernel: as `ttt.ops.ttt.ttt`.
     """
     b = mini_batch or q.shape[2]
     return ttt(learner, W0, q, k, v, eta_rows(a, c, b), mini_batch=b, fixed=fixed,
-               remat_every=remat_every, unroll=unroll, form=form)
+               remat_every=remat_every, unroll=unroll, form=form, kernel=kernel)
 
 
 def prefill(learner, W0, q, k, v, a, c, *, mini_batch: int, fixed=None, form="auto",
-            remat_every=0, unroll=1):
+            remat_every=0, unroll=1, kernel="auto"):
     """Read a prompt from the start: z (B, H, N, d_out) and the TTTState after its N tokens.
 
     Whole mini-batches run through `forward`; the remaining N mod b tokens (all N when
@@ -124,7 +124,7 @@ def prefill(learner, W0, q, k, v, a, c, *, mini_batch: int, fixed=None, form="au
         head = lambda x: x[..., :n_full, :] if x.ndim == 4 else x[..., :n_full]
         z, W = forward(learner, W0, head(q), head(k), head(v), head(a), c[:n_full],
                        mini_batch=mini_batch, fixed=fixed, form=form, remat_every=remat_every,
-                       unroll=unroll)
+                       unroll=unroll, kernel=kernel)
         zs.append(z)
         state = TTTState(W, jax.tree_util.tree_map(jnp.zeros_like, W), jnp.asarray(n_full,
                                                                                   jnp.int32))
