@@ -181,8 +181,7 @@ class TTTMixer(nn.Module):
         v = dense("wv")
         q, k, v = (common.split_heads(y, H) for y in (q, k, v))
         N = x.shape[1]
-        t = pos0 + jnp.arange(N)  # (N,) absolute positions
-        i = t % self.mini_batch if self.mini_batch > 0 else t  # position inside the mini-batch
+        i = ttt_state.positions(pos0, N, self.mini_batch)  # (N,) inside the mini-batch
         if self.rope:
             q, k = rope(q, i, self.rope_theta), rope(k, i, self.rope_theta)
         mult = jnp.asarray(ttt_lr_mult, idt)

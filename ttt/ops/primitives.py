@@ -22,6 +22,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _sum_to(x, shape):
@@ -151,15 +152,22 @@ def rope(x, positions, theta: float = 10000.0):
     x: (..., N, d) with d even; positions: (N,) integers (any offsets, e.g. t mod b) -> same shape.
     Pair i of token t is rotated by the angle positions[t] · θ^(−2i/d):
         (x_2i, x_2i+1) -> (x_2i cos − x_2i+1 sin, x_2i sin + x_2i+1 cos).
-    The (N, d/2) cos/sin tables are computed once behind an optimization barrier (otherwise XLA
-    fuses the transcendentals into the per-head product and recomputes them H times), and the
-    rotation is two products with the pair-swapped x, with no stacking of the halves.
+    The (N, d/2) cos/sin tables are constants when the positions are known at trace time (a
+    training step), else computed once behind an optimization barrier: XLA otherwise fuses the
+    transcendentals into every consumer (the per-head product and, in the backward, each fused
+    transpose) and recomputes them per element. The rotation is two products with the
+    pair-swapped x, with no stacking of the halves.
     """
     d = x.shape[-1]
     dtype = jnp.promote_types(x.dtype, jnp.float32)
-    freqs = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=dtype) / d))  # (d/2,)
-    angle = jnp.asarray(positions, dtype)[:, None] * freqs[None, :]  # (N, d/2)
-    cos, sin = jax.lax.optimization_barrier((jnp.cos(angle), jnp.sin(angle)))
+    if not isinstance(positions, jax.core.Tracer):  # static positions: tables as constants
+        freqs = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))  # (d/2,)
+        angle = np.asarray(positions, np.float64)[:, None] * freqs[None, :]  # (N, d/2)
+        cos, sin = jnp.asarray(np.cos(angle), dtype), jnp.asarray(np.sin(angle), dtype)
+    else:
+        freqs = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=dtype) / d))  # (d/2,)
+        angle = jnp.asarray(positions, dtype)[:, None] * freqs[None, :]  # (N, d/2)
+        cos, sin = jax.lax.optimization_barrier((jnp.cos(angle), jnp.sin(angle)))
     pairs = lambda t: jnp.repeat(t, 2, axis=-1)  # (N, d/2) -> (N, d): both members of a pair
     sign = jnp.tile(jnp.asarray([-1.0, 1.0], dtype), d // 2)  # (d,): −sin on x_2i, +sin on x_2i+1
     xf = x.astype(dtype)

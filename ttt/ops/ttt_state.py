@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ttt.ops import checks
 from ttt.ops._scan import num_minibatches
@@ -62,6 +63,17 @@ def lr_gate(x, kernel, bias, dtype=None):
     dtype = dtype or jnp.promote_types(x.dtype, jnp.float32)
     logits = jnp.einsum("bnc,hc->bhn", x, kernel.astype(x.dtype))  # (B, H, N)
     return jax.nn.sigmoid(logits.astype(dtype) + bias.astype(dtype)[None, :, None])
+
+
+def positions(pos0, n: int, mini_batch: int):
+    """Positions inside the mini-batch of tokens pos0 … pos0 + n − 1 (absolute for mini_batch 0).
+
+    With a Python int pos0 (a training step or prefill) the result is a numpy array, so the RoPE
+    tables and η coefficients built from it are constants of the compiled program rather than
+    per-element recomputations; a traced pos0 (decoding) gives a traced array.
+    """
+    t = pos0 + np.arange(n)  # (n,) absolute positions
+    return t % mini_batch if mini_batch > 0 else t
 
 
 def lr_coefficients(positions, offset, scale):
@@ -220,4 +232,4 @@ def inner_loss_stats(learner, W0, k, v, a, c, *, mini_batch: int, fixed=None, fo
 
 
 __all__ = ["TTTState", "eta_rows", "forward", "init_state", "inner_loss_stats", "lr_coefficients",
-           "lr_gate", "prefill", "step"]
+           "lr_gate", "positions", "prefill", "step"]
