@@ -192,12 +192,15 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
     (compiled on a GPU, interpreted on a CPU; it keeps its own state checkpoints, so remat_every and
     unroll do not apply); "auto" picks it on a GPU when it supports the shape, else XLA.
 
-    Layout for speed (docs/design.md §4.3; the scan over mini-batches is sequential, so only what
-    needs the state runs inside it): the scan (`_dual.state_scan`) runs the keys' side alone —
-    G_l, X_l^k and the state update, two small matmuls per layer — and stacks the state at the
-    start of every mini-batch; the queries' side (`_dual.query_side`: X_l^q W_l, the b×b matrices,
-    `post`) then runs for all mini-batches at once as batched matmuls. The scan's backward is
-    written out (a reverse scan linearised at the stacked states), so nothing is recomputed.
+    Layout for speed (docs/design.md §4.3; the loop over mini-batches is sequential, so only what
+    needs the state runs inside it): the mini-batches run in checkpointed groups of DUAL_GROUP
+    (or remat_every). In a group, a scan (`_dual.state_scan`) runs the keys' side alone — G_l,
+    X_l^k and the state update, two small matmuls per layer — and stacks the group's states; the
+    queries' side (`_dual.query_side`: X_l^q W_l, the b×b matrices, `post`) then runs for the
+    group's mini-batches at once as batched matmuls. The state scan's backward is written out (a
+    reverse scan linearised at the stacked states, no autodiff of a checkpointed step); the group
+    checkpoint keeps one state per group in memory (the backward recomputes a group's forward)
+    instead of a d × d state per mini-batch.
     """
     per_sequence, (q_m, k_m, v_m, eta_m) = _prepare(
         learner, W0, q, k, v, eta, mini_batch, fixed, remat_every, unroll
@@ -212,6 +215,8 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
     major = lambda x: jnp.moveaxis(x, 2, 0)  # (B, H, M, ...) -> (M, B, H, ...): scan order
     xs = tuple(map(major, (q_m, k_m, v_m, eta_m)))
     run = functools.partial(_dual_minibatches, learner, fixed, unroll)
+    # always checkpointed groups (remat_every, else DUAL_GROUP): the backward stores one state
+    # per group and recomputes the group, instead of stacking a d × d state per mini-batch
     W_N, z = scan_groups(run, W0, xs, remat_every or DUAL_GROUP)
     z = jnp.moveaxis(z, 0, 2)  # (M, B, H, b, d_out) -> (B, H, M, b, d_out)
     return from_minibatches(z, q.shape[2]), W_N
