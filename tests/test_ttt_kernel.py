@@ -183,7 +183,9 @@ def test_kernel_inside_scanned_rematerialised_lm():
 
     out = fast_jit(run)(params)
     assert_close(out["pallas"][0], out["xla"][0], 1e-6, "loss")
-    assert_close(out["pallas"][1], out["xla"][1], 5e-5, "grads")
+    # float32 through two layers: the token offsets' gradient is ~1e-5 in size, and its sums
+    # (over B, H and the tokens at each position) differ in roundoff order between the paths
+    assert_close(out["pallas"][1], out["xla"][1], 2e-4, "grads")
 
 
 def test_kernel_selection_and_errors():

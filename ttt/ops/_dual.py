@@ -64,18 +64,21 @@ def key_gradients(learner, W, fixed, k_in, v_in, Z1k):
 # ----------------------------------------------------------------------------- lean dual form
 
 
-def key_step(learner, W, fixed, k_in, v_in, e):
+def key_step(learner, W, fixed, k_in, v_in, e, grads=None):
     """One mini-batch of the state recurrence for one head (the part that needs the state).
 
     k_in (b, d_in), v_in (b, d_out), e (b,) the η row that carries the state (η_{b−1, j}).
     Returns (W_next, (G, Xk)): G the per-layer pre-activation gradients (b, d_{l+1}) and Xk the
     key activations of layers 2.. (b, d_l); everything the query side needs besides W itself.
+    grads: (G, Xk) when the caller already has them.
     """
-    w1, b1 = learner.dense[0]
-    Z1 = k_in @ W[w1]  # (b, d_in) @ (d_in, d_1) -> (b, d_1)
-    if b1 is not None:
-        Z1 = Z1 + W[b1]
-    G, Xk = key_gradients(learner, W, fixed, k_in, v_in, Z1)
+    if grads is None:
+        w1, b1 = learner.dense[0]
+        Z1 = k_in @ W[w1]  # (b, d_in) @ (d_in, d_1) -> (b, d_1)
+        if b1 is not None:
+            Z1 = Z1 + W[b1]
+        grads = key_gradients(learner, W, fixed, k_in, v_in, Z1)
+    G, Xk = grads
     W_next = dict(W)
     for X, G_l, (w_name, b_name) in zip([k_in, *Xk], G, learner.dense, strict=True):
         # (b, d_l)ᵀ @ (b, d_{l+1}) -> (d_l, d_{l+1}); e scales the rows of G_l
@@ -142,11 +145,12 @@ def _state_scan_bwd(learner, unroll, res, cts):
 state_scan.defvjp(_state_scan_fwd, _state_scan_bwd)
 
 
-def query_side(learner, W, fixed, q_in, eta, A1, G, Xk):
+def query_side(learner, W, fixed, q_in, eta, A1, G, Xk, Z1=None):
     """Answers of one mini-batch of one head from its starting state and the key side's G, Xk.
 
-    q_in (b, d_in); eta (b, b) masked; A1 (b, b) = η ⊙ (q kᵀ) (+ η with a bias). Returns z (b,
-    d_out): Z_l(q) = X_l^q W_l + b_l − (η ⊙ (X_l^q X_l^kᵀ)) G_l − η G_l (bias), then `post`.
+    q_in (b, d_in); eta (b, b) masked; A1 (b, b) = η ⊙ (q kᵀ) (+ η with a bias); Z1: the queries'
+    X_1 W_1 + b_1 when the caller already has it. Returns z (b, d_out):
+    Z_l(q) = X_l^q W_l + b_l − (η ⊙ (X_l^q X_l^kᵀ)) G_l − η G_l (bias), then `post`.
     """
     act = learner.activation if learner.activation is not None else (lambda x: x)
     Z = None
@@ -158,6 +162,9 @@ def query_side(learner, W, fixed, q_in, eta, A1, G, Xk):
             A = eta * (X @ Xk[l - 1].T)  # (b, d_l) @ (d_l, b) -> (b, b)
             if b_name is not None:
                 A = A + eta
+        if l == 0 and Z1 is not None:
+            Z = Z1 - A @ G[0]
+            continue
         Z = X @ W[w_name] - A @ G[l]  # (b, d_l) @ (d_l, d_{l+1}) − (b, b) @ (b, d_{l+1})
         if b_name is not None:
             Z = Z + W[b_name]

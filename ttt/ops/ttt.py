@@ -212,6 +212,9 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
         W0 = jax.tree_util.tree_map(lambda w: jnp.broadcast_to(w, (B, *w.shape)), W0)
     if _pallas(kernel, learner, W0, q, v, mini_batch):
         return ttt_dual_pallas(learner, W0, fixed, q, k, v, eta_m)
+    if len(learner.dense) > 1:  # deeper chains: the whole step in the scan (measured faster)
+        return _dual_steps(learner, W0, fixed, (q_m, k_m, v_m, eta_m), q.shape[2], remat_every,
+                           unroll)
     major = lambda x: jnp.moveaxis(x, 2, 0)  # (B, H, M, ...) -> (M, B, H, ...): scan order
     xs = tuple(map(major, (q_m, k_m, v_m, eta_m)))
     run = functools.partial(_dual_minibatches, learner, fixed, unroll)
@@ -220,6 +223,38 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
     W_N, z = scan_groups(run, W0, xs, remat_every or DUAL_GROUP)
     z = jnp.moveaxis(z, 0, 2)  # (M, B, H, b, d_out) -> (B, H, M, b, d_out)
     return from_minibatches(z, q.shape[2]), W_N
+
+
+def _dual_steps(learner, W0, fixed, xs, n, remat_every, unroll):
+    """The dual form with every mini-batch's whole step (keys, queries, update) in one scan step,
+    jax.checkpoint'ed (the backward recomputes a step from its carried state). W0 leaves (B, H,
+    ...); xs (q, k, v, eta) in (B, H, M, b, ·) layout. Returns (z (B, H, n, d_out), W_N)."""
+    q_m, k_m, v_m, eta_m = xs
+    dense, b = learner.dense, q_m.shape[-2]
+    w1, b1 = dense[0]
+    # (B, H, M, b, d) x (B, H, M, b, d) -> (B, H, M, b, b); η is already causally masked
+    A1 = eta_m * jnp.einsum("...id,...jd->...ij", q_m, k_m)
+    if b1 is not None:
+        A1 = A1 + eta_m  # the bias's gradient enters every row with weight η_ij
+    kq = jnp.concatenate([k_m, q_m], axis=-2)  # (B, H, M, 2b, d_in): keys then queries
+
+    def head(W0_h, fixed_h, xs_h):
+        def step(W, x):
+            kq_m, v_in, eta_mb, A1_m = x  # (2b, d_in), (b, d_out), (b, b), (b, b)
+            k_in, q_in = kq_m[:b], kq_m[b:]
+            Z1 = kq_m @ W[w1]  # (2b, d_in) @ (d_in, d_1) -> (2b, d_1): keys and queries at once
+            if b1 is not None:
+                Z1 = Z1 + W[b1]
+            G, Xk = _dual.key_gradients(learner, W, fixed_h, k_in, v_in, Z1[:b])
+            z = _dual.query_side(learner, W, fixed_h, q_in, eta_mb, A1_m, G, Xk, Z1=Z1[b:])
+            W_next, _ = _dual.key_step(learner, W, fixed_h, k_in, v_in, eta_mb[-1], (G, Xk))
+            return W_next, z
+
+        step_remat = jax.checkpoint(step, prevent_cse=False)
+        return scan_minibatches(step_remat, W0_h, xs_h, remat_every, unroll)
+
+    W_N, z = _map_heads(head, W0, fixed, True, (kq, v_m, eta_m, A1))  # z (B, H, M, b, ·)
+    return from_minibatches(z, n), W_N
 
 
 def _pallas(kernel, learner, W0, q, v, mini_batch) -> bool:
