@@ -7,10 +7,13 @@ heads of 64, mini-batch 16, batch 1, float32, for N in 512 … 32k: forward and 
 (median of `--runs` timed calls after one warm-up, `block_until_ready`), tokens/s, compile time,
 peak memory (XLA's compiled memory analysis: arguments + outputs + temporaries), FLOPs written down
 from the math (the registry's `flops`, `ttt.layers.costs`) and the achieved GFLOP/s against a
-matmul ceiling measured in the same run. Also: decode latency of one step at contexts
-1k/4k/16k, training memory with and without mini-batch-group remat, and the compile time of a 12-
-vs 24-layer LM train step (built by the trainer's own `build_setup`). Writes bench.json, bench.md
-and bench.png to --out; `bench_report.py` builds the tables, the target checks and the plot.
+matmul ceiling measured in the same run. The TTT labels run the XLA dual form (`kernel="xla"`);
+the `_pallas` labels the fused Pallas kernel, on a GPU only (on a CPU it would run interpreted,
+which is a correctness tool, not a speed path). Also: the baseline and TTT-Linear at batch 8
+(`--batch`, N = `--batch-n`), decode latency of one step at contexts 1k/4k/16k, training memory
+with and without mini-batch-group remat, and the compile time of a 12- vs 24-layer LM train step
+(built by the trainer's own `build_setup`). Writes bench.json, bench.md and bench.png to --out;
+`bench_report.py` builds the tables, the target checks and the plot.
 
 Notable choices:
 - The baseline of every ratio is causal linear attention in chunked form with the same four
@@ -53,16 +56,19 @@ BASELINE = "linattn_chunked"
 
 # label -> (registry name, overrides of its defaults); FLOPs come from the registry entry
 LABELS: dict[str, tuple[str, dict]] = {
-    "ttt_linear": ("ttt_linear", dict(stats=False, form="dual")),
+    "ttt_linear": ("ttt_linear", dict(stats=False, form="dual", kernel="xla")),
+    "ttt_linear_pallas": ("ttt_linear", dict(stats=False, form="dual", kernel="pallas")),
     "ttt_linear_primal": ("ttt_linear", dict(stats=False, form="primal")),
-    "ttt_linear_mamba": ("ttt_linear_mamba", dict(stats=False, form="dual")),
-    "ttt_mlp": ("ttt_mlp", dict(stats=False, form="dual")),
+    "ttt_linear_mamba": ("ttt_linear_mamba", dict(stats=False, form="dual", kernel="xla")),
+    "ttt_mlp": ("ttt_mlp", dict(stats=False, form="dual", kernel="xla")),
+    "ttt_mlp_pallas": ("ttt_mlp", dict(stats=False, form="dual", kernel="pallas")),
     "ttt_mlp_primal": ("ttt_mlp", dict(stats=False, form="primal")),
     "linattn_chunked": ("linear_attention", dict(form="chunked")),
     "linattn_cumsum": ("linear_attention", dict(form="cumsum")),
     "softmax": ("softmax", {}),
 }
 DECODE_LABELS = ("ttt_linear", "ttt_mlp", "linattn_chunked", "softmax")
+BATCH_LABELS = (BASELINE, "ttt_linear", "ttt_linear_pallas")  # the batch-8 rows
 GiB = 2.0**30
 
 
@@ -103,19 +109,26 @@ def est_mem_gib(label: str, N: int, width: int = WIDTH, heads: int = HEADS) -> f
     return act / GiB
 
 
-def _setup(label: str, N: int, width: int, heads: int, **overrides):
+def gpu_only(label: str) -> str | None:
+    """Why `label` does not run on this backend (the Pallas kernel runs compiled on a GPU only)."""
+    if LABELS[label][1].get("kernel") == "pallas" and jax.default_backend() != "gpu":
+        return "Pallas kernel: GPU only (a CPU would run it interpreted)"
+    return None
+
+
+def _setup(label: str, N: int, width: int, heads: int, batch: int = 1, **overrides):
     name, kwargs = LABELS[label]
     module = make_mixer(name, width, heads, **{**kwargs, **overrides})
-    x = jax.random.normal(jax.random.PRNGKey(0), (1, N, width), jnp.float32)
-    params = module.init(jax.random.PRNGKey(1), x[:, : min(N, 2 * MINI_BATCH)])
-    ct = jax.random.normal(jax.random.PRNGKey(2), (1, N, width), jnp.float32)
+    x = jax.random.normal(jax.random.PRNGKey(0), (batch, N, width), jnp.float32)
+    params = module.init(jax.random.PRNGKey(1), x[:1, : min(N, 2 * MINI_BATCH)])
+    ct = jax.random.normal(jax.random.PRNGKey(2), (batch, N, width), jnp.float32)
     return module, params, x, ct
 
 
 def measure_layer(label: str, N: int, runs: int, width: int = WIDTH, heads: int = HEADS,
-                  **overrides) -> dict:
+                  batch: int = 1, **overrides) -> dict:
     """Forward and forward+backward time, compile time and peak memory of one mixer at N."""
-    module, params, x, ct = _setup(label, N, width, heads, **overrides)
+    module, params, x, ct = _setup(label, N, width, heads, batch, **overrides)
 
     def forward(p, x):
         return module.apply(p, x)[0]
@@ -149,7 +162,9 @@ def sweep(labels, ns, runs: int, max_mem_gib: float, case_budget: float, log,
             mem = est_mem_gib(label, N, width, heads)
             power = 2 if _quadratic(label) else 1
             est = prev[1] * (N / prev[0]) ** power * (runs + 1) if prev else 0.0
-            if oom is not None:
+            if gpu_only(label):
+                row["skipped"] = gpu_only(label)
+            elif oom is not None:
                 row["skipped"] = f"out of memory at N={oom}"
             elif mem > max_mem_gib:
                 row["skipped"] = f"estimated memory {mem:.1f} GiB > {max_mem_gib:g} GiB"
@@ -166,6 +181,23 @@ def sweep(labels, ns, runs: int, max_mem_gib: float, case_budget: float, log,
                     oom = N  # larger N of this mixer would fail too
             log(bench_report.row_line(row))
             rows.append(row)
+    return rows
+
+
+def measure_batch(labels, N: int, batch: int, runs: int, log, width: int = WIDTH,
+                  heads: int = HEADS) -> list[dict]:
+    """Each label at `batch` sequences of N tokens (per-device training batches are > 1)."""
+    rows = []
+    for label in labels:
+        row = {"mixer": label, "N": N, "batch": batch,
+               "flops_fwd": batch * flops_fwd(label, N, width, heads)}
+        row["flops_fb"] = 3 * row["flops_fwd"]
+        if gpu_only(label):
+            row["skipped"] = gpu_only(label)
+        else:
+            row.update(measure_layer(label, N, runs, width=width, heads=heads, batch=batch))
+        log(f"batch {batch}: " + bench_report.row_line(row))
+        rows.append(row)
     return rows
 
 
@@ -241,7 +273,10 @@ def main(argv=None):
     parser.add_argument("--max-mem-gib", type=float, default=12.0)
     parser.add_argument("--case-budget", type=float, default=90.0,
                         help="skip a shape whose estimated time for all its calls exceeds this")
-    parser.add_argument("--skip", default="", help="comma-separated: decode,remat,lm_compile")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated: batch,decode,remat,lm_compile")
+    parser.add_argument("--batch", type=int, default=8, help="batch of the batch rows")
+    parser.add_argument("--batch-n", type=int, default=1024, help="N of the batch rows")
     parser.add_argument("--ns", default=None, help="comma-separated sequence lengths (overrides "
                         "the default list; --max-n and --quick still cap it)")
     parser.add_argument("--decode-contexts", default=",".join(map(str, DECODE_CONTEXTS)))
@@ -283,6 +318,9 @@ def main(argv=None):
     result["ceiling_start"] = matmul_ceiling(runs)
     log(json.dumps(result["ceiling_start"]))
     result["layers"] = sweep(labels, ns, runs, args.max_mem_gib, args.case_budget, log, **shape)
+    if "batch" not in skip:
+        result["batch"] = measure_batch([m for m in BATCH_LABELS if m in labels], args.batch_n,
+                                        args.batch, runs, log, **shape)
     if "decode" not in skip:
         result["decode"] = []
         for label in [m for m in DECODE_LABELS if m in labels]:

@@ -25,20 +25,21 @@ def _find(rows, **match):
 def finish(result: dict) -> None:
     """Add tokens/s, µs/token, GFLOP/s, % of ceiling, ratios to the baseline, and the targets."""
     ceiling = result["ceiling_gflops"]
-    rows = result["layers"]
-    for r in rows:
-        if "skipped" in r:
-            continue
-        r["tokens_per_s_fwd"] = r["N"] / r["fwd_s"]
-        r["tokens_per_s_fb"] = r["N"] / r["fb_s"]
-        r["us_per_token_fb"] = r["fb_s"] / r["N"] * 1e6
-        r["gflops_fwd"] = r["flops_fwd"] / r["fwd_s"] / 1e9
-        r["gflops_fb"] = r["flops_fb"] / r["fb_s"] / 1e9
-        r["pct_ceiling_fb"] = 100.0 * r["gflops_fb"] / ceiling
-        base = _find(rows, mixer=result["baseline"], N=r["N"])
-        if base is not None:
-            r["ratio_fb_vs_baseline"] = r["fb_s"] / base["fb_s"]
-            r["ratio_fwd_vs_baseline"] = r["fwd_s"] / base["fwd_s"]
+    for rows in (result["layers"], result.get("batch", [])):
+        for r in rows:
+            if "skipped" in r:
+                continue
+            tokens = r["N"] * r.get("batch", 1)
+            r["tokens_per_s_fwd"] = tokens / r["fwd_s"]
+            r["tokens_per_s_fb"] = tokens / r["fb_s"]
+            r["us_per_token_fb"] = r["fb_s"] / tokens * 1e6
+            r["gflops_fwd"] = r["flops_fwd"] / r["fwd_s"] / 1e9
+            r["gflops_fb"] = r["flops_fb"] / r["fb_s"] / 1e9
+            r["pct_ceiling_fb"] = 100.0 * r["gflops_fb"] / ceiling
+            base = _find(rows, mixer=result["baseline"], N=r["N"])
+            if base is not None:
+                r["ratio_fb_vs_baseline"] = r["fb_s"] / base["fb_s"]
+                r["ratio_fwd_vs_baseline"] = r["fwd_s"] / base["fwd_s"]
     result["targets"] = targets(result)
 
 
@@ -49,9 +50,19 @@ def _t(name, value, limit, ok_if="<=", note=""):
     return {"target": name, "value": value, "limit": f"{ok_if} {limit}", "ok": ok, "note": note}
 
 
+# fwd+bwd time over the baseline at 2k and 8k (batch 1), and at batch 8, per backend (issue 15)
+# (None: no target on that backend; the tables still show the figure)
+RATIO_LIMITS = {"cpu": {"ttt_linear": 1.2, "ttt_linear_mamba": 1.4, "ttt_mlp": 2.5, "batch": 1.1},
+                "gpu": {"ttt_linear": 1.5, "ttt_linear_mamba": None, "ttt_mlp": 3.0,
+                        "batch": None}}
+KERNEL_SPEEDUP = 3.0  # the Pallas kernel's fwd+bwd at least this much faster than XLA (GPU)
+
+
 def targets(result: dict) -> list[dict]:
     """The issue's targets, evaluated on this run's numbers (None where a shape was not run)."""
     rows, out = result["layers"], []
+    backend = result["machine"]["backend"]
+    limits = RATIO_LIMITS["gpu" if backend == "gpu" else "cpu"]
 
     def per_tok(mixer, N):
         r = _find(rows, mixer=mixer, N=N)
@@ -67,12 +78,25 @@ def targets(result: dict) -> list[dict]:
         a, b = per_tok(m, hi), per_tok(m, 1024)
         out.append(_t(f"{m} fwd+bwd time/token at N={hi} / at N=1k",
                       None if a is None or b is None else a / b, 1.15))
+    fast = lambda m: m if backend != "gpu" else f"{m}_pallas"  # the path a layer runs by default
     for N in (2048, 8192):
-        out.append(_t(f"ttt_linear fwd+bwd / linattn_chunked at N={N}",
-                      ratio("ttt_linear", N), 1.25))
-        out.append(_t(f"ttt_linear_mamba fwd+bwd / linattn_chunked at N={N}",
-                      ratio("ttt_linear_mamba", N), 2.0))
-        out.append(_t(f"ttt_mlp fwd+bwd / linattn_chunked at N={N}", ratio("ttt_mlp", N), 5.0))
+        for m in ("ttt_linear", "ttt_linear_mamba", "ttt_mlp"):
+            label = fast(m) if m != "ttt_linear_mamba" else m  # (no Mamba kernel row)
+            if limits[m] is not None:
+                out.append(_t(f"{label} fwd+bwd / linattn_chunked at N={N}", ratio(label, N),
+                              limits[m]))
+    brows = result.get("batch", [])
+    for m in ("ttt_linear",) if limits["batch"] is not None else ():
+        r = _find(brows, mixer=m)
+        out.append(_t(f"{m} fwd+bwd / linattn_chunked at batch {r['batch'] if r else 8}",
+                      r.get("ratio_fb_vs_baseline") if r else None, limits["batch"],
+                      note=f"N={r['N']}" if r else ""))
+    if backend == "gpu":
+        for m in ("ttt_linear", "ttt_mlp"):
+            for N in (2048, 8192):
+                x, k = _find(rows, mixer=m, N=N), _find(rows, mixer=f"{m}_pallas", N=N)
+                out.append(_t(f"{m}: XLA / Pallas kernel fwd+bwd time at N={N}",
+                              x["fb_s"] / k["fb_s"] if x and k else None, KERNEL_SPEEDUP, ">="))
     dual, primal = _find(rows, mixer="ttt_linear", N=2048), _find(rows, mixer="ttt_linear_primal",
                                                                    N=2048)
     out.append(_t("ttt_linear primal / dual fwd+bwd time at N=2k",
@@ -89,8 +113,8 @@ def targets(result: dict) -> list[dict]:
     a, b = dec.get(("ttt_linear", 16384)), dec.get(("ttt_linear", 1024))
     out.append(_t("ttt_linear decode step latency ctx 16k / ctx 1k",
                   a / b if a and b else None, 1.1))
-    r8 = _find(rows, mixer="ttt_linear", N=8192)
-    out.append(_t("ttt_linear fwd+bwd % of matmul ceiling at N=8k",
+    r8 = _find(rows, mixer=fast("ttt_linear"), N=8192)
+    out.append(_t(f"{fast('ttt_linear')} fwd+bwd % of matmul ceiling at N=8k",
                   r8["pct_ceiling_fb"] if r8 else None, 45.0, ">="))
     remat = result.get("remat") or []
     if len(remat) == 2 and remat[0]["fb_peak_bytes"] and remat[1]["fb_peak_bytes"]:
@@ -141,6 +165,20 @@ def markdown(result: dict) -> str:
             f"{r['fwd_compile_s']:.1f}, {r['fb_compile_s']:.1f} | {_fmt(peak, '.0f')} | "
             f"{r['flops_fwd'] / 1e9:.1f} | {r['gflops_fb']:.1f} | {r['pct_ceiling_fb']:.0f} | "
             f"{_fmt(r.get('ratio_fb_vs_baseline'), '.2f')} |")
+    if result.get("batch"):
+        lines += ["", "Batch rows: fwd+bwd of a batch of sequences (ratios to the baseline at the "
+                  "same batch and N).", "",
+                  "| mixer | batch | N | fwd ms | fwd+bwd ms | tok/s (fwd+bwd) | GFLOP/s (fwd+bwd) "
+                  "| % ceiling | × baseline |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in result["batch"]:
+            if "skipped" in r:
+                lines.append(f"| {r['mixer']} | {r['batch']} | {r['N']} | skipped: "
+                             f"{r['skipped']} ||||||")
+                continue
+            lines.append(
+                f"| {r['mixer']} | {r['batch']} | {r['N']} | {r['fwd_s'] * 1e3:.1f} | "
+                f"{r['fb_s'] * 1e3:.1f} | {r['tokens_per_s_fb']:.0f} | {r['gflops_fb']:.1f} | "
+                f"{r['pct_ceiling_fb']:.0f} | {_fmt(r.get('ratio_fb_vs_baseline'), '.2f')} |")
     if result.get("decode"):
         lines += ["", "Decode: latency of one step (ms, median) by context length.", "",
                   "| mixer | " + " | ".join(f"ctx {d['context']}" for d in result["decode"]

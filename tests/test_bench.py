@@ -36,14 +36,17 @@ def test_flop_counts_follow_the_math():
 def test_bench_tiny_run_writes_json_table_and_plot(tmp_path):
     out = tmp_path / "bench"
     argv = ["--out", str(out), "--width", "32", "--heads", "2", "--ns", "32", "--runs", "1",
-            "--mixers", "ttt_linear", "--decode-contexts", "32", "--skip", "remat,lm_compile"]
+            "--mixers", "ttt_linear,ttt_linear_pallas", "--decode-contexts", "32",
+            "--skip", "remat,lm_compile", "--batch", "2", "--batch-n", "32"]
     result = bench.main(argv)
 
     data = json.loads((out / "bench.json").read_text())
     assert data["baseline"] == "linattn_chunked" and data["shape"]["width"] == 32
     assert data["ceiling_gflops"] > 0
     rows = {(r["mixer"], r["N"]): r for r in data["layers"]}
-    assert set(rows) == {("linattn_chunked", 32), ("ttt_linear", 32)}  # baseline added itself
+    # the baseline added itself; the Pallas kernel is timed on a GPU only
+    assert set(rows) == {("linattn_chunked", 32), ("ttt_linear", 32), ("ttt_linear_pallas", 32)}
+    assert rows.pop(("ttt_linear_pallas", 32))["skipped"].startswith("Pallas kernel: GPU only")
     for r in rows.values():
         for key in ("fwd_s", "fb_s", "fwd_compile_s", "fb_compile_s", "tokens_per_s_fb",
                     "gflops_fb", "pct_ceiling_fb", "ratio_fb_vs_baseline", "flops_fb"):
@@ -52,10 +55,17 @@ def test_bench_tiny_run_writes_json_table_and_plot(tmp_path):
     assert rows[("linattn_chunked", 32)]["ratio_fb_vs_baseline"] == pytest.approx(1.0)
     assert [(d["mixer"], d["context"]) for d in data["decode"]] == [
         ("ttt_linear", 32), ("linattn_chunked", 32)]
+    batch = {r["mixer"]: r for r in data["batch"]}  # the batch rows: baseline and TTT-Linear
+    assert batch["ttt_linear"]["batch"] == 2 and batch["ttt_linear"]["ratio_fb_vs_baseline"] > 0
+    assert batch["linattn_chunked"]["ratio_fb_vs_baseline"] == pytest.approx(1.0)
+    assert "skipped" in batch["ttt_linear_pallas"]
     names = [t["target"] for t in data["targets"]]
-    assert len(names) == 14 and all(set(t) >= {"value", "limit", "ok"} for t in data["targets"])
+    assert len(names) == 15 and all(set(t) >= {"value", "limit", "ok"} for t in data["targets"])
+    assert any("at batch 2" in n and t["value"] for n, t in zip(names, data["targets"],
+                                                                strict=True))
     md = (out / "bench.md").read_text()
     assert "| mixer | N | fwd ms | fwd+bwd ms |" in md and "| ttt_linear | 32 |" in md
+    assert "| ttt_linear | 2 | 32 |" in md  # the batch table
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert result["date"] == data["date"]
 

@@ -96,14 +96,15 @@ def _spec(name, module, defaults, *, causal, pre_conv=_never, noncausal=None):
 
 # Causal LM mixers first, then the vision ones.
 MIXERS: dict[str, MixerSpec] = dict([
-    _spec("ttt_linear", TTTMixer, {"learner": "linear", "base_lr": 1.0, "mini_batch": 16},
-          causal=True, pre_conv=_mamba_backbone),
-    _spec("ttt_mlp", TTTMixer, {"learner": "mlp", "base_lr": 0.1, "mini_batch": 16},
-          causal=True, pre_conv=_mamba_backbone),
-    _spec("ttt_linear_mamba", TTTMixer, {"learner": "linear", "backbone": "mamba",
-                                         "base_lr": 1.0}, causal=True, pre_conv=_mamba_backbone),
-    _spec("ttt_mlp_mamba", TTTMixer, {"learner": "mlp", "backbone": "mamba", "base_lr": 0.1},
-          causal=True, pre_conv=_mamba_backbone),
+    # kernel "auto": the fused Pallas kernel of the dual form on a GPU, XLA elsewhere
+    _spec("ttt_linear", TTTMixer, {"learner": "linear", "base_lr": 1.0, "mini_batch": 16,
+                                   "kernel": "auto"}, causal=True, pre_conv=_mamba_backbone),
+    _spec("ttt_mlp", TTTMixer, {"learner": "mlp", "base_lr": 0.1, "mini_batch": 16,
+                                "kernel": "auto"}, causal=True, pre_conv=_mamba_backbone),
+    _spec("ttt_linear_mamba", TTTMixer, {"learner": "linear", "backbone": "mamba", "base_lr": 1.0,
+                                         "kernel": "auto"}, causal=True, pre_conv=_mamba_backbone),
+    _spec("ttt_mlp_mamba", TTTMixer, {"learner": "mlp", "backbone": "mamba", "base_lr": 0.1,
+                                      "kernel": "auto"}, causal=True, pre_conv=_mamba_backbone),
     _spec("linear_attention", LinearAttention, {"causal": True}, causal=True,
           noncausal="linear_attention_noncausal"),
     _spec("softmax", SoftmaxAttention, {"causal": True}, causal=True,

@@ -28,10 +28,9 @@ from ttt.layers import common
 from ttt.ops import checks, learners, ttt_state
 from ttt.ops._scan import GPU_UNROLL, default_unroll, scan_groups  # noqa: F401 (GPU_UNROLL)
 from ttt.ops.primitives import causal_conv, layer_norm, rope
+from ttt.ops.ttt import FORMS, KERNELS
 
-LEARNERS = ("linear", "mlp")
-BACKBONES = ("transformer", "mamba")
-FORMS = ("auto", "dual", "primal")
+LEARNERS, BACKBONES = ("linear", "mlp"), ("transformer", "mamba")
 class TTTMixer(nn.Module):
     """TTT-LM sequence mixer: (B, N, C) -> (B, N, C), with a constant-size decode cache.
 
@@ -40,9 +39,10 @@ class TTTMixer(nn.Module):
     (convs of conv_width, output gate); mini_batch b (0 = the whole sequence); base_lr (1.0
     Linear, 0.1 MLP); learn_eta (token offsets + per-head gate), else the constant eta; learn_W0
     (else W0 = 0) and inner_bias (default: learn_W0); ln_residual: f(x) = x + LN(f_res(x)); rope,
-    rope_theta; post_norm; form "auto" | "dual" | "primal"; remat_every: run the layer in
-    checkpointed groups of that many mini-batches (memory of one group's activations and one state
-    per group, for a second forward in the backward); unroll: mini-batch steps per loop iteration
+    rope_theta; post_norm; form "auto" | "dual" | "primal"; kernel "auto" | "xla" | "pallas" (the
+    dual form's fused kernel; auto: on a GPU where supported); remat_every: run the layer in
+    checkpointed groups of that many mini-batches (one group's activations and one state per group
+    in memory, for a second forward in the backward); unroll: mini-batch steps per loop iteration
     (None: `default_unroll()`, 8 on a GPU, 1 elsewhere); stats: the inner-loss diagnostics in aux
     (one extra no-grad inner pass); init_scale; inner_out_init_scale: std of the last inner layer
     (ttt-lm-jax: init_scale / sqrt(2 · layers) for TTT-MLP); dtype (compute), param_dtype.
@@ -65,6 +65,7 @@ class TTTMixer(nn.Module):
     conv_width: int = 4
     mlp_factor: int = 4
     form: str = "auto"
+    kernel: str = "auto"
     remat_every: int = 0
     unroll: int | None = None
     stats: bool = True
@@ -75,12 +76,11 @@ class TTTMixer(nn.Module):
 
     def __post_init__(self):
         checks.check_heads(type(self).__name__, self.width, self.num_heads, even_head_dim=self.rope)
-        checks.check_choice("learner", self.learner, LEARNERS)
-        checks.check_choice("backbone", self.backbone, BACKBONES)
-        checks.check_choice("form", self.form, FORMS)
-        checks.check_int("mini_batch", self.mini_batch, 0)  # 0 = the whole sequence
-        checks.check_int("remat_every", self.remat_every, 0)
-        checks.check_int("conv_width", self.conv_width, 1)
+        for name, known in (("learner", LEARNERS), ("backbone", BACKBONES), ("form", FORMS),
+                            ("kernel", KERNELS)):
+            checks.check_choice(name, getattr(self, name), known)
+        for name, low in (("mini_batch", 0), ("remat_every", 0), ("conv_width", 1)):
+            checks.check_int(name, getattr(self, name), low)  # mini_batch 0 = the whole sequence
         if self.unroll is not None and (isinstance(self.unroll, bool) or not (
                 isinstance(self.unroll, int) and self.unroll >= 1)):
             raise ValueError(f"unroll: expected None or an int >= 1, got {self.unroll!r}")
@@ -179,8 +179,7 @@ class TTTMixer(nn.Module):
         v = dense("wv")
         q, k, v = (common.split_heads(y, H) for y in (q, k, v))
         N = x.shape[1]
-        t = pos0 + jnp.arange(N)  # (N,) absolute positions
-        i = t % self.mini_batch if self.mini_batch > 0 else t  # position inside the mini-batch
+        i = ttt_state.positions(pos0, N, self.mini_batch)  # (N,) inside the mini-batch
         if self.rope:
             q, k = rope(q, i, self.rope_theta), rope(k, i, self.rope_theta)
         mult = jnp.asarray(ttt_lr_mult, idt)
@@ -211,7 +210,7 @@ class TTTMixer(nn.Module):
     @nn.nowrap
     def _state_options(self):
         unroll = default_unroll() if self.unroll is None else self.unroll
-        return dict(mini_batch=self.mini_batch, form=self.form, unroll=unroll)
+        return dict(mini_batch=self.mini_batch, form=self.form, unroll=unroll, kernel=self.kernel)
 
     @nn.nowrap
     def _grouped(self, p, x, ttt_lr_mult):
@@ -237,11 +236,9 @@ class TTTMixer(nn.Module):
 
     @nn.nowrap
     def _stats(self, p, k, v, a, c):
-        if not self.stats:
-            return {}
-        return ttt_state.inner_loss_stats(self.make_learner(), p["W0"], k, v, a, c,
-                                          fixed=p["ttt_norm"], mini_batch=self.mini_batch,
-                                          form=self.form)
+        return {} if not self.stats else ttt_state.inner_loss_stats(
+            self.make_learner(), p["W0"], k, v, a, c, fixed=p["ttt_norm"],
+            mini_batch=self.mini_batch, form=self.form)
 
     # ------------------------------------------------------------------ public interface
 

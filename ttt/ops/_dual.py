@@ -13,6 +13,8 @@ array ops, which is what sets the time of the (overhead-bound) mini-batch scan.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -57,3 +59,113 @@ def key_gradients(learner, W, fixed, k_in, v_in, Z1k):
             back = back * slope
         Gs.insert(0, back)
     return Gs, Xs
+
+
+# ----------------------------------------------------------------------------- lean dual form
+
+
+def key_step(learner, W, fixed, k_in, v_in, e, grads=None):
+    """One mini-batch of the state recurrence for one head (the part that needs the state).
+
+    k_in (b, d_in), v_in (b, d_out), e (b,) the η row that carries the state (η_{b−1, j}).
+    Returns (W_next, (G, Xk)): G the per-layer pre-activation gradients (b, d_{l+1}) and Xk the
+    key activations of layers 2.. (b, d_l); everything the query side needs besides W itself.
+    grads: (G, Xk) when the caller already has them.
+    """
+    if grads is None:
+        w1, b1 = learner.dense[0]
+        Z1 = k_in @ W[w1]  # (b, d_in) @ (d_in, d_1) -> (b, d_1)
+        if b1 is not None:
+            Z1 = Z1 + W[b1]
+        grads = key_gradients(learner, W, fixed, k_in, v_in, Z1)
+    G, Xk = grads
+    W_next = dict(W)
+    for X, G_l, (w_name, b_name) in zip([k_in, *Xk], G, learner.dense, strict=True):
+        # (b, d_l)ᵀ @ (b, d_{l+1}) -> (d_l, d_{l+1}); e scales the rows of G_l
+        W_next[w_name] = W[w_name] - X.T @ jnp.einsum("b,bd->bd", e, G_l)
+        if b_name is not None:
+            W_next[b_name] = W[b_name] - e @ G_l  # (b,) @ (b, d_{l+1})
+    W_next = jax.tree_util.tree_map(lambda x, w: x.astype(w.dtype), W_next, W)
+    return W_next, (tuple(G), tuple(Xk))
+
+
+def _heads(learner):
+    """key_step vmapped over (B, H): W leaves (B, H, ...), fixed leaves (H, ...)."""
+    one = lambda W, f, k, v, e: key_step(learner, W, f, k, v, e)
+    over_h = jax.vmap(one, in_axes=(0, 0, 0, 0, 0))
+    return jax.vmap(over_h, in_axes=(0, None, 0, 0, 0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def state_scan(learner, unroll, W0, fixed, k, v, e):
+    """The state recurrence over all mini-batches, with a hand-written backward.
+
+    W0 leaves (B, H, ...); fixed leaves (H, ...) or None; k (M, B, H, b, d_in), v (M, B, H, b,
+    d_out), e (M, B, H, b). Returns (Ws, W_N, G, Xk): Ws the state at the start of every
+    mini-batch (leaves (M, B, H, ...)), W_N the final state, G and Xk as `key_step`, stacked
+    (M, B, H, b, ·).
+    """
+    return _state_scan_fwd(learner, unroll, W0, fixed, k, v, e)[0]
+
+
+def _state_scan_fwd(learner, unroll, W0, fixed, k, v, e):
+    step_all = _heads(learner)
+
+    def step(W, x):
+        W_next, ys = step_all(W, fixed, *x)
+        return W_next, (W, ys)
+
+    W_N, (Ws, (G, Xk)) = jax.lax.scan(step, W0, (k, v, e), unroll=unroll)
+    return (Ws, W_N, G, Xk), (Ws, fixed, k, v, e)
+
+
+def _state_scan_bwd(learner, unroll, res, cts):
+    """Reverse scan: the cotangent of the state walks back through each mini-batch's key_step
+    (linearised at the saved state of that mini-batch: no recomputation of earlier ones)."""
+    Ws, fixed, k, v, e = res
+    dWs, dW_N, dG, dXk = cts
+    step_all = _heads(learner)
+
+    def step(carry, x):
+        dW_next, dfixed = carry
+        W, k_m, v_m, e_m, dWs_m, dG_m, dXk_m = x
+        _, pullback = jax.vjp(lambda W, f, k_, v_, e_: step_all(W, f, k_, v_, e_),
+                              W, fixed, k_m, v_m, e_m)
+        dW, df, dk, dv, de = pullback((dW_next, (dG_m, dXk_m)))
+        dW = jax.tree_util.tree_map(jnp.add, dW, dWs_m)  # Ws[m] is W itself, an output
+        dfixed = jax.tree_util.tree_map(jnp.add, dfixed, df)
+        return (dW, dfixed), (dk, dv, de)
+
+    zero_fixed = jax.tree_util.tree_map(jnp.zeros_like, fixed)
+    (dW0, dfixed), (dk, dv, de) = jax.lax.scan(
+        step, (dW_N, zero_fixed), (Ws, k, v, e, dWs, dG, dXk), reverse=True, unroll=unroll)
+    return dW0, dfixed, dk, dv, de
+
+
+state_scan.defvjp(_state_scan_fwd, _state_scan_bwd)
+
+
+def query_side(learner, W, fixed, q_in, eta, A1, G, Xk, Z1=None):
+    """Answers of one mini-batch of one head from its starting state and the key side's G, Xk.
+
+    q_in (b, d_in); eta (b, b) masked; A1 (b, b) = η ⊙ (q kᵀ) (+ η with a bias); Z1: the queries'
+    X_1 W_1 + b_1 when the caller already has it. Returns z (b, d_out):
+    Z_l(q) = X_l^q W_l + b_l − (η ⊙ (X_l^q X_l^kᵀ)) G_l − η G_l (bias), then `post`.
+    """
+    act = learner.activation if learner.activation is not None else (lambda x: x)
+    Z = None
+    for l, (w_name, b_name) in enumerate(learner.dense):
+        if l == 0:
+            X, A = q_in, A1
+        else:
+            X = act(Z)  # (b, d_l): layer l's input at the answer states
+            A = eta * (X @ Xk[l - 1].T)  # (b, d_l) @ (d_l, b) -> (b, b)
+            if b_name is not None:
+                A = A + eta
+        if l == 0 and Z1 is not None:
+            Z = Z1 - A @ G[0]
+            continue
+        Z = X @ W[w_name] - A @ G[l]  # (b, d_l) @ (d_l, d_{l+1}) − (b, b) @ (b, d_{l+1})
+        if b_name is not None:
+            Z = Z + W[b_name]
+    return learner.post(q_in, Z, fixed) if learner.post is not None else Z

@@ -10,7 +10,7 @@ which is what the dual form (TTT-LM §2.7) needs to answer queries without mater
 
 Notable choices:
 - Weights are stored as (d_in, d_out) and applied as x W (row vectors), like flax Dense.
-- LayerNorm is `ttt.ops.primitives.layer_norm` (flax's var = E[x²] − E[x]², eps 1e-6: parity with
+- LayerNorm is `ttt.ops.primitives.layer_norm` (flax's statistics, eps 1e-6: parity with
   ttt-lm-jax).
 - GELU is the tanh approximation (parity with ttt-lm-jax).
 - In `ln_residual` the LN scale/bias are `fixed`: outer-loop parameters the inner loop never trains.

@@ -5,8 +5,10 @@ Each exists once in the package: the inner learners, the dual form and the Flax 
 these.
 
 Notable choices:
-- LayerNorm follows flax's convention var = E[x²] − E[x]² (parity with the official checkpoints)
-  and has a written-out backward (`layer_norm_backward`, also used by the dual form to get the
+- LayerNorm has flax's statistics (parity with the official checkpoints), the variance taken in
+  two passes, mean((x − μ)²): flax's E[x²] − E[x]² is the same number but cancels when |μ| ≫ σ
+  (float32 dual-form gradients through a 4-feature LN lost ~2e-5 to it). It has a written-out
+  backward (`layer_norm_backward`, also used by the dual form to get the
   inner gradients without autodiff). Autodiff of the forward would hand XLA:CPU a fused reduce of
   a product for every per-row/per-column factor, many times slower than these plain reductions
   and dots (2048×768 fwd+bwd: 39 ms with flax's LayerNorm, 5 ms with this one).
@@ -22,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _sum_to(x, shape):
@@ -44,12 +47,13 @@ _rowdot = functools.partial(jnp.einsum, "...d,...d->...")  # Σ_d x ⊙ y per ro
 
 
 def layer_norm_stats(x, eps: float):
-    """x (..., d) -> (x̂ = (x − μ)ρ (..., d), ρ = (var + eps)^−½ (...,)), var = E[x²] − E[x]²."""
+    """x (..., d) -> (x̂ = (x − μ)ρ (..., d), ρ = (var + eps)^−½ (...,)), var = mean((x − μ)²)."""
     d = x.shape[-1]
     mean = jnp.mean(x, axis=-1)  # (...,)
-    var = jnp.maximum(_rowdot(x, x) / d - mean * mean, 0.0)
+    xc = x - mean[..., None]
+    var = _rowdot(xc, xc) / d
     rho = jax.lax.rsqrt(var + eps)
-    return _rows(x - mean[..., None], rho), rho
+    return _rows(xc, rho), rho
 
 
 def layer_norm_backward(dxhat, xhat, rho):
@@ -150,15 +154,22 @@ def rope(x, positions, theta: float = 10000.0):
     x: (..., N, d) with d even; positions: (N,) integers (any offsets, e.g. t mod b) -> same shape.
     Pair i of token t is rotated by the angle positions[t] · θ^(−2i/d):
         (x_2i, x_2i+1) -> (x_2i cos − x_2i+1 sin, x_2i sin + x_2i+1 cos).
-    The (N, d/2) cos/sin tables are computed once behind an optimization barrier (otherwise XLA
-    fuses the transcendentals into the per-head product and recomputes them H times), and the
-    rotation is two products with the pair-swapped x, with no stacking of the halves.
+    The (N, d/2) cos/sin tables are constants when the positions are known at trace time (a
+    training step), else computed once behind an optimization barrier: XLA otherwise fuses the
+    transcendentals into every consumer (the per-head product and, in the backward, each fused
+    transpose) and recomputes them per element. The rotation is two products with the
+    pair-swapped x, with no stacking of the halves.
     """
     d = x.shape[-1]
     dtype = jnp.promote_types(x.dtype, jnp.float32)
-    freqs = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=dtype) / d))  # (d/2,)
-    angle = jnp.asarray(positions, dtype)[:, None] * freqs[None, :]  # (N, d/2)
-    cos, sin = jax.lax.optimization_barrier((jnp.cos(angle), jnp.sin(angle)))
+    if not isinstance(positions, jax.core.Tracer):  # static positions: tables as constants
+        freqs = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))  # (d/2,)
+        angle = np.asarray(positions, np.float64)[:, None] * freqs[None, :]  # (N, d/2)
+        cos, sin = jnp.asarray(np.cos(angle), dtype), jnp.asarray(np.sin(angle), dtype)
+    else:
+        freqs = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=dtype) / d))  # (d/2,)
+        angle = jnp.asarray(positions, dtype)[:, None] * freqs[None, :]  # (N, d/2)
+        cos, sin = jax.lax.optimization_barrier((jnp.cos(angle), jnp.sin(angle)))
     pairs = lambda t: jnp.repeat(t, 2, axis=-1)  # (N, d/2) -> (N, d): both members of a pair
     sign = jnp.tile(jnp.asarray([-1.0, 1.0], dtype), d // 2)  # (d,): −sin on x_2i, +sin on x_2i+1
     xf = x.astype(dtype)

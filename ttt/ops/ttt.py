@@ -31,10 +31,20 @@ import jax
 import jax.numpy as jnp
 
 from ttt.ops import _dual, checks
-from ttt.ops._scan import eta_matrix, from_minibatches, scan_minibatches, to_minibatches
+from ttt.ops._scan import (
+    eta_matrix,
+    from_minibatches,
+    scan_groups,
+    scan_minibatches,
+    to_minibatches,
+)
+from ttt.ops.kernels.ttt_dual import ttt_dual_pallas
+from ttt.ops.kernels.ttt_dual import unsupported as kernel_unsupported
 from ttt.ops.learners import Learner, reconstruction_loss
 
 FORMS = ("auto", "dual", "primal")
+KERNELS = ("auto", "xla", "pallas")
+DUAL_GROUP = 4  # mini-batches per checkpointed group of the dual form (docs/benchmarks.md)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -173,7 +183,8 @@ def ttt_primal(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ev
 # ----------------------------------------------------------------------------- dual form
 
 
-def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, unroll=1):
+def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, unroll=1,
+             kernel="auto"):
     """Causal mini-batch TTT in the dual form (TTT-LM §2.7); same contract and results as primal.
 
     For a dense chain Z_l = X_l W_l + b_l (activation between layers, optional `post` after), per
@@ -182,18 +193,49 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
         W_l ← W_l − X_l^kᵀ (η_last ⊙ G_l),   b_l ← b_l − Σ_j η_last,j G_l,j.
     Shapes as ttt_primal. Raises ValueError for a learner without `dense`.
 
-    Layout for speed (the scan over mini-batches is sequential, so its body is kept small):
-    layer 1's inputs are q and k themselves, so its b×b matrix A_1 = η ⊙ (tril(X_qX_kᵀ) + 1_bias)
-    needs no state and is formed for all mini-batches at once, outside the scan; inside, keys and
-    queries go through W_1 as one (2b, d) matmul, and the bias term joins A_1 G_1 in one matmul.
+    kernel: "xla" | "pallas" | "auto". "pallas" runs the fused kernel of `ttt.ops.kernels.ttt_dual`
+    (compiled on a GPU, interpreted on a CPU; it keeps its own state checkpoints, so remat_every and
+    unroll do not apply); "auto" picks it on a GPU when it supports the shape, else XLA.
+
+    Layout for speed (docs/design.md §4.3; the loop over mini-batches is sequential, so only what
+    needs the state runs inside it): the mini-batches run in checkpointed groups of DUAL_GROUP
+    (or remat_every). In a group, a scan (`_dual.state_scan`) runs the keys' side alone — G_l,
+    X_l^k and the state update, two small matmuls per layer — and stacks the group's states; the
+    queries' side (`_dual.query_side`: X_l^q W_l, the b×b matrices, `post`) then runs for the
+    group's mini-batches at once as batched matmuls. The state scan's backward is written out (a
+    reverse scan linearised at the stacked states, no autodiff of a checkpointed step); the group
+    checkpoint keeps one state per group in memory (the backward recomputes a group's forward)
+    instead of a d × d state per mini-batch.
     """
     per_sequence, (q_m, k_m, v_m, eta_m) = _prepare(
         learner, W0, q, k, v, eta, mini_batch, fixed, remat_every, unroll
     )
     _check_dual(learner, W0)
-    dense = learner.dense
-    act = learner.activation if learner.activation is not None else (lambda x: x)
-    b = mini_batch
+    checks.check_choice("kernel", kernel, KERNELS)
+    B = q.shape[0]
+    if not per_sequence:  # (H, ...) -> (B, H, ...): every sequence carries its own state
+        W0 = jax.tree_util.tree_map(lambda w: jnp.broadcast_to(w, (B, *w.shape)), W0)
+    if _pallas(kernel, learner, W0, q, v, mini_batch):
+        return ttt_dual_pallas(learner, W0, fixed, q, k, v, eta_m)
+    if len(learner.dense) > 1:  # deeper chains: the whole step in the scan (measured faster)
+        return _dual_steps(learner, W0, fixed, (q_m, k_m, v_m, eta_m), q.shape[2], remat_every,
+                           unroll)
+    major = lambda x: jnp.moveaxis(x, 2, 0)  # (B, H, M, ...) -> (M, B, H, ...): scan order
+    xs = tuple(map(major, (q_m, k_m, v_m, eta_m)))
+    run = functools.partial(_dual_minibatches, learner, fixed, unroll)
+    # always checkpointed groups (remat_every, else DUAL_GROUP): the backward stores one state
+    # per group and recomputes the group, instead of stacking a d × d state per mini-batch
+    W_N, z = scan_groups(run, W0, xs, remat_every or DUAL_GROUP)
+    z = jnp.moveaxis(z, 0, 2)  # (M, B, H, b, d_out) -> (B, H, M, b, d_out)
+    return from_minibatches(z, q.shape[2]), W_N
+
+
+def _dual_steps(learner, W0, fixed, xs, n, remat_every, unroll):
+    """The dual form with every mini-batch's whole step (keys, queries, update) in one scan step,
+    jax.checkpoint'ed (the backward recomputes a step from its carried state). W0 leaves (B, H,
+    ...); xs (q, k, v, eta) in (B, H, M, b, ·) layout. Returns (z (B, H, n, d_out), W_N)."""
+    q_m, k_m, v_m, eta_m = xs
+    dense, b = learner.dense, q_m.shape[-2]
     w1, b1 = dense[0]
     # (B, H, M, b, d) x (B, H, M, b, d) -> (B, H, M, b, b); η is already causally masked
     A1 = eta_m * jnp.einsum("...id,...jd->...ij", q_m, k_m)
@@ -205,37 +247,46 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
         def step(W, x):
             kq_m, v_in, eta_mb, A1_m = x  # (2b, d_in), (b, d_out), (b, b), (b, b)
             k_in, q_in = kq_m[:b], kq_m[b:]
-            Z1 = kq_m @ W[w1]  # (2b, d_in) @ (d_in, d_1) -> (2b, d_1)
+            Z1 = kq_m @ W[w1]  # (2b, d_in) @ (d_in, d_1) -> (2b, d_1): keys and queries at once
             if b1 is not None:
                 Z1 = Z1 + W[b1]
             G, Xk = _dual.key_gradients(learner, W, fixed_h, k_in, v_in, Z1[:b])
-            Xk = [k_in, *Xk]
-            eta_last = eta_mb[-1]  # (b,): the row that carries the state
-            W_next = dict(W)
-            Z = Z1[b:] - A1_m @ G[0]  # (b, b) @ (b, d_1) -> (b, d_1)
-            for l, (w_name, b_name) in enumerate(dense):
-                if l > 0:
-                    X = act(Z)  # (b, d_l): layer l's input at the answer states
-                    # η_ij X_l(q_i)·X_l(k_j): (b, d_l) @ (d_l, b) -> (b, b)
-                    A = eta_mb * (X @ Xk[l].T)
-                    if b_name is not None:
-                        A = A + eta_mb
-                    Z = X @ W[w_name] - A @ G[l]  # (b, b) @ (b, d_{l+1}) -> (b, d_{l+1})
-                    if b_name is not None:
-                        Z = Z + W[b_name]
-                # (b, d_l)ᵀ @ (b, d_{l+1}) -> (d_l, d_{l+1})
-                W_next[w_name] = W[w_name] - Xk[l].T @ jnp.einsum("b,bd->bd", eta_last, G[l])
-                if b_name is not None:
-                    W_next[b_name] = W[b_name] - eta_last @ G[l]  # (b,) @ (b, d_{l+1})
-            z = learner.post(q_in, Z, fixed_h) if learner.post is not None else Z
-            return _cast_like(W_next, W), z
+            z = _dual.query_side(learner, W, fixed_h, q_in, eta_mb, A1_m, G, Xk, Z1=Z1[b:])
+            W_next, _ = _dual.key_step(learner, W, fixed_h, k_in, v_in, eta_mb[-1], (G, Xk))
+            return W_next, z
 
-        # recompute the step in the backward from the carried W (see module docstring)
         step_remat = jax.checkpoint(step, prevent_cse=False)
         return scan_minibatches(step_remat, W0_h, xs_h, remat_every, unroll)
 
-    W_N, z = _map_heads(head, W0, fixed, per_sequence, (kq, v_m, eta_m, A1))  # z (B, H, M, b, ·)
-    return from_minibatches(z, q.shape[2]), W_N
+    W_N, z = _map_heads(head, W0, fixed, True, (kq, v_m, eta_m, A1))  # z (B, H, M, b, ·)
+    return from_minibatches(z, n), W_N
+
+
+def _pallas(kernel, learner, W0, q, v, mini_batch) -> bool:
+    """Whether `kernel` selects the fused kernel for this case (ValueError if "pallas" cannot)."""
+    if kernel == "xla":
+        return False
+    reason = kernel_unsupported(learner, W0, q.shape[-1], v.shape[-1], mini_batch, q.dtype)
+    if kernel == "pallas" and reason is not None:
+        raise ValueError(f"kernel='pallas': {reason}; use kernel='xla' or 'auto'")
+    return reason is None and (kernel == "pallas" or jax.default_backend() == "gpu")
+
+
+def _dual_minibatches(learner, fixed, unroll, W0, xs):
+    """The dual form over mini-batch-major inputs (M, B, H, ...) from W0 (B, H, ...) -> (W_N, z)."""
+    q_t, k_t, v_t, eta_t = xs  # (M, B, H, b, d_in) ×2, (M, B, H, b, d_out), (M, B, H, b, b)
+    e = eta_t[..., -1, :]  # (M, B, H, b): the η row that carries the state
+    Ws, W_N, G, Xk = _dual.state_scan(learner, unroll, W0, fixed, k_t, v_t, e)
+    # layer 1's b×b matrix needs no state: (M, B, H, b, d) x (M, B, H, b, d) -> (M, B, H, b, b)
+    A1 = eta_t * jnp.einsum("...id,...jd->...ij", q_t, k_t)
+    if learner.dense[0][1] is not None:
+        A1 = A1 + eta_t  # the bias's gradient enters every row with weight η_ij
+    answer = lambda W, f, q_, eta_, A_, G_, X_: _dual.query_side(learner, W, f, q_, eta_, A_, G_,
+                                                                 X_)
+    over_h = jax.vmap(answer, in_axes=(0, 0, 0, 0, 0, 0, 0))
+    over_bh = jax.vmap(over_h, in_axes=(0, None, 0, 0, 0, 0, 0))
+    over_all = jax.vmap(over_bh, in_axes=(0, None, 0, 0, 0, 0, 0))  # over M
+    return W_N, over_all(Ws, fixed, q_t, eta_t, A1, G, Xk)
 
 
 # ----------------------------------------------------------------------------- reference and API
@@ -287,17 +338,20 @@ def ttt_naive(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None):
 
 
 def ttt(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, unroll=1,
-        form="auto"):
+        form="auto", kernel="auto"):
     """Causal mini-batch TTT; form "auto" runs the dual form when the learner has a dense chain.
 
-    form: "auto" | "dual" | "primal". Shapes and results as ttt_primal.
+    form: "auto" | "dual" | "primal"; kernel: the dual form's "auto" | "xla" | "pallas" (see
+    ttt_dual; the primal form is XLA only). Shapes and results as ttt_primal.
     """
     checks.check_choice("form", form, FORMS)
+    checks.check_choice("kernel", kernel, KERNELS)
     if form == "auto":
         form = "dual" if getattr(learner, "dense", None) is not None else "primal"
-    fn = ttt_dual if form == "dual" else ttt_primal
     kwargs = dict(mini_batch=mini_batch, fixed=fixed, remat_every=remat_every, unroll=unroll)
-    return fn(learner, W0, q, k, v, eta, **kwargs)
+    if form == "dual":
+        return ttt_dual(learner, W0, q, k, v, eta, kernel=kernel, **kwargs)
+    return ttt_primal(learner, W0, q, k, v, eta, **kwargs)
 
 
 def ttt_decode_step(learner, W_start, G_acc, q_t, k_t, v_t, a_t, c_t, *, fixed=None):

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ttt.ops import checks
 from ttt.ops._scan import num_minibatches
@@ -64,6 +65,17 @@ def lr_gate(x, kernel, bias, dtype=None):
     return jax.nn.sigmoid(logits.astype(dtype) + bias.astype(dtype)[None, :, None])
 
 
+def positions(pos0, n: int, mini_batch: int):
+    """Positions inside the mini-batch of tokens pos0 … pos0 + n − 1 (absolute for mini_batch 0).
+
+    With a Python int pos0 (a training step or prefill) the result is a numpy array, so the RoPE
+    tables and η coefficients built from it are constants of the compiled program rather than
+    per-element recomputations; a traced pos0 (decoding) gives a traced array.
+    """
+    t = pos0 + np.arange(n)  # (n,) absolute positions
+    return t % mini_batch if mini_batch > 0 else t
+
+
 def lr_coefficients(positions, offset, scale):
     """c_i = scale · max(1/(i + 1) + offset_i, 0) for positions i inside the mini-batch.
 
@@ -96,21 +108,21 @@ def eta_rows(a, c, b: int):
 
 
 def forward(learner, W0, q, k, v, a, c, *, mini_batch: int, fixed=None, form="auto",
-            remat_every=0, unroll=1):
+            remat_every=0, unroll=1, kernel="auto"):
     """Training forward: z (B, H, N, d_out) and the state W_N after the last token.
 
     q, k (B, H, N, d_in); v (B, H, N, d_out); a (B, H, N) gates; c (N,) per-token coefficients
     (c at each token's position in its mini-batch); W0 leading H or (B, H); fixed leading H.
-    mini_batch: b, or 0 for one mini-batch spanning the sequence. form, remat_every, unroll: as
-    `ttt.ops.ttt.ttt`.
+    mini_batch: b, or 0 for one mini-batch spanning the sequence. form, remat_every, unroll,
+    kernel: as `ttt.ops.ttt.ttt`.
     """
     b = mini_batch or q.shape[2]
     return ttt(learner, W0, q, k, v, eta_rows(a, c, b), mini_batch=b, fixed=fixed,
-               remat_every=remat_every, unroll=unroll, form=form)
+               remat_every=remat_every, unroll=unroll, form=form, kernel=kernel)
 
 
 def prefill(learner, W0, q, k, v, a, c, *, mini_batch: int, fixed=None, form="auto",
-            remat_every=0, unroll=1):
+            remat_every=0, unroll=1, kernel="auto"):
     """Read a prompt from the start: z (B, H, N, d_out) and the TTTState after its N tokens.
 
     Whole mini-batches run through `forward`; the remaining N mod b tokens (all N when
@@ -124,7 +136,7 @@ def prefill(learner, W0, q, k, v, a, c, *, mini_batch: int, fixed=None, form="au
         head = lambda x: x[..., :n_full, :] if x.ndim == 4 else x[..., :n_full]
         z, W = forward(learner, W0, head(q), head(k), head(v), head(a), c[:n_full],
                        mini_batch=mini_batch, fixed=fixed, form=form, remat_every=remat_every,
-                       unroll=unroll)
+                       unroll=unroll, kernel=kernel)
         zs.append(z)
         state = TTTState(W, jax.tree_util.tree_map(jnp.zeros_like, W), jnp.asarray(n_full,
                                                                                   jnp.int32))
@@ -220,4 +232,4 @@ def inner_loss_stats(learner, W0, k, v, a, c, *, mini_batch: int, fixed=None, fo
 
 
 __all__ = ["TTTState", "eta_rows", "forward", "init_state", "inner_loss_stats", "lr_coefficients",
-           "lr_gate", "prefill", "step"]
+           "lr_gate", "positions", "prefill", "step"]
