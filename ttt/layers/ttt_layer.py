@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ttt.layers import common
-from ttt.ops import checks, learners, ttt_state
+from ttt.ops import checks, inner_opt, learners, ttt_state
 from ttt.ops._scan import GPU_UNROLL, default_unroll, scan_groups  # noqa: F401 (GPU_UNROLL)
 from ttt.ops.primitives import causal_conv, layer_norm, rope
 
@@ -46,8 +46,11 @@ class TTTMixer(nn.Module):
     checkpointed groups of that many mini-batches (memory of one group's activations and one state
     per group, for a second forward in the backward); unroll: mini-batch steps per loop iteration
     (None: `default_unroll()`, 8 on a GPU, 1 elsewhere); stats: the inner-loss diagnostics in aux
-    (one extra no-grad inner pass); init_scale; inner_out_init_scale: std of the last inner layer
-    (ttt-lm-jax: init_scale / sqrt(2 · layers) for TTT-MLP); dtype (compute), param_dtype.
+    (one extra no-grad inner pass; plain GD only); inner_opt: None (mini-batch GD, the dual/primal
+    fast paths) or an inner optimizer "sgd" | "momentum" | "muon" | "adam" with inner_beta (the
+    generic path `ttt.ops.inner_opt`, its state in the decode cache); init_scale;
+    inner_out_init_scale: std of the last inner layer (ttt-lm-jax: init_scale / sqrt(2 · layers)
+    for TTT-MLP); dtype (compute), param_dtype.
     """
 
     width: int
@@ -70,6 +73,8 @@ class TTTMixer(nn.Module):
     remat_every: int = 0
     unroll: int | None = None
     stats: bool = True
+    inner_opt: str | None = None
+    inner_beta: float = 0.9
     init_scale: float = common.DEFAULT_INIT_SCALE
     inner_out_init_scale: float | None = None
     dtype: Any = jnp.float32
@@ -80,6 +85,7 @@ class TTTMixer(nn.Module):
         checks.check_choice("learner", self.learner, LEARNERS)
         checks.check_choice("backbone", self.backbone, BACKBONES)
         checks.check_choice("form", self.form, FORMS)
+        checks.check_choice("inner_opt", self.inner_opt, (None, *inner_opt.OPTIMIZERS))
         checks.check_int("mini_batch", self.mini_batch, 0)  # 0 = the whole sequence
         checks.check_int("remat_every", self.remat_every, 0)
         checks.check_int("conv_width", self.conv_width, 1)
@@ -211,6 +217,10 @@ class TTTMixer(nn.Module):
         return y @ p["wo"].astype(dt)
 
     @nn.nowrap
+    def _machine(self):  # `ttt_state` (plain GD) or the inner optimizer's generic path
+        return inner_opt.machine(self.inner_opt, self.inner_beta)
+
+    @nn.nowrap
     def _state_options(self):
         unroll = default_unroll() if self.unroll is None else self.unroll
         return dict(mini_batch=self.mini_batch, form=self.form, unroll=unroll)
@@ -239,7 +249,7 @@ class TTTMixer(nn.Module):
 
     @nn.nowrap
     def _stats(self, p, k, v, a, c):
-        if not self.stats:
+        if not self.stats or self.inner_opt is not None:  # the diagnostics assume plain GD
             return {}
         return ttt_state.inner_loss_stats(self.make_learner(), p["W0"], k, v, a, c,
                                           fixed=p["ttt_norm"], mini_batch=self.mini_batch,
@@ -252,20 +262,21 @@ class TTTMixer(nn.Module):
         del train
         checks.check_input(type(self).__name__, x, self.width)
         p = self._params()
-        if 0 < self.remat_every * self.mini_batch < x.shape[1]:
+        if 0 < self.remat_every * self.mini_batch < x.shape[1] and self.inner_opt is None:
             y = self._grouped(p, x, ttt_lr_mult)
             if not self.stats:
                 return y, {}
             _, k, v, a, c, _ = self._inputs(p, x, ttt_lr_mult)  # for the diagnostics only
             return y, self._stats(p, k, v, a, c)
         q, k, v, a, c, _ = self._inputs(p, x, ttt_lr_mult)
-        z, _ = ttt_state.forward(self.make_learner(), p["W0"], q, k, v, a, c, fixed=p["ttt_norm"],
-                                 remat_every=self.remat_every, **self._state_options())
+        z, _ = self._machine().forward(self.make_learner(), p["W0"], q, k, v, a, c,
+                                       fixed=p["ttt_norm"], remat_every=self.remat_every,
+                                       **self._state_options())
         return self._output(p, x, z), self._stats(p, k, v, a, c)
 
     def init_cache(self, batch_size: int, dtype=None):
         """Empty decode cache {"W", "G": (B, H, ...), "pos": int32 [, "conv": (B, w−1, C)]}."""
-        cache = ttt_state.init_state(self._params()["W0"], batch_size)._asdict()
+        cache = self._machine().init_state(self._params()["W0"], batch_size)._asdict()
         if self.backbone == "mamba":
             cache["conv"] = jnp.zeros((batch_size, self.conv_width - 1, self.width),
                                       dtype or self.dtype)
@@ -276,9 +287,9 @@ class TTTMixer(nn.Module):
         checks.check_input(type(self).__name__, x, self.width)
         p = self._params()
         q, k, v, a, c, tail = self._inputs(p, x, ttt_lr_mult)
-        z, state = ttt_state.prefill(self.make_learner(), p["W0"], q, k, v, a, c,
-                                     fixed=p["ttt_norm"], remat_every=self.remat_every,
-                                     **self._state_options())
+        z, state = self._machine().prefill(self.make_learner(), p["W0"], q, k, v, a, c,
+                                           fixed=p["ttt_norm"], remat_every=self.remat_every,
+                                           **self._state_options())
         cache = state._asdict()
         if tail is not None:
             cache["conv"] = tail.astype(self.dtype)
@@ -286,16 +297,17 @@ class TTTMixer(nn.Module):
 
     def step(self, x_t, cache, *, ttt_lr_mult=1.0):
         """One token x_t (B, 1, C) -> (y_t (B, 1, C), cache)."""
-        keys = ("W", "G", "pos", "conv") if self.backbone == "mamba" else ("W", "G", "pos")
+        State = getattr(self._machine(), "State", ttt_state.TTTState)
+        keys = State._fields + (("conv",) if self.backbone == "mamba" else ())
         checks.check_step(type(self).__name__, x_t, cache, keys, self.width)
         if (lead := jax.tree_util.tree_leaves(cache["W"])[0].shape[:2])[0] != x_t.shape[0]:
             raise ValueError(f"cache: built for (batch, heads) = {lead}, x_t has batch {len(x_t)}")
         p = self._params()
         q, k, v, a, c, tail = self._inputs(p, x_t, ttt_lr_mult, cache["pos"], cache.get("conv"))
-        state = ttt_state.TTTState(cache["W"], cache["G"], cache["pos"])
-        z_t, state = ttt_state.step(self.make_learner(), state, q[:, :, 0], k[:, :, 0],
-                                    v[:, :, 0], a[:, :, 0], c[0], fixed=p["ttt_norm"],
-                                    mini_batch=self.mini_batch)
+        state = State(*(cache[f] for f in State._fields))
+        z_t, state = self._machine().step(self.make_learner(), state, q[:, :, 0], k[:, :, 0],
+                                          v[:, :, 0], a[:, :, 0], c[0], fixed=p["ttt_norm"],
+                                          mini_batch=self.mini_batch)
         new_cache = state._asdict()
         if tail is not None:
             new_cache["conv"] = tail.astype(cache["conv"].dtype)
