@@ -53,7 +53,7 @@ def test_bench_tiny_run_writes_json_table_and_plot(tmp_path):
     assert [(d["mixer"], d["context"]) for d in data["decode"]] == [
         ("ttt_linear", 32), ("linattn_chunked", 32)]
     names = [t["target"] for t in data["targets"]]
-    assert len(names) == 14 and all(set(t) >= {"value", "limit", "ok"} for t in data["targets"])
+    assert len(names) == 16 and all(set(t) >= {"value", "limit", "ok"} for t in data["targets"])
     md = (out / "bench.md").read_text()
     assert "| mixer | N | fwd ms | fwd+bwd ms |" in md and "| ttt_linear | 32 |" in md
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"

@@ -249,3 +249,33 @@ def test_noncausal_layer_sees_the_future_and_has_no_decode():
     assert rel_err(y2[:, 0], y[:, 0]) > 1e-5  # the last token updates the weights every query reads
     with pytest.raises(ValueError, match="non-causal"):
         layer.apply(p, 2, method="init_cache")
+
+
+# ----------------------------------------------------------------------------- configs and bench
+
+
+def test_lm_presets_keep_lact_proportions_and_the_bench_rows_run():
+    from experiments import bench, bench_report, lm
+    from ttt.config import validate
+    from ttt.models import build_model, param_count
+
+    for preset, ctx, chunk in (("125m", "2k", 512), ("350m", "8k", 2048), ("1.3b", "32k", 2048)):
+        config = lm.get_config(f"lact,{preset},ctx={ctx},paper,opt=momentum")
+        assert dict(config.model.mixer_kwargs) == {"chunk": chunk, "window": chunk,
+                                                   "inner_opt": "momentum"}
+        validate(config, num_devices=8, process_count=1)
+    config = lm.get_config("lact,125m")
+    with config.unlocked():
+        config.model.vocab_size = 32000
+    model = build_model(config.model)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    count = param_count(jax.eval_shape(model.init, jax.random.PRNGKey(0), ids))
+    assert 0.9e8 < count < 1.9e8, count  # a 125M-class model: 12 layers of 768, vocabulary 32k
+    assert lm.get_config("lact,cpu").model.mixer_kwargs.chunk == 32
+    with pytest.raises(ValueError, match="no inner optimizer"):
+        lm.get_config("softmax,opt=muon")
+    row = bench.measure_layer("lact", 32, 1, width=32, heads=2)
+    assert row["fb_s"] > 0 and row["fwd_peak_bytes"] > 0
+    assert bench.measure_decode("lact", 64, 1, width=32, heads=2)["step_s"] > 0
+    names = [t["target"] for t in bench_report.targets({"layers": []})]
+    assert any(n.startswith("lact (chunk 2048)") for n in names)
