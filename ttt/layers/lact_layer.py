@@ -37,15 +37,40 @@ from ttt.ops import lact as lact_ops
 from ttt.ops.primitives import rope
 
 NORM_EPS = 1e-6
+# Every product with a per-row or per-feature factor is an einsum: their gradients are then dots,
+# not the reduce-of-a-product kernels XLA:CPU runs many times slower (as in `ttt.ops.primitives`).
+_rows = lambda x, s: jnp.einsum("...d,...->...d", x, s)  # x (..., d) ⊙ s (...,) per row
+_sq = lambda x: jnp.einsum("...d,...d->...", x, x)  # Σ_d x² per row
+
+
+@jax.custom_vjp
+def _cols(x, s):
+    """x (..., d) ⊙ s (d,) per feature. Its backward sums over the tokens with a matrix-vector
+    product (1's (M,) @ (dy ⊙ x) (M, d)), which XLA:CPU runs far faster than a reduce over the
+    major axes and needs no transpose (an einsum's batch dimension would)."""
+    return x * s
+
+
+def _cols_fwd(x, s):
+    return x * s, (x, s)
+
+
+def _cols_bwd(res, dy):
+    x, s = res
+    flat = (dy * x).reshape(-1, x.shape[-1])  # (M, d)
+    return dy * s, (jnp.ones((flat.shape[0],), flat.dtype) @ flat).astype(s.dtype)
+
+
+_cols.defvjp(_cols_fwd, _cols_bwd)
 
 
 def _rms_norm(x, scale):
     """x / sqrt(mean(x²) + eps) · scale over the last axis."""
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + NORM_EPS) * scale
+    return _cols(_rows(x, jax.lax.rsqrt(_sq(x) / x.shape[-1] + NORM_EPS)), scale)
 
 
 def _l2(x):
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-10)
+    return _rows(x, jax.lax.rsqrt(_sq(x) + 1e-10))
 
 
 def _inv_softplus(y: float) -> float:
@@ -58,7 +83,7 @@ class LaCTMixer(nn.Module):
     width, num_heads: C and the attention heads H (head dim C / H); fw_heads H_f (fast-weight head
     dim d_f = C / H_f); fw_hidden: SwiGLU hidden width / d_f; chunk: tokens per fast-weight update;
     window: attention window (None = chunk, 0 = no attention branch); attn_block: query block of
-    the window attention (None: min(window, 512)); causal; inner_opt "sgd" | "momentum" | "muon" |
+    the window attention (None: min(window, 128)); causal; inner_opt "sgd" | "momentum" | "muon" |
     "adam" (`ttt.ops.inner_opt.make`); learn_momentum: β per chunk from the tokens (LaCT), else
     inner_beta (momentum, muon; Adam's b1); loss "dot" (LaCT) | "mse"; weight_norm; base_lr: the
     per-token η at zero logits; qk_norm (RMSNorm of q, k); rope, rope_theta, fw_rope (RoPE on the
@@ -173,8 +198,8 @@ class LaCTMixer(nn.Module):
         if self.rope:
             attn[0], attn[1] = (rope(y, t, self.rope_theta) for y in attn[:2])
         scale, offset = p["qk_scale"].astype(idt), p["qk_offset"].astype(idt)
-        fq = jax.nn.silu(q * scale[:, 0] + offset[:, 0])
-        fk = jax.nn.silu(k * scale[:, 1] + offset[:, 1])
+        fq = jax.nn.silu(_cols(q, scale[:, 0]) + offset[:, 0])
+        fk = jax.nn.silu(_cols(k, scale[:, 1]) + offset[:, 1])
         fq, fk, fv = (common.split_heads(y, Hf) for y in (fq, fk, jax.nn.silu(v)))
         fq, fk = _l2(fq), _l2(fk)
         if self.rope and self.fw_rope:
@@ -199,7 +224,7 @@ class LaCTMixer(nn.Module):
         if self.ttt_scale:
             s = p["ttt_scale"]
             gain = jax.nn.silu(x.astype(idt) @ s["kernel"].astype(idt) + s["bias"].astype(idt))
-            z = z * jnp.moveaxis(gain, 1, 2)[..., None]  # (B, H_f, N, 1)
+            z = _rows(z, jnp.moveaxis(gain, 1, 2))  # (B, H_f, N, d_f) ⊙ (B, H_f, N)
         y = common.merge_heads(z)
         if z_attn is not None:
             y = y + common.merge_heads(z_attn)

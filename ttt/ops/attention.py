@@ -11,6 +11,9 @@
   across chunks by `lax.scan`; the fast form). Non-causal uses one global state (design.md §7.1).
 - `linear_attention_decode_step`: one token of the recurrent form; a loop of it reproduces the
   causal forward.
+- `window_attention`: sliding-window softmax attention in O(N w) (LaCT's branch for the order
+  inside a chunk, docs/design.md §14.5), blocked with a flash-attention backward;
+  `window_attention_decode_step` / `window_cache` decode it over a ring buffer of the last w keys.
 
 Notable choices: the adaptive normaliser adds `eps` to the denominator (φ = identity can make it
 vanish); "constant" divides by the number of tokens summed (t+1 causal, N non-causal), which is
@@ -283,9 +286,6 @@ def linear_attention_decode_step(
 # ----------------------------------------------------------------------------- sliding window
 
 
-PER_HEAD = True
-
-
 def _window_reach(window: int, block: int) -> int:
     """Key blocks before (and, non-causal, after) a query block that a window of w can reach."""
     return -(-(window - 1) // block)
@@ -297,7 +297,7 @@ def window_attention(q, k, v, *, window: int, causal: bool = True, block: int | 
     |t − s| < w (non-causal), w = `window`; scale defaults to 1/√d.
 
     q, k: (B, H, N, d); v: (B, H, N, dv) -> z (B, H, N, dv). Work and memory are O(N w), not
-    O(N²): queries go in blocks of `block` tokens (default min(w, 512)), each block against the
+    O(N²): queries go in blocks of `block` tokens (default min(w, 128)), each block against the
     keys of the blocks its window reaches (w + block − 1 keys causal), one block at a time in a
     `lax.scan`. The backward is flash attention's: only z and each query's log-sum-exp are kept,
     and one block's probabilities are recomputed at a time (never N × (w + block) of them).
@@ -308,13 +308,7 @@ def window_attention(q, k, v, *, window: int, causal: bool = True, block: int | 
     block = min(window, 128) if block is None else block
     checks.check_int("block", block, 1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not PER_HEAD:
-        return _window_attention(q, k, v, window, causal, block, scale)
-    B, H, N, _ = q.shape
-    flat = lambda x: x.reshape(B * H, 1, 1, N, x.shape[-1])  # one (sequence, head) at a time
-    z = jax.lax.map(lambda xs: _window_attention(*xs, window, causal, block, scale),
-                    (flat(q), flat(k), flat(v)))  # (B·H, 1, 1, N, dv)
-    return z.reshape(B, H, N, -1)
+    return _window_attention(q, k, v, window, causal, block, scale)
 
 
 class _Blocks(NamedTuple):
