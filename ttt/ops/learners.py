@@ -219,22 +219,30 @@ def swiglu(hidden_factor: float = 1.0, init_scale: float | None = None) -> Learn
                 "W2": std_h * jax.random.normal(k2, (h, d_in)),
                 "W3": std_in * jax.random.normal(k3, (d_in, h))}
 
+    def gate_and_up(W, x):
+        """(x W1, x W3) as one matmul with [W1 | W3] (d_in, 2h): one large product, not two."""
+        h = W["W1"].shape[-1]
+        ZY = x @ jnp.concatenate([W["W1"], W["W3"]], axis=-1)  # (..., 2h)
+        return ZY[..., :h], ZY[..., h:]
+
     def apply(W, x, fixed=None):
         del fixed
-        hidden = jax.nn.silu(x @ W["W1"]) * (x @ W["W3"])  # (..., h)
-        return hidden @ W["W2"]  # (..., d_in)
+        Z, Y = gate_and_up(W, x)
+        return (jax.nn.silu(Z) * Y) @ W["W2"]  # (..., h) @ (h, d_in)
 
     def grads(W, fixed, k, v, lr, loss):
         del fixed
         lam = lr if isinstance(lr, dict) else {"W1": lr, "W2": lr, "W3": lr}
         rows = lambda name, x: jnp.einsum("n,nd->nd", lam[name].astype(x.dtype), x)
-        Z, Y = k @ W["W1"], k @ W["W3"]  # (n, d_in) @ (d_in, h) -> (n, h)
+        Z, Y = gate_and_up(W, k)  # (n, h) each
         s = jax.nn.silu(Z)
         H = s * Y  # (n, h)
         D = _loss_cotangent(H @ W["W2"] if loss == "mse" else None, v, loss)  # (n, d_out)
         E = D @ W["W2"].T  # (n, d_out) @ (d_out, h) -> (n, h)
-        return {"W1": k.T @ rows("W1", E * Y * silu_slope(Z)),  # (d_in, n) @ (n, h)
-                "W2": H.T @ rows("W2", D),  # (h, n) @ (n, d_out)
-                "W3": k.T @ rows("W3", E * s)}
+        # [∂W1 | ∂W3] = kᵀ [λ1 ⊙ E ⊙ Y ⊙ silu'(Z) | λ3 ⊙ E ⊙ silu(Z)]: (d_in, n) @ (n, 2h)
+        g13 = k.T @ jnp.concatenate([rows("W1", E * Y * silu_slope(Z)), rows("W3", E * s)],
+                                    axis=-1)
+        h = Z.shape[-1]
+        return {"W1": g13[:, :h], "W2": H.T @ rows("W2", D), "W3": g13[:, h:]}
 
     return Learner("swiglu", init, apply, grads=grads)
