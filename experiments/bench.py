@@ -66,8 +66,10 @@ LABELS: dict[str, tuple[str, dict]] = {
     "linattn_chunked": ("linear_attention", dict(form="chunked")),
     "linattn_cumsum": ("linear_attention", dict(form="cumsum")),
     "softmax": ("softmax", {}),
+    "lact": ("lact", dict(chunk=2048)),  # LaCT: muon, learned momentum, window 2048, 4 fw heads
+    "lact_sgd": ("lact", dict(chunk=2048, inner_opt="sgd")),  # the same with plain inner GD
 }
-DECODE_LABELS = ("ttt_linear", "ttt_mlp", "linattn_chunked", "softmax")
+DECODE_LABELS = ("ttt_linear", "ttt_mlp", "linattn_chunked", "softmax", "lact")
 BATCH_LABELS = (BASELINE, "ttt_linear", "ttt_linear_pallas")  # the batch-8 rows
 GiB = 2.0**30
 

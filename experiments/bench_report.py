@@ -116,6 +116,12 @@ def targets(result: dict) -> list[dict]:
     r8 = _find(rows, mixer=fast("ttt_linear"), N=8192)
     out.append(_t(f"{fast('ttt_linear')} fwd+bwd % of matmul ceiling at N=8k",
                   r8["pct_ceiling_fb"] if r8 else None, 45.0, ">="))
+    r8 = _find(rows, mixer="lact", N=8192)
+    out.append(_t("lact (chunk 2048) fwd+bwd % of matmul ceiling at N=8k",
+                  r8["pct_ceiling_fb"] if r8 else None, 60.0, ">="))
+    a, b = per_tok("lact", 32768), per_tok("lact", 2048)
+    out.append(_t("lact fwd+bwd time/token at N=32k / at N=2k",
+                  None if a is None or b is None else a / b, 1.1))
     remat = result.get("remat") or []
     if len(remat) == 2 and remat[0]["fb_peak_bytes"] and remat[1]["fb_peak_bytes"]:
         value = remat[1]["fb_peak_bytes"] / remat[0]["fb_peak_bytes"]

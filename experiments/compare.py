@@ -43,7 +43,7 @@ MQAR_DEMO = ((64, 4), (64, 16))  # (sequence length, key-value pairs)
 # preset -> [(group, name, "experiments/<file>.py:<arg>")]
 PRESETS: dict[str, list[tuple[str, str, str]]] = {
     "demo": (
-        [("lm", m, f"experiments/lm.py:{m},cpu") for m in FOUR]
+        [("lm", m, f"experiments/lm.py:{m},cpu") for m in (*FOUR, "lact")]
         + [("mqar", f"{m}_n{n}_kv{kv}", f"experiments/mqar.py:{m},n={n},kv={kv},cpu")
            for n, kv in MQAR_DEMO for m in FOUR]
         + [("ladder", f"{i + 1}_{r}", f"experiments/ablation.py:{r},cpu")

@@ -10,7 +10,7 @@ variants beat Mamba and, with the Mamba backbone, match or beat the Transformer;
 
 Argument: comma-separated tokens, any order (`experiments/args.py`; anything else is an error).
   <mixer>    a causal mixer of the registry (default ttt_linear): ttt_linear, ttt_mlp,
-             ttt_linear_mamba, ttt_mlp_mamba, linear_attention, softmax
+             ttt_linear_mamba, ttt_mlp_mamba, linear_attention, softmax, lact
   <preset>   model size from ttt.models.PRESETS["lm"] (default tiny): tiny, 125m, 350m, 760m, 1.3b
   smoke      shrink everything so a run takes seconds on a CPU (4 steps, batch 8, 64 tokens)
   cpu        2-core CPU scale on the embedded corpus: tiny model, 128-byte contexts, 200 steps of
@@ -22,6 +22,13 @@ Argument: comma-separated tokens, any order (`experiments/args.py`; anything els
              1.3b 26B tokens), AdamW(0.9, 0.95), wd 0.1, clip 1.0, 10% warm-up then cosine to
              1e-5, bfloat16 compute, rematerialised blocks, FSDP over a device mesh
   books      with `paper`: Books3 instead of the Pile (the long-context runs; ctx up to 32k)
+  opt=<name> the inner optimizer of a TTT or LaCT mixer: sgd | momentum | muon | adam
+             (`ttt.ops.inner_opt`; default: plain mini-batch GD for TTT, muon for LaCT)
+
+LaCT (`lact`) keeps LaCT's proportions at every size: 4 fast-weight heads with a SwiGLU hidden
+width equal to their head dim beside the preset's attention heads, and one fast-weight update per
+chunk of min(2048, ctx / 4) tokens with a sliding window of the same length (2048 from ctx 8k on;
+512 at 2k; 32 at the cpu scale's 128).
 
 Data: the embedded standard-library text corpus with the byte tokenizer (no download); `paper`
 reads a prepared tfds dataset (`data.dataset`, `data.data_dir`) and `data.tokenizer` must point
@@ -44,19 +51,21 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
-from experiments.args import Grammar, mixer_names, tokens, unset
+from experiments.args import Grammar, mixer_names, one_of, tokens, unset
 from ttt import layers
+from ttt.ops.inner_opt import OPTIMIZERS
 
 PRESETS = ("tiny", "125m", "350m", "760m", "1.3b")
 PEAK_LR = {"tiny": 3e-3, "125m": 3e-3, "350m": 1.5e-3, "760m": 1.25e-3, "1.3b": 1e-3}
 PAPER_TOKENS = {"tiny": 2**24, "125m": 2.5e9, "350m": 7e9, "760m": 15e9, "1.3b": 26e9}
 TOKENS_PER_STEP = 2**19  # 0.5M tokens per optimizer step (paper §3 / ttt-lm-jax scripts)
 MIXERS = ("ttt_linear", "ttt_mlp", "ttt_linear_mamba", "ttt_mlp_mamba", "linear_attention",
-          "softmax")
+          "softmax", "lact")
 CONTEXTS = {"pile": (2048, 8192), "books": (2048, 8192, 32768)}
 GRAMMAR = Grammar("lm", names=mixer_names(causal_only=True), default="ttt_linear",
                   name_label="causal mixers", flags=("smoke", "cpu", "paper", "books"),
-                  presets=PRESETS, preset_default="tiny", options={"ctx": tokens})
+                  presets=PRESETS, preset_default="tiny",
+                  options={"ctx": tokens, "opt": one_of(*OPTIMIZERS)})
 
 
 def ttt_mlp_recipe(mixer: str) -> bool:
@@ -124,6 +133,14 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         _cpu(c, a)
     if "cache_size" in layers.accepted_kwargs(a["mixer"]):  # the KV cache holds a whole context
         c.model.mixer_kwargs = {"cache_size": max(int(c.data.seq_len), 2048)}
+    if layers.MIXERS[a["mixer"]].module is layers.LaCTMixer:  # LaCT's chunk : context proportion
+        chunk = min(2048, max(int(c.data.seq_len) // 4, 1))
+        c.model.mixer_kwargs = {"chunk": chunk, "window": chunk}
+    if a["opt"]:
+        if "inner_opt" not in layers.accepted_kwargs(a["mixer"]):
+            raise ValueError(f"lm config: opt={a['opt']}: mixer {a['mixer']!r} has no inner "
+                             "optimizer; use a TTT mixer or lact")
+        c.model.mixer_kwargs = {**c.model.mixer_kwargs, "inner_opt": a["opt"]}
     return mlc.ConfigDict(c)
 
 

@@ -18,7 +18,7 @@ from conftest import assert_close, rel_err
 from ttt.layers import accepted_kwargs
 from ttt.models import build_model, generate
 
-CAUSAL = ["ttt_linear", "ttt_mlp", "ttt_linear_mamba", "softmax", "linear_attention"]
+CAUSAL = ["ttt_linear", "ttt_mlp", "ttt_linear_mamba", "softmax", "linear_attention", "lact"]
 B, N, V, MB = 2, 12, 32, 4  # batch, sequence, vocab, TTT mini-batch b
 
 
@@ -26,6 +26,8 @@ def config(mixer: str, dtype: str = "float32") -> ml_collections.ConfigDict:
     kw = {"mini_batch": MB} if "mini_batch" in accepted_kwargs(mixer) else {}
     if "cache_size" in accepted_kwargs(mixer):
         kw["cache_size"] = 16
+    if "chunk" in accepted_kwargs(mixer):  # LaCT: chunks of b, a window shorter than a chunk
+        kw.update(chunk=MB, window=3, fw_heads=2)
     return ml_collections.ConfigDict(dict(
         kind="lm", preset="tiny", mixer=mixer, mixer_kwargs=kw, dtype=dtype, scan_layers=True,
         remat="none", vocab_size=V, width=16, num_heads=2, ffn_dim=32))

@@ -18,6 +18,7 @@ import pytest
 from ttt.config import ConfigError, validate
 from ttt.layers import (
     MIXERS,
+    LaCTMixer,
     SoftmaxAttention,
     TTTMixer,
     forward_flops,
@@ -139,12 +140,15 @@ def test_mttt_state_size_is_the_inner_weights(name):
 
 @pytest.mark.parametrize("name", list(MIXERS))
 def test_flops_are_positive_and_scale_with_N(name):
-    f = lambda n, **kw: forward_flops(name, n, 64, 4, **kw)
+    windowed = MIXERS[name].module is LaCTMixer  # chunks and the attention window: 64 tokens
+    f = lambda n, **kw: forward_flops(name, n, 64, 4, **(dict(chunk=64) if windowed else {}), **kw)
     n = 256  # a multiple of the mini-batch and of the chunk
     a, b, c = f(n), f(2 * n), f(4 * n)
     assert a > 0
     if MIXERS[name].module is SoftmaxAttention:  # the N×N scores: a pure N² term on top
         assert b - 2 * a > 0 and c - 2 * b == pytest.approx(4 * (b - 2 * a))
+    elif windowed:  # affine past the first window (its first queries see fewer keys)
+        assert c - b == pytest.approx(2 * (b - a)) and b > 2 * a
     else:  # recurrent (and MTTT): linear in N
         assert b == pytest.approx(2 * a) and c == pytest.approx(4 * a)
 

@@ -7,6 +7,7 @@ x (B, N, C) -> (y (B, N, C), aux) and the causal ones decode with init_cache / p
 
 from ttt.layers.attention import LinearAttention, SoftmaxAttention
 from ttt.layers.common import CausalConv, LayerNorm
+from ttt.layers.lact_layer import LaCTMixer
 from ttt.layers.mttt_layer import MTTTMixer
 from ttt.layers.registry import (
     MIXERS,
@@ -22,6 +23,7 @@ from ttt.layers.ttt_layer import TTTMixer
 __all__ = [
     "MIXERS",
     "CausalConv",
+    "LaCTMixer",
     "LayerNorm",
     "LinearAttention",
     "MTTTMixer",

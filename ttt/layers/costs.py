@@ -33,10 +33,21 @@ RoPE, sigmoid gates, softmax) is left out: it is O(N C) against the O(N C²) of 
   ("sgd": the full-set loss, plus forward and backward on its chunk of ⌈N/T⌉ tokens); then the
   loss at W_T and the answers f(ψ(x); W_T).
 
+- LaCT (`lact`, H_f fast-weight heads of d_f = C / H_f, SwiGLU hidden h, chunk n, window w):
+  one (C, 3C) projection and Wo (as four C→C maps); the η (3 H_f), momentum (H_f) and output
+  scale (H_f) logits; per fast-weight head and token 18 d_f h (queries through W1, W3, W2: 6 d_f h;
+  keys through W1, W3: 4 d_f h; E = D W2ᵀ: 2 d_f h; the three weight gradients: 6 d_f h; the
+  squared-error loss also needs the keys' output: + 2 d_f h); Muon adds, per completed chunk and
+  weight matrix (m ≤ n its sides), 5 Newton–Schulz steps of 4 m² n + 2 m³; the window attention
+  counts the (query, key) pairs the window holds, 4 (C / H) per pair and head (QKᵀ and PV): the
+  math, not the blocked implementation's masked padding (w + block − 1 keys per query block).
+
 State sizes are floats per layer per sequence (what a recurrent model carries from token to
 token; the x-axis of the MQAR comparison): TTT, the inner model's weights (and biases) over all
 heads; linear attention, S = Σ φ(k) vᵀ (and s = Σ φ(k) when normalised); softmax attention, the
-KV cache of N tokens, 2 N C; MTTT, the inner model's weights (rebuilt for every sequence).
+KV cache of N tokens, 2 N C; MTTT, the inner model's weights (rebuilt for every sequence); LaCT,
+the fast weights, the inner optimizer's state (momentum / Muon one copy of them, Adam two) and the
+window's KV cache, 2 min(w, N) C.
 """
 
 from __future__ import annotations
@@ -114,6 +125,41 @@ def ttt_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
     return flops
 
 
+def window_pairs(N: int, w: int, causal: bool = True) -> int:
+    """(query, key) pairs a sliding window of w holds over N tokens: Σ_t min(t + 1, w) causal,
+    keys with |t − s| < w non-causal."""
+    one_side = N * (N + 1) // 2 if N <= w else w * (w + 1) // 2 + (N - w) * w
+    return one_side if causal else 2 * one_side - N
+
+
+def lact_dims(C: int, attrs: Mapping) -> tuple[int, int, int]:
+    """(H_f, d_f, h): fast-weight heads, their width and the SwiGLU hidden width."""
+    Hf = attrs["fw_heads"]
+    d = C // Hf
+    return Hf, d, max(int(round(attrs["fw_hidden"] * d)), 1)
+
+
+def newton_schulz_flops(m: int, n: int, steps: int = 5) -> float:
+    """FLOPs of `steps` Newton–Schulz steps on an m × n matrix (A = X Xᵀ, A², (bA + cA²) X)."""
+    m, n = min(m, n), max(m, n)
+    return steps * (4.0 * m * m * n + 2.0 * m**3)
+
+
+def lact_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
+    Hf, d, h = lact_dims(C, attrs)
+    learned = attrs["learn_momentum"] and attrs["inner_opt"] in ("momentum", "muon")
+    logits = 3 * Hf + (Hf if learned else 0) + (Hf if attrs["ttt_scale"] else 0)
+    flops = dense(N, C) + 2.0 * N * C * logits
+    flops += Hf * N * (18.0 if attrs["loss"] == "dot" else 20.0) * d * h
+    if attrs["inner_opt"] == "muon":
+        updates = N // attrs["chunk"] if attrs["causal"] else -(-N // attrs["chunk"])
+        flops += Hf * updates * (2 * newton_schulz_flops(d, h) + newton_schulz_flops(h, d))
+    w = attrs["chunk"] if attrs["window"] is None else attrs["window"]
+    if w:
+        flops += 4.0 * C * window_pairs(N, w, attrs["causal"])  # H heads of C / H
+    return flops
+
+
 def mttt_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
     dh = C // H
     layers = inner_layers(dh, attrs["learner"], attrs["mlp_factor"])
@@ -149,3 +195,10 @@ def ttt_state(C: int, H: int, attrs: Mapping, N: int) -> int:
 def mttt_state(C: int, H: int, attrs: Mapping, N: int) -> int:
     layers = inner_layers(C // H, attrs["learner"], attrs["mlp_factor"])
     return H * inner_floats(layers, attrs["inner_bias"])
+
+
+def lact_state(C: int, H: int, attrs: Mapping, N: int) -> int:
+    Hf, d, h = lact_dims(C, attrs)
+    copies = {"sgd": 1, "momentum": 2, "muon": 2, "adam": 3}[attrs["inner_opt"]]
+    w = attrs["chunk"] if attrs["window"] is None else attrs["window"]
+    return copies * Hf * 3 * d * h + 2 * min(w, N) * C

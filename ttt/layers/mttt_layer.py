@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from ttt.layers import common
-from ttt.ops import checks, learners
+from ttt.ops import checks, inner_opt, learners
 from ttt.ops import mttt as mttt_ops
 from ttt.ops.primitives import layer_norm
 
@@ -48,7 +48,9 @@ class MTTTMixer(nn.Module):
     Attributes: width, num_heads (d_h = C / H); learner "linear" (u W0 + b0) or "mlp"
     (gelu_tanh(u W0 + b0) W1 + b1, hidden mlp_factor·d_h); learn_W0 (None = learned for "mlp",
     zero for "linear"); inner_bias; steps T; lrs (T learning rates, default all 1.0); mode "gd" or
-    "sgd"; decoder_ln (per-head LayerNorm over C in the decoder); dtype; param_dtype.
+    "sgd"; decoder_ln (per-head LayerNorm over C in the decoder); inner_opt: None (GD) or an inner
+    optimizer "sgd" | "momentum" | "muon" | "adam" with inner_beta (`ttt.ops.inner_opt.make`; the
+    steps then add η_t times its update); dtype; param_dtype.
     """
 
     width: int
@@ -61,6 +63,8 @@ class MTTTMixer(nn.Module):
     mode: str = "gd"
     decoder_ln: bool = True
     mlp_factor: int = 4
+    inner_opt: str | None = None
+    inner_beta: float = 0.9
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -68,6 +72,7 @@ class MTTTMixer(nn.Module):
         checks.check_heads(type(self).__name__, self.width, self.num_heads, even_head_dim=False)
         checks.check_choice("learner", self.learner, LEARNERS)
         checks.check_choice("mode", self.mode, MODES)
+        checks.check_choice("inner_opt", self.inner_opt, (None, *inner_opt.OPTIMIZERS))
         if not (isinstance(self.steps, int) and self.steps >= 0):
             raise ValueError(f"steps: expected an int >= 0 (T), got {self.steps!r}")
         if self.lrs is not None and len(self.lrs) != self.steps:
@@ -143,6 +148,8 @@ class MTTTMixer(nn.Module):
             mode=self.mode,
             key=self._key(train),
             loss_norm=float(dh),
+            inner_opt=None if self.inner_opt is None else inner_opt.make(self.inner_opt,
+                                                                         beta=self.inner_beta),
         )
         # (B, H, N, dh) x (H, dh, C) -> (B, N, C): per-head outputs summed over heads
         y = jnp.einsum("bhnd,hdc->bnc", z.astype(dt), h["kernel"].astype(dt)) + h_bias.astype(dt)

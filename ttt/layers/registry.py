@@ -22,6 +22,7 @@ import flax.linen as nn
 
 from ttt.layers import costs
 from ttt.layers.attention import LinearAttention, SoftmaxAttention
+from ttt.layers.lact_layer import LaCTMixer
 from ttt.layers.mttt_layer import MTTTMixer
 from ttt.layers.ttt_layer import TTTMixer
 
@@ -86,7 +87,8 @@ class MixerSpec:
 _COSTS = {TTTMixer: (costs.ttt_state, costs.ttt_flops),
           MTTTMixer: (costs.mttt_state, costs.mttt_flops),
           LinearAttention: (costs.linear_attention_state, costs.linear_attention_flops),
-          SoftmaxAttention: (costs.softmax_state, costs.softmax_flops)}
+          SoftmaxAttention: (costs.softmax_state, costs.softmax_flops),
+          LaCTMixer: (costs.lact_state, costs.lact_flops)}
 
 
 def _spec(name, module, defaults, *, causal, pre_conv=_never, noncausal=None):
@@ -109,6 +111,7 @@ MIXERS: dict[str, MixerSpec] = dict([
           noncausal="linear_attention_noncausal"),
     _spec("softmax", SoftmaxAttention, {"causal": True}, causal=True,
           noncausal="softmax_noncausal"),
+    _spec("lact", LaCTMixer, {"causal": True}, causal=True, noncausal="lact_noncausal"),
     _spec("mttt_linear", MTTTMixer, {"learner": "linear"}, causal=False),
     _spec("mttt_mlp", MTTTMixer, {"learner": "mlp"}, causal=False),
     _spec("linear_attention_noncausal", LinearAttention,
@@ -116,6 +119,7 @@ MIXERS: dict[str, MixerSpec] = dict([
           causal=False),
     _spec("softmax_noncausal", SoftmaxAttention, {"causal": False, "rope": False,
                                                   "use_bias": True}, causal=False),
+    _spec("lact_noncausal", LaCTMixer, {"causal": False}, causal=False),
 ])
 
 

@@ -6,14 +6,12 @@ convs), RoPE at t mod b, the learning-rate gate and token offsets (η_ij = c_i a
 gate (Mamba) and output projection; the inner loop and its decode state are one call into the pure
 state machine `ttt.ops.ttt_state` (forward, prefill or step).
 
-Notable choices:
-- Parameter names follow ttt-lm-jax, so official checkpoints map by name (`ttt.interop`).
-- Every parameter is fetched first (`_params`) and the rest is a pure function of them, so
-  `remat_every` runs the whole layer in jax.checkpoint'ed groups (`scan_groups`).
-- Any sequence length works; mini_batch=0 is one mini-batch over the whole sequence (batch GD);
-  learn_eta=False makes η the constant `eta` (default base_lr / d), with no 1/(i+1) factor.
-- The inner loop runs in float32 (float64 when the layer computes in float64) whatever `dtype` is.
-- The decode cache is the TTTState plus the conv tails: its size does not grow with the context.
+Notable choices: parameter names follow ttt-lm-jax (official checkpoints map by name,
+`ttt.interop`); every parameter is fetched first (`_params`) and the rest is a pure function of
+them, so `remat_every` runs the whole layer in jax.checkpoint'ed groups (`scan_groups`); any
+length works, mini_batch=0 is one mini-batch over the whole sequence; learn_eta=False makes η the
+constant `eta` (default base_lr / d); the inner loop runs in float32 (float64 under float64)
+whatever `dtype` is; the decode cache (state + conv tails) does not grow with the context.
 """
 
 from __future__ import annotations
@@ -25,12 +23,14 @@ import jax
 import jax.numpy as jnp
 
 from ttt.layers import common
-from ttt.ops import checks, learners, ttt_state
+from ttt.ops import checks, inner_opt, learners, ttt_state
 from ttt.ops._scan import GPU_UNROLL, default_unroll, scan_groups  # noqa: F401 (GPU_UNROLL)
 from ttt.ops.primitives import causal_conv, layer_norm, rope
 from ttt.ops.ttt import FORMS, KERNELS
 
 LEARNERS, BACKBONES = ("linear", "mlp"), ("transformer", "mamba")
+
+
 class TTTMixer(nn.Module):
     """TTT-LM sequence mixer: (B, N, C) -> (B, N, C), with a constant-size decode cache.
 
@@ -43,8 +43,10 @@ class TTTMixer(nn.Module):
     dual form's fused kernel; auto: on a GPU where supported); remat_every: run the layer in
     checkpointed groups of that many mini-batches (one group's activations and one state per group
     in memory, for a second forward in the backward); unroll: mini-batch steps per loop iteration
-    (None: `default_unroll()`, 8 on a GPU, 1 elsewhere); stats: the inner-loss diagnostics in aux
-    (one extra no-grad inner pass); init_scale; inner_out_init_scale: std of the last inner layer
+    (None: `default_unroll()`, 8 on a GPU, 1 elsewhere); stats: inner-loss diagnostics in aux (an
+    extra no-grad pass; plain GD only); inner_opt: None (mini-batch GD: the dual/primal fast paths)
+    or "sgd" | "momentum" | "muon" | "adam" with inner_beta (the generic `ttt.ops.inner_opt`, its
+    state in the decode cache); init_scale; inner_out_init_scale: std of the last inner layer
     (ttt-lm-jax: init_scale / sqrt(2 · layers) for TTT-MLP); dtype (compute), param_dtype.
     """
 
@@ -69,6 +71,8 @@ class TTTMixer(nn.Module):
     remat_every: int = 0
     unroll: int | None = None
     stats: bool = True
+    inner_opt: str | None = None
+    inner_beta: float = 0.9
     init_scale: float = common.DEFAULT_INIT_SCALE
     inner_out_init_scale: float | None = None
     dtype: Any = jnp.float32
@@ -77,12 +81,11 @@ class TTTMixer(nn.Module):
     def __post_init__(self):
         checks.check_heads(type(self).__name__, self.width, self.num_heads, even_head_dim=self.rope)
         for name, known in (("learner", LEARNERS), ("backbone", BACKBONES), ("form", FORMS),
-                            ("kernel", KERNELS)):
+                            ("kernel", KERNELS), ("inner_opt", (None, *inner_opt.OPTIMIZERS))):
             checks.check_choice(name, getattr(self, name), known)
         for name, low in (("mini_batch", 0), ("remat_every", 0), ("conv_width", 1)):
             checks.check_int(name, getattr(self, name), low)  # mini_batch 0 = the whole sequence
-        if self.unroll is not None and (isinstance(self.unroll, bool) or not (
-                isinstance(self.unroll, int) and self.unroll >= 1)):
+        if self.unroll is not None and not (type(self.unroll) is int and self.unroll >= 1):
             raise ValueError(f"unroll: expected None or an int >= 1, got {self.unroll!r}")
         if self.mini_batch == 0 and self.learn_eta:
             raise ValueError("mini_batch=0 (whole sequence) needs learn_eta=False: the learnable "
@@ -164,8 +167,7 @@ class TTTMixer(nn.Module):
     def _inputs(self, p, x, ttt_lr_mult, pos0=0, tail=None):
         """x (B, N, C) -> q, k, v (B, H, N, d) after RoPE, gates a (B, H, N), per-token
         coefficients c (N,) (η_ij = c_i a_j) and the new conv tail (None without convs)."""
-        dt, H, d = self.dtype, self.num_heads, self.head_dim
-        idt = common.inner_dtype(dt)
+        dt, H, d, idt = self.dtype, self.num_heads, self.head_dim, common.inner_dtype(self.dtype)
         x = x.astype(dt)
         dense = lambda name: x @ p[name].astype(dt)  # (B, N, C) @ (C, C) -> (B, N, C)
         new_tail = None
@@ -199,13 +201,16 @@ class TTTMixer(nn.Module):
         dt = self.dtype
         y = common.merge_heads(z.astype(dt))  # (B, N, C)
         if self.post_norm:
-            idt = common.inner_dtype(dt)
-            norm = p["post_norm"]
+            idt, norm = common.inner_dtype(dt), p["post_norm"]
             y = layer_norm(y.astype(idt), norm["scale"].astype(idt), norm["bias"].astype(idt),
                            1e-6).astype(dt)
         if self.backbone == "mamba":
             y = nn.gelu(x.astype(dt) @ p["wg"].astype(dt), approximate=True) * y
         return y @ p["wo"].astype(dt)
+
+    @nn.nowrap
+    def _machine(self):  # `ttt_state` (plain GD) or the inner optimizer's generic path
+        return inner_opt.machine(self.inner_opt, self.inner_beta)
 
     @nn.nowrap
     def _state_options(self):
@@ -236,8 +241,8 @@ class TTTMixer(nn.Module):
 
     @nn.nowrap
     def _stats(self, p, k, v, a, c):
-        return {} if not self.stats else ttt_state.inner_loss_stats(
-            self.make_learner(), p["W0"], k, v, a, c, fixed=p["ttt_norm"],
+        return {} if not self.stats or self.inner_opt is not None else ttt_state.inner_loss_stats(
+            self.make_learner(), p["W0"], k, v, a, c, fixed=p["ttt_norm"],  # plain GD only
             mini_batch=self.mini_batch, form=self.form)
 
     # ------------------------------------------------------------------ public interface
@@ -247,20 +252,18 @@ class TTTMixer(nn.Module):
         del train
         checks.check_input(type(self).__name__, x, self.width)
         p = self._params()
-        if 0 < self.remat_every * self.mini_batch < x.shape[1]:
-            y = self._grouped(p, x, ttt_lr_mult)
-            if not self.stats:
-                return y, {}
-            _, k, v, a, c, _ = self._inputs(p, x, ttt_lr_mult)  # for the diagnostics only
-            return y, self._stats(p, k, v, a, c)
+        if 0 < self.remat_every * self.mini_batch < x.shape[1] and self.inner_opt is None:
+            y = self._grouped(p, x, ttt_lr_mult)  # the inputs again for the diagnostics only:
+            return y, self._stats(p, *self._inputs(p, x, ttt_lr_mult)[1:5]) if self.stats else {}
         q, k, v, a, c, _ = self._inputs(p, x, ttt_lr_mult)
-        z, _ = ttt_state.forward(self.make_learner(), p["W0"], q, k, v, a, c, fixed=p["ttt_norm"],
-                                 remat_every=self.remat_every, **self._state_options())
+        z, _ = self._machine().forward(self.make_learner(), p["W0"], q, k, v, a, c,
+                                       fixed=p["ttt_norm"], remat_every=self.remat_every,
+                                       **self._state_options())
         return self._output(p, x, z), self._stats(p, k, v, a, c)
 
     def init_cache(self, batch_size: int, dtype=None):
         """Empty decode cache {"W", "G": (B, H, ...), "pos": int32 [, "conv": (B, w−1, C)]}."""
-        cache = ttt_state.init_state(self._params()["W0"], batch_size)._asdict()
+        cache = self._machine().init_state(self._params()["W0"], batch_size)._asdict()
         if self.backbone == "mamba":
             cache["conv"] = jnp.zeros((batch_size, self.conv_width - 1, self.width),
                                       dtype or self.dtype)
@@ -271,9 +274,9 @@ class TTTMixer(nn.Module):
         checks.check_input(type(self).__name__, x, self.width)
         p = self._params()
         q, k, v, a, c, tail = self._inputs(p, x, ttt_lr_mult)
-        z, state = ttt_state.prefill(self.make_learner(), p["W0"], q, k, v, a, c,
-                                     fixed=p["ttt_norm"], remat_every=self.remat_every,
-                                     **self._state_options())
+        z, state = self._machine().prefill(self.make_learner(), p["W0"], q, k, v, a, c,
+                                           fixed=p["ttt_norm"], remat_every=self.remat_every,
+                                           **self._state_options())
         cache = state._asdict()
         if tail is not None:
             cache["conv"] = tail.astype(self.dtype)
@@ -281,16 +284,15 @@ class TTTMixer(nn.Module):
 
     def step(self, x_t, cache, *, ttt_lr_mult=1.0):
         """One token x_t (B, 1, C) -> (y_t (B, 1, C), cache)."""
-        keys = ("W", "G", "pos", "conv") if self.backbone == "mamba" else ("W", "G", "pos")
-        checks.check_step(type(self).__name__, x_t, cache, keys, self.width)
-        if (lead := jax.tree_util.tree_leaves(cache["W"])[0].shape[:2])[0] != x_t.shape[0]:
-            raise ValueError(f"cache: built for (batch, heads) = {lead}, x_t has batch {len(x_t)}")
+        State = getattr(self._machine(), "State", ttt_state.TTTState)
+        keys = State._fields + (("conv",) if self.backbone == "mamba" else ())
+        checks.check_step(type(self).__name__, x_t, cache, keys, self.width, batch_key="W")
         p = self._params()
         q, k, v, a, c, tail = self._inputs(p, x_t, ttt_lr_mult, cache["pos"], cache.get("conv"))
-        state = ttt_state.TTTState(cache["W"], cache["G"], cache["pos"])
-        z_t, state = ttt_state.step(self.make_learner(), state, q[:, :, 0], k[:, :, 0],
-                                    v[:, :, 0], a[:, :, 0], c[0], fixed=p["ttt_norm"],
-                                    mini_batch=self.mini_batch)
+        state = State(*(cache[f] for f in State._fields))
+        z_t, state = self._machine().step(self.make_learner(), state, q[:, :, 0], k[:, :, 0],
+                                          v[:, :, 0], a[:, :, 0], c[0], fixed=p["ttt_norm"],
+                                          mini_batch=self.mini_batch)
         new_cache = state._asdict()
         if tail is not None:
             new_cache["conv"] = tail.astype(cache["conv"].dtype)

@@ -6,11 +6,15 @@
 - ttt_state:  the causal TTT state machine: training forward, prefill, one-token step, the η
               construction and the inner-loss diagnostics.
 - mttt:       multi-step non-causal TTT (MTTT) with per-step inner losses.
-- attention:  softmax attention, Nadaraya–Watson kernel regression, linear attention.
+- inner_opt:  inner optimizers (optax transforms: SGD, momentum, Muon, Adam) and causal TTT driven
+              by one, its state in the recurrent state.
+- lact:       large-chunk TTT (LaCT): one fast-weight update per chunk, causal or not, decode step.
+- attention:  softmax attention, Nadaraya–Watson kernel regression, linear attention, sliding-window
+              attention.
 - checks:     the argument checks every level uses (errors in words, not XLA traces).
 
-`ttt.ops.ttt`, `ttt.ops.mttt` and `ttt.ops.ttt_state` stay the submodules: the functions of those
-names live there.
+`ttt.ops.ttt`, `ttt.ops.mttt`, `ttt.ops.ttt_state` and `ttt.ops.lact` stay the submodules: the
+functions of those names live there.
 """
 
 from ttt.ops.attention import (
@@ -20,15 +24,19 @@ from ttt.ops.attention import (
     linear_attention_decode_step,
     linear_attention_init_state,
     softmax_attention,
+    window_attention,
 )
 from ttt.ops.learners import (
     Learner,
     gelu_tanh,
     init_fixed_ln,
+    inner_loss,
     linear,
     ln_residual,
     mlp,
     reconstruction_loss,
+    swiglu,
+    weighted_grads,
 )
 from ttt.ops.mttt import sgd_chunks
 from ttt.ops.primitives import causal_conv, layer_norm, rope
@@ -42,6 +50,7 @@ __all__ = [
     "exp_kernel",
     "gelu_tanh",
     "init_fixed_ln",
+    "inner_loss",
     "kernel_regression",
     "layer_norm",
     "linear",
@@ -54,8 +63,11 @@ __all__ = [
     "rope",
     "sgd_chunks",
     "softmax_attention",
+    "swiglu",
     "ttt_decode_step",
     "ttt_dual",
     "ttt_naive",
     "ttt_primal",
+    "weighted_grads",
+    "window_attention",
 ]

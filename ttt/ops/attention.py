@@ -12,6 +12,9 @@
   across chunks by `lax.scan`; the fast form). Non-causal uses one global state (design.md §7.1).
 - `linear_attention_decode_step`: one token of the recurrent form; a loop of it reproduces the
   causal forward.
+- `window_attention`: sliding-window softmax attention in O(N w) (LaCT's branch for the order
+  inside a chunk, docs/design.md §14.5), blocked with a flash-attention backward;
+  `window_attention_decode_step` / `window_cache` decode it over a ring buffer of the last w keys.
 
 Notable choices: the adaptive normaliser adds `eps` to the denominator (φ = identity can make it
 vanish); "constant" divides by the number of tokens summed (t+1 causal, N non-causal), which is
@@ -23,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -327,3 +331,179 @@ def linear_attention_decode_step(
     elif normalize == "constant":
         z = z / (jnp.asarray(position) + 1).astype(z.dtype)
     return z, {"S": S, "s": s}
+
+
+# ----------------------------------------------------------------------------- sliding window
+
+
+def _window_reach(window: int, block: int) -> int:
+    """Key blocks before (and, non-causal, after) a query block that a window of w can reach."""
+    return -(-(window - 1) // block)
+
+
+def window_attention(q, k, v, *, window: int, causal: bool = True, block: int | None = None,
+                     scale: float | None = None) -> jax.Array:
+    """Sliding-window softmax attention: query t sees keys s with t − w < s ≤ t (causal) or
+    |t − s| < w (non-causal), w = `window`; scale defaults to 1/√d.
+
+    q, k: (B, H, N, d); v: (B, H, N, dv) -> z (B, H, N, dv). Work and memory are O(N w), not
+    O(N²): queries go in blocks of `block` tokens (default min(w, 128)), each block against the
+    keys of the blocks its window reaches (w + block − 1 keys causal), one block at a time in a
+    `lax.scan`. The backward is flash attention's: only z and each query's log-sum-exp are kept,
+    and one block's probabilities are recomputed at a time (never N × (w + block) of them).
+    With w ≥ N it is full (causal) attention.
+    """
+    _check_qkv(q, k, v)
+    checks.check_int("window", window, 1)
+    block = min(window, 128) if block is None else block
+    checks.check_int("block", block, 1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _window_attention(q, k, v, window, causal, block, scale)
+
+
+class _Blocks(NamedTuple):
+    """The blocked layout of `window_attention`: s tokens per query block, M blocks, r key blocks
+    before (and `after` behind) each, `span` keys per block, keys padded in front by r·s."""
+
+    s: int
+    M: int
+    r: int
+    after: int
+    span: int
+
+
+def _blocks(N: int, window: int, causal: bool, s: int) -> _Blocks:
+    M = -(-N // s)
+    r = _window_reach(window, s)
+    after = 0 if causal else r
+    return _Blocks(s, M, r, after, (r + 1 + after) * s)
+
+
+def _pad_keys(x, N: int, lay: _Blocks):
+    """(B, H, N, ·) -> (B, H, (M + r + after)·s, ·): block m's keys are [m·s, m·s + span)."""
+    return jnp.pad(x, ((0, 0), (0, 0), (lay.r * lay.s, (lay.M + lay.after) * lay.s - N), (0, 0)))
+
+
+def _query_blocks(x, lay: _Blocks):
+    """(B, H, N, ·) -> (M, B, H, s, ·), zero-padded to whole blocks."""
+    B, H, N = x.shape[:3]
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, lay.M * lay.s - N)) + ((0, 0),) * (x.ndim - 3))
+    return jnp.moveaxis(x.reshape(B, H, lay.M, lay.s, *x.shape[3:]), 2, 0)
+
+
+def _unblock(x, N: int):
+    """(M, B, H, s, ·) -> (B, H, N, ·)."""
+    M, B, H, s = x.shape[:4]
+    return jnp.moveaxis(x, 0, 2).reshape(B, H, M * s, *x.shape[4:])[:, :, :N]
+
+
+def _block_mask(m, N: int, window: int, causal: bool, lay: _Blocks):
+    """(s, span) bool: which keys of block m's span each of its queries sees."""
+    rel = jnp.arange(lay.span)[None, :] - lay.r * lay.s - jnp.arange(lay.s)[:, None]  # k − q
+    near = (rel <= 0) & (rel > -window) if causal else jnp.abs(rel) < window
+    key_pos = m * lay.s - lay.r * lay.s + jnp.arange(lay.span)
+    return near & ((key_pos >= 0) & (key_pos < N))[None, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _window_attention(q, k, v, window, causal, s, scale):
+    return _window_forward(q, k, v, window, causal, s, scale)[0]
+
+
+def _window_forward(q, k, v, window, causal, s, scale):
+    """Block by block: z (B, H, N, dv) and the log-sum-exp of every query's logits (B, H, N)."""
+    N = q.shape[2]
+    lay = _blocks(N, window, causal, s)
+    kp, vp = _pad_keys(k, N, lay), _pad_keys(v, N, lay)
+
+    def body(carry, xs):
+        m, q_m = xs  # (), (B, H, s, d)
+        k_m = jax.lax.dynamic_slice_in_dim(kp, m * s, lay.span, axis=2)  # (B, H, span, d)
+        v_m = jax.lax.dynamic_slice_in_dim(vp, m * s, lay.span, axis=2)
+        ok = _block_mask(m, N, window, causal, lay)
+        logits = jnp.where(ok, jnp.einsum("bhtd,bhsd->bhts", q_m, k_m) * scale, -jnp.inf)
+        top = jnp.max(logits, axis=-1, keepdims=True)  # (B, H, s, 1)
+        top = jnp.where(jnp.isfinite(top), top, 0.0)  # a padded query row may see no key
+        p = jnp.exp(logits - top)  # masked entries: exp(−inf) = 0
+        den = jnp.sum(p, axis=-1, keepdims=True)
+        den = jnp.where(den > 0, den, 1.0)
+        out = jnp.einsum("bhts,bhsv->bhtv", p, v_m) / den  # (B, H, s, dv)
+        return carry, (out, (top + jnp.log(den))[..., 0])
+
+    _, (z, lse) = jax.lax.scan(body, None, (jnp.arange(lay.M), _query_blocks(q, lay)))
+    return _unblock(z, N), _unblock(lse[..., None], N)[..., 0]
+
+
+def _window_fwd(q, k, v, window, causal, s, scale):
+    z, lse = _window_forward(q, k, v, window, causal, s, scale)
+    return z, (q, k, v, z, lse)
+
+
+def _window_bwd(window, causal, s, scale, res, dz):
+    """Flash-attention backward, block by block: recompute P = exp(S − lse) once; dV += Pᵀ dz,
+    dS = P ⊙ (dz Vᵀ − δ), δ = rowsum(dz ⊙ z); dQ = dS K·scale; dK += dSᵀ Q·scale."""
+    q, k, v, z, lse = res
+    N = q.shape[2]
+    lay = _blocks(N, window, causal, s)
+    kp, vp = _pad_keys(k, N, lay), _pad_keys(v, N, lay)
+    delta = jnp.sum(dz * z, axis=-1)  # (B, H, N)
+
+    def body(carry, xs):
+        dkp, dvp = carry  # gradients of the padded keys / values
+        m, q_m, dz_m, lse_m, delta_m = xs
+        k_m = jax.lax.dynamic_slice_in_dim(kp, m * s, lay.span, axis=2)
+        v_m = jax.lax.dynamic_slice_in_dim(vp, m * s, lay.span, axis=2)
+        ok = _block_mask(m, N, window, causal, lay)
+        logits = jnp.einsum("bhtd,bhsd->bhts", q_m, k_m) * scale
+        p = jnp.where(ok, jnp.exp(logits - lse_m[..., None]), 0.0)  # (B, H, s, span)
+        dp = jnp.einsum("bhtv,bhsv->bhts", dz_m, v_m)
+        ds = p * (dp - delta_m[..., None]) * scale
+        dq_m = jnp.einsum("bhts,bhsd->bhtd", ds, k_m)
+        add = lambda acc, upd: jax.lax.dynamic_update_slice_in_dim(
+            acc, jax.lax.dynamic_slice_in_dim(acc, m * s, lay.span, axis=2) + upd, m * s, axis=2)
+        dkp = add(dkp, jnp.einsum("bhts,bhtd->bhsd", ds, q_m))
+        dvp = add(dvp, jnp.einsum("bhts,bhtv->bhsv", p, dz_m))
+        return (dkp, dvp), dq_m
+
+    blocks = lambda x: _query_blocks(x, lay)
+    xs = (jnp.arange(lay.M), blocks(q), blocks(dz), blocks(lse[..., None])[..., 0],
+          blocks(delta[..., None])[..., 0])
+    (dkp, dvp), dq = jax.lax.scan(body, (jnp.zeros_like(kp), jnp.zeros_like(vp)), xs)
+    unpad = lambda x: x[:, :, lay.r * s: lay.r * s + N]
+    return _unblock(dq, N), unpad(dkp), unpad(dvp)
+
+
+_window_attention.defvjp(_window_fwd, _window_bwd)
+
+
+def window_attention_decode_step(cache_k, cache_v, q_t, k_t, v_t, pos, *,
+                                 scale: float | None = None):
+    """One token of causal sliding-window attention over a ring buffer of the last w keys/values.
+
+    cache_k, cache_v: (B, H, w, d) / (B, H, w, dv), slot p mod w holding position p; q_t, k_t
+    (B, H, d); v_t (B, H, dv); pos: int32 scalar, the position of this token. Writes k_t, v_t at
+    slot pos mod w, attends to the filled slots (all of them once pos ≥ w − 1).
+    Returns (z_t (B, H, dv), cache_k, cache_v). Matches `window_attention(causal=True)`.
+    """
+    w = cache_k.shape[2]
+    scale = 1.0 / math.sqrt(q_t.shape[-1]) if scale is None else scale
+    slot = pos % w
+    K = jax.lax.dynamic_update_slice_in_dim(cache_k, k_t[:, :, None].astype(cache_k.dtype), slot,
+                                            axis=2)
+    V = jax.lax.dynamic_update_slice_in_dim(cache_v, v_t[:, :, None].astype(cache_v.dtype), slot,
+                                            axis=2)
+    logits = jnp.einsum("bhd,bhsd->bhs", q_t, K.astype(q_t.dtype)) * scale  # (B, H, w)
+    logits = jnp.where(jnp.arange(w) <= pos, logits, -jnp.inf)
+    p = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bhs,bhsv->bhv", p, V.astype(q_t.dtype)), K, V
+
+
+def window_cache(k, v, window: int):
+    """The ring buffers `window_attention_decode_step` continues from after the N keys/values k
+    (B, H, N, d), v (B, H, N, dv): slot p mod w holds position p for the last min(N, w) tokens."""
+    B, H, N, _ = k.shape
+    L = min(N, window)
+    slots = jnp.arange(N - L, N) % window
+    ring = lambda x: jnp.zeros((B, H, window, x.shape[-1]), x.dtype).at[:, :, slots].set(
+        x[:, :, N - L:])
+    return ring(k), ring(v)

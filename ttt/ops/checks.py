@@ -127,8 +127,9 @@ def check_input(owner: str, x, width: int, name: str = "x") -> None:
         raise ValueError(f"{owner}: {name} must be floating point, got {jnp.result_type(x)}")
 
 
-def check_step(owner: str, x_t, cache, keys, width: int) -> None:
-    """A one-token decode call: x_t (B, 1, C=width), `cache` a dict with exactly `keys`."""
+def check_step(owner: str, x_t, cache, keys, width: int, batch_key: str | None = None) -> None:
+    """A one-token decode call: x_t (B, 1, C=width), `cache` a dict with exactly `keys`; with
+    `batch_key`, the leaves of cache[batch_key] lead with the same B."""
     if jnp.ndim(x_t) != 3 or x_t.shape[1] != 1:
         raise ValueError(f"{owner}.step: x_t must be (B, 1, C), got {jnp.shape(x_t)}")
     check_input(owner, x_t, width, "x_t")
@@ -138,3 +139,7 @@ def check_step(owner: str, x_t, cache, keys, width: int) -> None:
             f"cache: expected a dict with keys {sorted(keys)} (from init_cache or prefill), "
             f"got {got}"
         )
+    if batch_key is not None:
+        lead = jax.tree_util.tree_leaves(cache[batch_key])[0].shape[0]
+        if lead != x_t.shape[0]:
+            raise ValueError(f"cache: built for batch {lead}, x_t has batch {x_t.shape[0]}")

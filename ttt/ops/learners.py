@@ -14,6 +14,10 @@ Notable choices:
   ttt-lm-jax).
 - GELU is the tanh approximation (parity with ttt-lm-jax).
 - In `ln_residual` the LN scale/bias are `fixed`: outer-loop parameters the inner loop never trains.
+- `swiglu` (LaCT's fast weights) is not a dense chain (its two first layers are multiplied), so the
+  dual form does not take it; it carries a closed-form `grads` instead (docs/design.md §14.3).
+- The inner loss is a choice (`inner_loss`): the squared error ½‖f(k) − v‖² of TTT-LM and MTTT, or
+  LaCT's negative dot product −f(k)·v.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class Learner(NamedTuple):
     post(x_in, y, fixed) -> out    applied after the dense chain (None = identity)
     ln_eps                         when `post` is the residual LayerNorm of `ln_residual`, its eps
                                    (the dual form then uses the closed-form LN backward); else None
+    grads(W, fixed, k, v, lr, loss) the weighted gradient Σ_j lr_j ∇_W l(W; k_j, v_j) of a block of
+                                   tokens written out (see `weighted_grads`), or None: jax.vjp
     """
 
     name: str
@@ -48,6 +54,10 @@ class Learner(NamedTuple):
     activation: Callable | None = None
     post: Callable | None = None
     ln_eps: float | None = None
+    grads: Callable | None = None
+
+
+LOSSES = ("mse", "dot")
 
 
 def gelu_tanh(x):
@@ -148,3 +158,91 @@ def reconstruction_loss(learner: Learner, W, fixed, k, v):
     """l(W; k, v) = ½‖f(k; W) − v‖² summed over features, for ONE token: k (d_in,), v (d_out,)."""
     r = learner.apply(W, k, fixed) - v  # (d_out,)
     return 0.5 * jnp.sum(r * r)
+
+
+def inner_loss(learner: Learner, W, fixed, k, v, loss: str = "mse"):
+    """l(W; k, v) for ONE token: "mse" ½‖f(k; W) − v‖² (`reconstruction_loss`) or "dot" −f(k; W)·v
+    (LaCT: minimising it moves f(k) towards the direction of v, with no pull on its norm)."""
+    if loss == "mse":
+        return reconstruction_loss(learner, W, fixed, k, v)
+    return -jnp.sum(learner.apply(W, k, fixed) * v)
+
+
+def _loss_cotangent(out, v, loss):
+    """∂l_j/∂f(k_j) of every token: f(k) − v (mse) or −v (dot); out, v (n, d_out)."""
+    return out - v if loss == "mse" else -v
+
+
+def weighted_grads(learner: Learner, W, fixed, k, v, lr, loss: str = "mse"):
+    """Σ_j lr_j ∇_W l(W; k_j, v_j) over a block of tokens, all gradients taken at the same W.
+
+    k (n, d_in); v (n, d_out); lr (n,) shared by every leaf of W, or a dict with W's keys of (n,)
+    arrays (one learning rate per weight matrix and token, as LaCT's); loss "mse" | "dot".
+    Uses the learner's closed form (`Learner.grads`) when it has one; otherwise one jax.vjp of the
+    per-token losses with lr (or each leaf's lr) as the cotangent.
+    """
+    if learner.grads is not None:
+        return learner.grads(W, fixed, k, v, lr, loss)
+    per_token = jax.vmap(lambda W_, kj, vj: inner_loss(learner, W_, fixed, kj, vj, loss),
+                         in_axes=(None, 0, 0))
+    _, pullback = jax.vjp(lambda W_: per_token(W_, k, v), W)  # losses (n,)
+    if not isinstance(lr, dict):
+        return pullback(lr.astype(k.dtype))[0]
+    # one backward per leaf, each keeping its own leaf (XLA drops the rest of each backward)
+    return {name: pullback(lr[name].astype(k.dtype))[0][name] for name in W}
+
+
+def silu_slope(z):
+    """d silu(z)/dz = σ(z) (1 + z (1 − σ(z)))."""
+    s = jax.nn.sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+def swiglu(hidden_factor: float = 1.0, init_scale: float | None = None) -> Learner:
+    """LaCT's fast weights f(x) = (silu(x W1) ⊙ (x W3)) W2 (no biases): W1, W3 (d_in, h), W2
+    (h, d_in), h = hidden_factor·d_in. init_scale None: N(0, 1/fan_in) entries, as LaCT.
+
+    Its `grads` writes the backward out: with Z = k W1, Y = k W3, H = silu(Z) ⊙ Y, f = H W2 and
+    D = ∂l/∂f per token (f(k) − v for "mse", −v for "dot"):
+        ∂/∂W2 = Hᵀ (λ ⊙ D),  E = D W2ᵀ,  ∂/∂W3 = kᵀ (λ ⊙ E ⊙ silu(Z)),
+        ∂/∂W1 = kᵀ (λ ⊙ E ⊙ Y ⊙ silu'(Z)),
+    so a block of n tokens costs six (n × d × h) matmuls and the per-token λ scale rows, never
+    materialising per-token gradients.
+    """
+
+    def init(key, d_in):
+        h = max(int(round(hidden_factor * d_in)), 1)
+        std_in = init_scale if init_scale is not None else d_in**-0.5
+        std_h = init_scale if init_scale is not None else h**-0.5
+        k1, k2, k3 = jax.random.split(key, 3)
+        return {"W1": std_in * jax.random.normal(k1, (d_in, h)),
+                "W2": std_h * jax.random.normal(k2, (h, d_in)),
+                "W3": std_in * jax.random.normal(k3, (d_in, h))}
+
+    def gate_and_up(W, x):
+        """(x W1, x W3) as one matmul with [W1 | W3] (d_in, 2h): one large product, not two."""
+        h = W["W1"].shape[-1]
+        ZY = x @ jnp.concatenate([W["W1"], W["W3"]], axis=-1)  # (..., 2h)
+        return ZY[..., :h], ZY[..., h:]
+
+    def apply(W, x, fixed=None):
+        del fixed
+        Z, Y = gate_and_up(W, x)
+        return (jax.nn.silu(Z) * Y) @ W["W2"]  # (..., h) @ (h, d_in)
+
+    def grads(W, fixed, k, v, lr, loss):
+        del fixed
+        lam = lr if isinstance(lr, dict) else {"W1": lr, "W2": lr, "W3": lr}
+        rows = lambda name, x: jnp.einsum("n,nd->nd", lam[name].astype(x.dtype), x)
+        Z, Y = gate_and_up(W, k)  # (n, h) each
+        s = jax.nn.silu(Z)
+        H = s * Y  # (n, h)
+        D = _loss_cotangent(H @ W["W2"] if loss == "mse" else None, v, loss)  # (n, d_out)
+        E = D @ W["W2"].T  # (n, d_out) @ (d_out, h) -> (n, h)
+        # [∂W1 | ∂W3] = kᵀ [λ1 ⊙ E ⊙ Y ⊙ silu'(Z) | λ3 ⊙ E ⊙ silu(Z)]: (d_in, n) @ (n, 2h)
+        g13 = k.T @ jnp.concatenate([rows("W1", E * Y * silu_slope(Z)), rows("W3", E * s)],
+                                    axis=-1)
+        h = Z.shape[-1]
+        return {"W1": g13[:, :h], "W2": H.T @ rows("W2", D), "W3": g13[:, h:]}
+
+    return Learner("swiglu", init, apply, grads=grads)

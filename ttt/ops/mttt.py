@@ -17,6 +17,9 @@ Notable choices:
 - The full-set loss at W_0..W_T is returned as a diagnostic (the paper's inner-loss curves).
 - Everything is differentiable w.r.t. q, k, v, W_0, the learning rates and the decoder parameters
   (the outer loop learns through the inner loop: second-order terms included).
+- `inner_opt`: the steps may run through an inner optimizer (`ttt.ops.inner_opt`, unit learning
+  rate): (u_t, s_t) = tx.update(∇L, s_{t−1}, W_{t−1}), W_t = W_{t−1} + η_t u_t; None: GD as above.
+- `loss="dot"`: LaCT's L = −1 / (|S| loss_norm) Σ_{i∈S} r_i·v_i instead of the squared error.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttt.ops import checks
+from ttt.ops import checks, inner_opt
+from ttt.ops.learners import LOSSES
 
 _MODES = ("gd", "sgd")
 
@@ -59,13 +63,16 @@ def sgd_chunks(key, n: int, T: int):
     return idx, jnp.asarray(mask)
 
 
-def _loss_fn(learner, decode, loss_norm):
+def _loss_fn(learner, decode, loss_norm, kind="mse"):
     """L(W; S) for one head: (W, fixed, decode_params_h, k_S (m, d_in), v_S (m, d_v), w (m,))."""
 
     def loss(W, fixed, dparams, k_S, v_S, w):
         y = learner.apply(W, k_S, fixed)  # (m, d_out)
         r = y if decode is None else decode(y, dparams)  # (m, d_v)
-        err = 0.5 * jnp.sum((r - v_S) ** 2, axis=-1)  # (m,)
+        if kind == "dot":
+            err = -jnp.sum(r * v_S, axis=-1)  # (m,)
+        else:
+            err = 0.5 * jnp.sum((r - v_S) ** 2, axis=-1)  # (m,)
         # An empty chunk (T > n) has no tokens: its loss and gradient are zero, not 0/0.
         count = jnp.maximum(jnp.sum(w), 1.0)
         return jnp.sum(w * err) / (count * loss_norm)
@@ -73,12 +80,14 @@ def _loss_fn(learner, decode, loss_norm):
     return loss
 
 
-def _mttt_head(learner, decode, loss_norm, mode, W0, fixed, dparams, q, k, v, lrs, idx, mask):
+def _mttt_head(learner, decode, loss_norm, mode, W0, fixed, dparams, q, k, v, lrs, idx, mask,
+               tx=None, kind="mse"):
     """MTTT for one (batch, head): q, k (N, d_in); v (N, d_v); lrs (T,); idx, mask (T, c)."""
-    loss = _loss_fn(learner, decode, loss_norm)
+    loss = _loss_fn(learner, decode, loss_norm, kind)
     full = jnp.ones(k.shape[:1], dtype=k.dtype)  # (N,) every token, weight 1
 
-    def step(W, xs):
+    def step(carry, xs):
+        W, s = carry
         if mode == "gd":
             eta = xs
             L_full, g = jax.value_and_grad(loss)(W, fixed, dparams, k, v, full)
@@ -86,11 +95,16 @@ def _mttt_head(learner, decode, loss_norm, mode, W0, fixed, dparams, q, k, v, lr
             eta, idx_t, mask_t = xs  # (), (c,), (c,)
             L_full = loss(W, fixed, dparams, k, v, full)
             g = jax.grad(loss)(W, fixed, dparams, k[idx_t], v[idx_t], mask_t.astype(k.dtype))
-        W = jax.tree_util.tree_map(lambda w, gw: (w - eta * gw).astype(w.dtype), W, g)
-        return W, L_full
+        if tx is None:
+            W = jax.tree_util.tree_map(lambda w, gw: (w - eta * gw).astype(w.dtype), W, g)
+        else:
+            u, s = inner_opt.apply_update(tx, g, s, W)
+            W = jax.tree_util.tree_map(lambda w, u_l: (w + eta * u_l).astype(w.dtype), W, u)
+        return (W, s), L_full
 
     xs = lrs if mode == "gd" else (lrs, idx, mask)
-    W_T, L_steps = jax.lax.scan(step, W0, xs)  # L_steps (T,): full-set loss at W_0..W_{T-1}
+    s0 = None if tx is None else tx.init(W0)
+    (W_T, _), L_steps = jax.lax.scan(step, (W0, s0), xs)  # L_steps (T,): loss at W_0..W_{T-1}
     L_T = loss(W_T, fixed, dparams, k, v, full)
     losses = jnp.concatenate([L_steps, L_T[None].astype(L_steps.dtype)])  # (T + 1,)
     z = learner.apply(W_T, q, fixed)  # (N, d_out)
@@ -135,6 +149,8 @@ def mttt(
     mode: str = "gd",
     key=None,
     loss_norm: float = 1.0,
+    inner_opt=None,
+    loss: str = "mse",
 ):
     """Multi-step TTT on all tokens of a sequence, then answer every query (docs/design.md §5).
 
@@ -148,12 +164,16 @@ def mttt(
     mode: "gd" (S_t = all tokens) or "sgd" (one permutation per (batch, head) from `key`, split
       into T chunks by `sgd_chunks`; step t uses chunk t).
     loss_norm: L(W; S) = Σ_{i∈S} ‖r_i − v_i‖² / (2 |S| loss_norm) (MTTT passes dh).
+    inner_opt: None (gradient descent) or an optax transform with unit learning rate
+      (`ttt.ops.inner_opt.make`): W_t = W_{t−1} + η_t u_t, its state carried across the T steps.
+    loss: "mse" (the squared error above) or "dot" (−Σ r_i·v_i / (|S| loss_norm)).
 
     Returns (z (B, H, N, d_out), W_T (pytree, leading (B, H)), losses (B, H, T + 1)), where
     losses[..., t] is the full-set loss at W_t.
     """
     lrs = jnp.asarray(lrs)
     _check_args(q, k, v, lrs, fixed, decode, decode_params, mode, key)
+    checks.check_choice("loss", loss, LOSSES)
     B, H, N, d_in = q.shape
     per_sequence = checks.inner_state_layout(learner, W0, B, H, d_in)
     T = lrs.shape[0]
@@ -167,13 +187,14 @@ def mttt(
     if mode == "sgd":
         keys = jax.random.split(key, B * H)
         keys = keys.reshape((B, H) + keys.shape[1:])  # (B, H, ...) one key per (batch, head)
-    return _mttt(learner, decode, mode, per_sequence, W0, fixed, decode_params, q, k, v, lrs,
-                 keys, loss_norm)  # fmt: skip
+    return _mttt(learner, decode, mode, per_sequence, inner_opt, loss, W0, fixed, decode_params,
+                 q, k, v, lrs, keys, loss_norm)  # fmt: skip
 
 
 # jit so that eager calls reuse one compiled scan instead of retracing it on every call
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _mttt(learner, decode, mode, per_sequence, W0, fixed, dparams, q, k, v, lrs, keys, loss_norm):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _mttt(learner, decode, mode, per_sequence, tx, kind, W0, fixed, dparams, q, k, v, lrs, keys,
+          loss_norm):
     """The vmapped loop: per-head `_mttt_head` over H, then over B; see `mttt` for shapes."""
     N, T = q.shape[2], lrs.shape[0]
     idx = mask = None
@@ -182,7 +203,7 @@ def _mttt(learner, decode, mode, per_sequence, W0, fixed, dparams, q, k, v, lrs,
         idx, mask = jax.vmap(jax.vmap(chunk))(keys)  # (B, H, T, c) each
 
     head = lambda W, f, dp, q_, k_, v_, i_, m_: _mttt_head(
-        learner, decode, loss_norm, mode, W, f, dp, q_, k_, v_, lrs, i_, m_
+        learner, decode, loss_norm, mode, W, f, dp, q_, k_, v_, lrs, i_, m_, tx, kind
     )
     over_heads = jax.vmap(head, in_axes=(0, 0, 0, 0, 0, 0, 0, 0))
     w_axis = 0 if per_sequence else None

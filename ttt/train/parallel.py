@@ -76,6 +76,10 @@ DEFAULT_RULES = (
     (r"(^|/)inner_Dense_\d+/kernel$", (_M, None, None)),
     (r"(^|/)inner_Dense_\d+/bias$", (_M, None)),
     (_MIXER + r"decoder_LN/(scale|bias)$", (_M, None)),
+    # LaCT: fast weights (Hf, ·, ·) over their heads; the fused [q|k|v] projection (C, 3C) and
+    # the per-head rate projections (C, ·Hf) only over fsdp (their columns are not head-major)
+    (_MIXER + r"fw/W\d+$", (_M, None, None)),
+    (_MIXER + r"(wqkv|lr_proj|momentum_proj|ttt_scale_proj)/kernel$", (_F, None)),
     # feed-forward: hidden dimension over model
     (r"(^|/)feed_forward/(w1|w3)/kernel$", (_F, _M)),
     (r"(^|/)feed_forward/w2/kernel$", (_M, _F)),
