@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from ttt.layers import common
 from ttt.ops import checks, learners, ttt_state
 from ttt.ops._scan import GPU_UNROLL, default_unroll, scan_groups  # noqa: F401 (GPU_UNROLL)
-from ttt.ops.primitives import causal_conv, layer_norm, rope
+from ttt.ops.primitives import causal_conv, layer_norm, project, rope
 
 LEARNERS = ("linear", "mlp")
 BACKBONES = ("transformer", "mamba")
@@ -169,7 +169,7 @@ class TTTMixer(nn.Module):
         dt, H, d = self.dtype, self.num_heads, self.head_dim
         idt = common.inner_dtype(dt)
         x = x.astype(dt)
-        dense = lambda name: x @ p[name].astype(dt)  # (B, N, C) @ (C, C) -> (B, N, C)
+        dense = lambda name: project(x, p[name].astype(dt))  # (B, N, C) @ (C, C) -> (B, N, C)
         new_tail = None
         if self.backbone == "transformer":
             q, k = dense("wq"), dense("wk")
@@ -207,8 +207,8 @@ class TTTMixer(nn.Module):
             y = layer_norm(y.astype(idt), norm["scale"].astype(idt), norm["bias"].astype(idt),
                            1e-6).astype(dt)
         if self.backbone == "mamba":
-            y = nn.gelu(x.astype(dt) @ p["wg"].astype(dt), approximate=True) * y
-        return y @ p["wo"].astype(dt)
+            y = nn.gelu(project(x.astype(dt), p["wg"].astype(dt)), approximate=True) * y
+        return project(y, p["wo"].astype(dt))
 
     @nn.nowrap
     def _state_options(self):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from ttt import layers
 from ttt.layers.common import CausalConv
+from ttt.ops.primitives import project, project_dot_general
 from ttt.models.stack import make_stack
 
 Array = jax.Array
@@ -57,7 +58,8 @@ class SwiGLU(nn.Module):
     def __call__(self, x: Array) -> Array:
         dense = lambda features, name: nn.Dense(
             features, use_bias=False, kernel_init=nn.initializers.normal(self.init_std),
-            dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+            dtype=self.dtype, param_dtype=self.param_dtype,
+            dot_general=project_dot_general, name=name)  # 2-D view: a faster backward on CPU
         gate = nn.silu(dense(self.hidden, "w1")(x)) * dense(self.hidden, "w3")(x)  # (B, N, F)
         return dense(x.shape[-1], "w2")(gate)
 
@@ -196,7 +198,7 @@ class CausalLM(nn.Module):
         out = jnp.promote_types(self.dtype, jnp.float32)  # float32 (float64 in x64 runs)
         h = self.ln_f(h).astype(out)
         e = self.wte.embedding.astype(out)  # (V, C)
-        return jnp.einsum("bnc,vc->bnv", h, e)  # (B, N, V)
+        return project(h, e.T)  # (B, N, C) @ (C, V) -> (B, N, V), on the 2-D view
 
     def __call__(self, input_ids: Array, ttt_lr_mult=1.0) -> tuple[Array, dict]:
         h, aux = self.h(self.wte(input_ids), ttt_lr_mult)
