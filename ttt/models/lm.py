@@ -22,8 +22,8 @@ import jax.numpy as jnp
 
 from ttt import layers
 from ttt.layers.common import CausalConv
-from ttt.ops.primitives import project, project_dot_general
 from ttt.models.stack import make_stack
+from ttt.ops.primitives import project, project_dot_general
 
 Array = jax.Array
 
