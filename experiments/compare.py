@@ -54,7 +54,9 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -67,7 +69,7 @@ LM_MIXERS = ("linear_attention", "ttt_linear", "ttt_mlp", "softmax")
 LADDER = ("linear_attn", "linear_attn_plain", "ttt_equivalence", "learnable_W0", "ln_residual",
           "mini_batch", "learnable_eta", "mamba_backbone")
 
-# MQAR, validated setting: sequence length 64, width 64, 1,500 steps of 64 sequences
+# MQAR, validated setting: sequence length 64, width 64, 1,750 steps of 64 sequences
 # (experiments/mqar.py, `harness`). The sweep is Zoology's per-mixer learning-rate search; the
 # demo trains each mixer once, at 8 pairs, at the rate the `compare` sweep picked (README).
 MQAR_PAIRS = (8, 16)
@@ -371,15 +373,24 @@ def _execute(runs: list[Run], args, jobs: int, bar) -> dict:
             a = list(_args_of(run, args))
             a[5] = [*a[5], "train.progress=False"]  # one bar here, not one per worker
             futures[pool.submit(run_one, *a)] = run
-        for future in concurrent.futures.as_completed(futures):
-            run = futures[future]
-            try:
-                infos[run.key] = future.result()
-            except Exception as err:  # a worker died (e.g. out of memory)
-                infos[run.key] = {"key": run.key, "name": run.cell.name,
-                                  "group": run.cell.group, "error": repr(err)}
-            bar.set_postfix_str(f"{run.key} {infos[run.key].get('wall_s', 0):.0f}s")
-            bar.update(1)
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                run = futures[future]
+                try:
+                    infos[run.key] = future.result()
+                except Exception as err:  # a worker died (e.g. out of memory)
+                    infos[run.key] = {"key": run.key, "name": run.cell.name,
+                                      "group": run.cell.group, "error": repr(err)}
+                bar.set_postfix_str(f"{run.key} {infos[run.key].get('wall_s', 0):.0f}s")
+                bar.update(1)
+        except KeyboardInterrupt:
+            # Each worker's trainer turns SIGTERM into a checkpoint (a rerun resumes there);
+            # the executor has no public handle on its processes.
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in list(getattr(pool, "_processes", {}).values()):
+                if process.is_alive():
+                    process.terminate()
+            raise
     return infos
 
 
@@ -442,6 +453,10 @@ def _header(args, wall: float, infos: list[dict], failures: list[dict]) -> str:
     return "\n\n".join(lines)
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -467,6 +482,10 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from experiments.report import build_report, summarize
+
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM stops the comparison like Ctrl-C: workers checkpoint, a rerun resumes
+        signal.signal(signal.SIGTERM, _raise_interrupt)
 
     start = time.perf_counter()
     try:

@@ -16,7 +16,7 @@ Argument: comma-separated tokens, any order (`experiments/args.py`; anything els
   cpu        2-core CPU scale on the embedded corpus: tiny model, 128-byte contexts, 200 steps of
              8 sequences (under a minute per mixer after compilation)
   long       long context at 2-core CPU scale (`make compare`): the tiny model on 2k-byte
-             windows of the embedded corpus (or any --config.data.name=text_files corpus), 600
+             windows of the embedded corpus (or any --config.data.name=text_files corpus), 400
              steps of 2 sequences, validation on the whole split; `python -m ttt.evaluate`
              then gives the loss by token position (experiments.compare does it for you)
   ctx=<n>    context length in tokens (accepts 2k / 8k / 32k); default 512 (smoke 64, cpu 128,
@@ -57,7 +57,7 @@ TOKENS_PER_STEP = 2**19  # 0.5M tokens per optimizer step (paper §3 / ttt-lm-ja
 MIXERS = ("ttt_linear", "ttt_mlp", "ttt_linear_mamba", "ttt_mlp_mamba", "linear_attention",
           "softmax")
 CONTEXTS = {"pile": (2048, 8192), "books": (2048, 8192, 32768)}
-LONG_STEPS = 600
+LONG_STEPS = 400
 GRAMMAR = Grammar("lm", names=mixer_names(causal_only=True), default="ttt_linear",
                   name_label="causal mixers", flags=("smoke", "cpu", "long", "paper", "books"),
                   presets=PRESETS, preset_default="tiny", options={"ctx": tokens})
@@ -96,7 +96,7 @@ def _cpu(c: mlc.ConfigDict, a: dict) -> None:
 
 
 def _long(c: mlc.ConfigDict, a: dict) -> None:
-    """Long context at 2-core CPU scale: the tiny LM on 2k windows, 600 steps of 2 sequences.
+    """Long context at 2-core CPU scale: the tiny LM on 2k windows, 400 steps of 2 sequences.
 
     Softmax attention dominates the cost (its N x N scores at 2k: ~1.7 s of one core per step,
     TTT-Linear ~0.2 s), so the batch is small and the run long rather than the other way round."""

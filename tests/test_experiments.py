@@ -313,7 +313,8 @@ def test_compare_runs_the_tiny_preset_end_to_end(tmp_path, capsys):
     best = compare.best_lr(sweep, workdir)
     assert best in sweep.lrs
     assert sorted(k for k in keys if k.startswith("mqar/")) == sorted(
-        [f"mqar/{sweep.name}/lr{lr:g}_s0" for lr in sweep.lrs] + [f"mqar/{sweep.name}/lr{best:g}_s1"])
+        [f"mqar/{sweep.name}/lr{lr:g}_s0" for lr in sweep.lrs]
+        + [f"mqar/{sweep.name}/lr{best:g}_s1"])
     # the init run started from the Transformer of its seed
     config = json.load(open(os.path.join(workdir, "init/ttt_linear_from_softmax/s0/config.json")))
     assert config["init"]["transformer_workdir"] == os.path.join(workdir, "lm/softmax/s0")
