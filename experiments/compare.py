@@ -24,18 +24,20 @@ or override stops everything before training, in one line (exit status 2). Each 
 `python -m ttt.main`). A run whose `run.json` exists is finished and is not trained again
 (--force retrains); an interrupted one resumes from its checkpoint; so rerunning the same command
 continues a comparison where it stopped. Runs are trained by `--jobs` worker processes (default
-one per CPU core, at most 2), each pinned to its own core: tiny models train faster as parallel
-single-threaded runs than as one run split over threads. The report (`WORKDIR/report.md`, the
+one per CPU core, at most 2), each pinned to its own core (tiny models train faster as parallel
+single-threaded runs than as one run split over threads), in the order of the preset's cells:
+the most informative first, so an interrupted comparison has finished those (`demo` lists the
+longest first instead, to finish soonest). The report (`WORKDIR/report.md`, the
 PNGs and `results.json`, see `experiments.report`) is built only from the runs' files.
 
 Presets (runtimes measured on an idle 2-core machine, see README):
-  demo     ~15 minutes. MQAR at the validated setting (N = 64, 8 pairs, width 64, 1 seed at each
-           mixer's best rate from `compare`), long-context byte LMs (context 1k, 1 seed) with loss
-           by position, TTT-Linear from a trained Transformer vs from scratch, the ablation ladder
-           and MTTT vision (1 seed each).
-  compare  ~3 hours. MQAR: lr sweep per mixer and pair count, then 3 seeds at the best rate;
-           long-context LMs at 2k, 3 seeds; TTT from the Transformer, 3 seeds; ladder and vision
-           with 3 seeds.
+  demo     ~15 minutes. MQAR at the validated setting (N = 64, 8 pairs, width 64; linear
+           attention, TTT-Linear, softmax; 1 seed at each mixer's best rate from `compare`),
+           long-context byte LMs (context 1k, 300 steps, 1 seed) with the loss by position,
+           TTT-Linear from the trained Transformer vs from scratch, MTTT vision (T = 0, 2).
+  compare  ~3 hours. MQAR at 8 and 16 pairs: a 3-rate sweep per mixer and pair count, then 3
+           seeds at the best rate; long-context LMs at 2k, 3 seeds each; TTT-Linear from the
+           Transformer, 3 seeds; the ablation ladder and MTTT vision (T = 0, 1, 2, 4), 3 seeds.
   tiny     smoke runs that exercise every mechanism (seeds, sweep, init, by-position) in tests.
 To add a mixer to the comparison (e.g. a new registry entry), add its name to MQAR_MIXERS and/or
 LM_MIXERS below.
@@ -76,6 +78,8 @@ MQAR_PAIRS = (8, 16)
 MQAR_LRS = (1e-3, 3e-3, 1e-2)
 MQAR_BEST_LR = {"linear_attention": 3e-3, "ttt_linear": 3e-3, "ttt_mlp": 3e-3, "softmax": 3e-3}
 SEEDS = (0, 1, 2)
+# The demo's MQAR leaves TTT-MLP out (its run alone would take a third of the demo's budget).
+DEMO_MQAR_MIXERS = tuple(m for m in MQAR_MIXERS if m != "ttt_mlp")
 # Rough CPU seconds of one run on one idle core (measured; the pool starts the longest first so
 # the last worker does not finish long after the others). Unlisted: 60.
 COST = {("mqar", "softmax"): 170, ("mqar", "linear_attention"): 200, ("mqar", "ttt_linear"): 280,
@@ -96,6 +100,7 @@ class Cell:
     by_position: bool = False  # loss by token position on the validation split
     init_from: str | None = None  # "group/name" of the Transformer cell each seed starts from
     cost: float = 60.0  # rough CPU seconds of one run (scheduling only)
+    rank: int = 0  # scheduling: lower ranks first, then seed by seed (see _order)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,42 +117,49 @@ class Run:
         return f"{self.cell.group}/{self.cell.name}/{tag}"
 
 
-def _mqar_cells(pairs, seeds, lrs) -> list[Cell]:
+def _mqar_cells(pairs, seeds, lrs, mixers=MQAR_MIXERS) -> list[Cell]:
+    """One cell per pair count and mixer, softmax first (it validates the harness); rank =
+    the pair count's position, so the first pair count's sweeps and seeds come first."""
     out = []
-    for kv in pairs:
-        for m in MQAR_MIXERS:
+    for rank, kv in enumerate(pairs):
+        for m in sorted(mixers, key=lambda m: m != "softmax"):
             fixed = () if lrs else (f"optim.lr={MQAR_BEST_LR.get(m, 3e-3)}",)
             out.append(Cell("mqar", f"{m}_kv{kv}", f"experiments/mqar.py:{m},harness,kv={kv}",
-                            fixed, seeds, tuple(lrs), cost=COST.get(("mqar", m), 300)))
+                            fixed, seeds, tuple(lrs), cost=COST.get(("mqar", m), 300),
+                            rank=rank))
     return out
 
 
-def _lm_cells(ctx: str, seeds, overrides=(), scale: float = 1.0) -> list[Cell]:
+def _lm_cells(ctx: str, seeds, overrides=(), scale: float = 1.0, rank: int = 0) -> list[Cell]:
     """Long-context LMs (`experiments/lm.py`, `long` scale) with the loss by position, and
     TTT-Linear started from the trained Transformer of the same seed (same budget) — its
     from-scratch twin is the lm cell of the same spec."""
     cells = [Cell("lm", m, f"experiments/lm.py:{m},long,ctx={ctx}", tuple(overrides), seeds,
-                  by_position=True, cost=COST.get(("lm", m), 200) * scale) for m in LM_MIXERS]
+                  by_position=True, cost=COST.get(("lm", m), 200) * scale, rank=rank)
+             for m in sorted(LM_MIXERS, key=lambda m: m != "softmax")]  # init waits on softmax
     cells.append(Cell("init", "ttt_linear_from_softmax", f"experiments/lm.py:ttt_linear,long,"
                       f"ctx={ctx}", tuple(overrides), seeds, by_position=True,
-                      init_from="lm/softmax", cost=COST[("init", "ttt_linear")] * scale))
+                      init_from="lm/softmax", cost=COST[("init", "ttt_linear")] * scale,
+                      rank=rank))
     return cells
 
 
 PRESETS: dict[str, list[Cell]] = {
     "demo": (
-        _mqar_cells((8,), (0,), ())
+        _mqar_cells((8,), (0,), (), DEMO_MQAR_MIXERS)
         + _lm_cells("1k", (0,), ("train.steps=300",), scale=0.3)
         + [Cell("vision", f"mttt_mlp_T{t}", f"experiments/vit.py:mttt_mlp,T={t},cpu")
-           for t in (0, 1, 2, 4)]
+           for t in (0, 2)]
     ),
+    # ranks: MQAR at 8 pairs, then 16 (sweeps, then seeds), the long-context LMs and TTT from
+    # the Transformer seed by seed, then the ladder and vision
     "compare": (
         _mqar_cells(MQAR_PAIRS, SEEDS, MQAR_LRS)
-        + _lm_cells("2k", SEEDS)
-        + [Cell("ladder", f"{i + 1}_{r}", f"experiments/ablation.py:{r},cpu", seeds=SEEDS)
-           for i, r in enumerate(LADDER)]
+        + _lm_cells("2k", SEEDS, rank=len(MQAR_PAIRS))
+        + [Cell("ladder", f"{i + 1}_{r}", f"experiments/ablation.py:{r},cpu", seeds=SEEDS,
+                rank=len(MQAR_PAIRS) + 1) for i, r in enumerate(LADDER)]
         + [Cell("vision", f"mttt_mlp_T{t}", f"experiments/vit.py:mttt_mlp,T={t},cpu",
-                seeds=SEEDS) for t in (0, 1, 2, 4)]
+                seeds=SEEDS, cost=90, rank=len(MQAR_PAIRS) + 1) for t in (0, 1, 2, 4)]
     ),
     "tiny": [
         Cell("lm", "softmax", "experiments/lm.py:softmax,smoke", seeds=(0, 1), by_position=True),
@@ -158,6 +170,8 @@ PRESETS: dict[str, list[Cell]] = {
              seeds=(0,), init_from="lm/softmax"),
     ],
 }
+# presets scheduled longest run first (to finish soonest) instead of by rank and seed
+LONGEST_FIRST = ("demo",)
 # preset -> worker processes (0: one per core, at most 2)
 PRESET_JOBS = {"demo": 0, "compare": 0, "tiny": 1}
 
@@ -352,44 +366,102 @@ def _pin(counter) -> None:
 def _args_of(run: Run, args) -> tuple:
     return (run.key, run.cell.group, run.cell.name, run.cell.spec,
             os.path.join(args.workdir, run.key), run_overrides(run, args.workdir, args.overrides),
-            args.force, run.cell.by_position, run.seed, run.lr)
+            False, run.cell.by_position, run.seed, run.lr)
 
 
-def _execute(runs: list[Run], args, jobs: int, bar) -> dict:
-    """Train `runs` (in worker processes when jobs > 1); returns key -> run.json dict."""
-    infos = {}
+def _complete(run: Run, workdir: str) -> dict | None:
+    """run.json of a run that needs nothing more (trained, and evaluated by position when its
+    cell asks), else None."""
+    done = finished(run, workdir)
+    if done is None:
+        return None
+    if run.cell.by_position and not done.get("diverged") and not os.path.exists(
+            os.path.join(workdir, run.key, "eval", "validation.json")):
+        return None
+    return done
+
+
+def _order(run: Run, index: int, longest_first: bool) -> tuple:
+    """Scheduling key: the cell's rank, then seed by seed (every cell's first seed, with its
+    sweep, before any second seed), then the cells' order; or simply the longest first."""
+    if longest_first:
+        return (-run.cell.cost, index)
+    return (run.cell.rank, run.cell.seeds.index(run.seed), index)
+
+
+def _next_run(cells: list[Cell], args, taken: set[str], infos: dict, bar) -> Run | None:
+    """The run to start now (see `_order`): not taken, its Transformer (if any) finished.
+    Complete runs met on the way are recorded as done."""
+    candidates = []
+    for index, cell in enumerate(cells):
+        for run in expand(cell, args.workdir)[0]:
+            if run.key in taken or not ready(run, args.workdir):
+                continue
+            done = _complete(run, args.workdir)
+            if done is not None:
+                taken.add(run.key)
+                infos[run.key] = done
+                bar.update(1)
+                continue
+            candidates.append((_order(run, index, args.longest_first), run))
+    if not candidates:
+        return None
+    run = min(candidates, key=lambda c: c[0])[1]
+    taken.add(run.key)
+    return run
+
+
+def _schedule(cells: list[Cell], args, jobs: int, bar) -> dict:
+    """Train every run of `cells`, `jobs` at a time, in the cells' order (a preset lists the
+    most informative first, so an interrupted comparison has finished those). The plan is
+    recomputed whenever a run ends: a sweep's other seeds and the init runs start as soon as
+    they can. Returns key -> run.json dict (or {"error": ...})."""
+    infos: dict[str, dict] = {}
+    taken: set[str] = set()
+
+    def record(run, info):
+        infos[run.key] = info
+        bar.set_postfix_str(f"{run.key} {info.get('wall_s', 0):.0f}s")
+        bar.update(1)
+
     if jobs <= 1:
-        for run in runs:
+        while (run := _next_run(cells, args, taken, infos, bar)) is not None:
             print(f"\n{run.key}  ({run.cell.spec})", file=sys.stderr, flush=True)
-            infos[run.key] = run_one(*_args_of(run, args))
-            bar.update(1)
+            record(run, run_one(*_args_of(run, args)))
         return infos
     ctx = multiprocessing.get_context("spawn")  # a clean JAX runtime per worker
     counter = ctx.Value("i", 0)
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_pin,
                                                 initargs=(counter,)) as pool:
-        futures = {}
-        for run in sorted(runs, key=lambda r: -r.cell.cost):  # longest first
-            a = list(_args_of(run, args))
-            a[5] = [*a[5], "train.progress=False"]  # one bar here, not one per worker
-            futures[pool.submit(run_one, *a)] = run
+        running: dict[concurrent.futures.Future, Run] = {}
         try:
-            for future in concurrent.futures.as_completed(futures):
-                run = futures[future]
-                try:
-                    infos[run.key] = future.result()
-                except Exception as err:  # a worker died (e.g. out of memory)
-                    infos[run.key] = {"key": run.key, "name": run.cell.name,
-                                      "group": run.cell.group, "error": repr(err)}
-                bar.set_postfix_str(f"{run.key} {infos[run.key].get('wall_s', 0):.0f}s")
-                bar.update(1)
+            while True:
+                while len(running) < jobs:
+                    run = _next_run(cells, args, taken, infos, bar)
+                    if run is None:
+                        break
+                    a = list(_args_of(run, args))
+                    a[5] = [*a[5], "train.progress=False"]  # one bar here, not one per worker
+                    running[pool.submit(run_one, *a)] = run
+                if not running:
+                    break
+                done, _ = concurrent.futures.wait(
+                    running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    run = running.pop(future)
+                    try:
+                        record(run, future.result())
+                    except Exception as err:  # a worker died (e.g. out of memory)
+                        record(run, {"key": run.key, "name": run.cell.name,
+                                     "group": run.cell.group, "error": repr(err)})
         except KeyboardInterrupt:
             # Each worker's trainer turns SIGTERM into a checkpoint (a rerun resumes there);
             # the executor has no public handle on its processes.
-            pool.shutdown(wait=False, cancel_futures=True)
-            for process in list(getattr(pool, "_processes", {}).values()):
+            processes = list((getattr(pool, "_processes", None) or {}).values())
+            for process in processes:
                 if process.is_alive():
                     process.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
     return infos
 
@@ -470,7 +542,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override applied to every run, e.g. train.steps=100 (the "
                              "same as ttt.main's --config.train.steps=100)")
-    parser.add_argument("--force", action="store_true", help="retrain finished runs")
+    parser.add_argument("--force", action="store_true",
+                        help="delete the cells' runs first and train everything again")
     parser.add_argument("--jobs", type=int, default=None,
                         help="runs trained at once, each in a worker pinned to one core "
                              "(default: the preset's; one per core up to 2)")
@@ -493,35 +566,17 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {cli.one_line(err)}", file=sys.stderr)
         return 2
+    args.longest_first = args.preset in LONGEST_FIRST
     jobs = args.jobs if args.jobs is not None else PRESET_JOBS.get(args.preset, 1)
     if jobs == 0:
         jobs = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                           else os.cpu_count() or 1))
-    infos: dict[str, dict] = {}
-    attempted: set[str] = set()
+    if args.force:  # a clean slate: a sweep must not pick its rate from runs about to be redone
+        for cell in cells:
+            shutil.rmtree(os.path.join(args.workdir, cell.group, cell.name), ignore_errors=True)
     total = sum(len(c.seeds) + max(len(c.lrs) - 1, 0) for c in cells)
     with tqdm(total=total, desc="runs", unit="run", file=sys.stderr) as bar:
-        while True:  # a sweep's other seeds and the init runs become known as runs finish
-            todo = []
-            for cell in cells:
-                runs, _ = expand(cell, args.workdir)
-                for run in runs:
-                    if run.key in attempted or not ready(run, args.workdir):
-                        continue
-                    done = finished(run, args.workdir)
-                    if done is not None and not args.force and not (
-                            cell.by_position and not done.get("diverged") and not
-                            os.path.exists(os.path.join(args.workdir, run.key, "eval",
-                                                        "validation.json"))):
-                        infos[run.key] = done
-                        attempted.add(run.key)
-                        bar.update(1)
-                        continue
-                    todo.append(run)
-            if not todo:
-                break
-            attempted.update(r.key for r in todo)
-            infos.update(_execute(todo, args, min(jobs, len(todo)), bar))
+        infos = _schedule(cells, args, jobs, bar)
     print(f"{(time.perf_counter() - start) / 60:.1f} min elapsed", file=sys.stderr)
     failures = [i for i in infos.values() if "error" in i]
     dirs = []
