@@ -22,8 +22,9 @@ Configs load exactly as `python -m ttt.main --config=<spec> --config.<key>=<valu
 or override stops everything before training, in one line (exit status 2). Each run trains in
 `WORKDIR/<group>/<cell>/<lr..._>s<seed>` through `ttt.train.train_and_evaluate` (the driver of
 `python -m ttt.main`). A run whose `run.json` exists is finished and is not trained again
-(--force retrains); an interrupted one resumes from its checkpoint; so rerunning the same command
-continues a comparison where it stopped. Runs are trained by `--jobs` worker processes (default
+(--force deletes the cells' runs first); an interrupted one (Ctrl-C or SIGTERM: every worker
+saves a checkpoint) resumes from its checkpoint, so rerunning the same command continues a
+comparison where it stopped. Runs are trained by `--jobs` worker processes (default
 one per CPU core, at most 2), each pinned to its own core (tiny models train faster as parallel
 single-threaded runs than as one run split over threads), in the order of the preset's cells:
 the most informative first, so an interrupted comparison has finished those (`demo` lists the
@@ -224,54 +225,59 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def run_one(key: str, group: str, name: str, spec: str, run_dir: str, overrides: list[str],
-            force: bool = False, by_position: bool = False, seed: int = 0,
-            lr: float | None = None) -> dict:
+            by_position: bool = False, seed: int = 0, lr: float | None = None) -> dict:
     """Train `spec` in `run_dir` unless it already finished there (and evaluate it by position
     when asked); returns its run.json dict. A run whose loss diverged is finished too (its
-    run.json says `diverged`): in a learning-rate sweep that is a result.
+    run.json says `diverged`): in a learning-rate sweep that is a result. wall_s and cpu_s add
+    up every invocation that worked on the run (a preempted one leaves them in partial.json).
 
     Safe to call in a worker process (everything it needs is imported inside)."""
-    marker = os.path.join(run_dir, "run.json")
-    if os.path.exists(marker) and not force:
-        with open(marker) as f:
-            info = json.load(f)
-        if not by_position or info.get("diverged") or \
-                os.path.exists(os.path.join(run_dir, "eval", "validation.json")):
-            return info
-    elif force and os.path.exists(run_dir):
-        shutil.rmtree(run_dir)
-    from ttt.train import NonFiniteLossError, train_and_evaluate
+    marker, partial = os.path.join(run_dir, "run.json"), os.path.join(run_dir, "partial.json")
+    info = _read_json(marker)
+    if not info:
+        from ttt.train import NonFiniteLossError, train_and_evaluate
 
-    info = {"key": key, "name": name, "group": group, "spec": spec, "overrides": overrides,
-            "seed": seed, "lr": lr}
-    if os.path.exists(marker) and not force:  # trained earlier; only the evaluation is missing
-        with open(marker) as f:
-            info = json.load(f)
-    else:
+        info = {"key": key, "name": name, "group": group, "spec": spec, "overrides": overrides,
+                "seed": seed, "lr": lr}
         config = load_config(spec, overrides)
+        spent = _read_json(partial)
         start, cpu = time.perf_counter(), _cpu_seconds()
+        preempted = False
         try:
             summary = train_and_evaluate(config, run_dir)
             info["step"] = int(summary["step"])
             info["steps_per_s"] = summary["items_per_s"] / (
                 config.train.global_batch_size * (config.data.get("seq_len") or 1)
                 if config.model.kind == "lm" else config.train.global_batch_size)
-            if summary["preempted"]:  # SIGTERM: the checkpoint is saved; a rerun resumes there
-                raise KeyboardInterrupt(f"{name} preempted at step {info['step']}")
+            preempted = summary["preempted"]  # SIGTERM: checkpoint saved, a rerun resumes
         except NonFiniteLossError as err:
             info["diverged"] = str(err).split(";")[0]
         except Exception as err:  # one broken variant must not sink the whole comparison
             traceback.print_exc()
             info["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        info["wall_s"] = time.perf_counter() - start
-        info["cpu_s"] = _cpu_seconds() - cpu
+        info["wall_s"] = spent.get("wall_s", 0.0) + time.perf_counter() - start
+        info["cpu_s"] = spent.get("cpu_s", 0.0) + _cpu_seconds() - cpu
         os.makedirs(run_dir, exist_ok=True)
+        if preempted:
+            with open(partial, "w") as f:
+                json.dump({"wall_s": info["wall_s"], "cpu_s": info["cpu_s"]}, f)
+            raise KeyboardInterrupt(f"{name} preempted at step {info['step']}")
         if "error" in info:
             return info
         with open(marker, "w") as f:
             json.dump(info, f, indent=2)
-    if by_position and not info.get("diverged"):
+        if os.path.exists(partial):
+            os.remove(partial)
+    if by_position and not info.get("diverged") and \
+            not os.path.exists(os.path.join(run_dir, "eval", "validation.json")):
         try:
             _evaluate_by_position(run_dir)
         except Exception as err:
@@ -281,11 +287,13 @@ def run_one(key: str, group: str, name: str, spec: str, run_dir: str, overrides:
 
 
 def _evaluate_by_position(run_dir: str) -> None:
+    """`ttt.evaluate.evaluate_run` on the whole validation split -> RUN/eval/validation.json
+    (with the evaluation's own wall and CPU seconds)."""
     from ttt.evaluate import evaluate_run
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     result = evaluate_run(run_dir, "validation")
-    result["wall_s"] = time.perf_counter() - start
+    result.update(wall_s=time.perf_counter() - start, cpu_s=_cpu_seconds() - cpu)
     os.makedirs(os.path.join(run_dir, "eval"), exist_ok=True)
     with open(os.path.join(run_dir, "eval", "validation.json"), "w") as f:
         json.dump(result, f)
@@ -370,7 +378,7 @@ def _pin(counter) -> None:
 def _args_of(run: Run, args) -> tuple:
     return (run.key, run.cell.group, run.cell.name, run.cell.spec,
             os.path.join(args.workdir, run.key), run_overrides(run, args.workdir, args.overrides),
-            False, run.cell.by_position, run.seed, run.lr)
+            run.cell.by_position, run.seed, run.lr)
 
 
 def _complete(run: Run, workdir: str) -> dict | None:
@@ -511,13 +519,31 @@ def _machine() -> str:
             f"jax {jax.__version__}")
 
 
-def _header(args, wall: float, infos: list[dict], failures: list[dict]) -> str:
-    cpu = sum(i.get("cpu_s", 0.0) for i in infos)
+def _planned(cell: Cell) -> int:
+    return len(cell.seeds) + max(len(cell.lrs) - 1, 0)
+
+
+def _header(args, wall: float, summaries: list[dict], cells: list[Cell],
+            failures: list[dict]) -> str:
+    cpu = sum(s["cpu_s"] for s in summaries if math.isfinite(s["cpu_s"]))
+    cpu += sum(s.get("eval_cpu_s", 0.0) for s in summaries)
+    done = {}
+    for s in summaries:
+        if s.get("key"):
+            cell = s["key"].rsplit("/", 1)[0]
+            done[cell] = done.get(cell, 0) + 1
+    planned = sum(_planned(c) for c in cells)
+    missing = [f"{c.group}/{c.name} ({done.get(f'{c.group}/{c.name}', 0)} of {_planned(c)})"
+               for c in cells if done.get(f"{c.group}/{c.name}", 0) < _planned(c)]
     lines = [f"Command: `python -m experiments.compare {' '.join(args.argv)}`",
              f"Date: {datetime.date.today().isoformat()}; machine: {_machine()}.",
+             f"Runs finished: {sum(done.values())} of {planned} planned"
+             + (f"; unfinished cells (runs done of planned): {', '.join(missing)}."
+                if missing else "."),
              f"Wall time of this invocation: {wall / 60:.1f} min (runs reused from earlier "
-             f"invocations count 0). CPU time of all {len(infos)} runs' training: "
-             f"{cpu / 3600:.2f} h (on n idle cores the comparison takes about this / n).",
+             f"invocations count 0). CPU time of the finished runs (training and evaluation, "
+             f"every invocation): {cpu / 3600:.2f} h — on n idle cores the comparison takes "
+             "about this / n.",
              "Cells show mean ± standard deviation over their seeds (n). A difference between "
              "two cells is reported as a **finding** only when it exceeds the spread: "
              "|Δ mean| > sd₁ + sd₂ (the mean ± sd intervals do not overlap; for two position "
@@ -578,7 +604,7 @@ def main(argv=None) -> int:
     if args.force:  # a clean slate: a sweep must not pick its rate from runs about to be redone
         for cell in cells:
             shutil.rmtree(os.path.join(args.workdir, cell.group, cell.name), ignore_errors=True)
-    total = sum(len(c.seeds) + max(len(c.lrs) - 1, 0) for c in cells)
+    total = sum(_planned(c) for c in cells)
     with tqdm(total=total, desc="runs", unit="run", file=sys.stderr) as bar:
         infos = _schedule(cells, args, jobs, bar)
     print(f"{(time.perf_counter() - start) / 60:.1f} min elapsed", file=sys.stderr)
@@ -593,9 +619,8 @@ def main(argv=None) -> int:
     summaries = [summarize(d) for d in dirs + list(args.runs)]
     for s in summaries:
         s["selected"] = s.get("key") in selected_keys or s.get("key") is None
-    text = build_report(summaries, args.workdir,
-                        header=_header(args, time.perf_counter() - start,
-                                       [i for i in infos.values() if "error" not in i], failures))
+    text = build_report(summaries, args.workdir, header=_header(
+        args, time.perf_counter() - start, summaries, cells, failures))
     print("\n" + text)
     print(f"report: {os.path.join(args.workdir, 'report.md')}", file=sys.stderr)
     return 1 if failures else 0

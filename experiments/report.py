@@ -174,7 +174,8 @@ def summarize(run_dir: str) -> dict:
     }
     by_pos = _json(os.path.join(run_dir, "eval", "validation.json"))
     if by_pos.get("loss_by_position"):
-        out.update(loss_by_position=by_pos["loss_by_position"], full_eval_loss=by_pos["loss"])
+        out.update(loss_by_position=by_pos["loss_by_position"], full_eval_loss=by_pos["loss"],
+                   eval_cpu_s=by_pos.get("cpu_s", 0.0))
     if group == "mqar":
         out.update(num_kv_pairs=config["data"].get("num_kv_pairs"),
                    width=_dims(config["model"])[1])
