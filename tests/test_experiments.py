@@ -3,6 +3,7 @@ report (from synthetic metric files and from a real tiny preset run)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -385,3 +386,21 @@ def test_compare_bad_spec_or_override_exits_2_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err, err
     assert not os.path.exists(tmp_path / "w")  # nothing trained
+
+
+def test_compare_selects_groups_and_takes_a_user_corpus(tmp_path):
+    """--only keeps a preset's groups (an init cell brings its Transformer along), --seeds
+    replaces the seeds, and --set points the long-context LMs at the user's text files."""
+    args = argparse.Namespace(preset="compare", only="init", seeds="3,4", configs=None,
+                              overrides=["data.name=text_files",
+                                         f"data.paths=['{tmp_path}']"])
+    cells = compare._cells(args)
+    assert [(c.group, c.name) for c in cells] == [("init", "ttt_linear_from_softmax"),
+                                                  ("lm", "softmax")]
+    assert all(c.seeds == (3, 4) for c in cells)
+    run = compare.Run(cells[0], 3)
+    overrides = compare.run_overrides(run, "W", args.overrides)
+    config = compare.load_config(cells[0].spec, [o for o in overrides if "init." not in o])
+    assert config.data.name == "text_files" and list(config.data.paths) == [str(tmp_path)]
+    assert config.data.seq_len == 2048 and config.train.seed == 3
+    assert f"init.transformer_workdir={os.path.join('W', 'lm', 'softmax', 's3')}" in overrides
