@@ -1,6 +1,8 @@
 # ttt — two commands do everything on a fresh clone:
-#   make demo   compare the variants on embedded data (installs first if needed)
+#   make demo   compare the variants on embedded data (installs first if needed; ~15 min on 2 cores)
 #   make test   run the fast test suite (installs first if needed)
+# and `make compare` runs the full comparison grid behind the README's results (~3 h on 2 cores;
+# rerun the same command to resume).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -12,7 +14,7 @@ TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=
 	--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test-slow lint demo bench clean
+.PHONY: install test test-slow lint demo compare bench clean
 
 install: $(STAMP)
 
@@ -33,6 +35,9 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m experiments.compare --preset demo --workdir runs/demo
+
+compare: $(STAMP)
+	$(PY) -m experiments.compare --preset compare --workdir runs/compare
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench --out runs/bench

@@ -11,8 +11,10 @@ matmul ceiling measured in the same run. The TTT labels run the XLA dual form (`
 the `_pallas` labels the fused Pallas kernel, on a GPU only (on a CPU it would run interpreted,
 which is a correctness tool, not a speed path). Also: the baseline and TTT-Linear at batch 8
 (`--batch`, N = `--batch-n`), decode latency of one step at contexts 1k/4k/16k, training memory
-with and without mini-batch-group remat, and the compile time of a 12- vs 24-layer LM train step
-(built by the trainer's own `build_setup`). Writes bench.json, bench.md and bench.png to --out;
+with and without mini-batch-group remat, the compile time of a 12- vs 24-layer LM train step
+(built by the trainer's own `build_setup`), and the small-model loop: steps/s of the MQAR harness
+and demo LM configs through the trainer's setup with their real data pipelines (`SMALL_MODELS`;
+what bounds every CPU-scale comparison). Writes bench.json, bench.md and bench.png to --out;
 `bench_report.py` builds the tables, the target checks and the plot.
 
 Notable choices:
@@ -71,6 +73,12 @@ LABELS: dict[str, tuple[str, dict]] = {
 }
 DECODE_LABELS = ("ttt_linear", "ttt_mlp", "linattn_chunked", "softmax", "lact")
 BATCH_LABELS = (BASELINE, "ttt_linear", "ttt_linear_pallas")  # the batch-8 rows
+# label -> experiment spec: the configs `make demo` / `make compare` train most
+SMALL_MODELS = {
+    "mqar softmax (harness)": "experiments/mqar.py:softmax,harness",
+    "mqar ttt_linear (harness)": "experiments/mqar.py:ttt_linear,harness",
+    "lm ttt_linear (long, ctx 1k)": "experiments/lm.py:ttt_linear,long,ctx=1k",
+}
 GiB = 2.0**30
 
 
@@ -246,6 +254,38 @@ def lm_train_setup(mixer: str, mixer_kwargs: dict, preset: str, seq_len: int, ba
     return build_setup(resolve_config(config, meta), meta, build_model)
 
 
+def measure_small_model(spec: str, steps: int) -> dict:
+    """Steps/s of the training loop of an experiment config: its real data pipeline, the
+    trainer's setup and placement, jit-compiled once; `steps` timed iterations (next batch,
+    placement, step) after two warm-up ones. Also the CPU seconds per step of this process
+    (every thread), which machine load disturbs less than wall time."""
+    from experiments.compare import load_config
+    from ttt.data import make_dataset
+
+    config = load_config(spec)
+    data = make_dataset(config.data, "train", config.train.global_batch_size, seed=0)
+    config = resolve_config(config, data.meta)
+    setup = build_setup(config, data.meta, build_model)
+    placement = setup.placement
+    it = data.iterator()
+    batch = placement.place_batch(next(it))
+    state = placement.place_state(setup.create_state)
+    compiled, compile_s = compile_timed(placement.compile_train(setup.train_step), state, batch)
+    for _ in range(2):
+        state, _ = compiled(state, placement.place_batch(next(it)))
+    jax.block_until_ready(state)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        state, metrics = compiled(state, placement.place_batch(next(it)))
+    jax.block_until_ready(state)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"spec": spec, "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+            "batch": config.train.global_batch_size, "seq_len": data.meta["seq_len"],
+            "steps": steps, "steps_per_s": steps / wall, "cpu_s_per_step": cpu / steps,
+            "tokens_per_s": steps * setup.items_per_step / wall, "compile_s": compile_s,
+            "loss": float(metrics["loss"])}
+
+
 def measure_lm_compile(layers_list=(12, 24), preset: str = "125m", seq_len: int = 256,
                        repeats: int = 1) -> list[dict]:
     """Compile time of a TTT-Linear LM train step (scan_layers=True) per depth (best of repeats):
@@ -276,9 +316,13 @@ def main(argv=None):
     parser.add_argument("--case-budget", type=float, default=90.0,
                         help="skip a shape whose estimated time for all its calls exceeds this")
     parser.add_argument("--skip", default="",
-                        help="comma-separated: batch,decode,remat,lm_compile")
+                        help="comma-separated: batch,decode,remat,lm_compile,small")
     parser.add_argument("--batch", type=int, default=8, help="batch of the batch rows")
     parser.add_argument("--batch-n", type=int, default=1024, help="N of the batch rows")
+    parser.add_argument("--small-spec", action="append", default=[],
+                        help="an experiment spec of a small-model row, repeatable (default: "
+                             "SMALL_MODELS)")
+    parser.add_argument("--small-steps", type=int, default=None, help="default 10 quick, 30")
     parser.add_argument("--ns", default=None, help="comma-separated sequence lengths (overrides "
                         "the default list; --max-n and --quick still cap it)")
     parser.add_argument("--decode-contexts", default=",".join(map(str, DECODE_CONTEXTS)))
@@ -339,6 +383,15 @@ def main(argv=None):
             preset=args.lm_preset, seq_len=args.lm_seq_len or (256 if args.quick else 2048),
             repeats=args.lm_repeats or (1 if args.quick else 2))
         log(json.dumps(result["lm_compile"]))
+    if "small" not in skip:
+        specs = {s: s for s in args.small_spec} if args.small_spec else SMALL_MODELS
+        result["small"] = []
+        for label, spec in specs.items():
+            row = {"label": label, **measure_small_model(
+                spec, args.small_steps or (10 if args.quick else 30))}
+            result["small"].append(row)
+            log(f"small model {label}: {row['steps_per_s']:.1f} steps/s, "
+                f"{row['cpu_s_per_step'] * 1e3:.0f} ms CPU per step")
     result["ceiling_end"] = matmul_ceiling(runs)
     result["ceiling_gflops"] = max(result["ceiling_start"]["ceiling_gflops"],
                                    result["ceiling_end"]["ceiling_gflops"])

@@ -206,6 +206,15 @@ def markdown(result: dict) -> str:
                   "| layers | seq_len | compile s |", "|---:|---:|---:|"]
         for r in result["lm_compile"]:
             lines.append(f"| {r['layers']} | {r['seq_len']} | {r['compile_s']:.1f} |")
+    if result.get("small"):
+        lines += ["", "Small-model training loop (data pipeline + trainer step; CPU s per step "
+                  "counts every thread of the process).", "",
+                  "| config | params | batch × tokens | steps/s | tokens/s | CPU ms/step | "
+                  "compile s |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in result["small"]:
+            lines.append(f"| {r['label']} (`{r['spec']}`) | {r['params']:,} | {r['batch']} × "
+                         f"{r['seq_len']} | {r['steps_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+                         f"{r['cpu_s_per_step'] * 1e3:.0f} | {r['compile_s']:.1f} |")
     lines += ["", "Targets.", "", "| target | value | limit | met |", "|---|---:|---:|---|"]
     for t in result["targets"]:
         met = {True: "yes", False: "**no**", None: "not run"}[t["ok"]]

@@ -15,8 +15,12 @@ Argument: comma-separated tokens, any order (`experiments/args.py`; anything els
   smoke      shrink everything so a run takes seconds on a CPU (4 steps, batch 8, 64 tokens)
   cpu        2-core CPU scale on the embedded corpus: tiny model, 128-byte contexts, 200 steps of
              8 sequences (under a minute per mixer after compilation)
+  long       long context at 2-core CPU scale (`make compare`): the tiny model on 2k-byte
+             windows of the embedded corpus (or any --config.data.name=text_files corpus), 400
+             steps of 2 sequences, validation on the whole split; `python -m ttt.evaluate`
+             then gives the loss by token position (experiments.compare does it for you)
   ctx=<n>    context length in tokens (accepts 2k / 8k / 32k); default 512 (smoke 64, cpu 128,
-             paper 2k)
+             long 2k, paper 2k)
   paper      the paper recipe (docs/design.md §10.3): Llama-2 SentencePiece tokenizer (32000),
              0.5M tokens per step, Chinchilla token budget (125m 2.5B, 350m 7B, 760m 15B,
              1.3b 26B tokens), AdamW(0.9, 0.95), wd 0.1, clip 1.0, 10% warm-up then cosine to
@@ -62,8 +66,9 @@ TOKENS_PER_STEP = 2**19  # 0.5M tokens per optimizer step (paper §3 / ttt-lm-ja
 MIXERS = ("ttt_linear", "ttt_mlp", "ttt_linear_mamba", "ttt_mlp_mamba", "linear_attention",
           "softmax", "lact")
 CONTEXTS = {"pile": (2048, 8192), "books": (2048, 8192, 32768)}
+LONG_STEPS = 400
 GRAMMAR = Grammar("lm", names=mixer_names(causal_only=True), default="ttt_linear",
-                  name_label="causal mixers", flags=("smoke", "cpu", "paper", "books"),
+                  name_label="causal mixers", flags=("smoke", "cpu", "long", "paper", "books"),
                   presets=PRESETS, preset_default="tiny",
                   options={"ctx": tokens, "opt": one_of(*OPTIMIZERS)})
 
@@ -100,6 +105,21 @@ def _cpu(c: mlc.ConfigDict, a: dict) -> None:
         c.model.mixer_kwargs = {"stats": False}  # skip the diagnostic inner pass (compile time)
 
 
+def _long(c: mlc.ConfigDict, a: dict) -> None:
+    """Long context at 2-core CPU scale: the tiny LM on 2k windows, 400 steps of 2 sequences.
+
+    Softmax attention dominates the cost (its N x N scores at 2k: ~1.7 s of one core per step,
+    TTT-Linear ~0.2 s), so the batch is small and the run long rather than the other way round."""
+    steps = LONG_STEPS
+    c.data.seq_len = a["ctx"] or 2048
+    c.optim.update(warmup_steps=steps // 10)
+    c.train.update(steps=steps, global_batch_size=2, log_every=20, diag_every=100,
+                   eval_every=steps, eval_steps=32, checkpoint_every=steps, keep_checkpoints=1,
+                   async_checkpoints=False)
+    if "stats" in layers.accepted_kwargs(a["mixer"]):
+        c.model.mixer_kwargs = {"stats": False}
+
+
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     """Config for `python -m ttt.main --config experiments/lm.py:<arg>`."""
     a = GRAMMAR.parse(arg)
@@ -129,6 +149,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         partition_rules=(), label_smoothing=0.0, mixup_alpha=0.0)
     if a["paper"]:
         _paper(c, a)
+    elif a["long"] and not smoke:
+        _long(c, a)
     elif a["cpu"] and not smoke:
         _cpu(c, a)
     if "cache_size" in layers.accepted_kwargs(a["mixer"]):  # the KV cache holds a whole context

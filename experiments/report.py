@@ -1,13 +1,23 @@
-"""Summaries of finished runs and the comparison report (markdown tables + PNG plots).
+"""Summaries of finished runs and the comparison report: markdown tables with mean ± standard
+deviation over seeds, findings that survive the spread, PNG figures and `results.json`.
 
 Everything here reads only what a run leaves in its workdir — `config.json` (the resolved config
-the trainer writes) and `metrics.jsonl` (one JSON line per logged step) — plus `run.json` when the
-run was launched by `experiments.compare` (its name, group and wall time). So a run started by
-hand with `python -m ttt.main` can join a report too.
+the trainer writes), `metrics.jsonl` (one JSON line per logged step), `eval/validation.json`
+(`ttt.evaluate`: the loss by token position) — plus `run.json` when the run was launched by
+`experiments.compare` (its cell, seed, learning rate, wall and CPU time). So a run started by hand
+with `python -m ttt.main` can join a report too (as a cell of its own).
+
+Runs of the same cell (same group and cell name, one per seed) are aggregated: tables show
+mean ± sd (n seeds). A difference between two cells is a **finding** only when it exceeds the
+spread, |Δ mean| > sd₁ + sd₂ (for two position ranges of the same runs, the paired form: the mean
+per-seed difference exceeds twice the standard deviation of those differences); with a single
+seed no difference is a finding.
 
 Groups, by what the config trains:
-  lm      language model on text: params, state size, validation loss, bits per byte, tokens/s
-  mqar    MQAR: accuracy on the answer positions against state size per layer
+  mqar    MQAR: accuracy on the answer positions against state size per layer, the sweep's rates
+  lm      language model on text: validation loss, bits per byte, loss by token position
+  init    an LM started from a trained Transformer (config.init.transformer_workdir) vs the same
+          LM from scratch (the lm cell of the same spec)
   ladder  the TTT-LM ablation ladder (configs with a `rung` key): validation loss per rung
   vision  ViT classifiers: accuracy against MTTT inner steps T, inner loss over training
 """
@@ -20,7 +30,10 @@ import os
 import statistics
 from collections.abc import Iterable
 
-GROUPS = ("lm", "mqar", "ladder", "vision")
+from experiments import report_plots as plots
+
+GROUPS = ("mqar", "lm", "init", "ladder", "vision")
+VALIDATED = 0.99  # softmax attention's MQAR accuracy that makes the harness a measurement
 
 
 # ----------------------------------------------------------------------------- reading a run
@@ -41,6 +54,8 @@ def group_of(config: dict) -> str:
         return "vision"
     if "rung" in config:
         return "ladder"
+    if (config.get("init") or {}).get("transformer_workdir"):
+        return "init"
     return "mqar" if config["data"]["name"] == "mqar" else "lm"
 
 
@@ -117,14 +132,17 @@ def _inner_curves(rows: list[dict]) -> dict[int, tuple[list[int], list[float]]]:
     return {t: (sorted(s), [statistics.fmean(s[k]) for k in sorted(s)]) for t, s in by_t.items()}
 
 
+def _json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def summarize(run_dir: str) -> dict:
     """One run's row of the report, from its workdir's files."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        config = json.load(f)
-    info = {}
-    if os.path.exists(os.path.join(run_dir, "run.json")):
-        with open(os.path.join(run_dir, "run.json")) as f:
-            info = json.load(f)
+    config = _json(os.path.join(run_dir, "config.json"))
+    info = _json(os.path.join(run_dir, "run.json"))
     rows = read_metrics(run_dir)
     group = info.get("group") or group_of(config)
     unit = "images" if config["model"]["kind"] == "vit" else "tokens"
@@ -132,20 +150,32 @@ def summarize(run_dir: str) -> dict:
     evals = [r for r in rows if "eval/loss" in r]
     last = evals[-1] if evals else {}
     kw = config["model"].get("mixer_kwargs") or {}
+    diverged = bool(info.get("diverged"))
+    name = info.get("name") or os.path.basename(os.path.normpath(run_dir))
     out = {
-        "name": info.get("name") or os.path.basename(os.path.normpath(run_dir)),
-        "group": group, "dir": run_dir, "spec": info.get("spec", ""),
+        "name": name, "cell": name, "key": info.get("key"), "group": group, "dir": run_dir,
+        "spec": info.get("spec", ""), "seed": info.get("seed", config["train"].get("seed", 0)),
+        "lr": float(config["optim"]["lr"]), "diverged": diverged,
         "mixer": config["model"]["mixer"], "mixer_kwargs": kw,
         "params": param_count(config), "state": state_size(config),
         "seq_len": config["data"].get("seq_len"), "steps": rows[-1]["step"] if rows else 0,
-        "eval_loss": last.get("eval/loss", math.nan),
-        "eval_accuracy": last.get("eval/accuracy", math.nan),
+        # a diverged run scores nothing: accuracy 0, loss unknown
+        "eval_loss": math.nan if diverged else last.get("eval/loss", math.nan),
+        "eval_accuracy": 0.0 if diverged else last.get("eval/accuracy", math.nan),
         # the first logged rate includes compilation, so it is left out
         "throughput": statistics.median(rates[1:]) if len(rates) > 1 else
         (rates[0] if rates else math.nan),
-        "unit": unit, "wall_s": info.get("wall_s", math.nan),
+        "unit": unit, "wall_s": info.get("wall_s", math.nan), "cpu_s": info.get("cpu_s", math.nan),
+        "steps_per_s": info.get("steps_per_s", math.nan),
         "train_curve": _series(rows, "train/loss"),
+        "eval_curve": _series(rows, "eval/accuracy"),
+        "init": (config.get("init") or {}).get("transformer_workdir"),
+        "selected": True,
     }
+    by_pos = _json(os.path.join(run_dir, "eval", "validation.json"))
+    if by_pos.get("loss_by_position"):
+        out.update(loss_by_position=by_pos["loss_by_position"], full_eval_loss=by_pos["loss"],
+                   eval_cpu_s=by_pos.get("cpu_s", 0.0))
     if group == "mqar":
         out.update(num_kv_pairs=config["data"].get("num_kv_pairs"),
                    width=_dims(config["model"])[1])
@@ -160,7 +190,49 @@ def summarize(run_dir: str) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- tables
+# ----------------------------------------------------------------------------- statistics
+
+
+def cells(summaries: list[dict]) -> dict[str, list[dict]]:
+    """Cell name -> its selected runs (one per seed), in first-seen order."""
+    out: dict[str, list[dict]] = {}
+    for s in summaries:
+        if s.get("selected", True):
+            out.setdefault(s["cell"], []).append(s)
+    return out
+
+
+def stats(values: Iterable[float]) -> tuple[float, float, int]:
+    """(mean, sample standard deviation (nan for one value), n) of the finite values."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return math.nan, math.nan, 0
+    sd = statistics.stdev(vals) if len(vals) > 1 else math.nan
+    return statistics.fmean(vals), sd, len(vals)
+
+
+def fmt_stats(s: tuple[float, float, int], spec: str = ".4f") -> str:
+    """'0.9120 ± 0.0040' (or the bare mean for one seed, '—' for none)."""
+    mean, sd, n = s
+    if n == 0:
+        return "—"
+    return format(mean, spec) if n == 1 else f"{mean:{spec}} ± {sd:{spec.lstrip('+')}}"
+
+
+def verdict(a: tuple[float, float, int], b: tuple[float, float, int]) -> str:
+    """'finding' when |Δ mean| > sd_a + sd_b, else 'within spread' ('single seed' if n < 2)."""
+    if a[2] < 2 or b[2] < 2:
+        return "single seed"
+    return "finding" if abs(a[0] - b[0]) > a[1] + b[1] else "within spread"
+
+
+def paired_verdict(diffs: list[float]) -> str:
+    """For per-seed differences of one quantity (two position ranges of the same runs):
+    'finding' when |mean| > 2 sd of the differences, the paired form of |Δ| > sd₁ + sd₂."""
+    mean, sd, n = stats(diffs)
+    if n < 2:
+        return "single seed"
+    return "finding" if abs(mean) > 2 * sd else "within spread"
 
 
 def _fmt(x, spec: str = ".4f") -> str:
@@ -175,170 +247,330 @@ def _table(header: list[str], rows: Iterable[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _ranking(named: dict[str, tuple[float, float, int]], higher_better: bool,
+             spec: str) -> list[str]:
+    """Name -> stats, sorted best first; each neighbouring pair with its Δ and verdict."""
+    entries = sorted(((s, name) for name, s in named.items()),
+                     key=lambda e: (-e[0][0] if higher_better else e[0][0]))
+    out = []
+    for (a, na), (b, nb) in zip(entries, entries[1:], strict=False):
+        if math.isnan(a[0]) or math.isnan(b[0]):
+            continue
+        out.append(f"{na} vs {nb}: Δ {a[0] - b[0]:+{spec}} ({verdict(a, b)})")
+    return out
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+def mqar_table(runs: list[dict]) -> str:
+    """MQAR: accuracy (mean ± sd) per (mixer, length, pairs, width) with state size and rate."""
+    cellmap = cells(runs)
+    order = sorted(cellmap.values(), key=lambda c: (c[0]["seq_len"], c[0]["num_kv_pairs"],
+                                                    c[0]["width"], c[0]["state"], c[0]["mixer"]))
+    return _table(
+        ["mixer", "seq len", "kv pairs", "width", "state floats/layer", "accuracy", "seeds", "lr",
+         "steps", "steps/s", "wall s"],
+        [[c[0]["mixer"], str(c[0]["seq_len"]), str(c[0]["num_kv_pairs"]), str(c[0]["width"]),
+          f"{c[0]['state']:,}", fmt_stats(stats(r["eval_accuracy"] for r in c), ".3f"),
+          str(len(c)), f"{c[0]['lr']:g}", str(c[0]["steps"]),
+          _fmt(stats(r["steps_per_s"] for r in c)[0], ".1f"),
+          _fmt(stats(r["wall_s"] for r in c)[0], ".0f")] for c in order])
+
+
+def mqar_sweep_table(all_runs: list[dict]) -> str | None:
+    """Accuracy of the sweep's first seed at each rate (* = the rate chosen), or None."""
+    by_cell: dict[str, dict[float, dict]] = {}
+    seed0: dict[str, int] = {}
+    for r in all_runs:
+        seed0[r["cell"]] = min(seed0.get(r["cell"], r["seed"]), r["seed"])
+    for r in all_runs:
+        if r["seed"] == seed0[r["cell"]]:
+            by_cell.setdefault(r["cell"], {})[r["lr"]] = r
+    if not any(len(v) > 1 for v in by_cell.values()):
+        return None
+    lrs = sorted({lr for v in by_cell.values() for lr in v})
+    rows = []
+    for cell, runs in sorted(by_cell.items()):
+        row = [cell]
+        for lr in lrs:
+            r = runs.get(lr)
+            text = "—" if r is None else ("diverged" if r["diverged"] else
+                                         _fmt(r["eval_accuracy"], ".3f"))
+            row.append(text + (" *" if r is not None and r.get("selected") else ""))
+        rows.append(row)
+    return _table(["cell (first seed)", *[f"lr {lr:g}" for lr in lrs]], rows)
+
+
+def mqar_findings(runs: list[dict]) -> list[str]:
+    """The harness check (softmax ≥ 99% at every pair count) and each pair count's ranking."""
+    cellmap = cells(runs)
+    out = []
+    for kv in sorted({c[0]["num_kv_pairs"] for c in cellmap.values()}):
+        sub = {k: c for k, c in cellmap.items() if c[0]["num_kv_pairs"] == kv}
+        soft = [c for c in sub.values() if c[0]["mixer"] == "softmax"]
+        if soft:
+            s = stats(r["eval_accuracy"] for r in soft[0])
+            ok = s[0] >= VALIDATED
+            out.append(f"{kv} pairs: softmax attention {fmt_stats(s, '.3f')} — "
+                       + ("harness validated (≥ 0.99): the other rows measure the mixers"
+                          if ok else "harness NOT validated (< 0.99): the rows measure the "
+                          "budget as much as the mixers"))
+        ranking = _ranking({c[0]["mixer"]: stats(r["eval_accuracy"] for r in c)
+                            for c in sub.values()}, True, ".3f")
+        if ranking:
+            out.append(f"{kv} pairs, best first: " + "; ".join(ranking))
+    return out
+
+
 def lm_table(runs: list[dict]) -> str:
     """Language models: params, state, validation loss, bits per byte, accuracy, throughput."""
     return _table(
         ["variant", "mixer", "params", "state floats/layer", "val loss", "bits/byte",
-         "val acc", "tokens/s", "wall s"],
-        [[r["name"], r["mixer"], f"{r['params']:,}", f"{r['state']:,}", _fmt(r["eval_loss"]),
-          _fmt(r["eval_loss"] / math.log(2)), _fmt(r["eval_accuracy"], ".3f"),
-          _fmt(r["throughput"], ",.0f"), _fmt(r["wall_s"], ".0f")] for r in runs])
+         "val acc", "seeds", "tokens/s", "wall s"],
+        [[c[0]["name"], c[0]["mixer"], f"{c[0]['params']:,}", f"{c[0]['state']:,}",
+          fmt_stats(stats(r["eval_loss"] for r in c)),
+          fmt_stats(stats(r["eval_loss"] / math.log(2) for r in c)),
+          fmt_stats(stats(r["eval_accuracy"] for r in c), ".3f"), str(len(c)),
+          _fmt(stats(r["throughput"] for r in c)[0], ",.0f"),
+          _fmt(stats(r["wall_s"] for r in c)[0], ".0f")] for c in cells(runs).values()])
 
 
-def mqar_table(runs: list[dict]) -> str:
-    """MQAR: accuracy on answer positions per (mixer, length, pairs, width) with state size."""
-    runs = sorted(runs, key=lambda r: (r["mixer"], r["seq_len"], r["num_kv_pairs"], r["width"]))
-    return _table(
-        ["mixer", "seq len", "kv pairs", "width", "state floats/layer", "accuracy", "steps",
-         "wall s"],
-        [[r["mixer"], str(r["seq_len"]), str(r["num_kv_pairs"]), str(r["width"]),
-          f"{r['state']:,}", _fmt(r["eval_accuracy"], ".3f"), str(r["steps"]),
-          _fmt(r["wall_s"], ".0f")] for r in runs])
+def position_ranges(n: int) -> list[tuple[int, int]]:
+    """Octaves of token positions [1, 2), [2, 4), ..., the last one running to n:
+    [(lo, hi)] with 1-based positions lo <= p < hi."""
+    out, lo = [], 1
+    while 2 * lo <= n:
+        out.append((lo, 2 * lo))
+        lo *= 2
+    if out:
+        out[-1] = (out[-1][0], n + 1)  # the last octave takes the positions up to n
+    return out or [(1, n + 1)]
+
+
+def _position_stats(runs: list[dict], ranges) -> list[list[float]]:
+    """Per seed: mean loss over each position range."""
+    return [list(plots.binned(r["loss_by_position"], ranges)) for r in runs
+            if r.get("loss_by_position")]
+
+
+def position_table(runs: list[dict]) -> tuple[str, list[str]] | None:
+    """Loss by position in octaves (mean ± sd over seeds) and the findings: where each mixer's
+    loss stops falling beyond its spread, and which mixer is ahead late in the context."""
+    cellmap = {k: [r for r in c if r.get("loss_by_position")] for k, c in cells(runs).items()}
+    cellmap = {k: c for k, c in cellmap.items() if c}
+    if not cellmap:
+        return None
+    n = min(len(r["loss_by_position"]) for c in cellmap.values() for r in c)
+    ranges = [r for r in position_ranges(n) if r[0] >= 4] or position_ranges(n)
+    header = ["variant", *[f"{a}–{b - 1}" for a, b in ranges]]
+    rows, findings = [], []
+    for name, c in cellmap.items():
+        per_seed = _position_stats(c, ranges)  # (seeds, ranges)
+        rows.append([name, *[fmt_stats(stats(s[i] for s in per_seed)) for i in
+                             range(len(ranges))]])
+        last_gain = None
+        for i in range(1, len(ranges)):
+            if paired_verdict([s[i - 1] - s[i] for s in per_seed]) == "finding" and \
+                    stats(s[i - 1] - s[i] for s in per_seed)[0] > 0:
+                last_gain = i
+        change = stats(s[-1] - s[-2] for s in per_seed) if len(ranges) > 1 else \
+            (math.nan, math.nan, 0)
+        last = f"positions {ranges[-1][0]}–{ranges[-1][1] - 1} vs the octave before: " \
+            f"{fmt_stats(change, '+.4f')} nats"
+        if last_gain is None:
+            where = f"no drop between neighbouring octaves exceeds the spread ({last})"
+        elif last_gain == len(ranges) - 1:
+            where = f"still improving at the end of the context ({last})"
+        else:
+            where = (f"improves up to the octave starting at {ranges[last_gain][0]}, flat beyond "
+                     f"(later changes within the spread; {last})")
+        findings.append(f"{name}: {where}")
+    late = {name: stats(s[-1] for s in _position_stats(c, ranges)) for name, c in cellmap.items()}
+    ranking = _ranking(late, False, ".4f")
+    if ranking:
+        findings.append(f"positions {ranges[-1][0]}–{ranges[-1][1] - 1}, lowest loss first: "
+                        + "; ".join(ranking))
+    return _table(header, rows), findings
+
+
+def init_table(init_runs: list[dict], lm_runs: list[dict]) -> tuple[str, list[str]]:
+    """Each init cell against the LM cell of the same spec trained from scratch, and the
+    Transformer it started from."""
+    lm_cells = cells(lm_runs)
+    rows, findings = [], []
+    for name, c in cells(init_runs).items():
+        scratch = next((v for v in lm_cells.values() if v[0]["spec"] == c[0]["spec"]), None)
+        teacher = next((v for v in lm_cells.values() if v[0]["mixer"] == "softmax" and
+                        v[0]["seq_len"] == c[0]["seq_len"]), None)
+        a = stats(r["eval_loss"] for r in c)
+        rows.append([name, "from the Transformer", fmt_stats(a), str(a[2])])
+        if scratch:
+            b = stats(r["eval_loss"] for r in scratch)
+            rows.append([scratch[0]["name"], "from scratch", fmt_stats(b), str(b[2])])
+            findings.append(f"{name}: from the Transformer − from scratch = {a[0] - b[0]:+.4f} "
+                            f"nats ({verdict(a, b)})")
+        if teacher:
+            t = stats(r["eval_loss"] for r in teacher)
+            rows.append([teacher[0]["name"], "the Transformer itself", fmt_stats(t), str(t[2])])
+    return _table(["variant", "start", "val loss", "seeds"], rows), findings
 
 
 def ladder_table(runs: list[dict]) -> str:
     """Ablation ladder: validation loss and perplexity per rung, change from the previous rung."""
     from experiments.ablation import RUNGS
 
-    runs = sorted(runs, key=lambda r: RUNGS.index(r["rung"]) if r["rung"] in RUNGS else 99)
+    order = sorted(cells(runs).values(),
+                   key=lambda c: RUNGS.index(c[0]["rung"]) if c[0]["rung"] in RUNGS else 99)
     rows, prev = [], None
-    for i, r in enumerate(runs):
-        delta = "—" if prev is None else f"{r['eval_loss'] - prev:+.4f}"
-        rows.append([str(i + 1), r["rung"], r["mixer"], f"{r['params']:,}", _fmt(r["eval_loss"]),
-                     _fmt(math.exp(min(r["eval_loss"], 80))), delta,
-                     _fmt(r.get("paper_perplexity"), ".2f")])
-        prev = r["eval_loss"]
+    for i, c in enumerate(order):
+        s = stats(r["eval_loss"] for r in c)
+        delta = "—" if prev is None else f"{s[0] - prev[0]:+.4f}"
+        rows.append([str(i + 1), c[0]["rung"], c[0]["mixer"], f"{c[0]['params']:,}",
+                     fmt_stats(s), _fmt(math.exp(min(s[0], 80))), delta,
+                     _fmt(c[0].get("paper_perplexity"), ".2f"), str(s[2]),
+                     "—" if prev is None else verdict(s, prev)])
+        prev = s
     return _table(["#", "rung", "mixer", "params", "val loss", "val ppl", "Δ loss",
-                   "paper ppl (125M, Pile 2k)"], rows)
+                   "paper ppl (125M, Pile 2k)", "seeds", "Δ vs spread"], rows)
 
 
 def vision_table(runs: list[dict]) -> str:
     """Vision: accuracy per MTTT inner-step count T and the inner loss before/after T steps."""
-    runs = sorted(runs, key=lambda r: (r["T"] is None, r["T"] or 0, r["name"]))
+    order = sorted(cells(runs).values(),
+                   key=lambda c: (c[0]["T"] is None, c[0]["T"] or 0, c[0]["name"]))
     rows = []
-    for r in runs:
-        inner = r.get("inner") or {}
+    for c in order:
+        inner = c[0].get("inner") or {}
         t_last = max(inner) if inner else None
         before = inner[0][1][-1] if inner else math.nan
         after = inner[t_last][1][-1] if inner else math.nan
-        rows.append([r["name"], r["mixer"], _fmt(r["T"], "d"), f"{r['params']:,}",
-                     _fmt(r["eval_accuracy"], ".3f"), _fmt(r["eval_loss"]), _fmt(before),
-                     _fmt(after), _fmt(r["throughput"], ",.0f"), _fmt(r["wall_s"], ".0f")])
+        rows.append([c[0]["name"], c[0]["mixer"], _fmt(c[0]["T"], "d"), f"{c[0]['params']:,}",
+                     fmt_stats(stats(r["eval_accuracy"] for r in c), ".3f"),
+                     fmt_stats(stats(r["eval_loss"] for r in c)), _fmt(before), _fmt(after),
+                     str(len(c)), _fmt(stats(r["throughput"] for r in c)[0], ",.0f"),
+                     _fmt(stats(r["wall_s"] for r in c)[0], ".0f")])
     return _table(["variant", "mixer", "T", "params", "val acc", "val loss",
-                   "inner loss W0 (end)", "inner loss W_T (end)", "images/s", "wall s"], rows)
+                   "inner loss W0 (end)", "inner loss W_T (end)", "seeds", "images/s", "wall s"],
+                  rows)
 
 
-TABLES = {"lm": ("Language model (embedded corpus, bytes)", lm_table),
-          "mqar": ("MQAR (accuracy on answer positions)", mqar_table),
-          "ladder": ("TTT-LM ablation ladder", ladder_table),
-          "vision": ("MTTT vision (embedded digits)", vision_table)}
+# ----------------------------------------------------------------------------- results.json
 
 
-# ----------------------------------------------------------------------------- plots
+def _setting(s: dict) -> str:
+    if s["group"] == "mqar":
+        return f"n={s['seq_len']},kv={s['num_kv_pairs']},width={s['width']},lr={s['lr']:g}"
+    if s["group"] == "ladder":
+        return f"rung={s['rung']}"
+    if s["group"] == "vision":
+        return f"T={s['T']}"
+    if s["group"] == "init":
+        return f"ctx={s['seq_len']},init=transformer"
+    return f"ctx={s['seq_len']}"
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_loss_curves(runs: list[dict], path: str, title: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in runs:
-        steps, loss = r["train_curve"]
-        ax.plot(steps, loss, label=r["name"])
-    ax.set(xlabel="training step", ylabel="training loss (nats/token)", title=title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_mqar(runs: list[dict], path: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    markers = dict(zip(sorted({(r["seq_len"], r["num_kv_pairs"]) for r in runs}), "osD^v<>",
-                       strict=False))
-    colors = {}
-    for r in runs:
-        color = colors.setdefault(r["mixer"], f"C{len(colors)}")
-        key = (r["seq_len"], r["num_kv_pairs"])
-        ax.scatter(r["state"], r["eval_accuracy"], color=color, marker=markers[key], s=40)
-    for m, c in colors.items():
-        ax.scatter([], [], color=c, label=m)
-    for (n, kv), mk in markers.items():
-        ax.scatter([], [], color="gray", marker=mk, label=f"N={n}, pairs={kv}")
-    ax.set_xscale("log")
-    ax.set(xlabel="state size (floats per layer per sequence)", ylabel="MQAR accuracy",
-           title="MQAR accuracy vs state size", ylim=(-0.02, 1.02))
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_vision(runs: list[dict], acc_path: str, inner_path: str) -> None:
-    plt = _plt()
-    mttt = sorted([r for r in runs if r["T"] is not None], key=lambda r: r["T"])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["T"] for r in mttt], [r["eval_accuracy"] for r in mttt], "o-")
-    ax.set(xlabel="inner steps T", ylabel="validation accuracy", title="Accuracy vs T")
-    ax.set_xticks([r["T"] for r in mttt])
-    fig.tight_layout()
-    fig.savefig(acc_path, dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, r in enumerate(mttt):
-        inner = r.get("inner") or {}
-        if not inner:
-            continue
-        t_last = max(inner)
-        ax.plot(*inner[t_last], color=f"C{i}", label=f"T={r['T']}: after {t_last} inner steps")
-        if t_last:
-            ax.plot(*inner[0], color=f"C{i}", ls="--", alpha=0.6, label=f"T={r['T']}: at W0")
-    ax.set(xlabel="outer training step", ylabel="inner reconstruction loss (layer mean)",
-           title="Inner loss over training")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(inner_path, dpi=100)
-    plt.close(fig)
+def results_rows(summaries: list[dict]) -> list[dict]:
+    """One row per run and metric: group, cell, mixer, setting, seed, lr, selected (in the
+    tables), metric, value (and the run's directory)."""
+    out = []
+    for s in summaries:
+        base = {"group": s["group"], "cell": s["cell"], "mixer": s["mixer"],
+                "setting": _setting(s), "seed": s["seed"], "lr": s["lr"],
+                "selected": bool(s.get("selected", True)), "dir": s["dir"]}
+        metrics = {"eval_loss": s["eval_loss"], "eval_accuracy": s["eval_accuracy"],
+                   "state_floats": s["state"], "params": s["params"], "steps": s["steps"],
+                   "steps_per_s": s["steps_per_s"], "wall_s": s["wall_s"], "cpu_s": s["cpu_s"],
+                   "diverged": float(s["diverged"])}
+        if s.get("loss_by_position"):
+            n = len(s["loss_by_position"])
+            for (a, b), v in zip(position_ranges(n), plots.binned(s["loss_by_position"],
+                                                                  position_ranges(n)),
+                                 strict=True):
+                metrics[f"loss_positions_{a}-{b - 1}"] = float(v)
+        for metric, value in metrics.items():
+            value = float(value) if value is not None else math.nan
+            out.append({**base, "metric": metric, "value": None if math.isnan(value) else value})
+    return out
 
 
 # ----------------------------------------------------------------------------- the report
 
 
+TITLES = {"mqar": "MQAR (accuracy on the answer positions)",
+          "lm": "Language model (bytes of the embedded corpus unless the header says otherwise)",
+          "init": "TTT from a trained Transformer vs from scratch (same budget)",
+          "ladder": "TTT-LM ablation ladder", "vision": "MTTT vision (embedded digits)"}
+
+
+def _findings(lines: list[str]) -> list[str]:
+    return ["Findings (Δ beyond the spread, see the header):\n\n"
+            + "\n".join(f"- {line}" for line in lines)] if lines else []
+
+
 def build_report(summaries: list[dict], out_dir: str, *, header: str = "") -> str:
-    """Write `out_dir/report.md` and the PNG plots; return the markdown."""
+    """Write `out_dir/report.md`, the PNG plots and `results.json`; return the markdown."""
     os.makedirs(out_dir, exist_ok=True)
     by_group: dict[str, list[dict]] = {}
     for s in summaries:
         by_group.setdefault(s["group"], []).append(s)
+    selected = {g: [s for s in runs if s.get("selected", True)] for g, runs in by_group.items()}
     parts = ["# Comparison report", header.strip()] if header else ["# Comparison report"]
     for group in GROUPS:
-        runs = by_group.get(group)
+        runs = selected.get(group)
         if not runs:
             continue
-        title, table = TABLES[group]
-        parts += [f"## {title}", table(runs)]
-        if group in ("lm", "ladder"):
-            png = f"{group}_loss.png"
-            plot_loss_curves(runs, os.path.join(out_dir, png), title)
-            parts.append(f"![{title}]({png})")
-        elif group == "mqar":
-            plot_mqar(runs, os.path.join(out_dir, "mqar_accuracy_vs_state.png"))
-            parts.append("![MQAR accuracy vs state size](mqar_accuracy_vs_state.png)")
+        parts.append(f"## {TITLES[group]}")
+        if group == "mqar":
+            parts.append(mqar_table(runs))
+            sweep = mqar_sweep_table(by_group[group])
+            if sweep:
+                parts += ["Learning-rate sweep (first seed; * = the rate the table uses):", sweep]
+            parts += _findings(mqar_findings(runs))
+            plots.plot_mqar(cells(runs), os.path.join(out_dir, "mqar_accuracy_vs_state.png"))
+            plots.plot_mqar_curves(cells(runs), os.path.join(out_dir, "mqar_curves.png"))
+            parts += ["![MQAR accuracy vs state size](mqar_accuracy_vs_state.png)",
+                      "![MQAR learning curves](mqar_curves.png)"]
+        elif group == "lm":
+            parts.append(lm_table(runs))
+            findings = _ranking({k: stats(r["eval_loss"] for r in c)
+                                 for k, c in cells(runs).items()}, False, ".4f")
+            findings = [f"validation loss, lowest first: {'; '.join(findings)}"] if findings \
+                else []
+            position = position_table(runs)
+            if position:
+                parts += ["Validation loss by token position (nats/byte, mean over each octave "
+                          "of positions; whole validation split):", position[0]]
+                findings += position[1]
+                plots.plot_loss_by_position(cells(runs), os.path.join(
+                    out_dir, "lm_loss_by_position.png"), "Validation loss by token position")
+                parts.append("![loss by position](lm_loss_by_position.png)")
+            parts += _findings(findings)
+            plots.plot_loss_curves(cells(runs), os.path.join(out_dir, "lm_loss.png"),
+                                   TITLES[group])
+            parts.append("![LM training loss](lm_loss.png)")
+        elif group == "init":
+            table, findings = init_table(runs, selected.get("lm", []))
+            parts += [table, *_findings(findings)]
+            scratch = {k: c for k, c in cells(selected.get("lm", [])).items()
+                       if c[0]["spec"] in {r["spec"] for r in runs} or c[0]["mixer"] == "softmax"}
+            plots.plot_loss_curves({**cells(runs), **scratch},
+                                   os.path.join(out_dir, "init_loss.png"), TITLES[group])
+            parts.append("![init training loss](init_loss.png)")
+        elif group == "ladder":
+            parts.append(ladder_table(runs))
+            plots.plot_loss_curves(cells(runs), os.path.join(out_dir, "ladder_loss.png"),
+                                   TITLES[group])
+            parts.append(f"![{TITLES[group]}](ladder_loss.png)")
         else:
-            plot_vision(runs, os.path.join(out_dir, "vision_accuracy_vs_T.png"),
-                        os.path.join(out_dir, "vision_inner_loss.png"))
+            parts.append(vision_table(runs))
+            plots.plot_vision(cells(runs), os.path.join(out_dir, "vision_accuracy_vs_T.png"),
+                              os.path.join(out_dir, "vision_inner_loss.png"))
             parts += ["![accuracy vs T](vision_accuracy_vs_T.png)",
                       "![inner loss over training](vision_inner_loss.png)"]
     text = "\n\n".join(parts) + "\n"
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(text)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results_rows(summaries), f, indent=0)
     return text

@@ -37,7 +37,8 @@ def test_bench_tiny_run_writes_json_table_and_plot(tmp_path):
     out = tmp_path / "bench"
     argv = ["--out", str(out), "--width", "32", "--heads", "2", "--ns", "32", "--runs", "1",
             "--mixers", "ttt_linear,ttt_linear_pallas", "--decode-contexts", "32",
-            "--skip", "remat,lm_compile", "--batch", "2", "--batch-n", "32"]
+            "--skip", "remat,lm_compile", "--batch", "2", "--batch-n", "32",
+            "--small-spec", "experiments/mqar.py:softmax,smoke", "--small-steps", "2"]
     result = bench.main(argv)
 
     data = json.loads((out / "bench.json").read_text())
@@ -67,6 +68,10 @@ def test_bench_tiny_run_writes_json_table_and_plot(tmp_path):
     assert "| mixer | N | fwd ms | fwd+bwd ms |" in md and "| ttt_linear | 32 |" in md
     assert "| ttt_linear | 2 | 32 |" in md  # the batch table
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    (small,) = data["small"]  # the small-model loop: the real data pipeline and train step
+    assert small["spec"] == "experiments/mqar.py:softmax,smoke" and small["steps_per_s"] > 0
+    assert small["cpu_s_per_step"] > 0 and small["batch"] == 2 and small["seq_len"] == 64
+    assert "| experiments/mqar.py:softmax,smoke (`experiments/mqar.py:softmax,smoke`) |" in md
     assert result["date"] == data["date"]
 
 

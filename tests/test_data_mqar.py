@@ -92,3 +92,43 @@ def test_size_errors():
     ex = fn(0)
     pred = data.brute_force_answers(ex["inputs"][None], ex["mask"][None])[0]
     assert (pred[ex["mask"] > 0] == ex["targets"][ex["mask"] > 0]).all()
+
+
+def test_batches_are_the_examples_of_their_indices():
+    """A batch drawn at once holds exactly the examples of its indices, whatever the order or
+    the company (so shuffling, sharding and resuming see the same examples)."""
+    from ttt.data.mqar import mqar_batch, split_id
+
+    sizes = (64, 48, 6)
+    fn = make_mqar_fn(5, "train", *sizes)
+    idx = np.array([17, 3, 99, 3, 4_000_000_000])
+    batch = mqar_batch(5, split_id("train"), idx, *sizes)
+    for row, i in enumerate(idx):
+        for key in ("inputs", "targets", "mask"):
+            np.testing.assert_array_equal(batch[key][row], fn(int(i))[key])
+    again = mqar_batch(5, split_id("train"), idx[::-1], *sizes)
+    np.testing.assert_array_equal(again["inputs"][::-1], batch["inputs"])
+    assert not np.array_equal(batch["inputs"][0], batch["inputs"][2])  # other index, other row
+
+
+def test_counter_based_draws_have_the_intended_law():
+    """Keys, values and filler are uniform over their ranges; key and value sets are distinct;
+    slots follow the power law (mean gap far below uniform's); a uniform law for power_a=1."""
+    from ttt.data.mqar import mqar_batch
+
+    V, N, K = 64, 64, 8
+    b = mqar_batch(0, 0, np.arange(4000), V, N, K)
+    keys, values = b["inputs"][:, 0:2 * K:2], b["inputs"][:, 1:2 * K:2]
+    assert all(len(set(r)) == K for r in keys) and all(len(set(r)) == K for r in values)
+    counts = np.bincount(keys.ravel(), minlength=V)[1:V // 2]  # 31 possible keys
+    expected = keys.size / (V // 2 - 1)
+    assert ((counts - expected) ** 2 / expected).sum() < 80  # chi² with 30 dof: mean 30
+    filler = b["targets"][:, 2 * K:][b["mask"][:, 2 * K:] == 0]
+    hist = np.bincount(filler, minlength=V)
+    assert hist[: V // 2].sum() > 0.35 * filler.size  # filler covers the whole vocabulary
+    slot = (np.nonzero(b["mask"])[1] - 2 * K) // 2
+    slots = (N + 1 - 2 * K) // 2
+    flat = mqar_batch(0, 0, np.arange(4000), V, N, K, power_a=1.0)
+    uniform = (np.nonzero(flat["mask"])[1] - 2 * K) // 2
+    assert slot.mean() < 0.8 * uniform.mean()
+    assert abs(uniform.mean() - (slots - 1) / 2) < 0.5  # uniform slots average the middle

@@ -3,6 +3,7 @@ report (from synthetic metric files and from a real tiny preset run)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -28,7 +29,8 @@ def _all_specs() -> list[tuple[object, str]]:
     specs += [(vit, a) for a in vit.sweep("paper") + vit.sweep("cpu")]
     specs += [(vit, "mttt_mlp,smoke"), (vit, "softmax_noncausal,Ti"), (vit, "")]
     specs += [(mqar, a) for a in mqar.sweep("paper") + mqar.sweep("cpu")]
-    specs += [(mqar, "ttt_mlp,smoke")]
+    specs += [(mqar, a) for a in mqar.sweep("harness")] + [(mqar, "ttt_mlp,smoke")]
+    specs += [(lm, f"{m},long") for m in FOUR] + [(lm, "softmax,long,ctx=1k")]
     specs += [(ablation, a) for s in ("paper", "cpu", "smoke") for a in ablation.sweep(s)]
     return specs
 
@@ -200,23 +202,145 @@ def test_report_from_metric_files(tmp_path):
         assert os.path.getsize(os.path.join(root, png)) > 5000, png
 
 
+def _seeded_run(root, cell, seed, config, eval_loss, by_position=None):
+    """A finished lm run of `cell` with one seed: metrics, run.json and optionally the
+    evaluation by position."""
+    d = os.path.join(root, "lm", cell, f"s{seed}")
+    os.makedirs(os.path.join(d, "eval"))
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f)
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 10, "train/loss": eval_loss + 0.1}) + "\n")
+        f.write(json.dumps({"step": 10, "eval/loss": eval_loss, "eval/accuracy": 0.5}) + "\n")
+    with open(os.path.join(d, "run.json"), "w") as f:
+        json.dump({"name": cell, "group": "lm", "key": f"lm/{cell}/s{seed}", "seed": seed,
+                   "wall_s": 1.0, "cpu_s": 2.0}, f)
+    if by_position is not None:
+        with open(os.path.join(d, "eval", "validation.json"), "w") as f:
+            json.dump({"loss": float(np.mean(by_position)),
+                       "loss_by_position": [float(x) for x in by_position]}, f)
+    return d
+
+
+def test_report_means_spreads_findings_and_positions(tmp_path):
+    """Cells aggregate their seeds (mean ± sd); a difference is a finding only beyond the
+    spread; the loss-by-position findings tell a curve that keeps falling from one that
+    flattens (the negative control); results.json has one row per run and metric."""
+    root = str(tmp_path)
+    config = _resolved(lm.get_config("softmax,cpu"))
+    with config.unlocked():
+        config.data.seq_len = 256
+    pos = np.arange(1, 257)
+    rng = np.random.default_rng(0)
+    losses = {"falling": (2.00, 2.01, 2.02), "worse": (2.50, 2.51, 2.49),
+              "close": (2.015, 2.06, 1.98)}
+    wiggle = 0.05 * (-1.0) ** pos  # averages to zero over every octave but the last
+    dirs = []
+    for cell, values in losses.items():
+        for seed, value in enumerate(values):
+            if cell == "falling":  # keeps improving with log position, to the end
+                curve = 3.0 - 0.2 * np.log2(pos) + 0.002 * rng.standard_normal(256)
+            elif cell == "worse":  # flat from position 16 on: seed offsets and a wiggle only
+                curve = 3.0 - 0.2 * np.log2(np.minimum(pos, 16)) + 0.01 * seed + wiggle
+            else:
+                curve = None
+            dirs.append(_seeded_run(root, cell, seed, config, value, curve))
+    summaries = [report.summarize(d) for d in dirs]
+    cellmap = report.cells(summaries)
+    assert [len(c) for c in cellmap.values()] == [3, 3, 3]
+    mean, sd, n = report.stats(r["eval_loss"] for r in cellmap["falling"])
+    assert (round(mean, 6), round(sd, 6), n) == (2.01, 0.01, 3)
+    a, b, c = (report.stats(r["eval_loss"] for r in cellmap[k]) for k in losses)
+    assert report.verdict(a, b) == "finding"
+    assert report.verdict(a, c) == "within spread"  # 0.005 apart, spreads 0.01 + 0.04
+    assert report.verdict(a, (2.5, math.nan, 1)) == "single seed"
+    assert report.fmt_stats(a) == "2.0100 ± 0.0100" and report.fmt_stats((2.5, math.nan, 1)) \
+        == "2.5000"
+    text = report.build_report(summaries, root)
+    assert "| falling | softmax |" in text and "| 2.0100 ± 0.0100 |" in text
+    assert "falling vs close: Δ -0.0083 (within spread)" in text
+    assert "close vs worse: Δ -0.4817 (finding)" in text
+    assert "- falling: still improving at the end of the context" in text
+    assert "- worse: improves up to the octave starting at 16, flat beyond" in text
+    assert "positions 128–256, lowest loss first: falling vs worse:" in text
+    assert os.path.getsize(os.path.join(root, "lm_loss_by_position.png")) > 5000
+    rows = json.load(open(os.path.join(root, "results.json")))
+    per_run = {(r["cell"], r["seed"]) for r in rows}
+    assert len(per_run) == 9
+    assert {r["metric"] for r in rows} >= {"eval_loss", "eval_accuracy", "state_floats",
+                                          "loss_positions_128-256"}
+    row = next(r for r in rows if r["cell"] == "worse" and r["seed"] == 1 and
+               r["metric"] == "eval_loss")
+    assert row["value"] == 2.51 and row["mixer"] == "softmax" and row["setting"] == "ctx=256"
+
+
+def test_best_lr_ranks_diverged_runs_last(tmp_path):
+    cell = compare.Cell("mqar", "m", "experiments/mqar.py:softmax,smoke", seeds=(0, 1),
+                        lrs=(1e-3, 1e-2, 3e-2))
+    root = str(tmp_path)
+    assert compare.best_lr(cell, root) is None  # nothing finished: the other seeds wait
+    assert [r.key for r in compare.expand(cell, root)[0]] == [
+        "mqar/m/lr0.001_s0", "mqar/m/lr0.01_s0", "mqar/m/lr0.03_s0"]
+    for lr, acc, diverged in ((1e-3, 0.4, False), (1e-2, 0.9, False), (3e-2, 0.0, True)):
+        d = os.path.join(root, compare.Run(cell, 0, lr).key)
+        os.makedirs(d)
+        with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"step": 5, "eval/loss": 1.0, "eval/accuracy": acc}) + "\n")
+        with open(os.path.join(d, "run.json"), "w") as f:
+            json.dump({"diverged": "loss is nan"} if diverged else {}, f)
+    assert compare.best_lr(cell, root) == 1e-2
+    runs, complete = compare.expand(cell, root)
+    assert complete and runs[-1].key == "mqar/m/lr0.01_s1"
+    assert [r.key for r in compare.selected(cell, root)] == ["mqar/m/lr0.01_s0",
+                                                              "mqar/m/lr0.01_s1"]
+
+
 def test_compare_runs_the_tiny_preset_end_to_end(tmp_path, capsys):
+    """Seeds, the lr sweep (the other seeds at the best rate), a run started from the
+    Transformer of the same seed, the loss by position, results.json; a rerun trains nothing."""
     workdir = str(tmp_path / "cmp")
     assert compare.main(["--preset", "tiny", "--workdir", workdir]) == 0
     out = capsys.readouterr().out
     text = open(os.path.join(workdir, "report.md")).read()
     assert text.strip() in out.strip()
-    for group, name, _ in compare.PRESETS["tiny"]:
-        info = json.load(open(os.path.join(workdir, group, name, "run.json")))
-        assert info["step"] > 0
-    assert "| linear_attention |" in text and "| softmax | 16 | 2 |" in text  # LM row, MQAR row
+    keys = []
+    for cell in compare.PRESETS["tiny"]:
+        for run in compare.expand(cell, workdir)[0]:
+            info = json.load(open(os.path.join(workdir, run.key, "run.json")))
+            assert info["step"] > 0 and info["seed"] == run.seed and info["cpu_s"] > 0
+            keys.append(run.key)
+    # the sweep: both rates on seed 0, then seed 1 at the chosen one only
+    sweep = next(c for c in compare.PRESETS["tiny"] if c.lrs)
+    best = compare.best_lr(sweep, workdir)
+    assert best in sweep.lrs
+    assert sorted(k for k in keys if k.startswith("mqar/")) == sorted(
+        [f"mqar/{sweep.name}/lr{lr:g}_s0" for lr in sweep.lrs]
+        + [f"mqar/{sweep.name}/lr{best:g}_s1"])
+    # the init run started from the Transformer of its seed
+    config = json.load(open(os.path.join(workdir, "init/ttt_linear_from_softmax/s0/config.json")))
+    assert config["init"]["transformer_workdir"] == os.path.join(workdir, "lm/softmax/s0")
+    by_pos = json.load(open(os.path.join(workdir, "lm/softmax/s1/eval/validation.json")))
+    assert len(by_pos["loss_by_position"]) == 64
+    assert "| softmax | 16 | 2 |" in text  # MQAR row
+    assert "| ttt_linear | ttt_linear |" in text  # LM row
     assert "--preset tiny" in text  # the command as given, not the test runner's argv
-    assert "## Language model" in text and "## MQAR" in text
-    assert os.path.exists(os.path.join(workdir, "lm_loss.png"))
+    assert "## Language model" in text and "## MQAR" in text and "## TTT from" in text
+    assert "Learning-rate sweep" in text and "Validation loss by token position" in text
+    assert "| ttt_linear | from scratch |" in text  # the init table pairs it with the lm cell
+    for png in ("lm_loss.png", "lm_loss_by_position.png", "mqar_accuracy_vs_state.png",
+                "init_loss.png"):
+        assert os.path.exists(os.path.join(workdir, png)), png
+    rows = json.load(open(os.path.join(workdir, "results.json")))
+    mqar_acc = [r for r in rows if r["group"] == "mqar" and r["metric"] == "eval_accuracy"]
+    assert len(mqar_acc) == 3 and sum(r["selected"] for r in mqar_acc) == 2
+    assert {r["seed"] for r in rows if r["cell"] == "softmax" and r["group"] == "lm"} == {0, 1}
+    assert any(r["metric"].startswith("loss_positions_") for r in rows)
     # finished runs are reused: a second call trains nothing and rebuilds the same tables
+    mtimes = {k: os.path.getmtime(os.path.join(workdir, k, "run.json")) for k in keys}
     assert compare.main(["--preset", "tiny", "--workdir", workdir]) == 0
     again = open(os.path.join(workdir, "report.md")).read()
     assert again.split("## ", 1)[1] == text.split("## ", 1)[1]
+    assert mtimes == {k: os.path.getmtime(os.path.join(workdir, k, "run.json")) for k in keys}
 
 
 def test_overrides_and_spec_loading():
@@ -262,3 +386,21 @@ def test_compare_bad_spec_or_override_exits_2_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err, err
     assert not os.path.exists(tmp_path / "w")  # nothing trained
+
+
+def test_compare_selects_groups_and_takes_a_user_corpus(tmp_path):
+    """--only keeps a preset's groups (an init cell brings its Transformer along), --seeds
+    replaces the seeds, and --set points the long-context LMs at the user's text files."""
+    args = argparse.Namespace(preset="compare", only="init", seeds="3,4", configs=None,
+                              overrides=["data.name=text_files",
+                                         f"data.paths=['{tmp_path}']"])
+    cells = compare._cells(args)
+    assert [(c.group, c.name) for c in cells] == [("init", "ttt_linear_from_softmax"),
+                                                  ("lm", "softmax")]
+    assert all(c.seeds == (3, 4) for c in cells)
+    run = compare.Run(cells[0], 3)
+    overrides = compare.run_overrides(run, "W", args.overrides)
+    config = compare.load_config(cells[0].spec, [o for o in overrides if "init." not in o])
+    assert config.data.name == "text_files" and list(config.data.paths) == [str(tmp_path)]
+    assert config.data.seq_len == 2048 and config.train.seed == 3
+    assert f"init.transformer_workdir={os.path.join('W', 'lm', 'softmax', 's3')}" in overrides

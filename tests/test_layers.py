@@ -559,3 +559,30 @@ def test_shape_and_cache_errors():
     nc = make_mixer("softmax_noncausal", C, H)
     with pytest.raises(ValueError, match="non-causal"):
         nc.apply({}, 1, method="init_cache")
+
+
+def test_projection_on_the_2d_view_is_the_same_product():
+    """`project` / `project_dot_general` (the weight gradient as one plain matmul on XLA:CPU)
+    give x @ w and its gradients; Dense keeps its parameters; other contractions fall through."""
+    from ttt.layers import common
+    from ttt.ops.primitives import project, project_dot_general
+
+    kx, kw = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, (3, 5, 8), jnp.float32)
+    w = jax.random.normal(kw, (8, 6), jnp.float32)
+    np.testing.assert_allclose(project(x, w), x @ w, rtol=1e-6, atol=1e-6)
+    loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))  # noqa: E731
+    ga = jax.grad(loss(project), argnums=(0, 1))(x, w)
+    gb = jax.grad(loss(lambda x, w: x @ w), argnums=(0, 1))(x, w)
+    for a, b in zip(ga, gb, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    dense = common.dense(6, "wq", jnp.float32, jnp.float32)
+    plain = nn.Dense(6, use_bias=False, kernel_init=nn.initializers.normal(0.02), name="wq")
+    p1, p2 = dense.init(jax.random.PRNGKey(1), x), plain.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.structure(p1) == jax.tree.structure(p2)
+    np.testing.assert_allclose(dense.apply(p1, x), plain.apply(p1, x), rtol=1e-6, atol=1e-6)
+    # a contraction Dense never asks for (batch dims) goes to lax.dot_general unchanged
+    dims = (((2,), (1,)), ((0,), (0,)))
+    y = jax.random.normal(kw, (3, 8, 4), jnp.float32)
+    np.testing.assert_allclose(project_dot_general(x, y, dims),
+                               jax.lax.dot_general(x, y, dims), rtol=1e-6, atol=1e-6)

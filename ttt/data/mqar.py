@@ -9,7 +9,9 @@ The model sees `inputs = seq[:-1]` and is scored only where `targets = seq[1:]` 
 `mask` is 1 at exactly the K query-key positions.
 
 Every example is a pure function of (seed, split, index), so any example can be regenerated and
-the grain pipeline over example indices is deterministic and resumable.
+the grain pipeline over example indices is deterministic and resumable. Whole batches are drawn at
+once (`mqar_batch`, counter-based hashing instead of one generator per example: ~0.3 ms instead of
+~17 ms for 64 examples of 64 tokens), so the data never competes with a tiny model's train step.
 """
 
 from __future__ import annotations
@@ -39,54 +41,97 @@ def check_mqar(vocab_size: int, seq_len: int, num_kv_pairs: int, what: str = "")
         )
 
 
-def mqar_example(
-    rng: np.random.Generator,
-    vocab_size: int,
-    seq_len: int,
-    num_kv_pairs: int,
-    power_a: float = 0.01,
-    random_filler: bool = True,
-) -> dict[str, np.ndarray]:
-    """One example: {"inputs", "targets", "mask"}, each (seq_len,); see the module docstring."""
+# Counter-based randomness: every random number of an example is a hash of (seed, split, index,
+# stream, position), so a whole batch of examples is drawn with a few vectorised numpy calls while
+# each example stays a pure function of its index (any order, any batching, any sharding).
+_MASK64 = np.uint64(2**64 - 1)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser on uint64 arrays (wrapping arithmetic): a bijective scrambler."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _uniform(key: np.ndarray, stream: int, width: int) -> np.ndarray:
+    """(B,) uint64 example keys -> (B, width) floats, uniform in the open interval (0, 1)."""
+    pos = np.arange(width, dtype=np.uint64) + np.uint64(stream) * np.uint64(0x9E3779B97F4A7C15)
+    x = _mix(_mix(key[:, None] ^ _mix(pos)[None, :]))  # (B, width)
+    return ((x >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+
+
+def _example_keys(seed: int, split_id: int, indices: np.ndarray) -> np.ndarray:
+    """(B,) uint64 hash of (seed, split, index) per example."""
+    with np.errstate(over="ignore"):
+        base = _mix(np.uint64(int(seed) & (2**64 - 1)) * np.uint64(0xD1B54A32D192ED03)
+                    + np.uint64(split_id))
+        return _mix(np.asarray(indices, np.uint64) ^ base)
+
+
+def _distinct(u: np.ndarray, k: int) -> np.ndarray:
+    """(B, n) uniforms -> (B, k) distinct positions in 0..n-1, a uniformly random ordered subset
+    per row (the k smallest scores, in order of their score)."""
+    part = np.argpartition(u, k - 1, axis=1)[:, :k]  # (B, k) the k smallest, any order
+    order = np.argsort(np.take_along_axis(u, part, axis=1), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+def mqar_batch(seed: int, split_id: int, indices, vocab_size: int, seq_len: int,
+               num_kv_pairs: int, power_a: float = 0.01,
+               random_filler: bool = True) -> dict[str, np.ndarray]:
+    """Examples `indices` (B,) at once: {"inputs", "targets" (B, N) int32, "mask" (B, N) float32};
+    see the module docstring. Row b depends only on (seed, split_id, indices[b])."""
     k = num_kv_pairs
     half = vocab_size // 2
-    keys = rng.choice(np.arange(1, half), size=k, replace=False)
-    values = rng.choice(np.arange(half, vocab_size), size=k, replace=False)
-    context = np.stack([keys, values], axis=1).reshape(-1)  # (2K,) k1 v1 k2 v2 ...
-
     slots = (seq_len + 1 - 2 * k) // 2
-    gaps = np.arange(1, slots + 1, dtype=np.float64)
-    p = gaps ** (power_a - 1.0)
-    # Weighted sampling of K distinct slots via Gumbel top-k (same law as sequential draws
-    # without replacement, much faster than rng.choice(..., p=...)).
-    scores = np.log(p) + rng.gumbel(size=slots)
-    slot = np.argpartition(-scores, k - 1)[:k]  # (K,) distinct query slots
+    key = _example_keys(seed, split_id, np.atleast_1d(indices))
+    B = key.shape[0]
+    with np.errstate(over="ignore"):
+        keys = 1 + _distinct(_uniform(key, 1, half - 1), k)  # (B, K) in 1..half-1
+        values = half + _distinct(_uniform(key, 2, vocab_size - half), k)  # (B, K) in half..V-1
+        # K distinct query slots with P(gap g) ∝ g^(a-1): Gumbel top-k (the same law as K
+        # sequential weighted draws without replacement).
+        gaps = np.arange(1, slots + 1, dtype=np.float64)
+        gumbel = -np.log(-np.log(_uniform(key, 3, slots)))  # (B, slots)
+        slot = _distinct(-((power_a - 1.0) * np.log(gaps)[None, :] + gumbel), k)  # (B, K)
+        if random_filler:
+            seq = (_uniform(key, 4, seq_len + 1) * vocab_size).astype(np.int64)  # (B, N + 1)
+        else:
+            seq = np.zeros((B, seq_len + 1), np.int64)
+    rows = np.arange(B)[:, None]
+    seq[:, : 2 * k] = np.stack([keys, values], axis=2).reshape(B, 2 * k)  # k1 v1 k2 v2 ...
+    key_pos = 2 * k + 2 * slot  # (B, K)
+    seq[rows, key_pos] = keys
+    seq[rows, key_pos + 1] = values
+    mask = np.zeros((B, seq_len), np.float32)
+    mask[rows, key_pos] = 1.0  # the input at key_pos is the query; its target is the value
+    return {"inputs": seq[:, :-1].astype(np.int32), "targets": seq[:, 1:].astype(np.int32),
+            "mask": mask}
 
-    if random_filler:
-        seq = rng.integers(0, vocab_size, size=seq_len + 1)
-    else:
-        seq = np.zeros(seq_len + 1, dtype=np.int64)
-    seq[: 2 * k] = context
-    key_pos = 2 * k + 2 * slot  # (K,)
-    seq[key_pos] = keys
-    seq[key_pos + 1] = values
-    mask = np.zeros(seq_len, dtype=np.float32)
-    mask[key_pos] = 1.0  # the input at key_pos is the query; its target is the value
-    return {
-        "inputs": seq[:-1].astype(np.int32),
-        "targets": seq[1:].astype(np.int32),
-        "mask": mask,
-    }
+
+def mqar_example(rng: np.random.Generator, vocab_size: int, seq_len: int, num_kv_pairs: int,
+                 power_a: float = 0.01, random_filler: bool = True) -> dict[str, np.ndarray]:
+    """One example {"inputs", "targets", "mask"}, each (seq_len,), seeded by a draw of `rng`."""
+    batch = mqar_batch(int(rng.integers(2**63)), 0, [0], vocab_size, seq_len, num_kv_pairs,
+                       power_a, random_filler)
+    return {name: x[0] for name, x in batch.items()}
+
+
+def split_id(split: str) -> int:
+    """The number a split's examples are seeded with (validation and test share theirs)."""
+    return _SPLIT_IDS.get(split, 2)
 
 
 def make_mqar_fn(seed: int, split: str, vocab_size: int, seq_len: int, num_kv_pairs: int,
                  power_a: float = 0.01, random_filler: bool = True):
-    """index -> example, seeded by (seed, split, index) so it is reproducible in any order."""
-    split_id = _SPLIT_IDS.get(split, 2)
+    """index -> example (each (seq_len,)), seeded by (seed, split, index): `mqar_batch` of one."""
+    sid = split_id(split)
 
     def fn(index: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([int(seed), split_id, int(index)])
-        return mqar_example(rng, vocab_size, seq_len, num_kv_pairs, power_a, random_filler)
+        batch = mqar_batch(seed, sid, [int(index)], vocab_size, seq_len, num_kv_pairs, power_a,
+                           random_filler)
+        return {name: x[0] for name, x in batch.items()}
 
     return fn
 

@@ -33,7 +33,7 @@ import numpy as np
 from ttt.data import images as img_lib
 from ttt.data import text_sources
 from ttt.data.errors import DataConfigError
-from ttt.data.mqar import check_mqar, make_mqar_fn
+from ttt.data.mqar import check_mqar, mqar_batch, split_id
 from ttt.data.packing import pack_windows
 from ttt.data.tokenizers import make_tokenizer
 
@@ -283,11 +283,16 @@ def _mqar_dataset(cfg, split, rows, seed, shard_index, shard_count) -> Dataset:
     train = split == "train"
     count = int(_get(cfg, "num_train_examples" if train else "num_test_examples",
                      100_000 if train else 3_000))
-    fn = make_mqar_fn(seed if train else int(_get(cfg, "test_seed", 1234)), split,
-                      m["vocab_size"], m["seq_len"], m["num_kv_pairs"],
-                      float(_get(cfg, "power_a", 0.01)), bool(_get(cfg, "random_filler", True)))
-    ds = _indexed(grain.MapDataset.range(count), split, seed, shard_index, shard_count).map(fn)
-    ds = ds.batch(rows, drop_remainder=train)
+    example_seed = seed if train else int(_get(cfg, "test_seed", 1234))
+    sizes = (m["vocab_size"], m["seq_len"], m["num_kv_pairs"], float(_get(cfg, "power_a", 0.01)),
+             bool(_get(cfg, "random_filler", True)))
+    ids = np.arange(shard_index, count, shard_count)  # this process's example indices
+    if len(ids) == 0:
+        raise DataConfigError(
+            f"the {split} split has {count} records, too few for {shard_count} processes")
+    # Whole batches at once (`mqar_batch`): a per-example map costs ~0.3 ms per example.
+    ds = _index_batches(len(ids), rows, seed, train).map(
+        lambda i: mqar_batch(example_seed, split_id(split), ids[i], *sizes))
     if not train:
         ds = ds.map(lambda b: _pad_rows(b, rows))
     return Dataset(ds.to_iter_dataset(_read_options(cfg)), m)

@@ -129,13 +129,15 @@ class ParamGroup(nn.Module):
 
 
 def dense(features: int, name: str, dtype, param_dtype, init_scale=DEFAULT_INIT_SCALE, bias=False):
-    """A bias-free Dense with N(0, init_scale²) weights (the TTT-LM projections)."""
+    """A bias-free Dense with N(0, init_scale²) weights (the TTT-LM projections), multiplying on
+    the 2-D (tokens, features) view (`primitives.project_dot_general`)."""
     return nn.Dense(
         features,
         use_bias=bias,
         kernel_init=nn.initializers.normal(init_scale),
         dtype=dtype,
         param_dtype=param_dtype,
+        dot_general=primitives.project_dot_general,
         name=name,
     )
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from ttt.layers import common
 from ttt.ops import checks, inner_opt, learners, ttt_state
 from ttt.ops._scan import GPU_UNROLL, default_unroll, scan_groups  # noqa: F401 (GPU_UNROLL)
-from ttt.ops.primitives import causal_conv, layer_norm, rope
+from ttt.ops.primitives import causal_conv, layer_norm, project, rope
 from ttt.ops.ttt import FORMS, KERNELS
 
 LEARNERS, BACKBONES = ("linear", "mlp"), ("transformer", "mamba")
@@ -169,7 +169,7 @@ class TTTMixer(nn.Module):
         coefficients c (N,) (η_ij = c_i a_j) and the new conv tail (None without convs)."""
         dt, H, d, idt = self.dtype, self.num_heads, self.head_dim, common.inner_dtype(self.dtype)
         x = x.astype(dt)
-        dense = lambda name: x @ p[name].astype(dt)  # (B, N, C) @ (C, C) -> (B, N, C)
+        dense = lambda name: project(x, p[name].astype(dt))  # (B, N, C) @ (C, C) -> (B, N, C)
         new_tail = None
         if self.backbone == "transformer":
             q, k = dense("wq"), dense("wk")
@@ -205,8 +205,8 @@ class TTTMixer(nn.Module):
             y = layer_norm(y.astype(idt), norm["scale"].astype(idt), norm["bias"].astype(idt),
                            1e-6).astype(dt)
         if self.backbone == "mamba":
-            y = nn.gelu(x.astype(dt) @ p["wg"].astype(dt), approximate=True) * y
-        return y @ p["wo"].astype(dt)
+            y = nn.gelu(project(x.astype(dt), p["wg"].astype(dt)), approximate=True) * y
+        return project(y, p["wo"].astype(dt))
 
     @nn.nowrap
     def _machine(self):  # `ttt_state` (plain GD) or the inner optimizer's generic path

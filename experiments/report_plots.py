@@ -1,0 +1,176 @@
+"""The comparison report's figures (`experiments.report` calls these; PNGs next to report.md).
+
+Every function takes cells (lists of run summaries, see `experiments.report.cells`) and a path;
+curves of a cell are averaged over its seeds, with the ± one standard deviation band shaded when
+there is more than one seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mean_curve(curves: list[tuple[list, list]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, mean, sd) over the seeds' curves on the x values all of them share."""
+    common = sorted(set.intersection(*(set(c[0]) for c in curves))) if curves else []
+    ys = np.array([[dict(zip(*c, strict=True))[x] for x in common] for c in curves], float)
+    if not common:
+        return np.array([]), np.array([]), np.array([])
+    sd = ys.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(common))
+    return np.array(common), ys.mean(0), sd
+
+
+def _band(ax, x, mean, sd, label, color, **kw):
+    ax.plot(x, mean, label=label, color=color, **kw)
+    if np.any(sd > 0):
+        ax.fill_between(x, mean - sd, mean + sd, color=color, alpha=0.2, lw=0)
+
+
+def plot_loss_curves(cells: dict[str, list[dict]], path: str, title: str) -> None:
+    """Training loss against step, one line per cell (mean over seeds)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, runs) in enumerate(cells.items()):
+        x, mean, sd = _mean_curve([r["train_curve"] for r in runs if r["train_curve"][0]])
+        if len(x):
+            _band(ax, x, mean, sd, f"{name} (n={len(runs)})", f"C{i % 10}")
+    ax.set(xlabel="training step", ylabel="training loss (nats/token)", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_mqar(cells: dict[str, list[dict]], path: str) -> None:
+    """Accuracy (mean ± sd over seeds) against state floats per layer; color = mixer, marker =
+    (length, pairs)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    settings = sorted({(r[0]["seq_len"], r[0]["num_kv_pairs"]) for r in cells.values()})
+    markers = dict(zip(settings, "osD^v<>p*", strict=False))
+    colors: dict[str, str] = {}
+    for runs in cells.values():
+        r0 = runs[0]
+        acc = [r["eval_accuracy"] for r in runs]
+        color = colors.setdefault(r0["mixer"], f"C{len(colors) % 10}")
+        sd = float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0
+        ax.errorbar(r0["state"], float(np.mean(acc)), yerr=sd, color=color, capsize=3,
+                    marker=markers[(r0["seq_len"], r0["num_kv_pairs"])], ms=6, ls="none")
+    for m, c in colors.items():
+        ax.scatter([], [], color=c, label=m)
+    for (n, kv), mk in markers.items():
+        ax.scatter([], [], color="gray", marker=mk, label=f"N={n}, pairs={kv}")
+    ax.set_xscale("log")
+    ax.set(xlabel="recurrent state (floats per layer per sequence)", ylabel="MQAR accuracy",
+           title="MQAR accuracy vs state size (mean ± sd over seeds)", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_mqar_curves(cells: dict[str, list[dict]], path: str) -> None:
+    """Validation accuracy against step (mean over seeds), one panel per pair count: the
+    learning curves that show whether a run had the budget to solve the task."""
+    plt = _plt()
+    pairs = sorted({runs[0]["num_kv_pairs"] for runs in cells.values()})
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.6), squeeze=False)
+    mixers = sorted({runs[0]["mixer"] for runs in cells.values()})
+    for ax, kv in zip(axes[0], pairs, strict=True):
+        for runs in cells.values():
+            if runs[0]["num_kv_pairs"] != kv:
+                continue
+            x, mean, sd = _mean_curve([r["eval_curve"] for r in runs if r["eval_curve"][0]])
+            if len(x):
+                color = f"C{mixers.index(runs[0]['mixer']) % 10}"
+                _band(ax, x, mean, sd, f"{runs[0]['mixer']} (lr {runs[0]['lr']:g})", color,
+                      marker=".")
+        ax.set(xlabel="training step", ylabel="validation accuracy", title=f"{kv} pairs",
+               ylim=(-0.02, 1.02))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def log_bins(n: int, per_octave: int = 4) -> list[tuple[int, int]]:
+    """Position ranges [lo, hi) covering 1..n, log-spaced (about `per_octave` per doubling)."""
+    edges = sorted({int(round(2 ** (i / per_octave))) for i in range(
+        int(per_octave * math.log2(n)) + 1)} | {n + 1})
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+def binned(loss_by_position: list, bins: list[tuple[int, int]]) -> np.ndarray:
+    """Mean loss over each position range (positions are 1-based)."""
+    loss = np.array([np.nan if x is None else x for x in loss_by_position], float)
+    return np.array([np.nanmean(loss[a - 1:b - 1]) for a, b in bins])
+
+
+def plot_loss_by_position(cells: dict[str, list[dict]], path: str, title: str) -> None:
+    """Validation loss against token position on log x (the TTT-LM paper's figure): mean over
+    seeds of the per-position loss averaged in log-spaced bins, ± sd over seeds shaded."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, (name, runs) in enumerate(cells.items()):
+        curves = [r["loss_by_position"] for r in runs if r.get("loss_by_position")]
+        if not curves:
+            continue
+        bins = log_bins(min(len(c) for c in curves), per_octave=6)
+        ys = np.array([binned(c, bins) for c in curves])
+        x = np.array([math.sqrt(a * (b - 1)) if b - 1 > a else a for a, b in bins])
+        sd = ys.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(bins))
+        _band(ax, x, ys.mean(0), sd, f"{name} (n={len(curves)})", f"C{i % 10}")
+    ax.set_xscale("log")
+    ax.set(xlabel="token position in the context", ylabel="validation loss (nats/byte)",
+           title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_vision(cells: dict[str, list[dict]], acc_path: str, inner_path: str) -> None:
+    """Accuracy (mean ± sd) against MTTT inner steps T, and the inner loss over training."""
+    plt = _plt()
+    mttt = sorted([runs for runs in cells.values() if runs[0]["T"] is not None],
+                  key=lambda runs: runs[0]["T"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ts = [runs[0]["T"] for runs in mttt]
+    accs = [[r["eval_accuracy"] for r in runs] for runs in mttt]
+    ax.errorbar(ts, [np.mean(a) for a in accs],
+                yerr=[np.std(a, ddof=1) if len(a) > 1 else 0.0 for a in accs], marker="o",
+                capsize=3)
+    ax.set(xlabel="inner steps T", ylabel="validation accuracy", title="Accuracy vs T")
+    ax.set_xticks(ts)
+    fig.tight_layout()
+    fig.savefig(acc_path, dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, runs in enumerate(mttt):
+        inner = runs[0].get("inner") or {}  # the first seed's curves
+        if not inner:
+            continue
+        t_last = max(inner)
+        T = runs[0]["T"]
+        ax.plot(*inner[t_last], color=f"C{i}", label=f"T={T}: after {t_last} inner steps")
+        if t_last:
+            ax.plot(*inner[0], color=f"C{i}", ls="--", alpha=0.6, label=f"T={T}: at W0")
+    ax.set(xlabel="outer training step", ylabel="inner reconstruction loss (layer mean)",
+           title="Inner loss over training (first seed)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(inner_path, dpi=100)
+    plt.close(fig)
