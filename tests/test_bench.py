@@ -61,7 +61,7 @@ def test_bench_tiny_run_writes_json_table_and_plot(tmp_path):
     assert batch["linattn_chunked"]["ratio_fb_vs_baseline"] == pytest.approx(1.0)
     assert "skipped" in batch["ttt_linear_pallas"]
     names = [t["target"] for t in data["targets"]]
-    assert len(names) == 16 and all(set(t) >= {"value", "limit", "ok"} for t in data["targets"])
+    assert len(names) == 17 and all(set(t) >= {"value", "limit", "ok"} for t in data["targets"])
     assert any("at batch 2" in n and t["value"] for n, t in zip(names, data["targets"],
                                                                 strict=True))
     md = (out / "bench.md").read_text()

@@ -26,7 +26,7 @@ def config(mixer: str, dtype: str = "float32") -> ml_collections.ConfigDict:
     kw = {"mini_batch": MB} if "mini_batch" in accepted_kwargs(mixer) else {}
     if "cache_size" in accepted_kwargs(mixer):
         kw["cache_size"] = 16
-    if "chunk" in accepted_kwargs(mixer):  # LaCT: chunks of b, a window shorter than a chunk
+    if "fw_heads" in accepted_kwargs(mixer):  # LaCT: chunks of b, a window shorter than a chunk
         kw.update(chunk=MB, window=3, fw_heads=2)
     return ml_collections.ConfigDict(dict(
         kind="lm", preset="tiny", mixer=mixer, mixer_kwargs=kw, dtype=dtype, scan_layers=True,

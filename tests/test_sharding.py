@@ -32,7 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs8 = pytest.mark.skipif(jax.device_count() < 8,
                             reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
 # the TTT / MTTT inner model's initial state and its per-head LayerNorm
-INNER_STATE = re.compile(r"(^|/)(ttt_dense_\d+|ttt_bias_\d+|ttt_norm/\w+|inner_Dense_\d+/\w+)$")
+INNER_STATE = re.compile(
+    r"(^|/)(ttt_dense_\d+|ttt_bias_\d+|ttt_norm/\w+|inner_Dense_\d+/\w+|fw/W\d+)$")
 
 
 def _placed(config):
@@ -69,7 +70,7 @@ def test_paper_configs_keep_the_inner_state_whole(mixer):
         assert config.train.partition_rules == ()  # what every config ships: adds nothing
         leaves = _placed(config)
         inner = [p for p in leaves if INNER_STATE.search(p)]
-        assert bool(inner) == mixer.startswith("ttt"), (mixer, inner[:3])
+        assert bool(inner) == mixer.startswith(("ttt", "lact")), (mixer, inner[:3])
         assert not _inner_state_problems(leaves), (preset, _inner_state_problems(leaves))
         # FSDP does split the big matrices (the rules are in force, not everything replicated)
         assert "fsdp" in tuple(leaves["params/h/feed_forward/w1/kernel"][1])

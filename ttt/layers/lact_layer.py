@@ -165,7 +165,7 @@ class LaCTMixer(nn.Module):
              "qk_scale": self.param("qk_scale", ones, (C, 2), pdt),
              "qk_offset": self.param("qk_offset", zeros, (C, 2), pdt),
              "lr": group("lr_proj", ("kernel", normal, (C, 3 * Hf)), ("bias", zeros, (3 * Hf,))),
-             "ttt_norm": group("ttt_norm", ("scale", ones, (d,)))["scale"]}
+             "fw_norm": group("fw_norm", ("scale", ones, (d,)))["scale"]}
         if self.qk_norm:
             p["q_norm"] = group("q_norm", ("scale", ones, (C,)))["scale"]
             p["k_norm"] = group("k_norm", ("scale", ones, (C,)))["scale"]
@@ -220,7 +220,7 @@ class LaCTMixer(nn.Module):
     def _output(self, p, x, z_attn, z_fw):
         """Attention output (B, H, N, ·) or None, fast-weight output (B, H_f, N, d_f) -> y."""
         dt, idt = self.dtype, common.inner_dtype(self.dtype)
-        z = _rms_norm(z_fw, p["ttt_norm"].astype(idt))  # per head
+        z = _rms_norm(z_fw, p["fw_norm"].astype(idt))  # per head
         if self.ttt_scale:
             s = p["ttt_scale"]
             gain = jax.nn.silu(x.astype(idt) @ s["kernel"].astype(idt) + s["bias"].astype(idt))

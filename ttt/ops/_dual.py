@@ -90,17 +90,16 @@ def key_step(learner, W, fixed, k_in, v_in, e, grads=None):
 
 
 def _heads(learner):
-    """key_step vmapped over (B, H): W leaves (B, H, ...), fixed leaves (H, ...)."""
+    """key_step vmapped over (B, H): W and fixed leaves (B, H, ...)."""
     one = lambda W, f, k, v, e: key_step(learner, W, f, k, v, e)
-    over_h = jax.vmap(one, in_axes=(0, 0, 0, 0, 0))
-    return jax.vmap(over_h, in_axes=(0, None, 0, 0, 0))
+    return jax.vmap(jax.vmap(one))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def state_scan(learner, unroll, W0, fixed, k, v, e):
     """The state recurrence over all mini-batches, with a hand-written backward.
 
-    W0 leaves (B, H, ...); fixed leaves (H, ...) or None; k (M, B, H, b, d_in), v (M, B, H, b,
+    W0 and fixed leaves (B, H, ...) (fixed may be None); k (M, B, H, b, d_in), v (M, B, H, b,
     d_out), e (M, B, H, b). Returns (Ws, W_N, G, Xk): Ws the state at the start of every
     mini-batch (leaves (M, B, H, ...)), W_N the final state, G and Xk as `key_step`, stacked
     (M, B, H, b, ·).

@@ -222,6 +222,9 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
                            unroll)
     major = lambda x: jnp.moveaxis(x, 2, 0)  # (B, H, M, ...) -> (M, B, H, ...): scan order
     xs = tuple(map(major, (q_m, k_m, v_m, eta_m)))
+    # fixed broadcast over B: its gradient is summed over the batch once, after the loop (on a
+    # device mesh a collective over the batch axes), not in every mini-batch
+    fixed = jax.tree_util.tree_map(lambda f: jnp.broadcast_to(f, (B, *jnp.shape(f))), fixed)
     run = functools.partial(_dual_minibatches, learner, fixed, unroll)
     # always checkpointed groups (remat_every, else DUAL_GROUP): the backward stores one state
     # per group and recomputes the group, instead of stacking a d × d state per mini-batch
@@ -273,7 +276,8 @@ def _pallas(kernel, learner, W0, q, v, mini_batch) -> bool:
 
 
 def _dual_minibatches(learner, fixed, unroll, W0, xs):
-    """The dual form over mini-batch-major inputs (M, B, H, ...) from W0 (B, H, ...) -> (W_N, z)."""
+    """The dual form over mini-batch-major inputs (M, B, H, ...) from W0 (B, H, ...) -> (W_N, z);
+    fixed leaves (B, H, ...)."""
     q_t, k_t, v_t, eta_t = xs  # (M, B, H, b, d_in) ×2, (M, B, H, b, d_out), (M, B, H, b, b)
     e = eta_t[..., -1, :]  # (M, B, H, b): the η row that carries the state
     Ws, W_N, G, Xk = _dual.state_scan(learner, unroll, W0, fixed, k_t, v_t, e)
@@ -284,7 +288,7 @@ def _dual_minibatches(learner, fixed, unroll, W0, xs):
     answer = lambda W, f, q_, eta_, A_, G_, X_: _dual.query_side(learner, W, f, q_, eta_, A_, G_,
                                                                  X_)
     over_h = jax.vmap(answer, in_axes=(0, 0, 0, 0, 0, 0, 0))
-    over_bh = jax.vmap(over_h, in_axes=(0, None, 0, 0, 0, 0, 0))
+    over_bh = jax.vmap(over_h, in_axes=(0, 0, 0, 0, 0, 0, 0))
     over_all = jax.vmap(over_bh, in_axes=(0, None, 0, 0, 0, 0, 0))  # over M
     return W_N, over_all(Ws, fixed, q_t, eta_t, A1, G, Xk)
 
