@@ -41,7 +41,7 @@ Presets (runtimes measured on an idle 2-core machine, see README):
            Transformer, 3 seeds; the ablation ladder and MTTT vision (T = 0, 1, 2, 4), 3 seeds.
   tiny     smoke runs that exercise every mechanism (seeds, sweep, init, by-position) in tests.
 To add a mixer to the comparison (e.g. a new registry entry), add its name to MQAR_MIXERS and/or
-LM_MIXERS below.
+COMPARE_LM_MIXERS below (LM_MIXERS: the demo's LMs too; MQAR_OVERRIDES: its MQAR settings).
 """
 
 from __future__ import annotations
@@ -67,8 +67,12 @@ from ttt import cli
 from ttt.config import ConfigError, with_defaults
 
 # The mixers compared; a new registry entry joins every MQAR / LM cell by being listed here.
-MQAR_MIXERS = ("linear_attention", "ttt_linear", "ttt_mlp", "softmax")
+MQAR_MIXERS = ("linear_attention", "ttt_linear", "ttt_mlp", "lact", "softmax")
 LM_MIXERS = ("linear_attention", "ttt_linear", "ttt_mlp", "softmax")
+COMPARE_LM_MIXERS = (*LM_MIXERS, "lact")  # the demo's budget leaves the large-chunk layer out
+# per-mixer MQAR overrides: LaCT with chunks (and window) of 16 tokens, 4 updates in 64 tokens
+# (its LM chunk of 2048 would make the window cover the whole sequence: plain attention)
+MQAR_OVERRIDES = {"lact": ("model.mixer_kwargs.chunk=16", "model.mixer_kwargs.window=16")}
 LADDER = ("linear_attn", "linear_attn_plain", "ttt_equivalence", "learnable_W0", "ln_residual",
           "mini_batch", "learnable_eta", "mamba_backbone")
 
@@ -80,7 +84,7 @@ MQAR_LRS = (1e-3, 3e-3, 1e-2)
 MQAR_BEST_LR = {"linear_attention": 3e-3, "ttt_linear": 3e-3, "ttt_mlp": 3e-3, "softmax": 3e-3}
 SEEDS = (0, 1, 2)
 # The demo's MQAR leaves TTT-MLP out (its run alone would take a third of the demo's budget).
-DEMO_MQAR_MIXERS = tuple(m for m in MQAR_MIXERS if m != "ttt_mlp")
+DEMO_MQAR_MIXERS = tuple(m for m in MQAR_MIXERS if m not in ("ttt_mlp", "lact"))
 # Rough CPU seconds of one run on one idle core (measured; the pool starts the longest first so
 # the last worker does not finish long after the others). Unlisted: 60.
 COST = {("mqar", "softmax"): 170, ("mqar", "linear_attention"): 200, ("mqar", "ttt_linear"): 280,
@@ -123,20 +127,22 @@ def _mqar_cells(pairs, seeds, lrs, mixers=MQAR_MIXERS, rank: int = 0) -> list[Ce
     out = []
     for kv in pairs:
         for m in sorted(mixers, key=lambda m: m != "softmax"):
-            fixed = () if lrs else (f"optim.lr={MQAR_BEST_LR.get(m, 3e-3)}",)
+            fixed = MQAR_OVERRIDES.get(m, ()) + (
+                () if lrs else (f"optim.lr={MQAR_BEST_LR.get(m, 3e-3)}",))
             out.append(Cell("mqar", f"{m}_kv{kv}", f"experiments/mqar.py:{m},harness,kv={kv}",
                             fixed, seeds, tuple(lrs), cost=COST.get(("mqar", m), 300),
                             rank=rank))
     return out
 
 
-def _lm_cells(ctx: str, seeds, overrides=(), scale: float = 1.0, rank: int = 0) -> list[Cell]:
+def _lm_cells(ctx: str, seeds, overrides=(), scale: float = 1.0, rank: int = 0,
+              mixers=LM_MIXERS) -> list[Cell]:
     """Long-context LMs (`experiments/lm.py`, `long` scale) with the loss by position, and
     TTT-Linear started from the trained Transformer of the same seed (same budget) — its
     from-scratch twin is the lm cell of the same spec."""
     cells = [Cell("lm", m, f"experiments/lm.py:{m},long,ctx={ctx}", tuple(overrides), seeds,
                   by_position=True, cost=COST.get(("lm", m), 200) * scale, rank=rank)
-             for m in sorted(LM_MIXERS, key=lambda m: m != "softmax")]  # init waits on softmax
+             for m in sorted(mixers, key=lambda m: m != "softmax")]  # init waits on softmax
     cells.append(Cell("init", "ttt_linear_from_softmax", f"experiments/lm.py:ttt_linear,long,"
                       f"ctx={ctx}", tuple(overrides), seeds, by_position=True,
                       init_from="lm/softmax", cost=COST[("init", "ttt_linear")] * scale,
@@ -157,7 +163,7 @@ PRESETS: dict[str, list[Cell]] = {
     # An interrupted comparison has the headline cells first.
     "compare": (
         _mqar_cells(MQAR_PAIRS[:1], SEEDS, MQAR_LRS, ("softmax",))
-        + _lm_cells("2k", SEEDS, rank=1)
+        + _lm_cells("2k", SEEDS, rank=1, mixers=COMPARE_LM_MIXERS)
         + _mqar_cells(MQAR_PAIRS[:1], SEEDS, MQAR_LRS,
                       [m for m in MQAR_MIXERS if m != "softmax"], rank=1)
         + _mqar_cells(MQAR_PAIRS[1:], SEEDS, MQAR_LRS, rank=2)
