@@ -17,12 +17,12 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.timing import timed_calls
 from ttt.ops import learners as L
 from ttt.ops._scan import eta_matrix
 from ttt.ops.kernels import ttt_dual as K
@@ -103,16 +103,6 @@ def correctness(shape, log) -> list[dict]:
     return rows
 
 
-def timed(fn, *args, runs=5) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def speed(cases, log) -> list[dict]:
     """fwd+bwd of the op alone by both paths (XLA at its default precision, as a layer runs)."""
     rows = []
@@ -128,7 +118,8 @@ def speed(cases, log) -> list[dict]:
                     return jnp.sum(z * ct)
 
                 fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))
-                out[f"{kernel}_fb_ms"] = 1e3 * timed(fb, q, k, v, eta, W0, fixed)
+                runs = timed_calls(fb, q, k, v, eta, W0, fixed, runs=5)
+                out[f"{kernel}_fb_ms"] = 1e3 * statistics.median(runs)
             out["xla_over_pallas"] = out["xla_fb_ms"] / out["pallas_fb_ms"]
             log(json.dumps(out))
             rows.append(out)

@@ -27,6 +27,16 @@ def check_shape(name: str, x, expected: Sequence[int | None], layout: str, like:
         raise ValueError(f"{name}: expected shape {layout} = {want}{suffix}, got {shape}")
 
 
+def check_qkv(q, k, v) -> None:
+    """q, k (B, H, N, d_in) with N >= 1 and v (B, H, N, d_out): the inputs of every inner loop."""
+    check_rank("q", q, 4, "(B, H, N, d_in)")
+    B, H, N, d_in = q.shape
+    if N < 1:
+        raise ValueError(f"q: expected at least one token (N >= 1), got shape {q.shape}")
+    check_shape("k", k, (B, H, N, d_in), "(B, H, N, d_in)", like="q")
+    check_shape("v", v, (B, H, N, None), "(B, H, N, d_out)", like="q")
+
+
 def check_floating(name: str, x) -> None:
     """Raise ValueError unless `x` has a floating dtype."""
     dtype = jnp.result_type(x)

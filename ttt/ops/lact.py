@@ -88,12 +88,8 @@ def _norms_bh(norms, B):
 def _check(learner, W0, q, k, v, lr, momentum, chunk, loss):
     checks.check_int("chunk", chunk, 1)
     checks.check_choice("loss", loss, LOSSES)
-    checks.check_rank("q", q, 4, "(B, H, N, d_in)")
+    checks.check_qkv(q, k, v)
     B, H, N, d_in = q.shape
-    if N < 1:
-        raise ValueError(f"q: expected at least one token (N >= 1), got shape {q.shape}")
-    checks.check_shape("k", k, (B, H, N, d_in), "(B, H, N, d_in)", like="q")
-    checks.check_shape("v", v, (B, H, N, None), "(B, H, N, d_out)", like="q")
     for name, x in jax.tree_util.tree_leaves_with_path(lr):
         checks.check_shape("lr" + jax.tree_util.keystr(name), x, (B, H, N), "(B, H, N)", like="q")
     if momentum is not None:

@@ -82,12 +82,8 @@ def _head_shapes(learner, W0, q, v, fixed, what="W0"):
 def _check_sequence(q, k, v, eta, mini_batch):
     """Check q, k, v, eta, mini_batch (contract of ttt_primal/ttt_dual)."""
     checks.check_int("mini_batch", mini_batch, 1)
-    checks.check_rank("q", q, 4, "(B, H, N, d_in)")
-    B, H, N, d_in = q.shape
-    if N < 1:
-        raise ValueError(f"q: expected at least one token (N >= 1), got shape {q.shape}")
-    checks.check_shape("k", k, (B, H, N, d_in), "(B, H, N, d_in)", like="q")
-    checks.check_shape("v", v, (B, H, N, None), "(B, H, N, d_out)", like="q")
+    checks.check_qkv(q, k, v)
+    B, H, N, _ = q.shape
     if jnp.ndim(eta) == 3:
         checks.check_shape("eta", eta, (B, H, N), "(B, H, N)", like="q")
     elif jnp.ndim(eta) == 4:
