@@ -228,6 +228,8 @@ def test_ttt_layer_inner_opt_sgd_is_the_plain_layer_and_decodes_with_muon(x64):
     assert jax.tree_util.tree_structure(empty) == jax.tree_util.tree_structure(cache)
     with pytest.raises(ValueError, match="unknown 'rmsprop'"):
         make_mixer("ttt_linear", 16, 2, inner_opt="rmsprop")
+    with pytest.raises(ValueError, match="kernel='pallas': the fused kernel runs plain"):
+        make_mixer("ttt_linear", 16, 2, inner_opt="muon", kernel="pallas", **kw).apply(p, x)
 
 
 def test_mttt_accepts_inner_optimizers(x64):

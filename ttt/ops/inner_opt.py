@@ -322,10 +322,16 @@ def naive(learner, tx, W0, q, k, v, a, c, *, mini_batch: int, fixed=None):
     return jnp.stack(zs, axis=2), W, s
 
 
+def _no_kernel(kernel: str) -> None:
+    if kernel == "pallas":
+        raise ValueError("kernel='pallas': the fused kernel runs plain mini-batch GD only; use "
+                         "inner_opt=None, or kernel='auto' / 'xla' with an inner optimizer")
+
+
 class StateMachine:
     """`ttt.ops.ttt_state`'s interface (forward / prefill / step / init_state) for inner optimizer
-    `tx`, so a layer runs either with one switch. `form` and `kernel` are accepted and ignored (one
-    path: the generic scan)."""
+    `tx`, so a layer runs either with one switch. `form` and `kernel` are accepted for the same
+    calls (one path: the generic scan); kernel="pallas" is refused (the kernel runs plain GD)."""
 
     State = OptState
 
@@ -334,13 +340,15 @@ class StateMachine:
 
     def forward(self, learner, W0, q, k, v, a, c, *, mini_batch, fixed=None, form="auto",
                 remat_every=0, unroll=1, kernel="auto"):
-        del form, kernel
+        del form
+        _no_kernel(kernel)
         return forward(learner, self.tx, W0, q, k, v, a, c, mini_batch=mini_batch, fixed=fixed,
                        remat_every=remat_every, unroll=unroll)
 
     def prefill(self, learner, W0, q, k, v, a, c, *, mini_batch, fixed=None, form="auto",
                 remat_every=0, unroll=1, kernel="auto"):
-        del form, kernel
+        del form
+        _no_kernel(kernel)
         return prefill(learner, self.tx, W0, q, k, v, a, c, mini_batch=mini_batch, fixed=fixed,
                        remat_every=remat_every, unroll=unroll)
 
