@@ -32,7 +32,7 @@ longest first instead, to finish soonest). The report (`WORKDIR/report.md`, the
 PNGs and `results.json`, see `experiments.report`) is built only from the runs' files.
 
 Presets (runtimes measured on an idle 2-core machine, see README):
-  demo     ~10 minutes. MQAR at the validated setting (N = 64, 8 pairs, width 64; linear
+  demo     ~10 minutes. MQAR at the harness setting (N = 64, 8 pairs, width 64; linear
            attention, TTT-Linear, softmax; 1 seed at each mixer's best rate from `compare`),
            long-context byte LMs (context 1k, 300 steps, 1 seed) with the loss by position,
            TTT-Linear from the trained Transformer vs from scratch, MTTT vision (T = 0, 2).
@@ -76,7 +76,7 @@ MQAR_OVERRIDES = {"lact": ("model.mixer_kwargs.chunk=16", "model.mixer_kwargs.wi
 LADDER = ("linear_attn", "linear_attn_plain", "ttt_equivalence", "learnable_W0", "ln_residual",
           "mini_batch", "learnable_eta", "mamba_backbone")
 
-# MQAR, validated setting: sequence length 64, width 64, 1,750 steps of 64 sequences
+# MQAR, the harness setting: sequence length 64, width 64, 1,750 steps of 64 sequences
 # (experiments/mqar.py, `harness`). The sweep is Zoology's per-mixer learning-rate search; the
 # demo trains each mixer once, at 8 pairs, at the rate the `compare` sweep picked (README).
 MQAR_PAIRS = (8, 16)
