@@ -22,7 +22,8 @@ Argument: comma-separated tokens, any order (`experiments/args.py`; anything els
               attention learns the induction circuit abruptly: accuracy ~13% until it leaves a
               plateau, then > 97% within a few hundred steps. Measured at lr 3e-3: 0.997 / 0.143
               / 0.974 at seeds 0 / 1 / 2 (seed 1 never left the plateau; lr 1e-3 and 1e-2 did not
-              at seed 0), so the budget is not yet enough for every seed (README results). ~3-12 minutes per run on one core (softmax fastest, TTT-MLP slowest).
+              at seed 0), so the budget is not yet enough for every seed (README results).
+              ~3-12 minutes per run on one core (softmax fastest, TTT-MLP slowest).
   smoke       a few steps, for tests
 
 Single host:  python -m ttt.main --config experiments/mqar.py:ttt_linear,n=256,kv=16,width=128 \
