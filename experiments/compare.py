@@ -41,7 +41,7 @@ Presets (runtimes measured on an idle 2-core machine, see README):
            Transformer, 3 seeds; the ablation ladder and MTTT vision (T = 0, 1, 2, 4), 3 seeds.
   tiny     smoke runs that exercise every mechanism (seeds, sweep, init, by-position) in tests.
 To add a mixer to the comparison (e.g. a new registry entry), add its name to MQAR_MIXERS and/or
-COMPARE_LM_MIXERS below (LM_MIXERS: the demo's LMs too; MQAR_OVERRIDES: its MQAR settings).
+COMPARE_LM_MIXERS below (LM_MIXERS: the demo's LMs too).
 """
 
 from __future__ import annotations
@@ -70,9 +70,6 @@ from ttt.config import ConfigError, with_defaults
 MQAR_MIXERS = ("linear_attention", "ttt_linear", "ttt_mlp", "lact", "softmax")
 LM_MIXERS = ("linear_attention", "ttt_linear", "ttt_mlp", "softmax")
 COMPARE_LM_MIXERS = (*LM_MIXERS, "lact")  # the demo's budget leaves the large-chunk layer out
-# per-mixer MQAR overrides: LaCT with chunks (and window) of 16 tokens, 4 updates in 64 tokens
-# (its LM chunk of 2048 would make the window cover the whole sequence: plain attention)
-MQAR_OVERRIDES = {"lact": ("model.mixer_kwargs.chunk=16", "model.mixer_kwargs.window=16")}
 LADDER = ("linear_attn", "linear_attn_plain", "ttt_equivalence", "learnable_W0", "ln_residual",
           "mini_batch", "learnable_eta", "mamba_backbone")
 
@@ -127,8 +124,7 @@ def _mqar_cells(pairs, seeds, lrs, mixers=MQAR_MIXERS, rank: int = 0) -> list[Ce
     out = []
     for kv in pairs:
         for m in sorted(mixers, key=lambda m: m != "softmax"):
-            fixed = MQAR_OVERRIDES.get(m, ()) + (
-                () if lrs else (f"optim.lr={MQAR_BEST_LR.get(m, 3e-3)}",))
+            fixed = () if lrs else (f"optim.lr={MQAR_BEST_LR.get(m, 3e-3)}",)
             out.append(Cell("mqar", f"{m}_kv{kv}", f"experiments/mqar.py:{m},harness,kv={kv}",
                             fixed, seeds, tuple(lrs), cost=COST.get(("mqar", m), 300),
                             rank=rank))

@@ -126,6 +126,16 @@ def test_counter_based_draws_have_the_intended_law():
     filler = b["targets"][:, 2 * K:][b["mask"][:, 2 * K:] == 0]
     hist = np.bincount(filler, minlength=V)
     assert hist[: V // 2].sum() > 0.35 * filler.size  # filler covers the whole vocabulary
+    # ... except the example's own keys and values: each key occurs exactly twice (context and
+    # query), so the lookup has one answer
+    used = np.concatenate([keys, values], axis=1)  # (B, 2K)
+    answer_at = np.zeros(b["mask"].shape, bool)
+    answer_at[:, 1:] = b["mask"][:, :-1] > 0
+    filler_at = (b["mask"] == 0) & ~answer_at
+    filler_at[:, : 2 * K] = False
+    is_used = (b["inputs"][:, :, None] == used[:, None, :]).any(-1)  # (B, N)
+    assert filler_at.sum() > 0.4 * b["mask"].size and not (is_used & filler_at).any()
+    assert ((b["inputs"][:, :, None] == keys[:, None, :]).sum(1) == 2).all()
     slot = (np.nonzero(b["mask"])[1] - 2 * K) // 2
     slots = (N + 1 - 2 * K) // 2
     flat = mqar_batch(0, 0, np.arange(4000), V, N, K, power_a=1.0)

@@ -4,7 +4,11 @@ A sequence of N + 1 tokens starts with `num_kv_pairs` key-value pairs `k_1 v_1 .
 (keys distinct, from the lower half of the vocabulary, excluding 0; values distinct, from the
 upper half). After the context every key is queried once: the key is placed at an even offset
 after the context, chosen with power-law gaps P(g) ∝ g^(a - 1) (a = `power_a`, small a favours
-short gaps), and followed by its value. The other positions hold random filler tokens (or 0).
+short gaps), and followed by its value. The other positions hold random filler tokens (or 0),
+drawn from the tokens that are not this example's keys or values: with a small vocabulary a
+filler equal to a key would put a second, wrong "key value" pair in the sequence (at vocab 256
+and 8 pairs about one per sequence), which keeps even softmax attention from learning the task
+at some seeds (docs/design.md §13).
 The model sees `inputs = seq[:-1]` and is scored only where `targets = seq[1:]` is an answer, so
 `mask` is 1 at exactly the K query-key positions.
 
@@ -95,8 +99,11 @@ def mqar_batch(seed: int, split_id: int, indices, vocab_size: int, seq_len: int,
         gaps = np.arange(1, slots + 1, dtype=np.float64)
         gumbel = -np.log(-np.log(_uniform(key, 3, slots)))  # (B, slots)
         slot = _distinct(-((power_a - 1.0) * np.log(gaps)[None, :] + gumbel), k)  # (B, K)
-        if random_filler:
-            seq = (_uniform(key, 4, seq_len + 1) * vocab_size).astype(np.int64)  # (B, N + 1)
+        if random_filler:  # uniform over the tokens that are not this example's keys or values
+            seq = (_uniform(key, 4, seq_len + 1) * (vocab_size - 2 * k)).astype(np.int64)
+            used = np.sort(np.concatenate([keys, values], axis=1), axis=1)  # (B, 2K)
+            for i in range(2 * k):  # rank r -> the r-th token outside `used`
+                seq += seq >= used[:, i : i + 1]
         else:
             seq = np.zeros((B, seq_len + 1), np.int64)
     rows = np.arange(B)[:, None]
