@@ -37,8 +37,9 @@ Presets (runtimes measured on an idle 2-core machine, see README):
            long-context byte LMs (context 1k, 300 steps, 1 seed) with the loss by position,
            TTT-Linear from the trained Transformer vs from scratch, MTTT vision (T = 0, 2).
   compare  ~3 hours. MQAR at 8 and 16 pairs (LaCT at 8): a 2-rate sweep (1e-3, 3e-3) per mixer
-           and pair count, then 3 seeds at the best rate; long-context LMs at 2k, 3 seeds each; TTT-Linear from the
-           Transformer, 3 seeds; the ablation ladder and MTTT vision (T = 0, 1, 2, 4), 3 seeds.
+           and pair count, then 3 seeds at the best rate; long-context LMs at 2k, 3 seeds
+           each; TTT-Linear from the Transformer, 3 seeds; the ablation ladder and MTTT vision
+           (T = 0, 1, 2, 4), 3 seeds.
   tiny     smoke runs that exercise every mechanism (seeds, sweep, init, by-position) in tests.
 To add a mixer to the comparison (e.g. a new registry entry), add its name to MQAR_MIXERS and/or
 COMPARE_LM_MIXERS below (LM_MIXERS: the demo's LMs too).
