@@ -622,9 +622,10 @@ def main(argv=None) -> int:
             if os.path.exists(os.path.join(run_dir, "run.json")):
                 dirs.append(run_dir)
     selected_keys = {r.key for c in cells for r in selected(c, args.workdir)}
-    summaries = [summarize(d) for d in dirs + list(args.runs)]
+    summaries = [summarize(d) for d in dirs]
     for s in summaries:
         s["selected"] = s.get("key") in selected_keys or s.get("key") is None
+    summaries += [summarize(d) for d in args.runs]  # given by hand: always in the report
     text = build_report(summaries, args.workdir, header=_header(
         args, time.perf_counter() - start, summaries, cells, failures))
     print("\n" + text)

@@ -274,6 +274,18 @@ def test_report_means_spreads_findings_and_positions(tmp_path):
     assert row["value"] == 2.51 and row["mixer"] == "softmax" and row["setting"] == "ctx=256"
 
 
+def test_report_only_includes_every_run_given(tmp_path, capsys):
+    """`compare --runs DIR ...` reports finished runs of other comparisons (their run.json has a
+    key of a cell this invocation does not plan): every one is in the table."""
+    root = str(tmp_path / "a")
+    config = _resolved(lm.get_config("softmax,cpu"))
+    dirs = [_seeded_run(root, "softmax", seed, config, 2.0 + 0.1 * seed) for seed in (0, 1)]
+    out = str(tmp_path / "report")
+    assert compare.main(["--workdir", out, "--runs", *dirs]) == 0
+    text = open(os.path.join(out, "report.md")).read()
+    assert "2.0500 ± 0.0707" in text and "| 2 |" in text, text
+
+
 def test_best_lr_ranks_diverged_runs_last(tmp_path):
     cell = compare.Cell("mqar", "m", "experiments/mqar.py:softmax,smoke", seeds=(0, 1),
                         lrs=(1e-3, 1e-2, 3e-2))
