@@ -76,7 +76,8 @@ LADDER = ("linear_attn", "linear_attn_plain", "ttt_equivalence", "learnable_W0",
 
 # MQAR, the harness setting: sequence length 64, width 64, 1,750 steps of 64 sequences
 # (experiments/mqar.py, `harness`). The sweep is Zoology's per-mixer learning-rate search; the
-# demo trains each mixer once, at 8 pairs, at the rate the `compare` sweep picked (README).
+# demo trains at 8 pairs at MQAR_BEST_LR (3e-3 for all until a `compare` sweep with the harness
+# has picked the rates), softmax at 3 seeds (the harness validated), the others at one.
 MQAR_PAIRS = (8, 16)
 MQAR_LRS = (1e-3, 3e-3)  # 1e-2 was the worst rate for softmax and linear attention
 MQAR_BEST_LR = {"linear_attention": 3e-3, "ttt_linear": 3e-3, "ttt_mlp": 3e-3, "softmax": 3e-3}
@@ -84,7 +85,7 @@ SEEDS = (0, 1, 2)
 # The demo's MQAR leaves TTT-MLP out (its run alone would take a third of the demo's budget).
 DEMO_MQAR_MIXERS = tuple(m for m in MQAR_MIXERS if m not in ("ttt_mlp", "lact"))
 # Rough CPU seconds of one run on one idle core (measured; the pool starts the longest first so
-# the last worker does not finish long after the others). Unlisted: 60.
+# the last worker does not finish long after the others). Unlisted: 300 (MQAR), 200 (LM).
 COST = {("mqar", "softmax"): 170, ("mqar", "linear_attention"): 200, ("mqar", "ttt_linear"): 280,
         ("mqar", "lact"): 800,  # estimated: 715 s on both cores (2026-11-30)
         ("mqar", "ttt_mlp"): 550, ("lm", "softmax"): 1100, ("lm", "ttt_mlp"): 200,

@@ -24,7 +24,7 @@ Argument: comma-separated tokens, any order (`experiments/args.py`; anything els
               ~13% plateau (where it has learnt to answer with some value of the context, not
               the right one) depended on the seed: 0.997 / 0.143 / 0.974 at seeds 0 / 1 / 2,
               with 4 heads 0.797 / 0.970 / 0.176, with filler 0 0.867 / 0.798 / 0.966. With it,
-              1.000 / 0.999 / 0.999 (> 0.96 by step 500 at every seed): the convolution hands
+              1.000 / 0.999 / 0.999 (> 0.96 by step 750 at every seed): the convolution hands
               each position its predecessor, the step of the induction circuit that attention
               had to find by itself. LaCT runs chunks (and a window) of 16 tokens here.
               ~3-10 minutes per run on one core (softmax fastest, TTT-MLP slowest).
