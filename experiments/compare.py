@@ -24,7 +24,8 @@ or override stops everything before training, in one line (exit status 2). Each 
 `python -m ttt.main`). A run whose `run.json` exists is finished and is not trained again
 (--force deletes the cells' runs first); an interrupted one (Ctrl-C or SIGTERM: every worker
 saves a checkpoint) resumes from its checkpoint, so rerunning the same command continues a
-comparison where it stopped. Runs are trained by `--jobs` worker processes (default
+comparison where it stopped. A run in the workdir trained with other settings than the command
+plans (another preset's, an earlier `--set`) stops it in one line before anything trains. Runs are trained by `--jobs` worker processes (default
 one per CPU core, at most 2), each pinned to its own core (tiny models train faster as parallel
 single-threaded runs than as one run split over threads), in the order of the preset's cells:
 the most informative first, so an interrupted comparison has finished those (`demo` lists the
@@ -352,6 +353,43 @@ def expand(cell: Cell, workdir: str) -> tuple[list[Run], bool]:
     return runs + [Run(cell, s, best) for s in cell.seeds[1:]], True
 
 
+# The train settings that change a run's result (the others: logging, checkpoints, placement).
+RESULT_TRAIN_KEYS = ("steps", "global_batch_size", "grad_accum", "seed", "eval_every",
+                     "eval_steps", "label_smoothing", "mixup_alpha", "stop_at")
+
+
+def _result_settings(config: dict) -> dict:
+    return {**{k: config.get(k) or {} for k in ("model", "data", "optim", "init")},
+            "train": {k: (config.get("train") or {}).get(k) for k in RESULT_TRAIN_KEYS}}
+
+
+def stale(cells: list[Cell], args) -> str | None:
+    """A line naming the runs of `cells` in the workdir (finished or interrupted) that were
+    trained with other settings than this command plans (another preset's, or before a
+    `--set`), else None: they would be reused or resumed as they are, so the command stops
+    instead of mixing them into the report."""
+    from ttt.train.train import run_differences
+
+    sections = ("model", "data", "optim", "init", "train")
+    found = []
+    for cell in cells:
+        for run in expand(cell, args.workdir)[0]:
+            saved = _read_json(os.path.join(args.workdir, run.key, "config.json"))
+            if not saved:
+                continue
+            planned = load_config(run.cell.spec, run_overrides(run, args.workdir,
+                                                               args.overrides)).to_dict()
+            diffs = run_differences(_result_settings(saved), _result_settings(planned), sections)
+            if diffs:
+                found.append((run.key, diffs))
+    if not found:
+        return None
+    key, diffs = found[0]
+    return (f"{len(found)} run(s) in {args.workdir} were trained with other settings "
+            f"than this command's, e.g. {key} ({'; '.join(diffs[:3])}): pass --force to train "
+            f"their cells again, or another --workdir")
+
+
 def ready(run: Run, workdir: str) -> bool:
     """Whether a run can start: its Transformer (init_from) has finished."""
     if not run.cell.init_from:
@@ -611,6 +649,9 @@ def main(argv=None) -> int:
     if args.force:  # a clean slate: a sweep must not pick its rate from runs about to be redone
         for cell in cells:
             shutil.rmtree(os.path.join(args.workdir, cell.group, cell.name), ignore_errors=True)
+    elif (problem := stale(cells, args)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     total = sum(_planned(c) for c in cells)
     with tqdm(total=total, desc="runs", unit="run", file=sys.stderr) as bar:
         infos = _schedule(cells, args, jobs, bar)

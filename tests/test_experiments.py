@@ -353,6 +353,14 @@ def test_compare_runs_the_tiny_preset_end_to_end(tmp_path, capsys):
     again = open(os.path.join(workdir, "report.md")).read()
     assert again.split("## ", 1)[1] == text.split("## ", 1)[1]
     assert mtimes == {k: os.path.getmtime(os.path.join(workdir, k, "run.json")) for k in keys}
+    # other settings than the finished runs': one line, exit 2, nothing trained or deleted
+    capsys.readouterr()
+    assert compare.main(["--preset", "tiny", "--workdir", workdir, "--set",
+                         "optim.clip=0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "optim.clip: 1.0 there, 0.5 here" in err, err
+    assert f"{len(keys)} run(s) in {workdir}" in err and "--force" in err
+    assert mtimes == {k: os.path.getmtime(os.path.join(workdir, k, "run.json")) for k in keys}
 
 
 def test_overrides_and_spec_loading():

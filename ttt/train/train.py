@@ -300,8 +300,9 @@ _RESOLVED_SIZES = tuple(f"model.{k}" for k in ("num_layers", "width", "num_heads
 def run_differences(saved: dict, current: dict, sections=("model", "data")) -> list[str]:
     """The settings of two config dicts that differ in `sections` ('key: A there, B here').
 
-    Keys in RUNTIME_KEYS may differ; a size saved as None (left to the preset or the dataset by
-    an older version, which did not write resolved sizes) matches anything."""
+    Keys in RUNTIME_KEYS may differ; a size that is None on either side (left to the preset or
+    the dataset: an older version did not write resolved sizes, and a config not yet resolved
+    has none) matches anything."""
     from ttt.config import OPTIONAL
 
     a = _flat({s: saved.get(s) or {} for s in sections})
@@ -309,7 +310,7 @@ def run_differences(saved: dict, current: dict, sections=("model", "data")) -> l
     optional = _flat(OPTIONAL)  # a key absent on one side holds its default
     out = []
     for key in sorted(set(a) | set(b)):
-        if key in RUNTIME_KEYS or (key in _RESOLVED_SIZES and a.get(key, 0) is None):
+        if key in RUNTIME_KEYS or (key in _RESOLVED_SIZES and None in (a.get(key, 0), b.get(key, 0))):
             continue
         if key in optional and a.get(key, optional[key]) == b.get(key, optional[key]):
             continue
