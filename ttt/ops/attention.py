@@ -40,13 +40,7 @@ _FORMS = ("cumsum", "chunked", "quadratic")
 
 def _check_qkv(q, k, v) -> None:
     """q, k (B, H, N, d) alike; v (B, H, N, dv); one floating dtype."""
-    checks.check_rank("q", q, 4, "(B, H, N, d)")
-    B, H, N, d = q.shape
-    checks.check_shape("k", k, (B, H, N, d), "(B, H, N, d)", like="q")
-    checks.check_rank("v", v, 4, "(B, H, N, dv)")
-    checks.check_shape("v", v, (B, H, N, None), "(B, H, N, dv)", like="q")
-    if N < 1:
-        raise ValueError(f"q: expected at least one token (N >= 1), got shape {tuple(q.shape)}")
+    checks.check_qkv(q, k, v, "d", "dv")
     for name, x in (("q", q), ("k", k), ("v", v)):
         checks.check_floating(name, x)
     checks.check_same_dtype(q=q, k=k, v=v)

@@ -27,14 +27,15 @@ def check_shape(name: str, x, expected: Sequence[int | None], layout: str, like:
         raise ValueError(f"{name}: expected shape {layout} = {want}{suffix}, got {shape}")
 
 
-def check_qkv(q, k, v) -> None:
-    """q, k (B, H, N, d_in) with N >= 1 and v (B, H, N, d_out): the inputs of every inner loop."""
-    check_rank("q", q, 4, "(B, H, N, d_in)")
+def check_qkv(q, k, v, d: str = "d_in", dv: str = "d_out") -> None:
+    """q, k (B, H, N, d) with N >= 1 and v (B, H, N, dv): the inputs of every inner loop and
+    attention form (`d`, `dv`: how the messages name the last axes)."""
+    check_rank("q", q, 4, f"(B, H, N, {d})")
     B, H, N, d_in = q.shape
     if N < 1:
-        raise ValueError(f"q: expected at least one token (N >= 1), got shape {q.shape}")
-    check_shape("k", k, (B, H, N, d_in), "(B, H, N, d_in)", like="q")
-    check_shape("v", v, (B, H, N, None), "(B, H, N, d_out)", like="q")
+        raise ValueError(f"q: expected at least one token (N >= 1), got shape {tuple(q.shape)}")
+    check_shape("k", k, (B, H, N, d_in), f"(B, H, N, {d})", like="q")
+    check_shape("v", v, (B, H, N, None), f"(B, H, N, {dv})", like="q")
 
 
 def check_floating(name: str, x) -> None:
