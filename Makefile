@@ -1,5 +1,5 @@
 # ttt — two commands do everything on a fresh clone:
-#   make demo   compare the variants on embedded data (installs first if needed; ~15 min on 2 cores)
+#   make demo   compare the variants on embedded data (installs first if needed; ~16 min on 2 cores)
 #   make test   run the fast test suite (installs first if needed)
 # and `make compare` runs the full comparison grid behind the README's results (~3 h on 2 cores;
 # rerun the same command to resume).

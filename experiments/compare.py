@@ -1,6 +1,6 @@
 r"""Train the cells of a comparison (every seed, after a learning-rate sweep) and build one report.
 
-  python -m experiments.compare --preset demo --workdir runs/demo        # `make demo` (~15 min)
+  python -m experiments.compare --preset demo --workdir runs/demo        # `make demo` (~16 min)
   python -m experiments.compare --preset compare --workdir runs/compare  # `make compare` (~3 h)
   python -m experiments.compare --preset compare --only lm --workdir runs/mine \
       --set data.name=text_files --set "data.paths=['~/my_texts']"       # long context, own text
@@ -33,7 +33,7 @@ longest first instead, to finish soonest). The report (`WORKDIR/report.md`, the
 PNGs and `results.json`, see `experiments.report`) is built only from the runs' files.
 
 Presets (runtimes measured on an idle 2-core machine, see README):
-  demo     ~14 minutes. MQAR at the harness setting (N = 64, 8 pairs, width 64; linear
+  demo     ~16 minutes. MQAR at the harness setting (N = 64, 8 pairs, width 64; linear
            attention and TTT-Linear at 1 seed, softmax at 3 seeds: the harness validated),
            long-context byte LMs (context 1k, 300 steps, 1 seed) with the loss by position,
            TTT-Linear from the trained Transformer vs from scratch, MTTT vision (T = 0, 2).
