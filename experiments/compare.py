@@ -25,9 +25,10 @@ or override stops everything before training, in one line (exit status 2). Each 
 (--force deletes the cells' runs first); an interrupted one (Ctrl-C or SIGTERM: every worker
 saves a checkpoint) resumes from its checkpoint, so rerunning the same command continues a
 comparison where it stopped. A run in the workdir trained with other settings than the command
-plans (another preset's, an earlier `--set`) stops it in one line before anything trains. Runs are trained by `--jobs` worker processes (default
-one per CPU core, at most 2), each pinned to its own core (tiny models train faster as parallel
-single-threaded runs than as one run split over threads), in the order of the preset's cells:
+plans (another preset's, an earlier `--set`) stops it in one line before anything trains. Runs
+are trained by `--jobs` worker processes (default one per CPU core, at most 2), each pinned to
+its own core (tiny models train faster as parallel single-threaded runs than as one run split
+over threads), in the order of the preset's cells:
 the most informative first, so an interrupted comparison has finished those (`demo` lists the
 longest first instead, to finish soonest). The report (`WORKDIR/report.md`, the
 PNGs and `results.json`, see `experiments.report`) is built only from the runs' files.

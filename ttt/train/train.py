@@ -310,7 +310,8 @@ def run_differences(saved: dict, current: dict, sections=("model", "data")) -> l
     optional = _flat(OPTIONAL)  # a key absent on one side holds its default
     out = []
     for key in sorted(set(a) | set(b)):
-        if key in RUNTIME_KEYS or (key in _RESOLVED_SIZES and None in (a.get(key, 0), b.get(key, 0))):
+        unresolved = key in _RESOLVED_SIZES and None in (a.get(key, 0), b.get(key, 0))
+        if key in RUNTIME_KEYS or unresolved:
             continue
         if key in optional and a.get(key, optional[key]) == b.get(key, optional[key]):
             continue
