@@ -225,7 +225,9 @@ def measure_decode(label: str, ctx: int, runs: int, width: int = WIDTH,
     x_t = x[:, :1]
     step = jax.jit(lambda p, x_t, c: module.apply(p, x_t, c, method=module.step))
     times = timed_calls(step, params, x_t, cache, runs=runs)
-    return {"mixer": label, "context": ctx, "step_s": statistics.median(times), "runs": times}
+    chunk = MIXERS[name].attrs(**LABELS[label][1]).get("chunk") if name == "lact" else None
+    return {"mixer": label, "context": ctx, "step_s": statistics.median(times), "runs": times,
+            "closes_chunk": bool(chunk) and ctx % chunk == 0}  # the update runs in this step
 
 
 def measure_remat(N: int, runs: int, group: int, width: int = WIDTH,

@@ -139,6 +139,24 @@ def _fmt(x, spec):
     return "" if x is None else format(x, spec)
 
 
+def decode_table(decode: list[dict]) -> list[str]:
+    """Markdown lines of the decode rows: ms per step by context, † where the step closes a
+    chunk (LaCT: its fast-weight update runs in that step)."""
+    ctxs = sorted({d["context"] for d in decode})
+    lines = ["Decode: latency of one step (ms, median) by context length.", "",
+             "| mixer | " + " | ".join(f"ctx {c}" for c in ctxs) + " |",
+             "|---|" + "---:|" * len(ctxs)]
+    for m in dict.fromkeys(d["mixer"] for d in decode):
+        vals = {d["context"]: d for d in decode if d["mixer"] == m}
+        cell = lambda d: _fmt(d["step_s"] * 1e3, ".3f") + (" †" if d.get("closes_chunk") else "")
+        lines.append(f"| {m} | " + " | ".join(cell(vals[c]) if c in vals else "—" for c in ctxs)
+                     + " |")
+    if any(d.get("closes_chunk") for d in decode):
+        lines += ["", "† this step closes a chunk (position ctx − 1 is a chunk's last token): the "
+                  "fast-weight update runs in it, once per chunk of tokens."]
+    return lines
+
+
 def markdown(result: dict) -> str:
     """The whole report as markdown: layer table, decode, remat, LM compile, targets."""
     c = result["ceiling_start"], result["ceiling_end"]
@@ -186,15 +204,7 @@ def markdown(result: dict) -> str:
                 f"{r['fb_s'] * 1e3:.1f} | {r['tokens_per_s_fb']:.0f} | {r['gflops_fb']:.1f} | "
                 f"{r['pct_ceiling_fb']:.0f} | {_fmt(r.get('ratio_fb_vs_baseline'), '.2f')} |")
     if result.get("decode"):
-        lines += ["", "Decode: latency of one step (ms, median) by context length.", "",
-                  "| mixer | " + " | ".join(f"ctx {d['context']}" for d in result["decode"]
-                                             if d["mixer"] == result["decode"][0]["mixer"]) + " |"]
-        ctxs = sorted({d["context"] for d in result["decode"]})
-        lines.append("|---|" + "---:|" * len(ctxs))
-        for m in dict.fromkeys(d["mixer"] for d in result["decode"]):
-            vals = {d["context"]: d["step_s"] for d in result["decode"] if d["mixer"] == m}
-            lines.append(f"| {m} | " + " | ".join(_fmt(vals.get(x, 0) * 1e3, ".3f")
-                                                  for x in ctxs) + " |")
+        lines += ["", *decode_table(result["decode"])]
     if result.get("remat"):
         lines += ["", "Training memory of ttt_linear with mini-batch-group remat.", "",
                   "| N | remat_every | fwd+bwd ms | peak MiB |", "|---:|---:|---:|---:|"]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from experiments import bench
+from experiments import bench, bench_report
 from ttt.layers import forward_flops
 
 
@@ -117,3 +117,13 @@ def test_bench_train_tiny_run(tmp_path):
     assert "| ttt_linear |" in (out / "bench_train.md").read_text()
     with pytest.raises(SystemExit):
         bench_train.main(["--out", str(out), "--mixers", "nope"])
+
+
+def test_decode_rows_say_when_the_step_closes_a_lact_chunk():
+    rows = [bench.measure_decode("lact", ctx, runs=1, width=32, heads=2) for ctx in (1024, 2048)]
+    assert [r["closes_chunk"] for r in rows] == [False, True]  # chunk 2048: position 2047 ends it
+    assert bench.measure_decode("ttt_linear", 2048, runs=1, width=32, heads=2)["closes_chunk"] \
+        is False
+    lines = bench_report.decode_table(rows)
+    assert lines[-3].startswith("| lact | ") and lines[-3].endswith(" † |"), lines
+    assert lines[-3].count("†") == 1 and lines[-1].startswith("† this step closes a chunk")
