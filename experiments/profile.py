@@ -11,7 +11,8 @@ keep their fusion's name) is charged to the project source line it came from, re
 stack frames: the innermost frame in `ttt/`, with the outermost one after "<" when they differ.
 A fusion takes the most common frame among its fused instructions; one without any (XLA:CPU's
 library matmul fusions carry none) the frame of the loop or call around it, else that of its
-first input, named with its shape; control flow (while, call, conditional) is not counted itself, only what runs inside.
+first input, named with its shape; control flow (while, call, conditional) is not counted
+itself, only what runs inside.
 
 Thunks run concurrently on the CPU's threads, so the "thunk ms" sum can exceed the wall time and
 a shared share of the cores slows each thunk: compare shares within one run, not across runs.
@@ -45,7 +46,8 @@ def parse_hlo(text: str) -> dict:
     computation}, "operands": {instruction: [names]}, "kind": {instruction: "op shape"}}.
     """
     sections = {t: {} for t in TABLES}
-    out = {"frame": {}, "fused": {}, "owner": {}, "instructions": {}, "kind": {}, "comp": {}, "operands": {}}
+    out = {key: {} for key in ("frame", "fused", "owner", "instructions", "kind", "comp",
+                                "operands")}
     table, comp = None, None
     for line in text.splitlines():
         if line in TABLES:

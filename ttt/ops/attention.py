@@ -344,8 +344,9 @@ def window_attention(q, k, v, *, window: int, causal: bool = True, block: int | 
     O(N²): queries go in blocks of `block` tokens (default min(w, 128)), each block against the
     keys of the blocks its window reaches (w + block − 1 keys causal), one block at a time in a
     `lax.scan`; causal, the first w tokens' blocks, whose reach starts before the sequence, run
-    in up to HEAD_GROUPS scans of their own over the keys that exist. The backward is flash attention's: only z and each query's log-sum-exp are kept,
-    and one block's probabilities are recomputed at a time (never N × (w + block) of them).
+    in up to HEAD_GROUPS scans of their own over the keys that exist. The backward is flash
+    attention's: only z and each query's log-sum-exp are kept, and one block's probabilities are
+    recomputed at a time (never N × (w + block) of them).
     With w ≥ N it is full (causal) attention.
     """
     _check_qkv(q, k, v)
@@ -465,7 +466,8 @@ def _window_forward(q, k, v, window, causal, s, scale):
         return jax.lax.scan(body, None, (jnp.arange(seg.m0, seg.m1), qb[seg.m0:seg.m1]))[1]
 
     parts = [run(seg) for seg in _segments(lay, causal)]
-    z, lse = (jnp.concatenate(xs, axis=0) if len(xs) > 1 else xs[0] for xs in zip(*parts))
+    cat = lambda xs: jnp.concatenate(xs, axis=0) if len(xs) > 1 else xs[0]
+    z, lse = (cat(xs) for xs in zip(*parts, strict=True))
     return _unblock(z, N), _unblock(lse[..., None], N)[..., 0]
 
 
