@@ -586,3 +586,34 @@ def test_projection_on_the_2d_view_is_the_same_product():
     y = jax.random.normal(kw, (3, 8, 4), jnp.float32)
     np.testing.assert_allclose(project_dot_general(x, y, dims),
                                jax.lax.dot_general(x, y, dims), rtol=1e-6, atol=1e-6)
+
+
+def test_softmax_step_reads_the_cache_then_writes_it(x64):
+    """The decode step attends to the cached positions < pos and to the new token, then writes it:
+    equal to writing first and attending to positions ≤ pos (the defining form), also when the
+    cache is full (pos ≥ L: the write clamps to slot L − 1, which the new token replaces)."""
+    soft = make_mixer("softmax", C, H, cache_size=4, rope=False, dtype=jnp.float64,
+                      param_dtype=jnp.float64)
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 4, C)))
+    p = soft.init(jax.random.PRNGKey(0), x)
+    cache = soft.apply(p, 2, method="init_cache")
+    cache = {"k": jnp.asarray(rng.normal(size=cache["k"].shape)),
+             "v": jnp.asarray(rng.normal(size=cache["v"].shape)), "pos": cache["pos"]}
+
+    def defining(pos, x_t):  # write at min(pos, L − 1), softmax over slots ≤ pos
+        q, k, v = (jnp.einsum("bc,cd->bd", x_t[:, 0], p["params"][n]["kernel"]).reshape(2, H, -1)
+                   for n in ("wq", "wk", "wv"))
+        K = cache["k"].at[:, :, min(pos, 3)].set(k)
+        V = cache["v"].at[:, :, min(pos, 3)].set(v)
+        s = jnp.einsum("bhd,bhkd->bhk", q, K) / np.sqrt(C // H)
+        s = jnp.where(jnp.arange(4) <= pos, s, -jnp.inf)
+        z = jnp.einsum("bhk,bhkd->bhd", jax.nn.softmax(s, -1), V).reshape(2, 1, C)
+        return z @ p["params"]["wo"]["kernel"], K, V
+
+    for pos in (0, 2, 4):
+        x_t = jnp.asarray(rng.normal(size=(2, 1, C)))
+        y, new = soft.apply(p, x_t, dict(cache, pos=jnp.asarray(pos, jnp.int32)), method="step")
+        want, K, V = defining(pos, x_t)
+        assert_close(y, want, 1e-12, f"step at pos {pos}")
+        assert_close((new["k"], new["v"]), (K, V), 0.0, f"cache at pos {pos}")

@@ -109,19 +109,22 @@ class SoftmaxAttention(nn.Module):
             cache["v"] = cache["v"].at[:, :, :N].set(v)
             cache["pos"] = jnp.asarray(N, jnp.int32)
             return y, {}, cache
-        # one token: write k, v at pos, attend to positions <= pos
+        # one token: attend to the cached positions < pos and to itself, then write k, v at pos.
+        # Reading the cache before the write halves the copies XLA:CPU makes of it in a decode
+        # loop (the write feeds only the returned cache).
         q, k, v = q.astype(idt), k.astype(idt), v.astype(idt)
-        pos = cache["pos"]
+        pos, L = cache["pos"], cache["k"].shape[2]
+        root = jnp.sqrt(jnp.asarray(q.shape[-1], idt))
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, cache["k"].astype(idt)) / root  # (B, H, 1, L)
+        # a full cache (pos ≥ L) overwrites slot L − 1, as the write below clamps
+        s = jnp.where(jnp.arange(L) < jnp.minimum(pos, L - 1), s, -jnp.inf)
+        s_t = jnp.einsum("bhqd,bhqd->bhq", q, k)[..., None] / root  # (B, H, 1, 1): itself
+        top = jnp.maximum(jnp.max(s, axis=-1, keepdims=True), s_t)
+        p, p_t = jnp.exp(s - top), jnp.exp(s_t - top)
+        z = (jnp.einsum("bhqk,bhkd->bhqd", p, cache["v"].astype(idt)) + p_t * v) / (
+            jnp.sum(p, axis=-1, keepdims=True) + p_t)  # (B, H, 1, d)
         K = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), pos, axis=2)
         V = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), pos, axis=2)
-        d = q.shape[-1]
-        s = jnp.einsum("bhqd,bhkd->bhqk", q, K.astype(idt)) / jnp.sqrt(
-            jnp.asarray(d, idt)
-        )  # (B,H,1,L)
-        valid = jnp.arange(K.shape[2]) <= pos  # (L,)
-        s = jnp.where(valid, s, -jnp.inf)
-        p = jax.nn.softmax(s, axis=-1)
-        z = jnp.einsum("bhqk,bhkd->bhqd", p, V.astype(idt))  # (B, H, 1, d)
         return _out(self, z, self.use_bias), {"k": K, "v": V, "pos": pos + 1}
 
     def _empty(self, batch_size, dtype, max_len=None):
