@@ -112,6 +112,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
         self.read_only = read_only
         self.directory = directory
+        self._set_aside_steps: list[int] = []  # steps this instance moved to corrupt_checkpoints
         self.manager = ocp.CheckpointManager(
             directory, options=options, item_names=("state", "data"),
             item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -154,6 +155,17 @@ class Checkpointer:
         A checkpoint that does not read is set aside; one that reads but does not fit `target`
         raises CheckpointMismatchError and nothing is moved.
         """
+        # a bad step's late read callbacks can arrive before its read fails (even from its
+        # metadata): filter them from the first read on; keep the filter only if a step was bad
+        previous, set_aside = sys.unraisablehook, len(self._set_aside_steps)
+        _ignore_closed_loop_callbacks()
+        try:
+            return self._restore_newest(target)
+        finally:
+            if len(self._set_aside_steps) == set_aside:
+                sys.unraisablehook = previous
+
+    def _restore_newest(self, target):
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 saved = self.saved_signature(step)
@@ -198,6 +210,7 @@ class Checkpointer:
 
     def _set_aside(self, step: int, err: Exception) -> None:
         _ignore_closed_loop_callbacks()
+        self._set_aside_steps.append(step)
         log.warning("checkpoint %s/%d could not be restored (%s: %s); moved to %s, resuming "
                     "from the previous one", self.directory, step, type(err).__name__,
                     (str(err).splitlines() or [""])[0][:200], self._quarantine_dir)
