@@ -141,16 +141,17 @@ def charge(hlo: dict, name: str, keep: str = "ttt/", by: str = "line") -> str:
 
 
 def profile(fn, *args, runs: int = 2, keep: str = "ttt/", by: str = "line") -> dict:
-    """Trace `runs` calls of jax.jit(fn)(*args) after a warm-up; per label: thunk seconds per call
-    and events per call. Returns {"wall_s", "thunk_s", "rows": [(label, seconds, count)]}."""
-    jitted = jax.jit(fn)
-    hlo = parse_hlo(jitted.lower(*args).compile().as_text())
-    jax.block_until_ready(jitted(*args))
+    """Trace `runs` calls of the compiled jax.jit(fn)(*args) after a warm-up; per label: thunk
+    seconds per call and events per call. Returns {"wall_s", "thunk_s", "rows": [(label,
+    seconds, count)]}."""
+    compiled = jax.jit(fn).lower(*args).compile()  # one executable: its HLO is what runs
+    hlo = parse_hlo(compiled.as_text())
+    jax.block_until_ready(compiled(*args))
     with tempfile.TemporaryDirectory() as logdir:
         jax.profiler.start_trace(logdir)
         t0 = time.perf_counter()
         for _ in range(runs):
-            jax.block_until_ready(jitted(*args))
+            jax.block_until_ready(compiled(*args))
         wall = (time.perf_counter() - t0) / runs
         jax.profiler.stop_trace()
         traces = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True))
