@@ -130,6 +130,34 @@ def test_causal_first_chunk_reads_the_initial_weights_only(x64):
     assert_close(run(k, v3), z, 1e-14, "the open chunk answers from the weights before it")
 
 
+
+def test_a_step_that_keeps_no_state_skips_the_last_update():
+    """Causal, the last chunk's update feeds only the state: a jitted forward+backward of the
+    output alone compiles without it (as many FLOPs with Muon as with SGD at N = chunk), while
+    an open chunk after it reads it (Muon then costs more), and the state still holds it."""
+    chunk = 8
+    W0, q, k, v, lr, beta = _case(chunk + 3, seed=8, dtype=jnp.float32)
+    first = lambda x, N: jax.tree_util.tree_map(lambda y: y[:, :, :N], x)
+
+    def cost(opt, N):
+        tx = inner_opt.make(opt, beta=None) if opt == "muon" else inner_opt.make(opt)
+        mom = first(beta, N) if opt == "muon" else None
+        out = lambda W0, q, k, v: jnp.sum(lact.lact(SW, tx, W0, q, k, v, first(lr, N),
+                                                    chunk=chunk, momentum=mom)[0] ** 2)
+        args = (W0, *(first(x, N) for x in (q, k, v)))
+        analysis = jax.jit(jax.value_and_grad(out, argnums=(0, 1, 2, 3))).lower(
+            *args).compile().cost_analysis()
+        return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+    assert cost("muon", chunk) == pytest.approx(cost("sgd", chunk), rel=1e-3)
+    assert cost("muon", chunk + 3) > 1.2 * cost("sgd", chunk + 3)
+    _, state = lact.lact(SW, inner_opt.make("sgd"), W0, *(first(x, chunk) for x in (q, k, v)),
+                         first(lr, chunk), chunk=chunk)
+    W0_bh = jax.tree_util.tree_map(lambda w: jnp.broadcast_to(w, (B, *w.shape)), W0)
+    leaves = jax.tree_util.tree_leaves
+    assert min(rel_err(a, b) for a, b in zip(leaves(state.W), leaves(W0_bh), strict=True)) > 1e-3
+
+
 def test_lact_decode_equals_forward(x64):
     n, chunk = 11, 4
     W0, q, k, v, lr, beta = _case(n, seed=7)

@@ -35,10 +35,12 @@ RoPE, sigmoid gates, softmax) is left out: it is O(N C) against the O(N C²) of 
 
 - LaCT (`lact`, H_f fast-weight heads of d_f = C / H_f, SwiGLU hidden h, chunk n, window w):
   one (C, 3C) projection and Wo (as four C→C maps); the η (3 H_f), momentum (H_f) and output
-  scale (H_f) logits; per fast-weight head and token 18 d_f h (queries through W1, W3, W2: 6 d_f h;
-  keys through W1, W3: 4 d_f h; E = D W2ᵀ: 2 d_f h; the three weight gradients: 6 d_f h; the
-  squared-error loss also needs the keys' output: + 2 d_f h); Muon adds, per completed chunk and
-  weight matrix (m ≤ n its sides), 5 Newton–Schulz steps of 4 m² n + 2 m³; the window attention
+  scale (H_f) logits; per fast-weight head, 6 d_f h per query (through W1, W3, W2) and 12 d_f h
+  per key of an update the output reads (through W1, W3: 4 d_f h; E = D W2ᵀ: 2 d_f h; the three
+  weight gradients: 6 d_f h; the squared-error loss also needs the keys' output: + 2 d_f h);
+  Muon adds, per such update and weight matrix (m ≤ n its sides), 5 Newton–Schulz steps of
+  4 m² n + 2 m³. Causal, the last chunk's update is read by no query (only by the decode state
+  or an open chunk): ⌈N/n⌉ − 1 updates, none at N ≤ n; the window attention
   counts the (query, key) pairs the window holds, 4 (C / H) per pair and head (QKᵀ and PV): the
   math, not the blocked implementation's masked padding (w + block − 1 keys per query block).
 
@@ -145,14 +147,22 @@ def newton_schulz_flops(m: int, n: int, steps: int = 5) -> float:
     return steps * (4.0 * m * m * n + 2.0 * m**3)
 
 
+def lact_updates(N: int, chunk: int, causal: bool) -> int:
+    """Chunk updates the output reads: causal, every chunk but the last (its update feeds only the
+    decode state, or an open chunk after it: ⌈N/n⌉ − 1); non-causal, all ⌈N/n⌉."""
+    chunks = -(-N // chunk)
+    return chunks - 1 if causal else chunks
+
+
 def lact_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
     Hf, d, h = lact_dims(C, attrs)
     learned = attrs["learn_momentum"] and attrs["inner_opt"] in ("momentum", "muon")
     logits = 3 * Hf + (Hf if learned else 0) + (Hf if attrs["ttt_scale"] else 0)
     flops = dense(N, C) + 2.0 * N * C * logits
-    flops += Hf * N * (18.0 if attrs["loss"] == "dot" else 20.0) * d * h
+    updates = lact_updates(N, attrs["chunk"], attrs["causal"])
+    updated = min(updates * attrs["chunk"], N)  # tokens whose gradients an update reads
+    flops += Hf * (6.0 * N + (12.0 if attrs["loss"] == "dot" else 14.0) * updated) * d * h
     if attrs["inner_opt"] == "muon":
-        updates = N // attrs["chunk"] if attrs["causal"] else -(-N // attrs["chunk"])
         flops += Hf * updates * (2 * newton_schulz_flops(d, h) + newton_schulz_flops(h, d))
     w = attrs["chunk"] if attrs["window"] is None else attrs["window"]
     if w:

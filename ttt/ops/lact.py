@@ -160,15 +160,30 @@ def lact(learner, tx, W0, q, k, v, lr, *, chunk: int, fixed=None, loss: str = "d
         beta_u = None if beta is None else cut(beta).reshape(B, H, full, n).mean(-1)
 
     def head_scan(W_h, s_h, fixed_h, norms_h, q_m, k_m, v_m, lr_m, beta_m):
-        """All complete chunks of one head: scan carrying (W, s); answers (causal) per chunk."""
-        def body(carry, xs):
-            W_c, s_c = carry
-            q_c, k_c, v_c, lr_c, beta_c = xs
-            z_c = learner.apply(W_c, q_c, fixed_h) if causal else None  # apply, then update
-            return chunk_update(W_c, s_c, fixed_h, norms_h, k_c, v_c, lr_c, beta_c), z_c
+        """All complete chunks of one head: (W, s) after them and, causal, the answers per chunk.
 
-        return jax.lax.scan(body, (W_h, s_h), (q_m, k_m, v_m, lr_m, beta_m),
-                            unroll=max(1, min(unroll, full)))
+        Causal, chunk m + 1 is answered right after chunk m's update, and the last chunk's update
+        runs after the loop: only the state and an open chunk read it, so a caller that keeps
+        neither (a training step) never computes it, in the forward or the backward (inside the
+        loop XLA could not drop it; at N = chunk it was the whole update)."""
+        update = lambda W_c, s_c, k_c, v_c, lr_c, beta_c: chunk_update(
+            W_c, s_c, fixed_h, norms_h, k_c, v_c, lr_c, beta_c)
+        cap = lambda m: max(1, min(unroll, m))
+        if not causal:  # update, then apply (after the loop)
+            return jax.lax.scan(lambda carry, xs: (update(*carry, *xs), None), (W_h, s_h),
+                                (k_m, v_m, lr_m, beta_m), unroll=cap(full))
+
+        def body(carry, xs):
+            *kvlb, q_next = xs
+            W_c, s_c = update(*carry, *kvlb)
+            return (W_c, s_c), learner.apply(W_c, q_next, fixed_h)
+
+        upto = lambda x: x[:-1]
+        xs = (*jax.tree_util.tree_map(upto, (k_m, v_m, lr_m, beta_m)), q_m[1:])
+        (W_c, s_c), z_rest = jax.lax.scan(body, (W_h, s_h), xs, unroll=cap(full - 1))
+        last = jax.tree_util.tree_map(lambda x: x[-1], (k_m, v_m, lr_m, beta_m))
+        z = jnp.concatenate([learner.apply(W_h, q_m[0], fixed_h)[None], z_rest], axis=0)
+        return update(W_c, s_c, *last), z
 
     over_h = jax.vmap(head_scan, in_axes=(0, 0, 0, 0, 1, 1, 1, 1, 1))
     over_b = jax.vmap(over_h, in_axes=(0, 0, None, 0, 1, 1, 1, 1, 1))
