@@ -212,6 +212,30 @@ def test_window_attention_equals_the_masked_reference(x64, window, block, causal
     assert_close(grads[0], grads[1], 1e-12, "window attention gradients")
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_window_attention_in_head_groups(x64, causal):
+    """(sequence, head) pairs one group per step (a CPU's cache-sized steps) give the same
+    outputs and gradients as all at once; the default takes all of them off a CPU and as many
+    as fit CPU_SCORES_BYTES on one."""
+    rng = np.random.default_rng(2)
+    q, k, v, ct = (jnp.asarray(rng.normal(size=(B, H, 19, D))) for _ in range(4))
+    run = lambda g: lambda q, k, v: jnp.sum(ct * A.window_attention(
+        q, k, v, window=6, block=4, causal=causal, heads_per_step=g))
+    whole = (run(B * H)(q, k, v), jax.grad(run(B * H), argnums=(0, 1, 2))(q, k, v))
+    for g in (1, 2):
+        assert_close((run(g)(q, k, v), jax.grad(run(g), argnums=(0, 1, 2))(q, k, v)), whole,
+                     1e-12, f"{g} pairs per step")
+    with pytest.raises(ValueError, match="heads_per_step: expected a divisor of B·H = 4, got 3"):
+        run(3)(q, k, v)
+    span_bytes = 128 * (2048 + 128) * 4  # block 128 at w = 2048, float32: one pair's scores
+    pick = lambda pairs, backend: A._default_heads_per_step(pairs, 8192, 2048, True, 128,
+                                                            jnp.float32, backend)
+    assert pick(12, "gpu") == 12
+    assert pick(12, "cpu") == max(g for g in (1, 2, 3, 4, 6, 12)
+                                  if g * span_bytes <= A.CPU_SCORES_BYTES)
+    assert pick(7, "cpu") == 1  # a prime count larger than fits: one pair per step
+
+
 def test_causal_window_skips_the_keys_before_the_sequence():
     """The first w tokens' query blocks scan only keys that exist: at N = w = 2048, block 128,
     2.6 M (query, key) pairs are computed instead of 16 · 128 · 2175 = 4.5 M (exact: 2.1 M)."""

@@ -336,7 +336,7 @@ def _window_reach(window: int, block: int) -> int:
 
 
 def window_attention(q, k, v, *, window: int, causal: bool = True, block: int | None = None,
-                     scale: float | None = None) -> jax.Array:
+                     scale: float | None = None, heads_per_step: int | None = None) -> jax.Array:
     """Sliding-window softmax attention: query t sees keys s with t − w < s ≤ t (causal) or
     |t − s| < w (non-causal), w = `window`; scale defaults to 1/√d.
 
@@ -348,13 +348,45 @@ def window_attention(q, k, v, *, window: int, causal: bool = True, block: int | 
     attention's: only z and each query's log-sum-exp are kept, and one block's probabilities are
     recomputed at a time (never N × (w + block) of them).
     With w ≥ N it is full (causal) attention.
+
+    heads_per_step: how many of the B·H (sequence, head) pairs one block step takes (a divisor
+    of B·H); the pairs go in groups of that many, one group after another. None: all of them on
+    an accelerator; on a CPU as many as keep one step's (block × keys) scores within
+    CPU_SCORES_BYTES, so that the step's passes over them stay in the core's cache (12 heads at
+    w = 2048, block 128: 1 per step, forward+backward 1.72 -> 1.53 s at N = 8k).
     """
     _check_qkv(q, k, v)
     checks.check_int("window", window, 1)
     block = min(window, 128) if block is None else block
     checks.check_int("block", block, 1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _window_attention(q, k, v, window, causal, block, scale)
+    B, H, N = q.shape[:3]
+    pairs = B * H
+    if heads_per_step is None:
+        heads_per_step = _default_heads_per_step(pairs, N, window, causal, block, q.dtype)
+    checks.check_int("heads_per_step", heads_per_step, 1)
+    if pairs % heads_per_step:
+        raise ValueError(f"heads_per_step: expected a divisor of B·H = {pairs}, got "
+                         f"{heads_per_step}")
+    if heads_per_step == pairs:
+        return _window_attention(q, k, v, window, causal, block, scale)
+    groups = lambda x: x.reshape(pairs // heads_per_step, 1, heads_per_step, *x.shape[2:])
+    z = jax.lax.map(lambda a: _window_attention(*a, window, causal, block, scale),
+                    (groups(q), groups(k), groups(v)))
+    return z.reshape(B, H, *z.shape[3:])
+
+
+CPU_SCORES_BYTES = 5 * 2**19  # a CPU block step's scores: about one core's L2 (2.5 MiB: 2 heads at w = 2048)
+
+
+def _default_heads_per_step(pairs, N, window, causal, block, dtype, backend=None) -> int:
+    """`window_attention`'s heads_per_step=None: all pairs off a CPU; on a CPU the largest
+    divisor of `pairs` whose scores fit CPU_SCORES_BYTES (at least 1)."""
+    if (backend or jax.default_backend()) != "cpu":
+        return pairs
+    per_pair = block * _blocks(N, window, causal, block).span * jnp.dtype(dtype).itemsize
+    fits = [g for g in range(1, pairs + 1) if pairs % g == 0 and g * per_pair <= CPU_SCORES_BYTES]
+    return max(fits, default=1)
 
 
 class _Blocks(NamedTuple):
