@@ -563,21 +563,29 @@ def window_attention_decode_step(cache_k, cache_v, q_t, k_t, v_t, pos, *,
     """One token of causal sliding-window attention over a ring buffer of the last w keys/values.
 
     cache_k, cache_v: (B, H, w, d) / (B, H, w, dv), slot p mod w holding position p; q_t, k_t
-    (B, H, d); v_t (B, H, dv); pos: int32 scalar, the position of this token. Writes k_t, v_t at
-    slot pos mod w, attends to the filled slots (all of them once pos ≥ w − 1).
+    (B, H, d); v_t (B, H, dv); pos: int32 scalar, the position of this token. Attends to the
+    filled slots but the one this token takes over (it holds position pos − w, out of the
+    window) and to the token itself, then writes k_t, v_t at slot pos mod w. Reading the cache
+    before the write lets XLA:CPU update the ring buffers in place in a decode loop (the write
+    feeds only the returned cache).
     Returns (z_t (B, H, dv), cache_k, cache_v). Matches `window_attention(causal=True)`.
     """
     w = cache_k.shape[2]
     scale = 1.0 / math.sqrt(q_t.shape[-1]) if scale is None else scale
     slot = pos % w
+    logits = jnp.einsum("bhd,bhsd->bhs", q_t, cache_k.astype(q_t.dtype)) * scale  # (B, H, w)
+    j = jnp.arange(w)
+    logits = jnp.where((j < pos) & (j != slot), logits, -jnp.inf)
+    own = jnp.einsum("bhd,bhd->bh", q_t, k_t)[..., None] * scale  # (B, H, 1): itself
+    top = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), own)
+    p, p_t = jnp.exp(logits - top), jnp.exp(own - top)
+    z = (jnp.einsum("bhs,bhsv->bhv", p, cache_v.astype(q_t.dtype)) + p_t * v_t) / (
+        jnp.sum(p, axis=-1, keepdims=True) + p_t)
     K = jax.lax.dynamic_update_slice_in_dim(cache_k, k_t[:, :, None].astype(cache_k.dtype), slot,
                                             axis=2)
     V = jax.lax.dynamic_update_slice_in_dim(cache_v, v_t[:, :, None].astype(cache_v.dtype), slot,
                                             axis=2)
-    logits = jnp.einsum("bhd,bhsd->bhs", q_t, K.astype(q_t.dtype)) * scale  # (B, H, w)
-    logits = jnp.where(jnp.arange(w) <= pos, logits, -jnp.inf)
-    p = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bhs,bhsv->bhv", p, V.astype(q_t.dtype)), K, V
+    return z, K, V
 
 
 def window_cache(k, v, window: int):
