@@ -149,7 +149,8 @@ def measure_layer(label: str, N: int, runs: int, width: int = WIDTH, heads: int 
         return module.apply(p, x)[0]
 
     def train(p, x, ct):  # the backward of a fixed random cotangent (no loss to reduce)
-        return jax.vjp(forward, p, x)[1](ct)
+        y, pullback = jax.vjp(forward, p, x)
+        return pullback(ct.astype(y.dtype))
 
     fwd, fwd_compile = compile_timed(jax.jit(forward), params, x)
     fb, fb_compile = compile_timed(jax.jit(train), params, x, ct)

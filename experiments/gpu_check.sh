@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One GPU session for the fused Pallas kernel (docs/gpu/README.md), in under 8 minutes:
+# One GPU session for the fused Pallas kernel and LaCT (docs/gpu/README.md), in under 9 minutes:
 #   1. JAX with CUDA (the installed build, else `pip install jax[cuda12]` of the same version),
 #      and the project's Python dependencies (from wheels carried in .whl/ when offline);
 #   2. the kernel compiled on the GPU against the XLA dual form (experiments/gpu_kernel_check.py:
 #      outputs, state, gradients, bf16 vs f32; op fwd+bwd time by both paths);
 #   3. the layer bench: TTT-Linear / TTT-MLP by XLA and by the kernel, 2k and 8k, batch 8;
-#   4. the 125m train step at batch 16 × 2048 in bfloat16 (kernel, XLA, linear attention).
+#   4. the 125m train step at batch 16 × 2048 in bfloat16 (kernel, XLA, linear attention);
+#   5. the LaCT layer at 8k, batch 8, bf16 against the bf16 matmul rate (experiments/gpu_lact.py).
 # Usage (repository root):  bash experiments/gpu_check.sh [OUT]      (default runs/gpu_check)
 # On the lent machine:      run(command="bash experiments/gpu_check.sh $OUT/gpu", carry=[".whl"])
 # Prepare .whl/ here first if that machine lacks a dependency, e.g.
@@ -22,10 +23,10 @@ step() { echo "=== $* ($(( $(date +%s) - start )) s)"; }
 SMOKE=${SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then
   KCHECK="--smoke"; BENCH="--width 32 --heads 2 --ns 64 --runs 1 --batch 2 --batch-n 32"
-  TRAIN="--preset tiny --seq-len 32 --batch 2 --steps 1"
+  TRAIN="--preset tiny --seq-len 32 --batch 2 --steps 1"; LACT="--smoke"
 else
   KCHECK=""; BENCH="--runs 5 --ns 2048,8192 --batch 8 --batch-n 2048 --max-mem-gib 40"
-  TRAIN="--batch 16 --steps 5"
+  TRAIN="--batch 16 --steps 5"; LACT="--n 8192 --batch 8 --runs 5"
 fi
 
 step "1. JAX with CUDA, dependencies"
@@ -59,5 +60,8 @@ timeout 140 $PY -m experiments.bench --out "$OUT/bench" $BENCH --skip decode,rem
 step "4. 125m train step, batch 16 x 2048, bfloat16"
 timeout 130 $PY -m experiments.bench_train --out "$OUT/train" $TRAIN \
   --mixers ttt_linear_pallas,ttt_linear,linattn_chunked 2>&1 | tail -20 | tee "$OUT/train.log"
+
+step "5. LaCT layer, 8k, batch 8, bfloat16, against the bf16 matmul rate"
+timeout 90 $PY -m experiments.gpu_lact --out "$OUT/lact" $LACT 2>&1 | tail -5 | tee "$OUT/lact.log"
 
 step "done"

@@ -127,3 +127,17 @@ def test_decode_rows_say_when_the_step_closes_a_lact_chunk():
     lines = bench_report.decode_table(rows)
     assert lines[-3].startswith("| lact | ") and lines[-3].endswith(" † |"), lines
     assert lines[-3].count("†") == 1 and lines[-1].startswith("† this step closes a chunk")
+
+
+def test_gpu_lact_smoke_writes_the_fraction_of_the_bf16_matmul_rate(tmp_path, capsys):
+    from experiments import gpu_lact
+
+    assert gpu_lact.main(["--smoke", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "lact.json").read_text())
+    attrs = dict(bench.LABELS["lact"][1], chunk=64)
+    assert r["dtype"] == "bfloat16" and (r["n"], r["batch"], r["width"]) == (256, 2, 64)
+    assert r["flops_fb"] == 3 * 2 * forward_flops("lact", 256, 64, 4, **attrs)
+    peak = max(r["matmul_flops_per_s"].values())
+    assert r["fraction_of_matmul"] == pytest.approx(r["flops_fb"] / r["fb_s"] / peak)
+    assert r["met"] == (r["fraction_of_matmul"] >= 0.5)
+    assert "% of the bf16 matmul rate" in capsys.readouterr().out
