@@ -326,6 +326,18 @@ def measure_lm_compile(layers_list=(12, 24), preset: str = "125m", seq_len: int 
     return rows
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; else what `platform` knows), for the run's record."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None):
     """Parse the flags, run every measurement, write bench.json / bench.md / bench.png."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -376,7 +388,8 @@ def main(argv=None):
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python -m experiments.bench " + " ".join(argv or __import__("sys").argv[1:]),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(),
+                    "cpu_count": os.cpu_count(),
                     "jax": jax.__version__, "backend": jax.default_backend(),
                     "devices": [str(d) for d in jax.devices()]},
         "shape": {"width": args.width, "heads": args.heads, "head_dim": args.width // args.heads,
