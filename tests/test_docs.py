@@ -49,7 +49,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_LINES = 250
-MIN_COMMANDS = 20  # a lower bound on the commands found, so that a broken extractor fails
+MIN_COMMANDS = 40  # a lower bound (63 found on 2026-12-06), so that a broken extractor fails
 BENCH_JSON = ROOT / "docs" / "bench" / "bench.json"
 BENCH_DOC = ROOT / "docs" / "benchmarks.md"
 
@@ -288,8 +288,9 @@ def _load_experiment_config(spec: str, overrides=()):
     return load_config(spec, overrides)
 
 
-class _Parsed(Exception):  # noqa: N818 — a sentinel, not an error
-    """Raised right after argparse has parsed a command line: nothing after it runs."""
+class _Parsed(BaseException):  # noqa: N818 — a sentinel, not an error
+    """Raised right after argparse has parsed a command line: nothing after it runs (a
+    BaseException, so that no `except Exception` of the module's main swallows it)."""
 
     def __init__(self, parser, namespace):
         super().__init__("parsed")
