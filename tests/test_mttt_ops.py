@@ -10,7 +10,7 @@ import pytest
 from conftest import assert_close, rel_err
 
 from ttt.ops import learners
-from ttt.ops.attention import linear_attention
+from ttt.ops.linear_attn import linear_attention
 from ttt.ops.mttt import mttt, sgd_chunks
 
 B, H, N, DH, C = 2, 2, 10, 4, 6  # N = 10 is not a multiple of T = 3 or 4

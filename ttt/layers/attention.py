@@ -1,12 +1,13 @@
 """Attention baselines with the mixer interface: softmax attention and linear attention.
 
 Both are (B, N, C) -> (B, N, C) with projections wq, wk, wv, wo (head-major split of C) and call
-the pure ops in `ttt.ops.attention`. Causal by default with a decode path; `causal=False` gives the
-vision (non-causal) baselines, which have no decode path.
+the pure ops in `ttt.ops.softmax_attn` and `ttt.ops.linear_attn`. Causal by default with a decode
+path; `causal=False` gives the vision (non-causal) baselines, which have no decode path.
 
 Notable choices:
-- Softmax attention runs through `ttt.ops.attention.softmax_attention`: cuDNN's fused attention on
-  a GPU in bf16, elsewhere XLA over query chunks; memory linear in the sequence length either way.
+- Softmax attention runs through `ttt.ops.softmax_attn.softmax_attention`: cuDNN's fused attention
+  on a GPU in bf16, elsewhere XLA over query chunks; memory linear in the sequence length either
+  way.
 - Softmax attention decodes with a preallocated KV cache of `cache_size` tokens (static shapes, so
   a jitted step compiles once). `prefill` refuses prompts longer than `cache_size`; a step past the
   end cannot be detected under jit (the write would be clamped), so stop generating there.
@@ -24,8 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from ttt.layers import common
-from ttt.ops import attention as attn_ops
-from ttt.ops import checks
+from ttt.ops import checks, linear_attn, softmax_attn
 from ttt.ops.primitives import rope
 
 FEATURE_MAPS = (None, "elu")
@@ -94,7 +94,7 @@ class SoftmaxAttention(nn.Module):
         if mode != "step":
             # in the compute dtype: cuDNN's fused attention takes bf16 (the op's XLA path
             # computes in float32 or wider whatever it is given)
-            z = attn_ops.softmax_attention(q, k, v, causal=self.causal)
+            z = softmax_attn.softmax_attention(q, k, v, causal=self.causal)
             q, k, v = q.astype(idt), k.astype(idt), v.astype(idt)
             y = _out(self, z, self.use_bias)
             if mode == "call":
@@ -167,7 +167,7 @@ class LinearAttention(nn.Module):
     """Multi-head linear attention z_t = Σ_s v_s φ(k_s)·φ(q_t) [/ normaliser] (E1/E3).
 
     Attributes: width, num_heads; causal; feature_map (None | "elu": elu + 1); normalize (None |
-    "adaptive" | "constant", see `ttt.ops.attention.linear_attention`); form ("chunked" |
+    "adaptive" | "constant", see `ttt.ops.linear_attn.linear_attention`); form ("chunked" |
     "cumsum" | "quadratic") and chunk for the causal op; use_bias; init_scale; dtype; param_dtype.
     """
 
@@ -198,7 +198,7 @@ class LinearAttention(nn.Module):
         q, k, v = q.astype(idt), k.astype(idt), v.astype(idt)
         if mode == "step":
             state = {"S": cache["S"], "s": cache["s"]}
-            z, state = attn_ops.linear_attention_decode_step(
+            z, state = linear_attn.linear_attention_decode_step(
                 state,
                 q[:, :, 0],
                 k[:, :, 0],
@@ -208,7 +208,7 @@ class LinearAttention(nn.Module):
                 position=cache["pos"],
             )
             return _out(self, z[:, :, None], self.use_bias), dict(state, pos=cache["pos"] + 1)
-        z = attn_ops.linear_attention(
+        z = linear_attn.linear_attention(
             q,
             k,
             v,
@@ -239,7 +239,7 @@ class LinearAttention(nn.Module):
         if not self.causal:
             _no_decode(self)
         d = self.width // self.num_heads
-        state = attn_ops.linear_attention_init_state(
+        state = linear_attn.linear_attention_init_state(
             batch_size, self.num_heads, d, d, common.inner_dtype(dtype or self.dtype)
         )
         return dict(state, pos=jnp.zeros((), jnp.int32))

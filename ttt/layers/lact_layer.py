@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ttt.layers import common
-from ttt.ops import attention as attn_ops
-from ttt.ops import checks, inner_opt, learners
+from ttt.ops import checks, inner_opt, learners, window_attn
 from ttt.ops import lact as lact_ops
 from ttt.ops.primitives import rope
 
@@ -243,8 +242,8 @@ class LaCTMixer(nn.Module):
         if self.attn_window == 0:
             return None
         q, k, v = attn
-        return attn_ops.window_attention(q, k, v, window=self.attn_window, causal=self.causal,
-                                         block=self.attn_block)
+        return window_attn.window_attention(q, k, v, window=self.attn_window,
+                                            causal=self.causal, block=self.attn_block)
 
     # ------------------------------------------------------------------ public interface
 
@@ -282,7 +281,7 @@ class LaCTMixer(nn.Module):
         z, state = self._fast(p, fqkv, lr, beta)
         cache = state._asdict()
         if self.attn_window:
-            cache["k"], cache["v"] = attn_ops.window_cache(attn[1], attn[2], self.attn_window)
+            cache["k"], cache["v"] = window_attn.window_cache(attn[1], attn[2], self.attn_window)
         return self._output(p, x, self._attend(attn), z), {}, cache
 
     def step(self, x_t, cache, *, ttt_lr_mult=1.0):
@@ -303,7 +302,7 @@ class LaCTMixer(nn.Module):
         new = state._asdict()
         z_attn = None
         if self.attn_window:
-            z_a, new["k"], new["v"] = attn_ops.window_attention_decode_step(
+            z_a, new["k"], new["v"] = window_attn.window_attention_decode_step(
                 cache["k"], cache["v"], *(first(y) for y in attn), cache["pos"])
             z_attn = z_a[:, :, None]
         return self._output(p, x_t, z_attn, z_t[:, :, None]), new

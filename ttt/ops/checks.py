@@ -53,6 +53,14 @@ def check_same_dtype(**arrays) -> None:
         raise ValueError(f"arguments must share one dtype, got {listing}; cast them with .astype")
 
 
+def check_attention_qkv(q, k, v) -> None:
+    """The attention ops' inputs: q, k (B, H, N, d) alike; v (B, H, N, dv); one floating dtype."""
+    check_qkv(q, k, v, "d", "dv")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_floating(name, x)
+    check_same_dtype(q=q, k=k, v=v)
+
+
 def check_leading(name: str, tree, lead: Sequence[int], layout: str) -> None:
     """Raise ValueError unless every leaf of `tree` starts with the axes `lead`."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):

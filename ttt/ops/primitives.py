@@ -1,5 +1,6 @@
 """Primitives every layer shares, as pure functions: LayerNorm, the causal depthwise convolution,
-rotary position embedding (docs/design.md §3.3, §8.1, §8.2), and the token-flattened projection.
+rotary position embedding (docs/design.md §3.3, §8.1, §8.2), the token-flattened projection, and
+the causal mask of the attention ops.
 
 Each exists once in the package: the inner learners, the dual form and the Flax modules all call
 these.
@@ -208,3 +209,11 @@ def rope(x, positions, theta: float = 10000.0):
     swapped = jnp.flip(xf.reshape(*x.shape[:-1], d // 2, 2), axis=-1).reshape(x.shape)
     out = xf * pairs(cos) + swapped * (pairs(sin) * sign)  # (..., N, d)
     return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- causal mask
+
+
+def causal_mask(n: int) -> jax.Array:
+    """(n, n) bool, True where key s may be seen by query t (s <= t, diagonal included)."""
+    return jnp.tril(jnp.ones((n, n), dtype=bool))
