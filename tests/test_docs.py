@@ -3,7 +3,8 @@
 Every command written in README.md and docs/*.md (a line of a code block, fenced or indented, or
 an inline code span, that starts with `python -m ttt.<module>`, `python -m experiments.<module>`,
 `python3 -m <module>`, `python experiments/<file>.py` or `make <target>`, after an optional `$ `,
-environment assignments and `.venv/bin/`) is checked without running anything heavy:
+environment assignments and `.venv/bin/`; also the command after a code line's `# = `, as in
+`make demo  # = python -m experiments.compare ...`) is checked without running anything heavy:
 
   make T                     T is a target of the Makefile
   python -m ttt.main ...     every flag is a flag of ttt.main (`ttt.cli.parse_flags`), the
@@ -133,6 +134,9 @@ def extract_commands(text: str, name: str) -> list[Command]:
             if i < len(lines) and kinds[i] == "code" and lines[i].strip().startswith("error: "):
                 error = lines[i].strip().removeprefix("error: ")
             out.append(Command(f"{name}:{number}", logical, block=True, error=error))
+            same = re.search(r"(?:^|\s)#\s*=\s*(.+)$", logical)  # `make demo  # = python -m ...`
+            if same and COMMAND_START.match(same.group(1).strip()):
+                out.append(Command(f"{name}:{number}", same.group(1).strip(), block=True))
     return out
 
 
@@ -483,7 +487,7 @@ python -m ttt.main --config=experiments/lm.py:ttt_linear,smoke --workdir=/tmp/a 
     --config.train.no_such_key=3
 python -m ttt.main --config=experiments/lm.py:ttt_linear,smoke --workdir=/tmp/a \\
     --config.train.steps=many
-make no_such_target
+make no_such_target   # = python -m experiments.bench --out runs/bench --no-such-flag
 python -m ttt.main --config=experiments/no_such_file.py:ttt_linear --workdir=/tmp/a
 python -m ttt.main --config=experiments/lm.py:ttt_linear,smok --workdir=/tmp/a
 python -m ttt.main --config=experiments/lm.py:<mixer>,smoke --workdir=/tmp/a
@@ -512,10 +516,10 @@ error: another message
 
 def test_the_checker_catches_each_kind_of_mistake():
     commands = extract_commands(SNIPPET, "snippet.md")
-    assert _ids(commands) == [
-        "snippet.md:1", "snippet.md:2", "snippet.md:2#2", "snippet.md:3", "snippet.md:3#2",
+    assert [c.where for c in commands] == [
+        "snippet.md:1", "snippet.md:2", "snippet.md:2", "snippet.md:3", "snippet.md:3",
         "snippet.md:4", *(f"snippet.md:{n}" for n in (
-            7, 10, 11, 13, 15, 16, 17, 18, 19, 20, 21, 22, 24, 25, 26, 27, 32, 34, 36))]
+            7, 10, 11, 13, 15, 15, 16, 17, 18, 19, 20, 21, 22, 24, 25, 26, 27, 32, 34, 36))]
     by_id = dict(zip(_ids(commands), commands, strict=True))
     assert [c.block for c in commands[:7]] == [False] * 6 + [True]
     assert by_id["snippet.md:7"].text == (
@@ -532,6 +536,7 @@ def test_the_checker_catches_each_kind_of_mistake():
         "snippet.md:11": r"config\.train has no key 'no_such_key'",
         "snippet.md:13": r"--config\.train\.steps=many: expected an integer",
         "snippet.md:15": r"make: no target 'no_such_target'",
+        "snippet.md:15#2": r"unrecognized arguments: --no-such-flag",  # after `# = `
         "snippet.md:16": r"no such file 'experiments/no_such_file\.py'",
         "snippet.md:17": r"smok",
         "snippet.md:18": r"placeholder",
@@ -611,11 +616,13 @@ def test_relative_links_resolve():
 
 
 def test_benchmarks_doc_tables_are_generated_from_the_bench_json():
+    from experiments import bench_report
+
+    with _in_root():  # the generator's target exists (its markers), JSON or not
+        bench_report.current_block(str(BENCH_DOC.relative_to(ROOT)))
     if not BENCH_JSON.exists():
         pytest.skip(f"{BENCH_JSON.relative_to(ROOT)} is not in the repository yet (it comes from "
                     "a full `make bench` run); nothing to compare docs/benchmarks.md against")
-    from experiments import bench_report
-
     with _in_root():
         expected = bench_report.expected_block(str(BENCH_JSON.relative_to(ROOT)),
                                                str(BENCH_DOC.relative_to(ROOT)))
