@@ -4,7 +4,8 @@ Every command written in README.md and docs/*.md (a line of a code block, fenced
 an inline code span, that starts with `python -m ttt.<module>`, `python -m experiments.<module>`,
 `python3 -m <module>`, `python experiments/<file>.py` or `make <target>`, after an optional `$ `,
 environment assignments and `.venv/bin/`; also the command after a code line's `# = `, as in
-`make demo  # = python -m experiments.compare ...`) is checked without running anything heavy:
+`make demo  # = python -m experiments.compare ...`, where the Makefile's recipe of that target
+must then run the same command) is checked without running anything heavy:
 
   make T                     T is a target of the Makefile
   python -m ttt.main ...     every flag is a flag of ttt.main (`ttt.cli.parse_flags`), the
@@ -64,6 +65,7 @@ class Command:
     text: str  # as written, continuation lines joined
     block: bool  # from a code block, fenced or indented (else an inline code span)
     error: str | None = None  # a transcript's `error: ...` line right below the command
+    make_target: str | None = None  # `make T  # = <this command>`: what T is said to run
 
 
 _ENV = r"""[A-Za-z_][A-Za-z0-9_]*=(?:"[^"]*"|'[^']*'|[^\s"']*)+\s+"""
@@ -136,7 +138,9 @@ def extract_commands(text: str, name: str) -> list[Command]:
             out.append(Command(f"{name}:{number}", logical, block=True, error=error))
             same = re.search(r"(?:^|\s)#\s*=\s*(.+)$", logical)  # `make demo  # = python -m ...`
             if same and COMMAND_START.match(same.group(1).strip()):
-                out.append(Command(f"{name}:{number}", same.group(1).strip(), block=True))
+                target = re.match(r"^(?:\$\s+)?make\s+([\w.-]+)\s+#", logical)
+                out.append(Command(f"{name}:{number}", same.group(1).strip(), block=True,
+                                   make_target=target.group(1) if target else None))
     return out
 
 
@@ -212,6 +216,39 @@ def make_targets(makefile: pathlib.Path = ROOT / "Makefile") -> set[str]:
         if line.startswith(".PHONY:"):
             targets.update(line.split(":", 1)[1].split())
     return targets
+
+
+def make_recipes(makefile: pathlib.Path = ROOT / "Makefile") -> dict[str, list[str]]:
+    """target -> its recipe lines, continuation lines joined and $(VARIABLES) expanded."""
+    text = re.sub(r"\\\n\s*", " ", makefile.read_text())
+    variables, recipes, current = {}, {}, None
+    for line in text.splitlines():
+        if line.startswith("\t") and current is not None:
+            recipes.setdefault(current, []).append(line.strip())
+            continue
+        assign = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)\s*[?:]?=\s*(.*)$", line)
+        rule = re.match(r"^([A-Za-z0-9_.%/-]+)\s*:(?!=)", line)
+        if assign:
+            variables[assign.group(1)] = assign.group(2).strip()
+        current = rule.group(1) if rule and not assign else None
+
+    def expand(value: str, depth: int = 0) -> str:
+        if depth > 10:
+            return value
+        return re.sub(r"\$\((\w+)\)", lambda m: expand(variables.get(m.group(1), ""), depth + 1),
+                      value)
+
+    return {target: [expand(line) for line in lines] for target, lines in recipes.items()}
+
+
+def check_same_as_make(target: str, words: list[str]) -> None:
+    """`make T  # = <command>`: the Makefile's recipe of T runs that command."""
+    recipes = make_recipes().get(target, [])
+    runs = [split_command(line) for line in recipes]
+    if words not in runs:
+        shown = "; ".join(" ".join(r) for r in runs) or "nothing"
+        raise CommandError(f"the doc says `make {target}` runs this, but the Makefile's "
+                           f"{target} runs: {shown}")
 
 
 def check_make(args: list[str]) -> None:
@@ -432,6 +469,8 @@ def problem(command: Command) -> str | None:
     """None if the command checks out (or fails as its transcript shows), else why not."""
     try:
         check_command(command.text, command.block)
+        if command.make_target:
+            check_same_as_make(command.make_target, split_command(command.text))
     except CommandError as err:
         if command.error is None or command.error not in str(err):
             return str(err) if command.error is None else (
@@ -498,7 +537,7 @@ python -m experiments.compare --workdir /tmp/c --configs experiments/lm.py:ttt_l
     --set train.no_such_key=1
 python -m experiments.no_such_module --x
 python -m experiments.bench --out /tmp/b [--quick]
-python -m experiments.compare --preset demo --workdir /tmp/c
+make demo   # = python -m experiments.compare --preset demo --workdir /tmp/c
 python -m ttt.main --config=experiments/lm.py:ttt_linear,smoke --config.optim.warmup_steps=9999 \\
     --workdir=/tmp/a
 ```
@@ -519,7 +558,7 @@ def test_the_checker_catches_each_kind_of_mistake():
     assert [c.where for c in commands] == [
         "snippet.md:1", "snippet.md:2", "snippet.md:2", "snippet.md:3", "snippet.md:3",
         "snippet.md:4", *(f"snippet.md:{n}" for n in (
-            7, 10, 11, 13, 15, 15, 16, 17, 18, 19, 20, 21, 22, 24, 25, 26, 27, 32, 34, 36))]
+            7, 10, 11, 13, 15, 15, 16, 17, 18, 19, 20, 21, 22, 24, 25, 26, 26, 27, 32, 34, 36))]
     by_id = dict(zip(_ids(commands), commands, strict=True))
     assert [c.block for c in commands[:7]] == [False] * 6 + [True]
     assert by_id["snippet.md:7"].text == (
@@ -532,6 +571,8 @@ def test_the_checker_catches_each_kind_of_mistake():
         "snippet.md:1": None, "snippet.md:2": None, "snippet.md:2#2": None,
         "snippet.md:3": None, "snippet.md:3#2": None, "snippet.md:4": r"unknown flag --nosuch",
         "snippet.md:7": None, "snippet.md:26": None,
+        "snippet.md:26#2": r"the doc says `make demo` runs this, but the Makefile's demo runs: "
+                           r"python -m experiments\.compare --preset demo --workdir runs/demo",
         "snippet.md:10": r"unknown flag --no_such_flag",
         "snippet.md:11": r"config\.train has no key 'no_such_key'",
         "snippet.md:13": r"--config\.train\.steps=many: expected an integer",
