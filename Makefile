@@ -1,6 +1,6 @@
 # ttt — two commands do everything on a fresh clone:
 #   make demo   compare the variants on embedded data (installs first if needed; ~16 min on 2 cores)
-#   make test   run the fast test suite (installs first if needed)
+#   make test   the linter, then the fast test suite (installs first if needed; what CI runs)
 # and `make compare` runs the full comparison grid behind the README's results (~3 h on 2 cores;
 # rerun the same command to resume).
 PYTHON ?= python3
@@ -24,7 +24,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,dev,tokenizer]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: lint
 	$(TEST_ENV) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 tests
 
 test-slow: $(STAMP)

@@ -36,7 +36,7 @@ import numpy as np
 from experiments import lm
 from experiments.bench_train import matmul_peak, model_flops
 from ttt.models import PRESETS, build_model, param_count
-from ttt.train.train import build_setup, resolve_config
+from ttt.train.setup import build_setup, resolve_config
 
 
 def paper_config(mixer: str, preset: str, ctx: int, batch: int, steps: int):

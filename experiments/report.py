@@ -30,7 +30,16 @@ import os
 import statistics
 from collections.abc import Iterable
 
+import ml_collections as mlc
+
 from experiments import report_plots as plots
+from experiments.ablation import RUNGS
+from ttt.layers import mixer_spec
+from ttt.layers import state_size as registry_state_size
+from ttt.models import model_mixer
+from ttt.models import param_count as count_params
+from ttt.models.presets import model_sizes
+from ttt.train.setup import abstract_params
 
 GROUPS = ("mqar", "lm", "init", "ladder", "vision")
 VALIDATED = 0.99  # softmax attention's MQAR accuracy that makes the harness a measurement
@@ -61,11 +70,8 @@ def group_of(config: dict) -> str:
 
 def _dims(model: dict) -> tuple[int, int, int]:
     """(layers, width C, heads H) of a resolved model config."""
-    from ttt.models import PRESETS
-
-    preset = dict(PRESETS[model["kind"]][model["preset"]])
-    pick = lambda k: model.get(k) if model.get(k) is not None else preset[k]  # noqa: E731
-    return pick("num_layers"), pick("width"), pick("num_heads")
+    sizes = model_sizes(model)
+    return sizes["num_layers"], sizes["width"], sizes["num_heads"]
 
 
 def _tokens(config: dict) -> int:
@@ -81,9 +87,6 @@ def state_size(config: dict) -> int:
     """Floats of recurrent state per layer per sequence (docs/design.md §13, the MQAR x-axis): the
     registry's `state_size` of the mixer the model builds (`ttt.layers.costs`: TTT and MTTT inner
     weights, linear attention's S (+ s), softmax's KV cache of the whole sequence)."""
-    from ttt.layers import state_size as registry_state_size
-    from ttt.models import model_mixer
-
     model = config["model"]
     _, C, H = _dims(model)
     name = model_mixer(model["kind"], model["mixer"])
@@ -92,25 +95,8 @@ def state_size(config: dict) -> int:
 
 def param_count(config: dict) -> int:
     """Parameters of the model, counted on abstract shapes (nothing is allocated)."""
-    import jax
-    import jax.numpy as jnp
-    import ml_collections as mlc
-
-    from ttt.models import build_model
-    from ttt.models import param_count as count
-
-    model_cfg = mlc.ConfigDict(config["model"])
-    model = build_model(model_cfg)
-    if config["model"]["kind"] == "lm":
-        x = jax.ShapeDtypeStruct((1, int(config["data"]["seq_len"])), jnp.int32)
-        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape,
-                                                                                     x.dtype)))
-    else:
-        s, c = int(model_cfg.image_size), int(model_cfg.channels)
-        shapes = jax.eval_shape(lambda: model.init(
-            {"params": jax.random.PRNGKey(0), "inner": jax.random.PRNGKey(1)},
-            jnp.zeros((1, s, s, c), jnp.float32), train=False))
-    return count(shapes)
+    _, params = abstract_params(mlc.ConfigDict(config))
+    return count_params(params)
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -182,8 +168,6 @@ def summarize(run_dir: str) -> dict:
     if group == "ladder":
         out.update(rung=config["rung"], paper_perplexity=config.get("paper_perplexity"))
     if group == "vision":
-        from ttt.layers import mixer_spec
-
         spec = mixer_spec(config["model"]["mixer"])
         out.update(T=spec.attrs(**kw)["steps"] if "steps" in spec.accepted() else None,
                    inner=_inner_curves(rows))
@@ -418,8 +402,6 @@ def init_table(init_runs: list[dict], lm_runs: list[dict]) -> tuple[str, list[st
 
 def ladder_table(runs: list[dict]) -> str:
     """Ablation ladder: validation loss and perplexity per rung, change from the previous rung."""
-    from experiments.ablation import RUNGS
-
     order = sorted(cells(runs).values(),
                    key=lambda c: RUNGS.index(c[0]["rung"]) if c[0]["rung"] in RUNGS else 99)
     rows, prev = [], None

@@ -62,7 +62,7 @@ RULES = {
               "interop, entry points)",
     "models": "ttt/models imports only ttt.ops, ttt.layers and ttt.models (not train, data, "
               "config, interop, entry points)",
-    "interop": "ttt/interop.py imports only ttt.ops, ttt.layers and ttt.models",
+    "interop": "ttt/interop imports only ttt.ops, ttt.layers, ttt.models and ttt.interop",
     "data": "ttt/data imports only ttt.data and ttt.errors (it sits beside the model stack)",
     "errors": "ttt/errors.py imports nothing of ttt (every level raises its ConfigError)",
     "cli": "ttt/cli.py (command-line plumbing shared by the entry points and the trainer's "
@@ -217,6 +217,67 @@ def check_package(root: pathlib.Path = PACKAGE) -> tuple[list[Violation], dict]:
     return violations, counts
 
 
+def import_graph(sources: dict[str, tuple[bool, str]]) -> dict[str, set[str]]:
+    """module -> the modules of `sources` it imports, at module level or inside functions.
+
+    `sources`: module name -> (is_package, source). An import names the longest module of
+    `sources` that prefixes it (`from pkg import sub` names pkg.sub when it is a module, else the
+    package's __init__); a package's __init__ running before its submodules is not an edge."""
+    modules = {name: is_package for name, (is_package, _) in sources.items()}
+    graph = {}
+    for module, (is_package, source) in sources.items():
+        edges = set()
+        for _, imported, _ in imports_of(source, module, is_package, modules):
+            name = imported
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                edges.add(name)
+        graph[module] = edges
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of `graph`: its strongly connected components of more than one module
+    (Tarjan's algorithm), each sorted, then sorted by their first module."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
+def package_sources(root: pathlib.Path = PACKAGE) -> dict[str, tuple[bool, str]]:
+    """Every module of the package: name -> (is_package, source)."""
+    out = {}
+    for file in sorted(root.rglob("*.py")):
+        module, is_package = module_name(file)
+        out[module] = (is_package, file.read_text())
+    return out
+
+
 def report(violations: list[Violation]) -> str:
     return f"{len(violations)} import(s) break the layer cake (docs/design.md §2):\n" + "\n".join(
         f"  {v}" for v in violations)
@@ -228,6 +289,16 @@ def report(violations: list[Violation]) -> str:
 def test_package_respects_the_layer_cake():
     violations, _ = check_package()
     assert not violations, report(violations)
+
+
+def test_no_import_cycle_between_files():
+    """No file of the package imports itself back through others, counting the imports inside
+    functions (a function-level import that closes a cycle is a cycle in disguise)."""
+    graph = import_graph(package_sources())
+    cycles = import_cycles(graph)
+    assert not cycles, "import cycles among the package's files:\n" + "\n".join(
+        "  " + " -> ".join(c) for c in cycles)
+    assert sum(len(e) for e in graph.values()) > 100, "the graph is suspiciously small"
 
 
 def test_every_level_is_scanned():
@@ -277,7 +348,7 @@ GOOD = [  # legal imports at each level: nothing may be reported
     ("ttt.ops.fake", False, "import jax\nimport numpy as np\nfrom . import checks\n"
      "from ._scan import to_minibatches\nfrom ttt.ops import learners\nimport ttt\n"),
     ("ttt.layers.fake", False, "import flax.linen as nn\nfrom ttt.ops import ttt\n"
-     "from . import common\nfrom ..ops import attention\n"),
+     "from . import common\nfrom ..ops import linear_attn\n"),
     ("ttt.models.fake", False, "from ttt import layers\nfrom .stack import make_stack\n"),
     ("ttt.interop", False, "from ttt import layers\nfrom ttt.models import build_model\n"),
     ("ttt.data.fake", False, "import grain\nfrom ttt.data.errors import DataConfigError\n"),
@@ -309,3 +380,21 @@ def test_an_unlisted_subpackage_must_be_given_a_level():
     modules = dict(MODULES, **{"ttt.kernels": True, "ttt.kernels.fast": False})
     found = check_source("from ttt.kernels import fast\n", "ttt.ops.fake", False, modules, "x.py")
     assert len(found) == 1 and "add it to LEVEL_OF" in found[0].rule, found
+
+
+CYCLE = {  # a cycle closed by a function-level import, through a package's __init__
+    "ttt.train": (True, "from ttt.train.driver import run\n"),
+    "ttt.train.driver": (False, "from ttt.train import loader\n"),
+    "ttt.train.loader": (False, "def load():\n    from ttt.train.report import make\n"),
+    "ttt.train.report": (False, "import jax\nfrom ttt.train.driver import setup\n"),
+    "ttt.train.leaf": (False, "from ttt.train import driver\n"),
+}
+
+
+def test_cycle_check_finds_a_cycle_through_a_function_level_import():
+    graph = import_graph(CYCLE)
+    assert graph["ttt.train.driver"] == {"ttt.train.loader"}  # a submodule, not the __init__
+    assert import_cycles(graph) == [["ttt.train.driver", "ttt.train.loader", "ttt.train.report"]]
+    broken = dict(CYCLE, **{"ttt.train.loader": (False, "def load():\n    return 1\n")})
+    assert import_cycles(import_graph(broken)) == []
+    assert import_cycles({"a": {"b"}, "b": {"a"}, "c": {"c"}}) == [["a", "b"]]

@@ -25,8 +25,8 @@ import pytest
 from experiments import lm, vit
 from ttt.models import build_model
 from ttt.train import parallel
-from ttt.train.compile_only import abstract_meta, collectives, xla_warnings
-from ttt.train.train import abstract_state, build_setup, resolve_config
+from ttt.train.compile_only import collectives, xla_warnings
+from ttt.train.setup import abstract_meta, abstract_state, build_setup, resolve_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs8 = pytest.mark.skipif(jax.device_count() < 8,

@@ -25,13 +25,9 @@ import toy
 from ttt.train import Checkpointer, NonFiniteLossError
 from ttt.train import checkpoint as ckpt_lib
 from ttt.train.checkpoint import check_full_precision
-from ttt.train.train import (
-    WorkdirError,
-    abstract_state,
-    build_setup,
-    resolve_config,
-    train_and_evaluate,
-)
+from ttt.train.setup import abstract_state, build_setup, resolve_config
+from ttt.train.train import train_and_evaluate
+from ttt.train.workdir import WorkdirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

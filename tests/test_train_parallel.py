@@ -23,7 +23,8 @@ import toy
 from conftest import assert_close
 
 from ttt.train import Checkpointer, parallel
-from ttt.train.train import abstract_state, build_setup, resolve_config, train_and_evaluate
+from ttt.train.setup import abstract_state, build_setup, resolve_config
+from ttt.train.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs8 = pytest.mark.skipif(jax.device_count() < 8,

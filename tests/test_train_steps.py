@@ -19,7 +19,7 @@ from ttt.train import optim, steps
 def _cached_setup(kind):
     config = toy.toy_config(kind)
     ds = toy.make_dataset(config.data, "train", 8, seed=0)
-    from ttt.train.train import resolve_config
+    from ttt.train.setup import resolve_config
 
     config = resolve_config(config, ds.meta)
     task = steps.make_task(config, toy.build_model(config.model))
@@ -187,7 +187,8 @@ def test_digits_evaluation_counts_300_images():
     """The digits validation split (300 images) in batches of 64: 5 batches, 320 rows, of which
     exactly the 300 real images are scored; accuracy and loss equal a direct computation."""
     from ttt.data import make_dataset
-    from ttt.train.train import build_setup, evaluate, resolve_config
+    from ttt.train.setup import build_setup, resolve_config
+    from ttt.train.train import evaluate
 
     config = toy.toy_config("vit")
     config.data = {"name": "digits"}
@@ -237,7 +238,8 @@ def test_diagnostics_run_only_on_the_steps_that_log_them(tmp_path):
     import os
 
     from ttt.models import build_model, without_diagnostics
-    from ttt.train.train import build_setup, resolve_config, train_and_evaluate
+    from ttt.train.setup import build_setup, resolve_config
+    from ttt.train.train import train_and_evaluate
 
     config = toy.real_config("ttt_linear", steps=4, log_every=1, diag_every=2,
                              checkpoint_every=100, async_checkpoints=False)

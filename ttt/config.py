@@ -24,12 +24,10 @@ def _get(section, key, default=None):
 
 def model_dims(model_config) -> tuple[int | None, int | None]:
     """(width, num_heads): the explicit model fields, else the preset's (None if neither)."""
-    from ttt.models.presets import PRESETS  # imported here: validating flags alone needs no JAX
+    from ttt.models.presets import model_sizes  # imported here: validating flags needs no JAX
 
-    preset = PRESETS.get(model_config.kind, {}).get(_get(model_config, "preset"), {})
-    width, heads = _get(model_config, "width"), _get(model_config, "num_heads")
-    return (preset.get("width") if width is None else width,
-            preset.get("num_heads") if heads is None else heads)
+    sizes = model_sizes(model_config)
+    return sizes["width"], sizes["num_heads"]
 
 
 def _check_mixer(model) -> None:

@@ -55,11 +55,12 @@ def evaluate_run(workdir: str, split: str = "validation", *, seq_len: int | None
                  batch_size: int | None = None, max_batches: int | None = None,
                  step: int | None = None) -> dict:
     """Evaluate the run in `workdir` (see the module doc); returns what eval/<split>.json holds."""
+    # imported here: the command line answers --help and bad flags before JAX starts
     import jax
 
     from ttt.data import make_dataset
+    from ttt.run import load
     from ttt.train import optim, steps
-    from ttt.train import run as run_lib
 
     if split not in ("validation", "test", "train"):
         raise cli.UsageError(f"--split={split}: use validation, test or train")
@@ -69,7 +70,7 @@ def evaluate_run(workdir: str, split: str = "validation", *, seq_len: int | None
                         ("max_batches", max_batches)):
         if value is not None and value < 1:
             raise cli.UsageError(f"--{name}={value}: must be at least 1")
-    run = run_lib.load(workdir, step)
+    run = load(workdir, step)
     config = run.config
     data_config = config.data.copy_and_resolve_references()
     if seq_len is not None:
@@ -160,7 +161,7 @@ def _main(argv: list[str]) -> int:
     written = [json_path]
     if "loss_by_position" in result:
         png = os.path.join(out_dir, "loss_by_position.png")
-        from ttt.train.run import read_config
+        from ttt.train.workdir import read_config  # (see evaluate_run)
 
         mixer = read_config(workdir).model.mixer
         plot_loss_by_position(result, png, f"{mixer}, {values['split']} split, step "

@@ -49,6 +49,8 @@ def _main(argv: list[str]) -> int:
 
     if values["simulate_devices"]:
         simulate_devices(values["simulate_devices"])
+    # JAX, and everything that imports it, only now: the device count above must be set before
+    # JAX starts, and bad flags fail without importing it
     import jax
 
     if values["num_processes"] > 1:

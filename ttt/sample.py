@@ -34,7 +34,7 @@ TEXT_DATA = ("text_corpus", "text_files", "tfds_text")
 
 def _kv_cache_size(model) -> int | None:
     """Tokens the mixer's decode cache holds (softmax attention), None when it has no limit."""
-    from ttt import layers
+    from ttt import layers  # imported here, as below: bad flags fail before JAX starts
 
     mixer = layers.make_mixer(model.mixer, model.width, model.num_heads,
                               **dict(model.mixer_kwargs))
@@ -44,11 +44,12 @@ def _kv_cache_size(model) -> int | None:
 def sample(workdir: str, prompt: str, *, max_tokens: int = 200, temperature: float = 1.0,
            top_k: int = 0, seed: int = 0, step: int | None = None) -> str:
     """The continuation of `prompt` by the run in `workdir` (see the module doc)."""
+    # imported here: the command line answers --help and bad flags before JAX starts
     import jax
 
     from ttt.data.tokenizers import make_tokenizer
     from ttt.models import generate
-    from ttt.train import run as run_lib
+    from ttt.run import load
 
     if max_tokens < 1:
         raise cli.UsageError(f"--max_tokens={max_tokens}: must be at least 1")
@@ -56,7 +57,7 @@ def sample(workdir: str, prompt: str, *, max_tokens: int = 200, temperature: flo
         raise cli.UsageError(f"--temperature={temperature}: must be >= 0 (0 = greedy)")
     if top_k < 0:
         raise cli.UsageError(f"--top_k={top_k}: must be >= 0 (0 = no top-k)")
-    run = run_lib.load(workdir, step)
+    run = load(workdir, step)
     config = run.config
     if config.model.kind != "lm" or config.data.name not in TEXT_DATA:
         raise ConfigError(f"--workdir={workdir}: a {config.model.kind} run on data.name="

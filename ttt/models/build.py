@@ -16,15 +16,12 @@ import numpy as np
 
 from ttt import layers
 from ttt.models.lm import CausalLM
-from ttt.models.presets import PRESETS
+from ttt.models.presets import PRESETS, SIZE_FIELDS, model_sizes
 from ttt.models.stack import REMAT_CHOICES
 from ttt.models.vit import ViT
 from ttt.ops import checks
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
-# Preset dimensions a config may override (e.g. a narrower model for a synthetic task).
-_OVERRIDABLE = {"lm": ("num_layers", "width", "num_heads", "ffn_dim"),
-                "vit": ("num_layers", "width", "num_heads", "mlp_dim")}
 
 
 def _get(cfg, key: str, default: Any = None) -> Any:
@@ -86,10 +83,10 @@ def build_model(model_config) -> nn.Module:
     """
     kind = _choice(_get(model_config, "kind"), "kind", sorted(PRESETS))
     preset = _choice(_get(model_config, "preset"), "preset", list(PRESETS[kind]))
-    dims = dict(PRESETS[kind][preset])
-    for key in _OVERRIDABLE[kind]:
+    for key in SIZE_FIELDS[kind]:  # the sizes the config sets itself (e.g. a narrower model)
         if _get(model_config, key) is not None:
-            dims[key] = _positive_int(model_config, key)
+            _positive_int(model_config, key)
+    dims = {key: int(value) for key, value in model_sizes(model_config).items()}
 
     mixer = model_mixer(kind, _get(model_config, "mixer"))
     mixer_kwargs = _frozen_kwargs(_get(model_config, "mixer_kwargs"))
@@ -109,8 +106,6 @@ def build_model(model_config) -> nn.Module:
                   num_heads=dims["num_heads"])
 
     if kind == "lm":
-        if _get(model_config, "vocab_size") is not None:
-            dims["vocab_size"] = _positive_int(model_config, "vocab_size")
         pre_conv = _get(model_config, "pre_conv")
         if pre_conv is None:
             spec = layers.MIXERS[mixer]

@@ -22,3 +22,27 @@ PRESETS: dict[str, dict[str, dict[str, int]]] = {
         "S": dict(num_layers=12, width=384, num_heads=6, mlp_dim=1536),
     },
 }
+
+# The size fields a model config may set itself; the rest (and any left None) come from the preset.
+SIZE_FIELDS = {"lm": ("num_layers", "width", "num_heads", "ffn_dim", "vocab_size"),
+               "vit": ("num_layers", "width", "num_heads", "mlp_dim")}
+
+
+def _field(model_config, key: str):
+    if hasattr(model_config, "get"):
+        return model_config.get(key)
+    return getattr(model_config, key, None)
+
+
+def model_sizes(model_config) -> dict[str, int | None]:
+    """The model's dimensions: {field: the config's value, else the preset's (None if neither)}.
+
+    The one place a preset is merged into a model config: building the model, validating the
+    config, writing the resolved config.json and reporting a run's size all read it. Values are
+    not checked here (`ttt.models.build_model` does)."""
+    kind = _field(model_config, "kind")
+    preset = PRESETS.get(kind, {}).get(_field(model_config, "preset"), {})
+    fields = dict.fromkeys((*SIZE_FIELDS.get(kind, ("num_layers", "width", "num_heads")),
+                            *preset))
+    return {key: preset.get(key) if _field(model_config, key) is None
+            else _field(model_config, key) for key in fields}

@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -238,3 +239,32 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_params(workdir: str, target, step: int | None = None) -> tuple[Any, int]:
+    """(parameters of `workdir`'s checkpoint `step` (newest readable when None), its step).
+
+    `target`: the parameter tree as abstract arrays; the result lands on the first local device.
+    Nothing in `workdir` is written or moved (an unreadable checkpoint is skipped with a warning).
+    """
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{workdir} has no checkpoints/ yet: train it first")
+    ckpt = Checkpointer(directory, read_only=True, async_save=False)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), target)
+    try:
+        available = ckpt.all_steps()
+        if step is not None and step not in available:
+            raise ConfigError(f"{workdir} has no checkpoint {step} (it has {available})")
+        for candidate in [step] if step is not None else available[::-1]:
+            try:
+                return ckpt.restore_params(candidate, target), candidate
+            except CheckpointMismatchError:
+                raise
+            except Exception as err:  # noqa: BLE001 — an unreadable step: try the previous one
+                log.warning("checkpoint %s/%d could not be read (%s: %s)", directory, candidate,
+                            type(err).__name__, (str(err).splitlines() or [""])[0][:200])
+        raise ConfigError(f"{workdir} has no readable checkpoint (steps: {available})")
+    finally:
+        ckpt.close()

@@ -42,8 +42,17 @@ import time
 import jax
 import numpy as np
 
-from ttt.config import ConfigError, validate
-from ttt.models import param_count
+from ttt import cli
+from ttt.config import ConfigError, validate, with_defaults
+from ttt.models import build_model, param_count
+from ttt.train.setup import (
+    abstract_meta,
+    abstract_state,
+    build_setup,
+    lower_train_step,
+    resolve_config,
+)
+from ttt.train.workdir import prepare_workdir
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2,
@@ -58,25 +67,6 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s.*\{\s*$")
 _CALLEE = re.compile(r"\b(calls|to_apply|body|condition|branch_computations)="
                      r"(\{[^}]*\}|%[\w.\-]+)")
 _XLA_WARNING = re.compile(r"^[WE]\d{4} [\d:.]+\s+\d+ \S+\] (?P<text>.*)$")
-
-
-def abstract_meta(config) -> dict:
-    """The dataset meta the model needs, from the data pipeline if it opens, else the config."""
-    model, data = config.model, config.data
-    if model.kind == "lm" and model.get("vocab_size") and data.get("seq_len"):
-        return {"vocab_size": int(model.vocab_size), "seq_len": int(data.seq_len)}
-    if model.kind == "vit" and model.get("num_classes") and model.get("image_size") and \
-            model.get("channels"):
-        s = int(model.image_size)
-        return {"num_classes": int(model.num_classes), "image_shape": (s, s, int(model.channels))}
-    from ttt.data import meta
-
-    try:
-        return meta(data)
-    except Exception as err:
-        raise ConfigError(f"config.data: {err} (compile_only needs the dataset's meta; set "
-                          "config.model.vocab_size / num_classes, image_size, channels to skip "
-                          "the data)") from err
 
 
 def _first(analysis):
@@ -176,9 +166,6 @@ def compile_report(config, *, lower_only: bool = False) -> dict:
     bytes, "collectives": {kind: {"count", "bytes"}}, "warnings": [str]}; without compilation
     (`lower_only`) only params, devices, parallel, mesh, flops and lower_s.
     """
-    from ttt.models import build_model
-    from ttt.train.train import abstract_state, build_setup, lower_train_step, resolve_config
-
     validate(config)
     if config.train.parallel == "pmap":
         raise ConfigError("config.train.parallel='pmap': compile_only reports the 'single' and "
@@ -261,8 +248,6 @@ def run(config, *, lower_only: bool = False, workdir: str | None = None,
     """Compile, print the report, write `workdir/compile_report.json`, return the report (the
     `--compile_only` entry point). `strict`: ConfigError (exit 2) if XLA printed any warning."""
     if workdir:
-        from ttt.train.train import prepare_workdir
-
         workdir = prepare_workdir(workdir)
     report = compile_report(config, lower_only=lower_only)
     print(format_report(report))
@@ -278,9 +263,6 @@ def run(config, *, lower_only: bool = False, workdir: str | None = None,
 
 
 def _main(argv: list[str]) -> int:
-    from ttt import cli
-    from ttt.config import with_defaults
-
     flags = (cli.Flag("lower_only", bool, False, "skip XLA compilation (no memory analysis)"),
              cli.Flag("workdir", str, None, "write compile_report.json here"),
              cli.Flag("strict", bool, False, "exit 2 if XLA printed any warning"),
@@ -297,8 +279,6 @@ def main(argv=None) -> int:
     """`python -m ttt.train.compile_only --config=FILE:ARG [--config.<key>=...] [--lower_only]
     [--workdir DIR] [--strict]`; returns the exit status (2 with one line on stderr for bad input
     or, with --strict, an XLA warning)."""
-    from ttt import cli
-
     return cli.run(_main, argv)
 
 

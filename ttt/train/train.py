@@ -16,169 +16,39 @@ leaves out compilation (timed on its own), evaluation and checkpointing. Only th
 diagnostics (`train.diag_every`) run the model's diagnostic pass (the TTT inner-loss statistics);
 the others, and evaluation, run it without (`Setup.train_step` vs `Setup.diag_step`).
 
-The pieces are separate functions so a compile-only tool can reuse them: `build_setup` (config ->
-model, optimizer, placement, pure state constructor), `abstract_state` (`jax.eval_shape`) and
-`lower_train_step` (lowering on abstract arguments, nothing allocated).
+What the driver shares with the compile-only report and a run's loader (`build_setup`,
+`abstract_state`, `lower_train_step`, ...) lives in `ttt.train.setup`; the workdir checks in
+`ttt.train.workdir`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ttt import data, models
+from ttt.cli import changed_values
 from ttt.config import ConfigError, validate
 from ttt.train import checkpoint as ckpt_lib
 from ttt.train import init as init_lib
 from ttt.train import metrics as metrics_lib
-from ttt.train import optim as optim_lib
-from ttt.train import parallel, steps
+from ttt.train.setup import Setup, abstract_state, build_setup, resolve_config
+from ttt.train.workdir import check_same_run, prepare_workdir, run_differences
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class WorkdirError(ConfigError):
-    """The workdir cannot be used for this run (unwritable, or it holds another run)."""
-
-
-# Settings that change how a run computes, not what it computes: they may differ on resume
-# (data.delay_s: the test stand-in's slow input pipeline).
-RUNTIME_KEYS = ("model.remat", "model.dtype", "model.mixer_kwargs.unroll",
-                "model.mixer_kwargs.remat_every", "model.mixer_kwargs.stats", "data.num_threads",
-                "data.prefetch", "data.data_dir", "data.delay_s")
-
-
-@dataclasses.dataclass
-class Setup:
-    """Everything derived from the config before any array is allocated."""
-
-    config: Any
-    task: steps.Task
-    tx: Any
-    placement: Any
-    create_state: Callable[..., steps.TrainState]  # pure; run under jit by the placement
-    train_step: Callable  # partial of steps.train_step: the default step, no diagnostics pass
-    eval_step: Callable  # partial of steps.eval_step
-    diag_step: Callable | None  # the step that also computes the diagnostics (None: the same)
-    ttt_lr_fn: Callable
-    dummy_batch: dict  # one global batch of zeros with the real shapes and dtypes
-    items_per_step: int
-    unit: str
-
-
-def _default_builders():
-    from ttt.data import make_dataset
-    from ttt.models import build_model
-
-    return build_model, make_dataset
-
-
-def dummy_batch(config, meta: dict) -> dict:
-    """Zeros shaped like one global batch (for init and lowering; never trained on)."""
-    b = config.train.global_batch_size
-    if config.model.kind == "lm":
-        n = meta["seq_len"]
-        return {"inputs": np.zeros((b, n), np.int32), "targets": np.zeros((b, n), np.int32),
-                "mask": np.ones((b, n), np.float32)}
-    return {"images": np.zeros((b, *meta["image_shape"]), np.float32),
-            "labels": np.zeros((b,), np.int32)}
-
-
-def _fill_preset_sizes(model_config) -> None:
-    """Size fields left None (num_layers, width, ...) take the preset's value, in place."""
-    from ttt.models.presets import PRESETS
-
-    preset = PRESETS.get(model_config.get("kind"), {}).get(model_config.get("preset"), {})
-    for key, value in preset.items():
-        if key in model_config and model_config[key] is None:
-            model_config[key] = value
-
-
-def resolve_config(config, meta: dict):
-    """Copy of `config` with dataset-dependent model fields (vocab, classes, image size) and the
-    preset's sizes filled, so `config.json` holds the values the run used."""
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        if config.model.kind == "lm" and config.model.get("vocab_size") is None:
-            config.model.vocab_size = int(meta["vocab_size"])
-        if config.model.kind == "vit":
-            if config.model.get("num_classes") is None:
-                config.model.num_classes = int(meta["num_classes"])
-            if config.model.get("image_size") is None:
-                config.model.image_size = int(meta["image_shape"][0])
-            if config.model.get("channels") is None:
-                config.model.channels = int(meta["image_shape"][2])
-        _fill_preset_sizes(config.model)
-    return config
-
-
-def build_setup(config, meta: dict, build_model) -> Setup:
-    """Model, task, optimizer, placement and the pure step functions for `config`."""
-    total = int(config.train.steps)
-    model = build_model(config.model)
-    task = steps.make_task(config, model)
-    # The diagnostics (the TTT layer's inner-loss statistics) cost an extra inner pass: they run
-    # only on the steps that log them; every other step and evaluation run the plain model.
-    from ttt.models import without_diagnostics
-
-    diag_task, task = task, task._replace(model=without_diagnostics(model))
-    tx = optim_lib.make_optimizer(config.optim, total)
-    lr_fn = optim_lib.lr_schedule(config.optim, total)
-    ttt_lr_fn = optim_lib.ttt_lr_mult_schedule(config.optim)
-    batch = dummy_batch(config, meta)
-
-    def create_state(params=None):
-        """A step-0 state; `params` (host arrays, e.g. from config.init) replace the init."""
-        params_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.train.seed))
-        if params is None:
-            params = task.init(params_rng, jax.tree.map(jnp.asarray, batch))
-        return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                opt_state=tx.init(params), rng=step_rng)
-
-    lm = config.model.kind == "lm"
-    step = functools.partial(steps.train_step, tx=tx, lr_fn=lr_fn, ttt_lr_fn=ttt_lr_fn,
-                             grad_accum=int(config.train.get("grad_accum", 1)))
-    return Setup(
-        config=config, task=task, tx=tx, placement=parallel.make_placement(config),
-        create_state=create_state, train_step=functools.partial(step, task=task),
-        eval_step=functools.partial(steps.eval_step, task=task),
-        diag_step=(None if diag_task.model is task.model
-                   else functools.partial(step, task=diag_task)),
-        ttt_lr_fn=ttt_lr_fn, dummy_batch=batch,
-        items_per_step=config.train.global_batch_size * (meta["seq_len"] if lm else 1),
-        unit="tokens" if lm else "images")
-
-
-def abstract_state(setup: Setup):
-    """The TrainState as ShapeDtypeStructs (no memory)."""
-    return jax.eval_shape(setup.create_state)
-
-
-def lower_train_step(setup: Setup):
-    """Lower the jitted train step on abstract global arguments (mesh / single placements)."""
-    state = abstract_state(setup)
-    if setup.placement.mode == "mesh":
-        state = setup.placement.restore_target(state)
-        batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=setup.placement.batch_sharding), setup.dummy_batch)
-    else:
-        batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), setup.dummy_batch)
-    return setup.placement.compile_train(setup.train_step).lower(state, batch)
 
 
 def evaluate(setup: Setup, p_eval, state, dataset, num_steps: int) -> dict:
@@ -231,8 +101,6 @@ class _Preemption:
 
     def stop_at(self, step: int) -> bool:
         """Whether every process saves `step` and stops (call after every step, on all)."""
-        from jax.experimental import multihost_utils
-
         if self._sync:
             self.requested = multihost_utils.reached_preemption_sync_point(step)
         elif jax.process_count() > 1:
@@ -262,86 +130,6 @@ def _config_error(err: Exception, section: str, where: str) -> ConfigError:
     if msg.startswith(f"{section}."):
         return ConfigError(f"config.{msg}")
     return ConfigError(f"{where}: {msg}")
-
-
-def prepare_workdir(workdir: str) -> str:
-    """Create `workdir` if needed and check it is writable; its absolute path. Called before any
-    data or model is set up, so a bad --workdir fails first."""
-    path = os.path.abspath(os.path.expanduser(str(workdir)))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise WorkdirError(f"--workdir={workdir}: exists and is not a directory; pick another "
-                           "--workdir")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as err:
-        raise WorkdirError(f"--workdir={workdir}: cannot be created ({err.strerror}); pick a "
-                           "writable --workdir") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise WorkdirError(f"--workdir={workdir}: not writable; pick a writable --workdir")
-    return path
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1, 'c': {}}} -> {'a.b': 1} (an empty dict holds no setting)."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-_RESOLVED_SIZES = tuple(f"model.{k}" for k in ("num_layers", "width", "num_heads", "ffn_dim",
-                                                "mlp_dim", "vocab_size", "num_classes",
-                                                "image_size", "channels"))
-
-
-def run_differences(saved: dict, current: dict, sections=("model", "data")) -> list[str]:
-    """The settings of two config dicts that differ in `sections` ('key: A there, B here').
-
-    Keys in RUNTIME_KEYS may differ; a size that is None on either side (left to the preset or
-    the dataset: an older version did not write resolved sizes, and a config not yet resolved
-    has none) matches anything."""
-    from ttt.config import OPTIONAL
-
-    a = _flat({s: saved.get(s) or {} for s in sections})
-    b = _flat({s: current.get(s) or {} for s in sections})
-    optional = _flat(OPTIONAL)  # a key absent on one side holds its default
-    out = []
-    for key in sorted(set(a) | set(b)):
-        unresolved = key in _RESOLVED_SIZES and None in (a.get(key, 0), b.get(key, 0))
-        if key in RUNTIME_KEYS or unresolved:
-            continue
-        if key in optional and a.get(key, optional[key]) == b.get(key, optional[key]):
-            continue
-        if a.get(key, "(unset)") != b.get(key, "(unset)"):
-            there = repr(a[key]) if key in a else "unset"
-            here = repr(b[key]) if key in b else "unset"
-            out.append(f"{key}: {there} there, {here} here")
-    return out
-
-
-def check_same_run(workdir: str, config) -> dict | None:
-    """WorkdirError unless `workdir` is new or its config.json has this run's model and data;
-    returns the saved config dict (None for a new workdir)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as err:
-        raise WorkdirError(f"{path} does not read ({err}): move it away or pick a new --workdir"
-                           ) from None
-    diffs = run_differences(saved, json.loads(config.to_json_best_effort()))
-    if diffs:
-        more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
-        raise WorkdirError(
-            f"workdir {workdir} holds a run of another model or data ({'; '.join(diffs[:4])}"
-            f"{more}); nothing was changed: pass a new --workdir, or the settings of "
-            f"{path} to resume it")
-    return saved
 
 
 def _plural(n: int, word: str) -> str:
@@ -395,9 +183,8 @@ def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=N
     what differs from it. source: its name for that line. Console lines go to the "ttt" logger
     (`ttt.cli.console()` shows them on stderr, as the command lines do).
     """
-    if build_model is None or make_dataset is None:
-        default_model, default_data = _default_builders()
-        build_model, make_dataset = build_model or default_model, make_dataset or default_data
+    build_model = build_model or models.build_model
+    make_dataset = make_dataset or data.make_dataset
     validate(config)
     workdir = prepare_workdir(workdir)
     train_cfg = config.train
@@ -464,8 +251,6 @@ def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=N
             f.write(config.to_json_best_effort(indent=2))
     changes = None
     if defaults is not None:
-        from ttt.cli import changed_values
-
         changes = changed_values(resolve_config(defaults, train_ds.meta), config)
     for line in _describe_start(setup, train_ds.meta, state, workdir, where, changes, source):
         say(line)
@@ -604,6 +389,4 @@ def _final_line(summary: dict, setup: Setup, total: int, stop_at: int, workdir: 
 
 def _redirect_console():
     """Log lines printed above the progress bar instead of through it."""
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     return logging_redirect_tqdm(loggers=[logging.getLogger("ttt")])
