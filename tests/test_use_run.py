@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from test_interop import fake_official_tree, write_streaming_checkpoint
+from official_trees import fake_official_tree, write_streaming_checkpoint
 
 import ttt
 import ttt.evaluate
@@ -74,9 +74,9 @@ def _equal(a, b):
 
 
 def _flat(params):
-    from ttt import interop
+    from ttt.interop import trees
 
-    return interop._flatten(jax.tree.map(np.asarray, params))
+    return trees.flatten(jax.tree.map(np.asarray, params))
 
 
 def test_load_run_gives_the_checkpoint(tmp_path):

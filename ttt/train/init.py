@@ -4,7 +4,7 @@
   fresh, at step 0); the two models must have the same parameter names and shapes.
 - `transformer_workdir=DIR`: a trained softmax-attention LM of the same size; its embeddings,
   norms, feed-forwards and Q/K/V/O projections go into this TTT LM, the TTT-only parameters keep
-  their initial values (`ttt.interop.init_ttt_from_transformer`).
+  their initial values (`ttt.train.transformer_init.init_ttt_from_transformer`).
 - `official_checkpoint=FILE`: a ttt-lm-jax checkpoint file in its streaming msgpack format
   (`ttt.interop.load_ttt_lm_jax_checkpoint` + `import_ttt_lm_jax`).
 
@@ -22,6 +22,7 @@ import numpy as np
 
 from ttt.config import INIT_SOURCES, ConfigError
 from ttt.train.checkpoint import describe_mismatch, signature
+from ttt.train.transformer_init import init_ttt_from_transformer
 
 
 def chosen(config) -> tuple[str, str] | None:
@@ -60,7 +61,7 @@ def initial_params(config, target) -> tuple[Any, str] | None:
             if theirs.config.model.mixer != "softmax":
                 raise ConfigError(f"{where}: that run's mixer is {theirs.config.model.mixer!r}; "
                                   "a Transformer run (mixer 'softmax') is needed")
-            _, variables = interop.init_ttt_from_transformer(
+            _, variables = init_ttt_from_transformer(
                 config.model, {"params": jax.device_get(theirs.params)},
                 seed=int(config.train.seed))
             return _fit(variables["params"], target, where), \
