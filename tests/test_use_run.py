@@ -26,7 +26,7 @@ from ttt.data.tokenizers import ByteTokenizer
 from ttt.models import build_model
 from ttt.train import Checkpointer
 from ttt.train import init as init_lib
-from ttt.train.train import abstract_state, build_setup, resolve_config
+from ttt.train.setup import abstract_state, build_setup, resolve_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LM = os.path.join(ROOT, "experiments", "lm.py")

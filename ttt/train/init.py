@@ -20,9 +20,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from ttt import interop
 from ttt.config import INIT_SOURCES, ConfigError
-from ttt.train.checkpoint import describe_mismatch, signature
+from ttt.train.checkpoint import describe_mismatch, restore_params, signature
+from ttt.train.setup import abstract_params
 from ttt.train.transformer_init import init_ttt_from_transformer
+from ttt.train.workdir import read_config
 
 
 def chosen(config) -> tuple[str, str] | None:
@@ -43,9 +46,6 @@ def _fit(params, target, where: str):
 
 def initial_params(config, target) -> tuple[Any, str] | None:
     """(host parameters shaped like `target`, a description) for `config.init`, or None."""
-    from ttt import interop
-    from ttt.train import run as run_lib
-
     source = chosen(config)
     if source is None:
         return None
@@ -53,19 +53,19 @@ def initial_params(config, target) -> tuple[Any, str] | None:
     where = f"config.init.{key}={value!r}"
     try:
         if key == "from_workdir":
-            params, step = run_lib.restore_params(value, target)
+            params, step = restore_params(value, target)
             return _fit(jax.device_get(params), target, where), f"the parameters of {value} " \
                 f"(step {step}); a fresh optimizer"
         if key == "transformer_workdir":
-            theirs = run_lib.load(value)
-            if theirs.config.model.mixer != "softmax":
-                raise ConfigError(f"{where}: that run's mixer is {theirs.config.model.mixer!r}; "
+            theirs = read_config(value)
+            if theirs.model.mixer != "softmax":
+                raise ConfigError(f"{where}: that run's mixer is {theirs.model.mixer!r}; "
                                   "a Transformer run (mixer 'softmax') is needed")
+            params, step = restore_params(value, abstract_params(theirs)[1])
             _, variables = init_ttt_from_transformer(
-                config.model, {"params": jax.device_get(theirs.params)},
-                seed=int(config.train.seed))
+                config.model, {"params": jax.device_get(params)}, seed=int(config.train.seed))
             return _fit(variables["params"], target, where), \
-                f"the Transformer run {value} (step {theirs.step}): embeddings, norms, " \
+                f"the Transformer run {value} (step {step}): embeddings, norms, " \
                 "feed-forwards and Q/K/V/O copied, TTT-only parameters initialised"
         tree = interop.load_ttt_lm_jax_checkpoint(value)
         _, variables = interop.import_ttt_lm_jax(
