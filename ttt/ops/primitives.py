@@ -12,7 +12,7 @@ Notable choices:
   backward (`layer_norm_backward`, also used by the dual form to get the
   inner gradients without autodiff). Autodiff of the forward would hand XLA:CPU a fused reduce of
   a product for every per-row/per-column factor, many times slower than these plain reductions
-  and dots (2048×768 fwd+bwd: 39 ms with flax's LayerNorm, 5 ms with this one).
+  and dots.
 - The causal convolution takes an explicit left context ("tail"): the full-sequence, prefill and
   one-token paths are one function. Its backward is written out for the same XLA:CPU reason.
 - `project(x, w)` (and `project_dot_general`, the same for `nn.Dense`) multiplies on the 2-D
