@@ -282,7 +282,7 @@ def measure_small_model(spec: str, steps: int) -> dict:
     trainer's setup and placement, jit-compiled once; `steps` timed iterations (next batch,
     placement, step) after two warm-up ones. Also the CPU seconds per step of this process
     (every thread), which machine load disturbs less than wall time."""
-    from experiments.compare import load_config
+    from experiments.specs import load_config
     from ttt.data import make_dataset
 
     config = load_config(spec)

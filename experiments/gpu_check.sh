@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session for the fused Pallas kernel and LaCT (docs/gpu/README.md), in under 9 minutes:
+# One GPU run for the fused Pallas kernel and LaCT (docs/gpu/README.md), in under 9 minutes:
 #   1. JAX with CUDA (the installed build, else `pip install jax[cuda12]` of the same version),
 #      and the project's Python dependencies (from wheels carried in .whl/ when offline);
 #   2. the kernel compiled on the GPU against the XLA dual form (experiments/gpu_kernel_check.py:
@@ -7,9 +7,12 @@
 #   3. the layer bench: TTT-Linear / TTT-MLP by XLA and by the kernel, 2k and 8k, batch 8;
 #   4. the 125m train step at batch 16 × 2048 in bfloat16 (kernel, XLA, linear attention);
 #   5. the LaCT layer at 8k, batch 8, bf16 against the bf16 matmul rate (experiments/gpu_lact.py).
-# Usage (repository root):  bash experiments/gpu_check.sh [OUT]      (default runs/gpu_check)
-# On the lent machine:      run(command="bash experiments/gpu_check.sh $OUT/gpu", carry=[".whl"])
-# Prepare .whl/ here first if that machine lacks a dependency, e.g.
+# Usage, on any machine with an NVIDIA GPU, from the repository root:
+#   pip install -c constraints.txt -e '.[cuda]'   # JAX with CUDA 12 (else step 1 installs it)
+#   bash experiments/gpu_check.sh [OUT]            # default OUT: runs/gpu_check
+# On a machine without network access, JAX with CUDA must be installed already; put the wheels
+# of any other dependency it lacks in .whl/ (step 1 installs from there), prepared where the
+# network is reachable, e.g.
 #   pip download --no-deps -d .whl ml_collections
 # SMOKE=1 checks the script itself on a CPU: no installs, tiny shapes, kernel interpreted.
 set -uo pipefail

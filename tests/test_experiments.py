@@ -16,7 +16,7 @@ import pytest
 from conftest import assert_close
 from flax import traverse_util
 
-from experiments import ablation, compare, lm, mqar, report, vit
+from experiments import ablation, compare, grid, lm, mqar, plan, report, specs, vit
 from ttt.config import validate
 from ttt.models import build_model
 
@@ -287,24 +287,24 @@ def test_report_only_includes_every_run_given(tmp_path, capsys):
 
 
 def test_best_lr_ranks_diverged_runs_last(tmp_path):
-    cell = compare.Cell("mqar", "m", "experiments/mqar.py:softmax,smoke", seeds=(0, 1),
-                        lrs=(1e-3, 1e-2, 3e-2))
+    cell = grid.Cell("mqar", "m", "experiments/mqar.py:softmax,smoke", seeds=(0, 1),
+                     lrs=(1e-3, 1e-2, 3e-2))
     root = str(tmp_path)
-    assert compare.best_lr(cell, root) is None  # nothing finished: the other seeds wait
-    assert [r.key for r in compare.expand(cell, root)[0]] == [
+    assert plan.best_lr(cell, root) is None  # nothing finished: the other seeds wait
+    assert [r.key for r in plan.expand(cell, root)[0]] == [
         "mqar/m/lr0.001_s0", "mqar/m/lr0.01_s0", "mqar/m/lr0.03_s0"]
     for lr, acc, diverged in ((1e-3, 0.4, False), (1e-2, 0.9, False), (3e-2, 0.0, True)):
-        d = os.path.join(root, compare.Run(cell, 0, lr).key)
+        d = os.path.join(root, grid.Run(cell, 0, lr).key)
         os.makedirs(d)
         with open(os.path.join(d, "metrics.jsonl"), "w") as f:
             f.write(json.dumps({"step": 5, "eval/loss": 1.0, "eval/accuracy": acc}) + "\n")
         with open(os.path.join(d, "run.json"), "w") as f:
             json.dump({"diverged": "loss is nan"} if diverged else {}, f)
-    assert compare.best_lr(cell, root) == 1e-2
-    runs, complete = compare.expand(cell, root)
+    assert plan.best_lr(cell, root) == 1e-2
+    runs, complete = plan.expand(cell, root)
     assert complete and runs[-1].key == "mqar/m/lr0.01_s1"
-    assert [r.key for r in compare.selected(cell, root)] == ["mqar/m/lr0.01_s0",
-                                                              "mqar/m/lr0.01_s1"]
+    assert [r.key for r in plan.selected(cell, root)] == ["mqar/m/lr0.01_s0",
+                                                           "mqar/m/lr0.01_s1"]
 
 
 def test_compare_runs_the_tiny_preset_end_to_end(tmp_path, capsys):
@@ -316,14 +316,14 @@ def test_compare_runs_the_tiny_preset_end_to_end(tmp_path, capsys):
     text = open(os.path.join(workdir, "report.md")).read()
     assert text.strip() in out.strip()
     keys = []
-    for cell in compare.PRESETS["tiny"]:
-        for run in compare.expand(cell, workdir)[0]:
+    for cell in grid.PRESETS["tiny"]:
+        for run in plan.expand(cell, workdir)[0]:
             info = json.load(open(os.path.join(workdir, run.key, "run.json")))
             assert info["step"] > 0 and info["seed"] == run.seed and info["cpu_s"] > 0
             keys.append(run.key)
     # the sweep: both rates on seed 0, then seed 1 at the chosen one only
-    sweep = next(c for c in compare.PRESETS["tiny"] if c.lrs)
-    best = compare.best_lr(sweep, workdir)
+    sweep = next(c for c in grid.PRESETS["tiny"] if c.lrs)
+    best = plan.best_lr(sweep, workdir)
     assert best in sweep.lrs
     assert sorted(k for k in keys if k.startswith("mqar/")) == sorted(
         [f"mqar/{sweep.name}/lr{lr:g}_s0" for lr in sweep.lrs]
@@ -364,21 +364,21 @@ def test_compare_runs_the_tiny_preset_end_to_end(tmp_path, capsys):
 
 
 def test_overrides_and_spec_loading():
-    config = compare.load_config("experiments/lm.py:softmax,smoke",
-                                 ["train.steps=7", "model.mixer_kwargs={'cache_size': 64}",
-                                  "data.tokenizer=byte"])
+    config = specs.load_config("experiments/lm.py:softmax,smoke",
+                               ["train.steps=7", "model.mixer_kwargs={'cache_size': 64}",
+                                "data.tokenizer=byte"])
     assert config.train.steps == 7 and config.model.mixer_kwargs.cache_size == 64
     assert config.data.tokenizer == "byte"
     with pytest.raises(ValueError, match="no such file 'experiments/nope.py'"):
-        compare.load_config("experiments/nope.py:x")
+        specs.load_config("experiments/nope.py:x")
     # the fields the trainer or the preset fill are typed placeholders: overridable like the rest
-    config = compare.load_config("experiments/vit.py:smoke", ["model.num_layers=1",
-                                                              "model.width=16"])
+    config = specs.load_config("experiments/vit.py:smoke", ["model.num_layers=1",
+                                                            "model.width=16"])
     assert (config.model.num_layers, config.model.width, config.model.mlp_dim) == (1, 16, None)
     with pytest.raises(ValueError, match="train.steps=abc: expected an integer"):  # as ttt.main
-        compare.load_config("experiments/lm.py:smoke", ["train.steps=abc"])
+        specs.load_config("experiments/lm.py:smoke", ["train.steps=abc"])
     with pytest.raises(ValueError, match="config.train has no key 'nope'"):  # as ttt.main
-        compare.load_config("experiments/lm.py:smoke", ["train.nope=1"])
+        specs.load_config("experiments/lm.py:smoke", ["train.nope=1"])
 
 
 @pytest.mark.parametrize("module,arg,needle", [
@@ -418,9 +418,9 @@ def test_compare_selects_groups_and_takes_a_user_corpus(tmp_path):
     assert [(c.group, c.name) for c in cells] == [("init", "ttt_linear_from_softmax"),
                                                   ("lm", "softmax")]
     assert all(c.seeds == (3, 4) for c in cells)
-    run = compare.Run(cells[0], 3)
-    overrides = compare.run_overrides(run, "W", args.overrides)
-    config = compare.load_config(cells[0].spec, [o for o in overrides if "init." not in o])
+    run = grid.Run(cells[0], 3)
+    overrides = grid.run_overrides(run, "W", args.overrides)
+    config = specs.load_config(cells[0].spec, [o for o in overrides if "init." not in o])
     assert config.data.name == "text_files" and list(config.data.paths) == [str(tmp_path)]
     assert config.data.seq_len == 2048 and config.train.seed == 3
     assert f"init.transformer_workdir={os.path.join('W', 'lm', 'softmax', 's3')}" in overrides

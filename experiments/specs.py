@@ -1,0 +1,24 @@
+"""A config spec (`experiments/<file>.py:<arg>`) and `key=value` overrides -> the config, as
+`python -m ttt.main` loads it; shared by experiments.compare (and the runs it trains) and
+experiments.bench."""
+
+from __future__ import annotations
+
+from ttt import cli
+from ttt.config import with_defaults
+
+
+def load_config(spec: str, overrides=()):
+    """'path/to/file.py:arg' and ['train.steps=100', ...] -> the file's get_config(arg) with the
+    overrides set, exactly as `python -m ttt.main --config=<spec> --config.<key>=<value>` loads
+    it (`ttt.cli.load_config`, `ttt.config.with_defaults`, `ttt.cli.apply_overrides`).
+
+    Raises `ttt.config.ConfigError` (one line naming the spec or the override) on any mistake.
+    """
+    pairs = []
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise cli.UsageError(f"--set {item}: expected key=value, e.g. --set train.steps=100")
+        pairs.append((key, text))
+    return cli.apply_overrides(with_defaults(cli.load_config(spec)), pairs)
