@@ -53,7 +53,7 @@ from experiments import bench_report, lm
 from experiments.timing import compile_timed, matmul_rates, peak_bytes, timed_calls
 from ttt.layers import MIXERS, SoftmaxAttention, costs, forward_flops, make_mixer
 from ttt.models import PRESETS, build_model
-from ttt.train.train import build_setup, lower_train_step, resolve_config
+from ttt.train.setup import build_setup, lower_train_step, resolve_config
 
 WIDTH, HEADS, MINI_BATCH = 768, 12, 16  # the 125M layer shape (defaults of the flags)
 NS = (512, 1024, 2048, 4096, 8192, 16384, 32768)

@@ -55,7 +55,7 @@ def _t(name, value, limit, ok_if="<=", note=""):
     return {"target": name, "value": value, "limit": f"{ok_if} {limit}", "ok": ok, "note": note}
 
 
-# fwd+bwd time over the baseline at 2k and 8k (batch 1), and at batch 8, per backend (issue 15)
+# fwd+bwd time over the baseline at 2k and 8k (batch 1), and at batch 8, per backend
 # (None: no target on that backend; the tables still show the figure)
 RATIO_LIMITS = {"cpu": {"ttt_linear": 1.2, "ttt_linear_mamba": 1.4, "ttt_mlp": 2.5, "batch": 1.1},
                 "gpu": {"ttt_linear": 1.5, "ttt_linear_mamba": None, "ttt_mlp": 3.0,
@@ -64,7 +64,7 @@ KERNEL_SPEEDUP = 3.0  # the Pallas kernel's fwd+bwd at least this much faster th
 
 
 def targets(result: dict) -> list[dict]:
-    """The issue's targets, evaluated on this run's numbers (None where a shape was not run)."""
+    """The targets, evaluated on this run's numbers (None where a shape was not run)."""
     rows, out = result["layers"], []
     backend = result["machine"]["backend"]
     limits = RATIO_LIMITS["gpu" if backend == "gpu" else "cpu"]
@@ -304,8 +304,9 @@ SUMMARY_RATIO_NS = (2048, 8192)
 def summary(result: dict, source: str) -> str:
     """The README's speed table (µs per token of fwd+bwd, × the baseline) and decode line."""
     rows = {(r["mixer"], r["N"]): r for r in result["layers"]}
-    head = " | ".join(f"at {n // 1024}k" for n in SUMMARY_NS)
-    ratio_ns = " / ".join(f"{n // 1024}k" for n in SUMMARY_RATIO_NS)
+    size = lambda n: f"{n // 1024}k" if n % 1024 == 0 else str(n)  # noqa: E731
+    head = " | ".join(f"at {size(n)}" for n in SUMMARY_NS)
+    ratio_ns = " / ".join(size(n) for n in SUMMARY_RATIO_NS)
     lines = [f"From [{source}]({source}): the run of {result.get('date', '?')} "
              f"(`{result.get('command', '?')}`); fwd+bwd of one layer, µs per token.", "",
              f"| mixer | {head} | × {result['baseline']} at {ratio_ns} |",

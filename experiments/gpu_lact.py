@@ -6,7 +6,7 @@ The large-chunk layer (`lact`, the benchmark's shape: width 768, 12 heads, chunk
 bfloat16 at N tokens and a batch of sequences, timed as `experiments.bench` times a layer (median
 of `--runs` calls of the jitted VJP of a fixed cotangent), against the best of two bf16 matmuls
 timed in the same process. FLOPs are the registry's (the math, `ttt.layers.costs`; fwd+bwd = 3 ×
-fwd). Target (the large-chunk issue): ≥ 50 % of the matmul rate at 8k, batch 8. Writes lact.json
+fwd). Target: ≥ 50 % of the matmul rate at 8k, batch 8. Writes lact.json
 to --out and prints one line. `--smoke` checks the script on a CPU (tiny shapes, one run).
 `experiments/gpu_check.sh` runs it as its last step.
 """

@@ -48,6 +48,11 @@ import sys
 
 import pytest
 
+from experiments import bench, bench_report
+from experiments.specs import load_config
+from ttt import cli
+from ttt.config import ConfigError, validate, with_defaults
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_LINES = 250
@@ -262,8 +267,6 @@ def check_make(args: list[str]) -> None:
 
 def check_ttt(module_name: str, args: list[str], block: bool) -> None:
     """A ttt command line (`ttt.cli` flags; ttt.main also its config and overrides)."""
-    from ttt import cli
-
     module = importlib.import_module(module_name)
     flags = getattr(module, "FLAGS", None)
     if flags is None:
@@ -292,9 +295,6 @@ def check_ttt(module_name: str, args: list[str], block: bool) -> None:
 
 def check_config(spec: str, overrides, *, num_devices=None, process_count=1) -> None:
     """Load `spec` with the CLI's loader, apply `overrides` [(key, text)], validate."""
-    from ttt import cli
-    from ttt.config import ConfigError, validate, with_defaults
-
     with _in_root():
         try:
             config = cli.apply_overrides(with_defaults(cli.load_config(spec)), overrides)
@@ -322,10 +322,6 @@ def _devices_for(config) -> int:
 
 
 def _load_experiment_config(spec: str, overrides=()):
-    try:
-        from experiments.specs import load_config
-    except ImportError:  # before the loader moved out of experiments.compare
-        from experiments.compare import load_config
     return load_config(spec, overrides)
 
 
@@ -408,9 +404,6 @@ def check_experiment(module_name: str, args: list[str], block: bool) -> None:
     namespace = parse_experiment(module, args, block, str(path.relative_to(ROOT)))
     if namespace is None:
         return
-    from ttt import cli
-    from ttt.config import ConfigError
-
     overrides = list(getattr(namespace, "overrides", None) or [])
     specs = []
     for value in vars(namespace).values():
@@ -661,8 +654,6 @@ def test_relative_links_resolve():
 def test_bench_figures_in_the_docs_are_generated_from_the_bench_json(doc, begin):
     """docs/benchmarks.md's tables and the README's short speed table are what
     `experiments.bench_report` writes from docs/bench/bench.json."""
-    from experiments import bench_report
-
     text = (ROOT / doc).read_text()
     mark = getattr(bench_report, begin)
     assert any(line.startswith(mark) for line in text.splitlines()), f"{doc}: no {mark!r} line"
@@ -680,8 +671,6 @@ def test_bench_figures_in_the_docs_are_generated_from_the_bench_json(doc, begin)
 def tiny_bench_json(tmp_path_factory):
     """bench.json of the smallest run of experiments.bench (its smoke path, one mixer; the
     matmul ceiling, seconds of large matmuls, replaced by a fixed figure)."""
-    from experiments import bench
-
     out = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bench, "matmul_ceiling", lambda runs: {"square_64": 1.0,
@@ -693,8 +682,6 @@ def tiny_bench_json(tmp_path_factory):
 
 
 def test_bench_report_writes_and_checks_the_docs_block(tiny_bench_json, tmp_path, capsys):
-    from experiments import bench_report
-
     result = json.loads(tiny_bench_json.read_text())
     assert result["machine"]["cpu"] and result["command"].startswith("python -m experiments.bench")
     doc = tmp_path / "docs" / "benchmarks.md"
@@ -733,9 +720,9 @@ def test_bench_report_writes_and_checks_the_docs_block(tiny_bench_json, tmp_path
     assert "end of bench tables" in capsys.readouterr().err
 
 
-def test_bench_report_writes_the_readme_summary(tiny_bench_json, tmp_path, capsys):
-    from experiments import bench_report
-
+def test_bench_report_writes_the_readme_summary(tiny_bench_json, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench_report, "SUMMARY_NS", (32, 2048))
+    monkeypatch.setattr(bench_report, "SUMMARY_RATIO_NS", (32,))
     result = json.loads(tiny_bench_json.read_text())
     result["decode"] = [{"mixer": "linattn_chunked", "context": 1024, "step_s": 0.5e-3}]
     data = tmp_path / "bench.json"
@@ -751,7 +738,8 @@ def test_bench_report_writes_the_readme_summary(tiny_bench_json, tmp_path, capsy
     text = doc.read_text()
     row = [line for line in text.splitlines() if line.startswith("| linattn_chunked |")]
     us = result["layers"][0]["us_per_token_fb"]
-    assert row == [f"| linattn_chunked | {us:.1f} | not run | not run | 1.00 / — |"], text
+    assert row == [f"| linattn_chunked | {us:.1f} | not run | 1.00 |"], text
+    assert "| mixer | at 32 | at 2k | × linattn_chunked at 32 |" in text
     assert "One decode step, ms at a context of 1024: linattn_chunked 0.500." in text
     assert bench_report.main([*argv, "--check"]) == 0
     doc.write_text("# no markers\n")

@@ -93,7 +93,7 @@ def test_cli_bad_config_is_one_line(tmp_path):
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "config.model.mixer='nosuchmixer'" in lines[0], err[-2000:]
     # a typo in the config argument is never taken for a mixer name: the flag parser stops, in
-    # one line (bad override values take the same path: test_experiments, compare.load_config)
+    # one line (bad override values take the same path: test_experiments, specs.load_config)
     rc, err = _main(os.path.join(ROOT, "experiments/lm.py:nosuchmixer,smoke"), tmp_path / "w",
                     tmp_path / "cache")
     assert rc == 2, err[-2000:]
