@@ -50,7 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_report, lm
+from experiments.specs import load_config
 from experiments.timing import compile_timed, matmul_rates, peak_bytes, timed_calls
+from ttt.data import make_dataset
 from ttt.layers import MIXERS, SoftmaxAttention, costs, forward_flops, make_mixer
 from ttt.models import PRESETS, build_model
 from ttt.train.setup import build_setup, lower_train_step, resolve_config
@@ -282,9 +284,6 @@ def measure_small_model(spec: str, steps: int) -> dict:
     trainer's setup and placement, jit-compiled once; `steps` timed iterations (next batch,
     placement, step) after two warm-up ones. Also the CPU seconds per step of this process
     (every thread), which machine load disturbs less than wall time."""
-    from experiments.specs import load_config
-    from ttt.data import make_dataset
-
     config = load_config(spec)
     data = make_dataset(config.data, "train", config.train.global_batch_size, seed=0)
     config = resolve_config(config, data.meta)
