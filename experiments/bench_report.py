@@ -307,8 +307,7 @@ def summary(result: dict, source: str) -> str:
     size = lambda n: f"{n // 1024}k" if n % 1024 == 0 else str(n)  # noqa: E731
     head = " | ".join(f"at {size(n)}" for n in SUMMARY_NS)
     ratio_ns = " / ".join(size(n) for n in SUMMARY_RATIO_NS)
-    lines = [f"From [{source}]({source}): the run of {result.get('date', '?')} "
-             f"(`{result.get('command', '?')}`); fwd+bwd of one layer, µs per token.", "",
+    lines = [machine_line(result, source) + " Fwd+bwd of one layer, µs per token:", "",
              f"| mixer | {head} | × {result['baseline']} at {ratio_ns} |",
              "|---|" + "---:|" * (len(SUMMARY_NS) + 1)]
 
@@ -316,7 +315,9 @@ def summary(result: dict, source: str) -> str:
         if r is None:
             return "not run"
         if "skipped" in r:
-            return "skipped (" + r["skipped"].split(" ")[0].rstrip(":") + ")"
+            why = r["skipped"]
+            return "skipped (" + ("memory" if "memory" in why else "time budget" if "time" in why
+                                  else "GPU only" if "GPU" in why else why.split(":")[0]) + ")"
         return f"{r['us_per_token_fb']:.1f}"
 
     for m in SUMMARY_MIXERS:
