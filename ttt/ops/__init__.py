@@ -12,6 +12,8 @@
 - lact:         large-chunk TTT (LaCT): one fast-weight update per chunk, causal or not, decode
                 step.
 - softmax_attn: softmax attention and Nadaraya–Watson kernel regression (its exp-kernel case).
+- delta:        the (gated) delta rule: exact chunked (WY/UT) form, recurrent reference, decode
+                step.
 - linear_attn:  linear attention (quadratic, cumsum and chunked forms) and its decode step.
 - window_attn:  sliding-window softmax attention (flash-style backward), its decode step and ring
                 cache.
@@ -22,6 +24,7 @@ functions of those names live there. The attention modules end in `_attn` so tha
 re-exported here (`linear_attention`, ...) do not shadow them.
 """
 
+from ttt.ops.delta import delta_rule, delta_rule_decode_step, delta_rule_recurrent
 from ttt.ops.learners import (
     Learner,
     gelu_tanh,
@@ -50,6 +53,9 @@ __all__ = [
     "Learner",
     "TTTState",
     "causal_conv",
+    "delta_rule",
+    "delta_rule_decode_step",
+    "delta_rule_recurrent",
     "exp_kernel",
     "gelu_tanh",
     "init_fixed_ln",

@@ -1,0 +1,192 @@
+"""The (gated) delta rule, as pure functions on per-head arrays (B, H, N, d).
+
+Per sequence and head the state is a matrix S (dk, dv). With a_t = exp(log_alpha_t) (a_t = 1
+without a gate) every token first updates, then reads:
+    S_t = a_t S_{t−1} + β_t k_t (v_t − a_t S_{t−1}ᵀ k_t)ᵀ,    o_t = S_tᵀ q_t.
+Without a gate this is one gradient step of rate β_t on ½‖Sᵀk_t − v_t‖² (causal TTT with a
+bias-free linear inner learner and mini-batch 1); the gate decays S before the step. No scaling
+of q and no normalisation of k happen here: the caller does that.
+
+- `delta_rule`: the fast form, exact; chunks of c tokens, a `lax.scan` over chunks carries S.
+- `delta_rule_recurrent`: the recurrence above token by token (`lax.scan`), the reference.
+- `delta_rule_decode_step`: one token of the recurrence (generation).
+
+The chunk form (WY/UT representation). Inside a chunk from state S_0, let g_i = Σ_{s≤i} log a_s
+(cumulative log-decay, inclusive, counted from the chunk start), γ_i = exp(g_i) and
+Γ_ij = exp(g_i − g_j) (j ≤ i). Write the update as S_i = a_i S_{i−1} + k_i u_iᵀ with the new
+values u_i = β_i (v_i − a_i S_{i−1}ᵀ k_i). Unrolling,
+    S_i = γ_i S_0 + Σ_{j≤i} Γ_ij k_j u_jᵀ,   so   a_i S_{i−1} = S_i − k_i u_iᵀ
+        = γ_i S_0 + Σ_{j<i} Γ_ij k_j u_jᵀ,
+and substituting into u_i gives u_i + β_i Σ_{j<i} Γ_ij (k_i·k_j) u_j = β_i (v_i − γ_i S_0ᵀ k_i).
+For the chunk's K (c, dk), V (c, dv), β (c,) that is one unit-lower-triangular system
+    (I + A) U = diag(β) (V − diag(γ) K S_0),   A = tril(diag(β) (K Kᵀ ⊙ Γ), −1),
+solved by forward substitution (`solve_triangular`, unit diagonal). Then
+    O   = diag(γ) Q S_0 + ((Q Kᵀ) ⊙ Γ ⊙ M) U        (M: causal mask, diagonal included),
+    S_c = γ_c S_0 + (diag(Γ_cj) K)ᵀ U                 (the state carried to the next chunk).
+
+Notable choices:
+- Γ is formed as exp of the masked difference g_i − g_j (zero above the diagonal before the exp):
+  no overflow and no NaN gradients from the entries the mask discards.
+- N need not be a multiple of c: the tail is padded with β = 0, log_alpha = 0 tokens, which leave
+  S unchanged (u = 0, a = 1); their outputs are cut.
+- The chunk math runs in q's dtype; the carried state keeps the dtype of the initial state
+  (zeros in q's dtype by default).
+- log_alpha ≤ 0 is checked only on concrete arrays (not under jit/grad tracing).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.linalg import solve_triangular
+
+from ttt.ops import checks
+
+
+def _check_gate_values(name: str, log_alpha) -> None:
+    """ValueError if a concrete log_alpha has an entry > 0 (or NaN): a_t = exp(·) must be ≤ 1."""
+    if log_alpha is None or isinstance(log_alpha, jax.core.Tracer):
+        return
+    arr = np.asarray(log_alpha, np.float64)
+    if np.isnan(arr).any() or (arr > 0).any():
+        raise ValueError(f"{name}: expected log-decays <= 0 (a = exp(log_alpha) <= 1), got max "
+                         f"{np.max(arr)}")
+
+
+def _check_sequence(q, k, v, beta, log_alpha, state):
+    """q, k (B, H, N, dk); v (B, H, N, dv); beta, log_alpha (B, H, N); state (B, H, dk, dv)."""
+    checks.check_qkv(q, k, v, "dk", "dv")
+    for name, x in (("q", q), ("k", k), ("v", v), ("beta", beta)):
+        checks.check_floating(name, x)
+    checks.check_same_dtype(q=q, k=k, v=v)
+    B, H, N, dk = q.shape
+    dv = v.shape[-1]
+    checks.check_shape("beta", beta, (B, H, N), "(B, H, N)", like="q")
+    if log_alpha is not None:
+        checks.check_shape("log_alpha", log_alpha, (B, H, N), "(B, H, N)", like="q")
+        checks.check_floating("log_alpha", log_alpha)
+        _check_gate_values("log_alpha", log_alpha)
+    if state is not None:
+        checks.check_shape("state", state, (B, H, dk, dv), "(B, H, dk, dv)", like="q, v")
+        checks.check_floating("state", state)
+
+
+def _defaults(q, v, beta, log_alpha, state):
+    """Fill in log_alpha = 0 (no gate) and state = 0; cast beta and log_alpha to q's dtype."""
+    B, H, N, dk = q.shape
+    if log_alpha is None:
+        log_alpha = jnp.zeros((B, H, N), q.dtype)
+    if state is None:
+        state = jnp.zeros((B, H, dk, v.shape[-1]), q.dtype)
+    return beta.astype(q.dtype), log_alpha.astype(q.dtype), state
+
+
+# ----------------------------------------------------------------------------- recurrent form
+
+
+def _token_step(S, q_t, k_t, v_t, beta_t, log_alpha_t):
+    """One token of the recurrence for (B, H): S (B, H, dk, dv); q_t, k_t (B, H, dk); v_t (B, H,
+    dv); beta_t, log_alpha_t (B, H) -> (o_t (B, H, dv), S_t)."""
+    a = jnp.exp(log_alpha_t)[..., None, None]  # (B, H, 1, 1)
+    S_dec = a * S  # (B, H, dk, dv)
+    pred = jnp.einsum("bhkv,bhk->bhv", S_dec, k_t)  # (B, H, dv): a_t S_{t−1}ᵀ k_t
+    u = beta_t[..., None] * (v_t - pred)  # (B, H, dv)
+    S_new = (S_dec + jnp.einsum("bhk,bhv->bhkv", k_t, u)).astype(S.dtype)  # (B, H, dk, dv)
+    return jnp.einsum("bhkv,bhk->bhv", S_new, q_t), S_new
+
+
+@jax.jit
+def _recurrent(q, k, v, beta, log_alpha, S0):
+    major = lambda x: jnp.moveaxis(x, 2, 0)  # (B, H, N, ...) -> (N, B, H, ...): scan order
+
+    def step(S, x):
+        o_t, S = _token_step(S, *x)
+        return S, o_t
+
+    S_N, o = jax.lax.scan(step, S0, tuple(map(major, (q, k, v, beta, log_alpha))))
+    return jnp.moveaxis(o, 0, 2), S_N  # o (B, H, N, dv)
+
+
+def delta_rule_recurrent(q, k, v, beta, *, log_alpha=None, state=None):
+    """The delta rule token by token (the reference). Shapes and results as `delta_rule`."""
+    _check_sequence(q, k, v, beta, log_alpha, state)
+    return _recurrent(q, k, v, *_defaults(q, v, beta, log_alpha, state))
+
+
+def delta_rule_decode_step(S, q_t, k_t, v_t, beta_t, log_alpha_t=None):
+    """One token: S (B, H, dk, dv); q_t, k_t (B, H, dk); v_t (B, H, dv); beta_t, log_alpha_t
+    (B, H) or None (no gate) -> (o_t (B, H, dv), S_new (B, H, dk, dv)). Matches `delta_rule`."""
+    checks.check_rank("q_t", q_t, 3, "(B, H, dk)")
+    B, H, dk = q_t.shape
+    checks.check_shape("k_t", k_t, (B, H, dk), "(B, H, dk)", like="q_t")
+    checks.check_rank("v_t", v_t, 3, "(B, H, dv)")
+    checks.check_shape("v_t", v_t, (B, H, None), "(B, H, dv)", like="q_t")
+    checks.check_shape("S", S, (B, H, dk, v_t.shape[-1]), "(B, H, dk, dv)", like="q_t, v_t")
+    checks.check_shape("beta_t", beta_t, (B, H), "(B, H)", like="q_t")
+    for name, x in (("S", S), ("q_t", q_t), ("k_t", k_t), ("v_t", v_t), ("beta_t", beta_t)):
+        checks.check_floating(name, x)
+    if log_alpha_t is None:
+        log_alpha_t = jnp.zeros((B, H), q_t.dtype)
+    else:
+        checks.check_shape("log_alpha_t", log_alpha_t, (B, H), "(B, H)", like="q_t")
+        _check_gate_values("log_alpha_t", log_alpha_t)
+    return _token_step(S, q_t, k_t, v_t, beta_t.astype(q_t.dtype), log_alpha_t.astype(q_t.dtype))
+
+
+# ----------------------------------------------------------------------------- chunked form
+
+
+def _chunk_step(S0, x):
+    """One chunk from S0 (B, H, dk, dv): x = (q, k (B, H, c, dk), v (B, H, c, dv), beta,
+    log_alpha (B, H, c)) -> (S_c, O (B, H, c, dv)). See the module docstring."""
+    q, k, v, beta, log_alpha = x
+    c = q.shape[2]
+    g = jnp.cumsum(log_alpha, axis=-1)  # (B, H, c): log γ_i
+    causal = jnp.tril(jnp.ones((c, c), dtype=bool))  # j <= i
+    diff = jnp.where(causal, g[..., :, None] - g[..., None, :], 0.0)  # (B, H, c, c)
+    Gam = jnp.where(causal, jnp.exp(diff), 0.0)  # Γ_ij, zero above the diagonal
+    gam = jnp.exp(g)[..., None]  # (B, H, c, 1)
+    kk = jnp.einsum("bhid,bhjd->bhij", k, k)  # (B, H, c, c)
+    A = jnp.tril(beta[..., None] * kk * Gam, -1)  # strictly lower
+    S0c = S0.astype(q.dtype)
+    rhs = beta[..., None] * (v - gam * jnp.einsum("bhid,bhdv->bhiv", k, S0c))  # (B, H, c, dv)
+    U = solve_triangular(A, rhs, lower=True, unit_diagonal=True)  # (B, H, c, dv)
+    qk = jnp.einsum("bhid,bhjd->bhij", q, k) * Gam  # (B, H, c, c), causal incl. diagonal
+    O = jnp.einsum("bhid,bhdv->bhiv", gam * q, S0c) + jnp.einsum("bhij,bhjv->bhiv", qk, U)
+    to_end = jnp.exp(g[..., -1:] - g)[..., None]  # (B, H, c, 1): Γ_cj
+    S_c = gam[..., -1, :, None] * S0c + jnp.einsum("bhjd,bhjv->bhdv", to_end * k, U)
+    return S_c.astype(S0.dtype), O
+
+
+@functools.partial(jax.jit, static_argnums=6)
+def _chunked(q, k, v, beta, log_alpha, S0, chunk):
+    B, H, N, _ = q.shape
+    c = chunk
+    n_chunks = -(-N // c)
+    pad = n_chunks * c - N
+
+    def split(x):  # (B, H, N, ...) -> (n_chunks, B, H, c, ...), zero-padded (β = 0, log a = 0)
+        x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+        return jnp.moveaxis(x.reshape(B, H, n_chunks, c, *x.shape[3:]), 2, 0)
+
+    S_N, O = jax.lax.scan(_chunk_step, S0, tuple(map(split, (q, k, v, beta, log_alpha))))
+    O = jnp.moveaxis(O, 0, 2).reshape(B, H, n_chunks * c, -1)[:, :, :N]  # (B, H, N, dv)
+    return O, S_N
+
+
+def delta_rule(q, k, v, beta, *, log_alpha=None, chunk: int = 64, state=None):
+    """The (gated) delta rule in chunks of `chunk` tokens (exact; see the module docstring).
+
+    q, k: (B, H, N, dk); v: (B, H, N, dv); beta: (B, H, N) write strengths; log_alpha: (B, H, N)
+    log-decays ≤ 0, or None (no gate); state: (B, H, dk, dv) initial S, or None (zeros).
+    Returns (o (B, H, N, dv), S_N (B, H, dk, dv)). N need not be a multiple of `chunk`.
+    """
+    _check_sequence(q, k, v, beta, log_alpha, state)
+    checks.check_int("chunk", chunk, 1)
+    return _chunked(q, k, v, *_defaults(q, v, beta, log_alpha, state), chunk)
+
+
+__all__ = ["delta_rule", "delta_rule_decode_step", "delta_rule_recurrent"]
