@@ -3,7 +3,8 @@
 Restarting the same command in the same workdir continues from the newest readable checkpoint
 (parameters, optimizer state, step, PRNG key and the data iterators' positions), so a killed run
 resumes to the bit. A workdir whose `config.json` names another model or dataset is refused before
-anything in it is touched (one line naming the differing keys). A new run starts from a fresh
+anything in it is touched (one line naming the differing keys), and so is a workdir that another
+run is training in (`WorkdirLock`: one line naming that process). A new run starts from a fresh
 initialisation or from `config.init` (another run's parameters, a trained Transformer, an official
 checkpoint: `ttt.train.init`). `train.stop_at` ends this invocation early (with a checkpoint)
 without changing the learning-rate schedule of `train.steps`, for jobs that run in time slices.
@@ -17,12 +18,13 @@ diagnostics (`train.diag_every`) run the model's diagnostic pass (the TTT inner-
 the others, and evaluation, run it without (`Setup.train_step` vs `Setup.diag_step`).
 
 What the driver shares with the compile-only report and a run's loader (`build_setup`,
-`abstract_state`, `lower_train_step`, ...) lives in `ttt.train.setup`; the workdir checks in
-`ttt.train.workdir`.
+`abstract_state`, `lower_train_step`, ...) lives in `ttt.train.setup`; the workdir checks and
+lock in `ttt.train.workdir`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,7 +44,7 @@ from ttt.train import checkpoint as ckpt_lib
 from ttt.train import init as init_lib
 from ttt.train import metrics as metrics_lib
 from ttt.train.setup import Setup, abstract_state, build_setup, resolve_config
-from ttt.train.workdir import check_same_run, prepare_workdir, run_differences
+from ttt.train.workdir import WorkdirLock, check_same_run, prepare_workdir, run_differences
 
 log = logging.getLogger(__name__)
 
@@ -181,12 +183,19 @@ def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=N
 
     defaults: the config file's own config (before command-line overrides); the console lists
     what differs from it. source: its name for that line. Console lines go to the "ttt" logger
-    (`ttt.cli.console()` shows them on stderr, as the command lines do).
+    (`ttt.cli.console()` shows them on stderr, as the command lines do). The workdir is locked
+    (`WorkdirLock`, by process 0) from before anything in it is read until the run ends, so a
+    second run on it stops at once.
     """
-    build_model = build_model or models.build_model
-    make_dataset = make_dataset or data.make_dataset
     validate(config)
     workdir = prepare_workdir(workdir)
+    with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train(config, workdir, build_model or models.build_model,
+                      make_dataset or data.make_dataset, defaults, source)
+
+
+def _train(config, workdir: str, build_model, make_dataset, defaults, source) -> dict:
+    """`train_and_evaluate` in a prepared and locked workdir."""
     train_cfg = config.train
     pid, nproc = jax.process_index(), jax.process_count()
     say = log.info if pid == 0 else (lambda *args: None)
