@@ -7,9 +7,20 @@
 - `linear_attention_decode_step`: one token of the recurrent form, from
   `linear_attention_init_state`; a loop of it reproduces the causal forward.
 
+The optional per-token decay gate (causal only; Mamba2's SSD core, the convention of
+`ttt.ops.delta`): log_alpha (B, H, N) ≤ 0, a_t = exp(log_alpha_t), and
+    S_t = a_t S_{t−1} + φ(k_t) v_tᵀ,   s_t = a_t s_{t−1} + φ(k_t),   z_t = S_tᵀ φ(q_t) [/ norm.].
+With g_t = Σ_{s≤t} log a_s and Γ_ts = exp(g_t − g_s) (s ≤ t) that is the quadratic form with
+scores φ(q)φ(k)ᵀ ⊙ Γ ⊙ causal. Γ is formed as exp of the masked difference (zero above the
+diagonal before the exp): nothing overflows. "chunked" uses Γ inside a chunk and the chunk's
+cumulative decay γ_i = exp(g_i) (from the chunk start) across chunks; "cumsum" becomes a token
+`lax.scan` of the recurrence. log_alpha=None runs the ungated code unchanged; log_alpha ≤ 0 is
+checked on concrete arrays only (not under jit/grad tracing).
+
 Notable choices: the adaptive normaliser adds `eps` to the denominator (φ = identity can make it
 vanish); "constant" divides by the number of tokens summed (t+1 causal, N non-causal), which is
-what one full-batch GD step of TTT-Linear computes with the loss averaged over tokens.
+what one full-batch GD step of TTT-Linear computes with the loss averaged over tokens; with a
+gate "constant" still divides by t+1 (the count, not the decayed weights).
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ttt.ops import checks
+from ttt.ops.delta import _check_gate_values
 from ttt.ops.primitives import causal_mask
 
 _FEATURE_MAPS = (None, "elu")
@@ -41,11 +53,24 @@ def _normalise(num, den, count, normalize, eps):
     return num
 
 
-def _linear_quadratic(fq, fk, v, causal):
-    """Reference: A = φ(q) φ(k)ᵀ masked; returns (A v, row sums of A), (B,H,N,dv), (B,H,N)."""
+def _decay_matrix(log_alpha, mask):
+    """Γ_ts = exp(g_t − g_s) for s ≤ t (0 elsewhere), g = cumsum(log_alpha) along the last axis.
+
+    log_alpha (..., n), mask (n, n) causal -> (..., n, n). The difference is masked before the
+    exp, so the discarded entries neither overflow nor give NaN gradients.
+    """
+    g = jnp.cumsum(log_alpha, axis=-1)
+    diff = jnp.where(mask, g[..., :, None] - g[..., None, :], 0.0)
+    return jnp.where(mask, jnp.exp(diff), 0.0)
+
+
+def _linear_quadratic(fq, fk, v, causal, log_alpha=None):
+    """Reference: A = φ(q) φ(k)ᵀ masked [⊙ Γ]; returns (A v, row sums of A), (B,H,N,dv), (B,H,N)."""
     scores = jnp.einsum("bhtd,bhsd->bhts", fq, fk)  # (B, H, N, N)
     if causal:
         scores = jnp.where(causal_mask(fq.shape[2]), scores, 0.0)
+    if log_alpha is not None:  # causal only (checked by the caller)
+        scores = scores * _decay_matrix(log_alpha, causal_mask(fq.shape[2]))  # (B, H, N, N)
     return jnp.einsum("bhts,bhsv->bhtv", scores, v), scores.sum(-1)
 
 
@@ -55,6 +80,64 @@ def _linear_cumsum(fq, fk, v):
     s = jnp.cumsum(fk, axis=2)  # (B, H, N, d)
     num = jnp.einsum("bhtd,bhtdv->bhtv", fq, S)  # (B, H, N, dv)
     return num, jnp.einsum("bhtd,bhtd->bht", fq, s)
+
+
+def _linear_scan(fq, fk, v, log_alpha):
+    """Gated causal recurrence token by token (`lax.scan`): S_t = a_t S_{t−1} + φ(k_t) v_tᵀ."""
+    B, H, N, d = fq.shape
+    major = lambda x: jnp.moveaxis(x, 2, 0)  # (B, H, N, ...) -> (N, B, H, ...)
+
+    def step(carry, xs):
+        S, s = carry  # (B, H, d, dv), (B, H, d)
+        q_t, k_t, v_t, la_t = xs  # (B, H, d), (B, H, d), (B, H, dv), (B, H)
+        a = jnp.exp(la_t)  # (B, H)
+        S = a[..., None, None] * S + jnp.einsum("bhd,bhv->bhdv", k_t, v_t)
+        s = a[..., None] * s + k_t
+        return (S, s), (jnp.einsum("bhd,bhdv->bhv", q_t, S), jnp.einsum("bhd,bhd->bh", q_t, s))
+
+    init = (jnp.zeros((B, H, d, v.shape[-1]), fq.dtype), jnp.zeros((B, H, d), fq.dtype))
+    _, (num, den) = jax.lax.scan(step, init, tuple(map(major, (fq, fk, v, log_alpha))))
+    return jnp.moveaxis(num, 0, 2), jnp.moveaxis(den, 0, 2)  # (B, H, N, dv), (B, H, N)
+
+
+def _linear_chunked_gated(fq, fk, v, log_alpha, chunk):
+    """Gated causal in chunks of c: Γ inside a chunk, the chunk's decays γ across chunks.
+
+    Inside a chunk from the carried (S_0, s_0), with g_i the cumulative log-decay from the chunk
+    start and γ_i = exp(g_i): num_i = Σ_{j≤i} Γ_ij (q_i·k_j) v_j + γ_i q_i S_0, and the carried
+    state becomes S_c = γ_c S_0 + Σ_j Γ_cj k_j v_jᵀ (s likewise). Padding has log a = 0, k = 0.
+    """
+    B, H, N, d = fq.shape
+    dv = v.shape[-1]
+    c = int(chunk)
+    n_chunks = -(-N // c)
+    pad = n_chunks * c - N
+
+    def split(x):  # (B, H, N, ...) -> (n_chunks, B, H, c, ...), zero-padded
+        x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+        return jnp.moveaxis(x.reshape(B, H, n_chunks, c, *x.shape[3:]), 2, 0)
+
+    mask = causal_mask(c)
+
+    def step(carry, xs):
+        S, s = carry  # (B, H, d, dv), (B, H, d): everything before this chunk, decayed to it
+        q_i, k_i, v_i, la_i = xs  # (B, H, c, d), (B, H, c, d), (B, H, c, dv), (B, H, c)
+        g = jnp.cumsum(la_i, axis=-1)  # (B, H, c)
+        gam = jnp.exp(g)[..., None]  # (B, H, c, 1): γ_i
+        to_end = jnp.exp(g[..., -1:] - g)[..., None]  # (B, H, c, 1): Γ_cj
+        scores = jnp.einsum("bhtd,bhsd->bhts", q_i, k_i) * _decay_matrix(la_i, mask)  # (B,H,c,c)
+        num = jnp.einsum("bhts,bhsv->bhtv", scores, v_i)  # (B, H, c, dv) intra-chunk
+        num = num + jnp.einsum("bhtd,bhdv->bhtv", gam * q_i, S)  # inter-chunk
+        den = scores.sum(-1) + jnp.einsum("bhtd,bhd->bht", gam * q_i, s)  # (B, H, c)
+        S = gam[..., -1, :, None] * S + jnp.einsum("bhsd,bhsv->bhdv", to_end * k_i, v_i)
+        s = gam[..., -1, :] * s + (to_end * k_i).sum(axis=2)  # (B, H, d)
+        return (S, s), (num, den)
+
+    init = (jnp.zeros((B, H, d, dv), fq.dtype), jnp.zeros((B, H, d), fq.dtype))
+    _, (num, den) = jax.lax.scan(step, init, tuple(map(split, (fq, fk, v, log_alpha))))
+    num = jnp.moveaxis(num, 0, 2).reshape(B, H, n_chunks * c, dv)[:, :, :N]
+    den = jnp.moveaxis(den, 0, 2).reshape(B, H, n_chunks * c)[:, :, :N]
+    return num, den
 
 
 def _linear_chunked(fq, fk, v, chunk):
@@ -104,6 +187,7 @@ def linear_attention(
     form: str = "chunked",
     chunk: int = 64,
     eps: float = 1e-6,
+    log_alpha=None,
 ) -> jax.Array:
     """Linear attention z_t = Σ_s v_s (φ(k_s)·φ(q_t)) [/ normaliser] (TTT-LM Theorem 1, E1/E3).
 
@@ -115,6 +199,8 @@ def linear_attention(
     form (causal only; non-causal always uses the global state except "quadratic"): "quadratic"
       (masked N×N reference), "cumsum" (cumulative states), "chunked" (chunks of `chunk` tokens,
       N need not be a multiple).
+    log_alpha: None (no gate) or (B, H, N) log-decays ≤ 0 (causal only): S_t = a_t S_{t−1} +
+      φ(k_t) v_tᵀ with a_t = exp(log_alpha_t); the adaptive normaliser decays the same way.
     """
     checks.check_attention_qkv(q, k, v)
     checks.check_choice("feature_map", feature_map, _FEATURE_MAPS)
@@ -122,7 +208,31 @@ def linear_attention(
     checks.check_choice("form", form, _FORMS)
     if int(chunk) < 1:
         raise ValueError(f"chunk: expected a positive chunk size, got {chunk}")
-    return _linear_attention(q, k, v, causal, feature_map, normalize, form, int(chunk), eps)
+    if log_alpha is None:
+        return _linear_attention(q, k, v, causal, feature_map, normalize, form, int(chunk), eps)
+    if not causal:
+        raise ValueError("log_alpha: a decay gate needs causal=True (a decay needs an order)")
+    B, H, N, _ = q.shape
+    checks.check_shape("log_alpha", log_alpha, (B, H, N), "(B, H, N)", like="q")
+    checks.check_floating("log_alpha", log_alpha)
+    _check_gate_values("log_alpha", log_alpha)
+    return _linear_attention_gated(
+        q, k, v, log_alpha, feature_map, normalize, form, int(chunk), eps
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _linear_attention_gated(q, k, v, log_alpha, feature_map, normalize, form, chunk, eps):
+    N = q.shape[2]
+    fq, fk = _feature(q, feature_map), _feature(k, feature_map)
+    log_alpha = log_alpha.astype(fq.dtype)
+    if form == "quadratic":
+        num, den = _linear_quadratic(fq, fk, v, True, log_alpha)
+    elif form == "cumsum":
+        num, den = _linear_scan(fq, fk, v, log_alpha)
+    else:
+        num, den = _linear_chunked_gated(fq, fk, v, log_alpha, chunk)
+    return _normalise(num, den, jnp.arange(1, N + 1), normalize, eps)
 
 
 # jit so that eager calls reuse one compiled scan instead of retracing it on every call
@@ -159,6 +269,7 @@ def linear_attention_decode_step(
     normalize=False,
     position=None,
     eps: float = 1e-6,
+    log_alpha_t=None,
 ):
     """One token of causal linear attention in recurrent form -> (z_t, state).
 
@@ -167,6 +278,8 @@ def linear_attention_decode_step(
     S ← S + φ(k_t) v_tᵀ, s ← s + φ(k_t), z_t = φ(q_t) S [/ (φ(q_t)·s + eps)].
     normalize: False/None, True/"adaptive", or "constant" (divide by position + 1; `position` is
     the 0-based index of this token, required then). Matches `linear_attention(causal=True)`.
+    log_alpha_t: None or (B, H) log-decays ≤ 0: S ← a S + φ(k_t) v_tᵀ, s ← a s + φ(k_t) with
+    a = exp(log_alpha_t) (matches `linear_attention(..., log_alpha=...)`).
     """
     if normalize is True:
         normalize = "adaptive"
@@ -187,8 +300,15 @@ def linear_attention_decode_step(
     if normalize == "constant" and position is None:
         raise ValueError('position: required with normalize="constant" (0-based token index)')
     fq, fk = _feature(q_t, feature_map), _feature(k_t, feature_map)
-    S = state["S"] + jnp.einsum("bhd,bhv->bhdv", fk, v_t)  # (B, H, d, dv)
-    s = state["s"] + fk  # (B, H, d)
+    S, s = state["S"], state["s"]
+    if log_alpha_t is not None:
+        checks.check_shape("log_alpha_t", log_alpha_t, (B, H), "(B, H)", like="q_t")
+        checks.check_floating("log_alpha_t", log_alpha_t)
+        _check_gate_values("log_alpha_t", log_alpha_t)
+        a = jnp.exp(log_alpha_t.astype(fq.dtype))  # (B, H)
+        S, s = a[..., None, None] * S, a[..., None] * s
+    S = S + jnp.einsum("bhd,bhv->bhdv", fk, v_t)  # (B, H, d, dv)
+    s = s + fk  # (B, H, d)
     z = jnp.einsum("bhd,bhdv->bhv", fq, S)  # (B, H, dv)
     if normalize == "adaptive":
         z = z / (jnp.einsum("bhd,bhd->bh", fq, s) + eps)[..., None]
