@@ -1,4 +1,4 @@
-"""The workdir lock (`ttt.train.workdir.WorkdirLock`): one training process per workdir. A second
+"""The workdir lock (`ttt.train.lock.WorkdirLock`): one training process per workdir. A second
 run stops in one line naming the holder and touches nothing; a lock left by a dead process is taken
 over with a warning; the lock goes with the run, exceptions included; end to end through
 `python -m ttt.main`.
@@ -20,15 +20,16 @@ import pytest
 import toy
 from test_main import TINY, _env
 
+from ttt.train.lock import LOCK_NAME, WorkdirLock
 from ttt.train.train import train_and_evaluate
-from ttt.train.workdir import LOCK_NAME, WorkdirError, WorkdirLock, lock_workdir
+from ttt.train.workdir import WorkdirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Holds the lock of argv[1] until its stdin closes.
 HOLD = """
 import sys
-from ttt.train.workdir import WorkdirLock
+from ttt.train.lock import WorkdirLock
 with WorkdirLock(sys.argv[1]):
     print("locked", flush=True)
     sys.stdin.read()
@@ -65,7 +66,7 @@ def _snapshot(workdir):
 def test_lock_round_trip(tmp_path):
     path = tmp_path / LOCK_NAME
     before = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
-    with lock_workdir(str(tmp_path)) as lock:
+    with WorkdirLock(str(tmp_path)) as lock:
         assert lock.path == str(path) and path.exists()
         info = json.loads(path.read_text())
         assert set(info) == {"host", "pid", "start", "command"}
@@ -78,7 +79,7 @@ def test_lock_round_trip(tmp_path):
         with pytest.raises(WorkdirError, match=f"pid {os.getpid()} "):
             WorkdirLock(str(tmp_path)).acquire()
     assert not path.exists()
-    with lock_workdir(str(tmp_path)):  # free again
+    with WorkdirLock(str(tmp_path)):  # free again
         assert path.exists()
     assert os.listdir(tmp_path) == []
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_rank(name: str, x, rank: int, layout: str) -> None:
@@ -162,3 +163,13 @@ def check_step(owner: str, x_t, cache, keys, width: int, batch_key: str | None =
         lead = jax.tree_util.tree_leaves(cache[batch_key])[0].shape[0]
         if lead != x_t.shape[0]:
             raise ValueError(f"cache: built for batch {lead}, x_t has batch {x_t.shape[0]}")
+
+
+def check_log_decay(name: str, log_alpha) -> None:
+    """ValueError if a concrete log_alpha has an entry > 0 (or NaN): a_t = exp(·) must be ≤ 1."""
+    if log_alpha is None or isinstance(log_alpha, jax.core.Tracer):
+        return
+    arr = np.asarray(log_alpha, np.float64)
+    if np.isnan(arr).any() or (arr > 0).any():
+        raise ValueError(f"{name}: expected log-decays <= 0 (a = exp(log_alpha) <= 1), got max "
+                         f"{np.max(arr)}")

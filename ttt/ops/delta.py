@@ -40,20 +40,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.scipy.linalg import solve_triangular
 
 from ttt.ops import checks
-
-
-def _check_gate_values(name: str, log_alpha) -> None:
-    """ValueError if a concrete log_alpha has an entry > 0 (or NaN): a_t = exp(·) must be ≤ 1."""
-    if log_alpha is None or isinstance(log_alpha, jax.core.Tracer):
-        return
-    arr = np.asarray(log_alpha, np.float64)
-    if np.isnan(arr).any() or (arr > 0).any():
-        raise ValueError(f"{name}: expected log-decays <= 0 (a = exp(log_alpha) <= 1), got max "
-                         f"{np.max(arr)}")
 
 
 def _check_sequence(q, k, v, beta, log_alpha, state):
@@ -68,7 +57,7 @@ def _check_sequence(q, k, v, beta, log_alpha, state):
     if log_alpha is not None:
         checks.check_shape("log_alpha", log_alpha, (B, H, N), "(B, H, N)", like="q")
         checks.check_floating("log_alpha", log_alpha)
-        _check_gate_values("log_alpha", log_alpha)
+        checks.check_log_decay("log_alpha", log_alpha)
     if state is not None:
         checks.check_shape("state", state, (B, H, dk, dv), "(B, H, dk, dv)", like="q, v")
         checks.check_floating("state", state)
@@ -132,7 +121,7 @@ def delta_rule_decode_step(S, q_t, k_t, v_t, beta_t, log_alpha_t=None):
         log_alpha_t = jnp.zeros((B, H), q_t.dtype)
     else:
         checks.check_shape("log_alpha_t", log_alpha_t, (B, H), "(B, H)", like="q_t")
-        _check_gate_values("log_alpha_t", log_alpha_t)
+        checks.check_log_decay("log_alpha_t", log_alpha_t)
     return _token_step(S, q_t, k_t, v_t, beta_t.astype(q_t.dtype), log_alpha_t.astype(q_t.dtype))
 
 

@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 
 from ttt.ops import checks
-from ttt.ops.delta import _check_gate_values
 from ttt.ops.primitives import causal_mask
 
 _FEATURE_MAPS = (None, "elu")
@@ -215,7 +214,7 @@ def linear_attention(
     B, H, N, _ = q.shape
     checks.check_shape("log_alpha", log_alpha, (B, H, N), "(B, H, N)", like="q")
     checks.check_floating("log_alpha", log_alpha)
-    _check_gate_values("log_alpha", log_alpha)
+    checks.check_log_decay("log_alpha", log_alpha)
     return _linear_attention_gated(
         q, k, v, log_alpha, feature_map, normalize, form, int(chunk), eps
     )
@@ -304,7 +303,7 @@ def linear_attention_decode_step(
     if log_alpha_t is not None:
         checks.check_shape("log_alpha_t", log_alpha_t, (B, H), "(B, H)", like="q_t")
         checks.check_floating("log_alpha_t", log_alpha_t)
-        _check_gate_values("log_alpha_t", log_alpha_t)
+        checks.check_log_decay("log_alpha_t", log_alpha_t)
         a = jnp.exp(log_alpha_t.astype(fq.dtype))  # (B, H)
         S, s = a[..., None, None] * S, a[..., None] * s
     S = S + jnp.einsum("bhd,bhv->bhdv", fk, v_t)  # (B, H, d, dv)

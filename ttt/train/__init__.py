@@ -4,7 +4,7 @@
 where a new run's weights start); `train_step` / `eval_step` are the pure steps it wraps with
 `jit`, `pmap` or a sharded `jit` depending on `config.train.parallel`; `ttt.train.setup` builds
 them from a config (shared with the compile-only report and `ttt.load_run`); `ttt.train.workdir`
-checks a run's directory and holds its lock.
+checks a run's directory, `ttt.train.lock` holds it.
 """
 
 from ttt.train.checkpoint import Checkpointer, CheckpointMismatchError

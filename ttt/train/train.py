@@ -19,7 +19,7 @@ the others, and evaluation, run it without (`Setup.train_step` vs `Setup.diag_st
 
 What the driver shares with the compile-only report and a run's loader (`build_setup`,
 `abstract_state`, `lower_train_step`, ...) lives in `ttt.train.setup`; the workdir checks and
-lock in `ttt.train.workdir`.
+lock in `ttt.train.lock`.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ from ttt.config import ConfigError, validate
 from ttt.train import checkpoint as ckpt_lib
 from ttt.train import init as init_lib
 from ttt.train import metrics as metrics_lib
+from ttt.train.lock import WorkdirLock
 from ttt.train.setup import Setup, abstract_state, build_setup, resolve_config
-from ttt.train.workdir import WorkdirLock, check_same_run, prepare_workdir, run_differences
+from ttt.train.workdir import check_same_run, prepare_workdir, run_differences
 
 log = logging.getLogger(__name__)
 

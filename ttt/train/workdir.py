@@ -1,20 +1,14 @@
-"""A run's directory: created and checked before anything is written (`prepare_workdir`), held
-by one training process at a time (`WorkdirLock`), the resolved config it holds (`read_config`),
-and the check that a restart is the same run (`check_same_run`: model and data settings equal,
-runtime settings free to differ).
+"""A run's directory: created and checked before anything is written (`prepare_workdir`), the
+resolved config it holds (`read_config`), and the check that a restart is the same run
+(`check_same_run`: model and data settings equal, runtime settings free to differ). The lock that
+keeps it to one training process is `ttt.train.lock`.
 """
 
 from __future__ import annotations
 
-import datetime
-import errno
-import fcntl
 import json
 import logging
 import os
-import socket
-import sys
-import time
 
 import ml_collections as mlc
 
@@ -49,164 +43,6 @@ def prepare_workdir(workdir: str) -> str:
     if not os.access(path, os.W_OK | os.X_OK):
         raise WorkdirError(f"--workdir={workdir}: not writable; pick a writable --workdir")
     return path
-
-
-LOCK_NAME = "train.lock"
-
-
-class WorkdirLock:
-    """`WORKDIR/train.lock`, held by the training process for its lifetime (a context manager).
-
-    The file is created with O_CREAT | O_EXCL, held with an exclusive `flock` and holds JSON
-    {host, pid, start (UTC ISO), command}; it is removed on release. A second acquirer raises
-    WorkdirError (one line naming the holder) and touches nothing in the workdir. A lock left by a
-    process of this host that no longer exists, or whose flock is free, is taken over with a
-    warning; a lock written on another host counts as held (its flock cannot be checked from
-    here), and the message names the file to remove if that host is gone.
-    """
-
-    def __init__(self, workdir: str):
-        self.workdir = os.path.abspath(workdir)
-        self.path = os.path.join(self.workdir, LOCK_NAME)
-        self._fd = None
-
-    def __enter__(self) -> WorkdirLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    def acquire(self) -> WorkdirLock:
-        patience = time.monotonic() + 2.0  # for a lock file that is being written right now
-        while self._fd is None:
-            self._fd = self._create()
-            if self._fd is None:
-                self._examine(patience)
-        return self
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        try:  # removed before the flock is let go, so no one finds it free and ours
-            if os.fstat(self._fd).st_ino == _inode(self.path):
-                os.unlink(self.path)
-        finally:
-            os.close(self._fd)
-            self._fd = None
-
-    def _create(self) -> int | None:
-        """A new lock file, flocked and filled; None if one exists."""
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
-        except FileExistsError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # another acquirer holds it only while reading
-            if os.fstat(fd).st_ino != _inode(self.path):  # taken over as stale meanwhile
-                os.close(fd)
-                return None
-            info = {"host": socket.gethostname(), "pid": os.getpid(),
-                    "start": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                    "command": _command_line()}
-            os.write(fd, json.dumps(info).encode())
-            os.fsync(fd)
-        except BaseException:
-            if os.fstat(fd).st_ino == _inode(self.path):
-                os.unlink(self.path)
-            os.close(fd)
-            raise
-        return fd
-
-    def _examine(self, patience: float) -> None:
-        """Raise WorkdirError if the existing lock is held; remove it if stale; return to retry."""
-        try:
-            fd = os.open(self.path, os.O_RDWR)  # read-write: NFS emulates flock with fcntl locks
-        except PermissionError:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return  # released meanwhile
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                free = True
-            except OSError as err:
-                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                free = False
-            info = _read_lock(fd)
-            if os.fstat(fd).st_ino != _inode(self.path):
-                return  # replaced meanwhile
-            if info is None and time.monotonic() < patience:
-                time.sleep(0.05)  # being written
-                return
-            reason = _stale(info or {}, free)
-            if reason is None:
-                raise WorkdirError(self._held(info or {}))
-            log.warning("workdir %s: taking over the lock %s of %s: %s", self.workdir, self.path,
-                        _holder(info or {}), reason)
-            os.unlink(self.path)
-        finally:
-            os.close(fd)
-
-    def _held(self, info: dict) -> str:
-        command = f" ({info['command']})" if info.get("command") else ""
-        message = (f"workdir {self.workdir} is in use by {_holder(info)}{command}; wait for it to "
-                   "finish or pick another --workdir")
-        if info.get("host") and info["host"] != socket.gethostname():
-            message += (f" (if host {info['host']} is gone and nothing runs there, remove "
-                        f"{self.path})")
-        return message
-
-
-def lock_workdir(workdir: str) -> WorkdirLock:
-    """`with lock_workdir(path):` holds `path`'s WorkdirLock for the block."""
-    return WorkdirLock(workdir)
-
-
-def _inode(path: str) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except FileNotFoundError:
-        return None
-
-
-def _command_line() -> str:
-    argv = list(sys.argv)
-    if argv and argv[0].endswith(os.path.join("ttt", "main.py")):
-        argv[0] = "-m ttt.main"
-    return " ".join(["python", *argv])
-
-
-def _read_lock(fd: int) -> dict | None:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        text = os.read(fd, 1 << 16).decode()
-        info = json.loads(text)
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
-
-
-def _holder(info: dict) -> str:
-    return (f"pid {info.get('pid', '?')} on host {info.get('host', '?')} since "
-            f"{info.get('start', '?')}")
-
-
-def _stale(info: dict, free: bool) -> str | None:
-    """Why the lock described by `info` is stale, or None if it is (or may be) held."""
-    if info.get("host") not in (None, socket.gethostname()):
-        return None  # another host's process cannot be checked from here
-    pid = info.get("pid")
-    if isinstance(pid, int) and pid > 0:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return f"pid {pid} no longer runs"
-        except PermissionError:
-            pass  # runs, as another user
-    if free:
-        return "its flock is free (the process that held it has ended)"
-    return None
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -268,7 +104,6 @@ def check_same_run(workdir: str, config) -> dict | None:
             f"{more}); nothing was changed: pass a new --workdir, or the settings of "
             f"{path} to resume it")
     return saved
-
 
 
 def read_config(workdir: str) -> mlc.ConfigDict:
