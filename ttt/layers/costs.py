@@ -63,12 +63,38 @@ def dense(N: int, C: int, maps: int = 4) -> float:
     return maps * 2.0 * N * C * C
 
 
-def inner_layers(d: int, learner: str, mlp_factor: int = 4) -> list[tuple[int, int]]:
-    """(input width, output width) of each dense layer of a TTT / MTTT inner model."""
+def inner_layers(d: int, learner, mlp_factor: int = 4) -> list[tuple[int, int]]:
+    """(input width, output width) of each dense layer of a TTT / MTTT inner model.
+
+    `learner` is a name of the learner registry or a `ttt.ops.Learner`; for one without a dense
+    chain every weight of two or more axes counts as one layer (an estimate of its FLOPs)."""
     if learner == "linear":
         return [(d, d)]
-    h = mlp_factor * d
-    return [(d, h), (h, d)]
+    if learner == "mlp":
+        h = mlp_factor * d
+        return [(d, h), (h, d)]
+    built, shapes = _learner_shapes(d, learner, mlp_factor)
+    names = [w for w, _ in built.dense] if built.dense else sorted(shapes)
+    return [(math.prod(shapes[n].shape[:-1]), shapes[n].shape[-1]) for n in names
+            if len(shapes[n].shape) >= 2]
+
+
+def _learner_shapes(d: int, learner, mlp_factor: int, bias: bool = True):
+    """(the built learner, the shapes of one head's W) of a registered or given learner."""
+    import jax
+
+    from ttt.ops.learners import build_learner
+
+    built = build_learner(learner, bias=bias, mlp_factor=mlp_factor)
+    return built, jax.eval_shape(lambda key: built.init(key, d), jax.random.PRNGKey(0))
+
+
+def inner_state_floats(d: int, learner, mlp_factor: int, bias: bool) -> int:
+    """Floats of one head's inner state W (exact for any learner)."""
+    if learner in ("linear", "mlp"):
+        return inner_floats(inner_layers(d, learner, mlp_factor), bias)
+    _, shapes = _learner_shapes(d, learner, mlp_factor, bias)
+    return sum(math.prod(s.shape) for s in shapes.values())
 
 
 def inner_floats(layers: list[tuple[int, int]], bias: bool) -> int:
@@ -114,7 +140,11 @@ def linear_attention_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
 def ttt_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
     d = C // H
     b = attrs["mini_batch"] or N
-    form = "dual" if attrs["form"] == "auto" else attrs["form"]  # the learners have dense chains
+    form = attrs["form"]
+    if form == "auto":  # the dual form where the learner is a dense chain (the shipped ones are)
+        chain = attrs["learner"] in ("linear", "mlp") or bool(
+            _learner_shapes(d, attrs["learner"], attrs["mlp_factor"])[0].dense)
+        form = "dual" if chain else "primal"
     layers = inner_layers(d, attrs["learner"], attrs["mlp_factor"])
     flops = dense(N, C) + ttt_core(N, H, b, layers, form)
     if attrs["learn_eta"]:
@@ -199,12 +229,12 @@ def linear_attention_state(C: int, H: int, attrs: Mapping, N: int) -> int:
 
 def ttt_state(C: int, H: int, attrs: Mapping, N: int) -> int:
     bias = attrs["learn_W0"] if attrs["inner_bias"] is None else attrs["inner_bias"]
-    return H * inner_floats(inner_layers(C // H, attrs["learner"], attrs["mlp_factor"]), bias)
+    return H * inner_state_floats(C // H, attrs["learner"], attrs["mlp_factor"], bias)
 
 
 def mttt_state(C: int, H: int, attrs: Mapping, N: int) -> int:
-    layers = inner_layers(C // H, attrs["learner"], attrs["mlp_factor"])
-    return H * inner_floats(layers, attrs["inner_bias"])
+    return H * inner_state_floats(C // H, attrs["learner"], attrs["mlp_factor"],
+                                  attrs["inner_bias"])
 
 
 def lact_state(C: int, H: int, attrs: Mapping, N: int) -> int:

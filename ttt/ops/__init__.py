@@ -2,7 +2,8 @@
 
 - primitives:   LayerNorm, the causal depthwise convolution, RoPE, the attention ops' causal mask
                 (one copy each in the package).
-- learners:     inner models f(x; W) as (init, apply) pairs (linear, MLP, x + LN(f_res(x))).
+- learners:     inner models f(x; W) as (init, apply) pairs (linear, MLP, x + LN(f_res(x))) and
+                the learner registry (`register_learner`: the names the layers accept).
 - ttt:          causal mini-batch TTT (TTT-LM): primal, dual (fast), naive (reference), decode step.
 - ttt_state:    the causal TTT state machine: training forward, prefill, one-token step, the η
                 construction and the inner-loss diagnostics.
@@ -27,13 +28,16 @@ re-exported here (`linear_attention`, ...) do not shadow them.
 from ttt.ops.delta import delta_rule, delta_rule_decode_step, delta_rule_recurrent
 from ttt.ops.learners import (
     Learner,
+    build_learner,
     gelu_tanh,
     init_fixed_ln,
     inner_loss,
+    learner_names,
     linear,
     ln_residual,
     mlp,
     reconstruction_loss,
+    register_learner,
     swiglu,
     weighted_grads,
 )
@@ -52,6 +56,7 @@ from ttt.ops.window_attn import window_attention
 __all__ = [
     "Learner",
     "TTTState",
+    "build_learner",
     "causal_conv",
     "delta_rule",
     "delta_rule_decode_step",
@@ -62,6 +67,7 @@ __all__ = [
     "inner_loss",
     "kernel_regression",
     "layer_norm",
+    "learner_names",
     "linear",
     "linear_attention",
     "linear_attention_decode_step",
@@ -69,6 +75,7 @@ __all__ = [
     "ln_residual",
     "mlp",
     "reconstruction_loss",
+    "register_learner",
     "rope",
     "sgd_chunks",
     "softmax_attention",

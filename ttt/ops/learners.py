@@ -45,6 +45,10 @@ class Learner(NamedTuple):
                                    (the dual form then uses the closed-form LN backward); else None
     grads(W, fixed, k, v, lr, loss) the weighted gradient Σ_j lr_j ∇_W l(W; k_j, v_j) of a block of
                                    tokens written out (see `weighted_grads`), or None: jax.vjp
+    loss(y, v) -> scalar           the learner's own inner loss of ONE token, y = f(k; W), replacing
+                                   ½‖y − v‖²; or None. The dual form, the fused kernel and a
+                                   closed-form `grads` assume the squared error, so a learner with
+                                   its own loss runs the primal form (set dense=None)
     """
 
     name: str
@@ -55,6 +59,7 @@ class Learner(NamedTuple):
     post: Callable | None = None
     ln_eps: float | None = None
     grads: Callable | None = None
+    loss: Callable | None = None
 
 
 LOSSES = ("mse", "dot")
@@ -142,7 +147,7 @@ def ln_residual(inner: Learner, eps=1e-6) -> Learner:
             )
         return post(x, inner.apply(W, x, None), fixed)
 
-    dual_ok = inner.dense is not None and inner.post is None
+    dual_ok = inner.dense is not None and inner.post is None and inner.loss is None
     return Learner(
         f"ln_residual({inner.name})",
         inner.init,
@@ -151,12 +156,17 @@ def ln_residual(inner: Learner, eps=1e-6) -> Learner:
         activation=inner.activation if dual_ok else None,
         post=post if dual_ok else None,
         ln_eps=float(eps) if dual_ok else None,
+        loss=inner.loss,
     )
 
 
 def reconstruction_loss(learner: Learner, W, fixed, k, v):
-    """l(W; k, v) = ½‖f(k; W) − v‖² summed over features, for ONE token: k (d_in,), v (d_out,)."""
-    r = learner.apply(W, k, fixed) - v  # (d_out,)
+    """l(W; k, v) = ½‖f(k; W) − v‖² summed over features, for ONE token: k (d_in,), v (d_out,);
+    the learner's own `loss(f(k; W), v)` instead when it has one."""
+    y = learner.apply(W, k, fixed)  # (d_out,)
+    if learner.loss is not None:
+        return learner.loss(y, v)
+    r = y - v
     return 0.5 * jnp.sum(r * r)
 
 
@@ -246,3 +256,49 @@ def swiglu(hidden_factor: float = 1.0, init_scale: float | None = None) -> Learn
         return {"W1": g13[:, :h], "W2": H.T @ rows("W2", D), "W3": g13[:, h:]}
 
     return Learner("swiglu", init, apply, grads=grads)
+
+
+# --- the learner registry: the names a layer's `learner=` accepts -------------------------------
+
+# name -> make(*, bias, init_scale, mlp_factor) -> Learner (a factory may ignore any option)
+_REGISTRY: dict[str, Callable[..., Learner]] = {
+    "linear": lambda *, bias, init_scale, mlp_factor: linear(bias=bias, init_scale=init_scale),
+    "mlp": lambda *, bias, init_scale, mlp_factor: mlp(factor=mlp_factor, bias=bias,
+                                                       init_scale=init_scale),
+}
+
+
+def register_learner(name: str, make: Callable[..., Learner], *, replace: bool = False) -> None:
+    """Make `name` a learner the TTT and MTTT layers accept (`learner=name`, in configs too).
+
+    make(*, bias, init_scale, mlp_factor) -> Learner builds the inner model for one head with the
+    layer's options (a factory may ignore those it has no use for). Registering a taken name is a
+    ValueError unless replace=True (the shipped "linear" and "mlp" can never be replaced)."""
+    if not (isinstance(name, str) and name.isidentifier()):
+        raise ValueError(f"register_learner: name {name!r} must be an identifier")
+    if not callable(make):
+        raise ValueError(f"register_learner({name!r}): make must be callable, got {make!r}")
+    if name in ("linear", "mlp") or (name in _REGISTRY and not replace):
+        raise ValueError(f"register_learner: {name!r} is already a learner; pick another name"
+                         + ("" if name in ("linear", "mlp") else " or pass replace=True"))
+    _REGISTRY[name] = make
+
+
+def learner_names() -> tuple[str, ...]:
+    """The registered learner names, shipped ones first."""
+    return tuple(_REGISTRY)
+
+
+def build_learner(learner: str | Learner, *, bias: bool = True, init_scale: float = 0.02,
+                  mlp_factor: int = 4) -> Learner:
+    """A registered name built with the layer's options, or a `Learner` returned as it is."""
+    if isinstance(learner, Learner):
+        return learner
+    if learner not in _REGISTRY:
+        raise ValueError(f"learner {learner!r}: expected one of {', '.join(_REGISTRY)} "
+                         "(register_learner adds names) or a ttt.ops.Learner")
+    built = _REGISTRY[learner](bias=bias, init_scale=init_scale, mlp_factor=mlp_factor)
+    if not isinstance(built, Learner):
+        raise ValueError(f"learner {learner!r}: its factory returned {type(built).__name__}, "
+                         "not a ttt.ops.Learner")
+    return built
