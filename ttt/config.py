@@ -4,6 +4,7 @@ that names the key to change (`ConfigError("config.train.global_batch_size=6: ..
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from ttt.errors import ConfigError  # the one error type, re-exported for the callers
@@ -130,10 +131,7 @@ def validate(config, *, num_devices: int | None = None, process_count: int | Non
     _check_mixer(model)
     if not data.name:
         raise ConfigError("config.data.name: no dataset named")
-    if optim.lr <= 0 or optim.end_lr < 0:
-        raise ConfigError(f"config.optim.lr={optim.lr}, end_lr={optim.end_lr}: need lr > 0 and "
-                          "end_lr >= 0")
-    if train.steps < 1 or not 0 <= optim.warmup_steps <= train.steps:
+    if not 0 <= optim.warmup_steps <= train.steps:
         raise ConfigError(f"config.optim.warmup_steps={optim.warmup_steps}: must lie in "
                           f"[0, train.steps={train.steps}]")
     if train.parallel not in PARALLEL_MODES:
@@ -166,9 +164,130 @@ def validate(config, *, num_devices: int | None = None, process_count: int | Non
 # Counts of config.train and the optional config.init section (where a run's weights start from).
 
 INIT_SOURCES = ("from_workdir", "transformer_workdir", "official_checkpoint")
-_POSITIVE = {"steps": 1, "global_batch_size": 1, "grad_accum": 1, "log_every": 1,
-             "diag_every": 1, "checkpoint_every": 1, "keep_checkpoints": 1, "eval_every": 0,
-             "eval_steps": 1, "stop_at": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    """The values a numeric config field accepts: `kind` (int or float; bools never count),
+    bounds (`low_open` / `high_open` exclude them), `none` (None allowed: left to the preset or
+    the dataset, or "off") and `also` (extra values such as a mesh axis's -1). Floats are finite."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    none: bool = False
+    also: tuple = ()
+    note: str = ""
+
+    def describe(self) -> str:
+        """'a float in (0, inf)'-style text for messages and field listings."""
+        kind = "an integer" if self.kind is int else "a finite number"
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        text = (f"{kind} in {'(' if self.low_open or self.low is None else '['}{lo}, {hi}"
+                f"{')' if self.high_open or self.high is None else ']'}")
+        extra = [repr(v) for v in self.also] + (["None"] if self.none else [])
+        text += f" (or {' or '.join(extra)})" if extra else ""
+        return text + (f"; {self.note}" if self.note else "")
+
+    def reason(self, value) -> str | None:
+        """None when `value` lies in the domain, else what it must be."""
+        if value is None and self.none or value in self.also:
+            return None
+        numeric = (int,) if self.kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, numeric) or \
+                not math.isfinite(value):
+            return f"must be {self.describe()}"
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open
+                                           else value > self.high)
+        return f"must be {self.describe()}" if below or above else None
+
+    def outside(self) -> list:
+        """Values just outside the domain (the table-driven test feeds each to the checks)."""
+        out = [self.kind(self.low) if self.low_open else self.low - 1] if self.low is not None \
+            else []
+        if self.high is not None:
+            out.append(self.kind(self.high) if self.high_open else self.high + 1)
+        out = [v for v in out if v not in self.also]
+        out += [float("nan"), float("inf")] if self.kind is float else [1.5]
+        return out + ([] if self.none else [None])
+
+
+def _count(low: int = 1, **kw) -> Domain:
+    return Domain(int, low, **kw)
+
+
+def _real(low: float = 0.0, high: float | None = None, **kw) -> Domain:
+    return Domain(float, low, high, **kw)
+
+
+_SIZE = _count(1, none=True, note="None: the preset's (or the dataset's)")
+_AXIS = _count(1, also=(-1,), note="-1: the devices the other axes leave")
+
+# Every numeric field of the shipped configs (and the optional keys a run accepts), with its
+# domain: checked before anything is built or compiled (`check_domains`), one line naming the field.
+DOMAINS: dict[str, Domain] = {
+    **{f"model.{k}": _SIZE for k in ("num_layers", "width", "num_heads", "ffn_dim", "mlp_dim",
+                                     "vocab_size", "num_classes", "image_size", "channels")},
+    "model.patch_size": _count(1),
+    "data.seq_len": _count(1),
+    "data.vocab_size": _count(1, none=True),
+    "data.num_kv_pairs": _count(1),
+    "data.test_seq_len": _count(1, none=True),
+    "data.test_num_kv_pairs": _count(1, none=True),
+    "data.num_train_examples": _count(1),
+    "data.num_test_examples": _count(1),
+    "data.power_a": _real(0.0, low_open=True, note="the MQAR gap power law's exponent"),
+    "optim.lr": _real(0.0, low_open=True),
+    "optim.end_lr": _real(0.0),
+    "optim.warmup_steps": _count(0),
+    "optim.b1": _real(0.0, 1.0, high_open=True),
+    "optim.b2": _real(0.0, 1.0, high_open=True),
+    "optim.eps": _real(0.0, low_open=True),
+    "optim.clip": _real(0.0, none=True, note="0 or None: no clipping"),
+    "optim.weight_decay": _real(0.0),
+    "optim.ttt_lr_mult_init": _real(0.0, low_open=True),
+    "train.steps": _count(1),
+    "train.global_batch_size": _count(1),
+    "train.seed": _count(0),
+    "train.grad_accum": _count(1),
+    "train.log_every": _count(1),
+    "train.diag_every": _count(1),
+    "train.checkpoint_every": _count(1),
+    "train.keep_checkpoints": _count(1),
+    "train.keep_every": _count(1, none=True, note="None: no milestones"),
+    "train.eval_every": _count(0, note="0: no evaluation"),
+    "train.eval_steps": _count(1),
+    "train.stop_at": _count(0, note="0: run to train.steps"),
+    "train.fsdp_min_size": _count(0),
+    "train.label_smoothing": _real(0.0, 1.0, high_open=True),
+    "train.mixup_alpha": _real(0.0),
+    **{f"train.mesh.{k}": _AXIS for k in MESH_AXES},
+    "paper_perplexity": _real(0.0, low_open=True, none=True, note="the paper's reported value"),
+}
+
+
+def _lookup(config, dotted: str):
+    """(found, value) of a dotted key in a ConfigDict / dict."""
+    node = config
+    for part in dotted.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def check_domains(config) -> None:
+    """ConfigError naming the first field of DOMAINS whose value lies outside its domain."""
+    for key, domain in DOMAINS.items():
+        found, value = _lookup(config, key)
+        if found:
+            reason = domain.reason(value)
+            if reason:
+                raise ConfigError(f"config.{key}={value!r}: {reason}")
 
 
 # Optional keys the trainer reads with a default, by section; with_defaults adds the missing ones
@@ -218,16 +337,10 @@ def with_defaults(config):
 
 
 def check_run_settings(config) -> None:
-    """One-line ConfigError for a train count below its minimum or a bad config.init."""
+    """One-line ConfigError for a field outside its domain (DOMAINS) or a bad config.init."""
     import os
 
-    train = config.train
-    for key, low in _POSITIVE.items():
-        value = _get(train, key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"config.train.{key}={value!r}: must be an integer >= {low}")
+    check_domains(config)
     init = _get(config, "init", None) or {}
     chosen = [k for k in INIT_SOURCES if _get(init, k)]
     if len(chosen) > 1:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttt.config import ConfigError
+from ttt.config import ConfigError, check_domains
 from ttt.data import meta as data_meta
 from ttt.models import build_model, without_diagnostics
 from ttt.models.presets import model_sizes
@@ -59,7 +59,13 @@ def dummy_batch(config, meta: dict) -> dict:
 
 def resolve_config(config, meta: dict):
     """Copy of `config` with dataset-dependent model fields (vocab, classes, image size) and the
-    preset's sizes filled, so `config.json` holds the values the run used."""
+    preset's sizes filled, so `config.json` holds the values the run used.
+
+    ConfigError first for a field outside its domain (`ttt.config.DOMAINS`) and for a model whose
+    vocabulary (classes) is smaller than the dataset's: ids past the embedding would be clamped
+    or read as NaN by the loss, not refused."""
+    check_domains(config)
+    check_fits_data(config, meta)
     config = config.copy_and_resolve_references()
     with config.unlocked():
         if config.model.kind == "lm" and config.model.get("vocab_size") is None:
@@ -75,6 +81,17 @@ def resolve_config(config, meta: dict):
             if key in config.model and config.model[key] is None:
                 config.model[key] = value
     return config
+
+
+def check_fits_data(config, meta: dict) -> None:
+    """ConfigError unless the model's vocabulary (LM) / classes (ViT) cover the dataset's."""
+    field, key = ("vocab_size", "vocab_size") if config.model.kind == "lm" else \
+        ("num_classes", "num_classes")
+    ours, theirs = config.model.get(field), meta.get(key)
+    if ours is not None and theirs is not None and int(ours) < int(theirs):
+        raise ConfigError(f"config.model.{field}={ours}: smaller than the dataset's {theirs} "
+                          f"({config.data.name}); set it to at least {theirs}, or leave it None "
+                          "to take the dataset's")
 
 
 def build_setup(config, meta: dict, build_model) -> Setup:
