@@ -10,7 +10,8 @@ Levels, lowest first (the longest listed prefix of a module name decides its lev
     interop  ttt.interop    official trees <-> ours   + ttt.models (nothing below imports it)
     data     ttt.data       input pipelines, beside   imports ttt.data only
     config   ttt.config     config validation         + ttt.data, ttt.interop (not ttt.train)
-    train    ttt.train      steps, placement, driver  + ttt.config
+    files    ttt.files      atomic writes, checked reads  imports nothing of ttt
+    train    ttt.train      steps, placement, driver  + ttt.config, ttt.files
     entry    ttt.<other>.py command lines (ttt.main)  anything in ttt
 
 The package root `ttt/__init__.py` runs whenever any `ttt.*` module is imported, so at module level
@@ -38,9 +39,11 @@ LEVEL_OF = {
     "ttt.config": "config",
     "ttt.cli": "cli",
     "ttt.errors": "errors",
+    "ttt.files": "files",
     "ttt.train": "train",
 }
-_BELOW_TRAIN = {"ops", "layers", "models", "interop", "data", "config", "cli", "errors"}
+_BELOW_TRAIN = {"ops", "layers", "models", "interop", "data", "config", "cli", "errors",
+                "files"}
 # level -> the levels it may import ("root", the package itself, is always allowed)
 ALLOWED = {
     "root": set(),  # at module level; see the module docstring
@@ -50,6 +53,7 @@ ALLOWED = {
     "interop": {"ops", "layers", "models", "interop"},
     "data": {"data", "errors"},
     "errors": set(),
+    "files": set(),
     "cli": {"config", "errors"},
     "config": _BELOW_TRAIN - {"cli"},
     "train": _BELOW_TRAIN | {"train"},
@@ -65,6 +69,7 @@ RULES = {
     "interop": "ttt/interop imports only ttt.ops, ttt.layers, ttt.models and ttt.interop",
     "data": "ttt/data imports only ttt.data and ttt.errors (it sits beside the model stack)",
     "errors": "ttt/errors.py imports nothing of ttt (every level raises its ConfigError)",
+    "files": "ttt/files.py (atomic writes, checked reads) imports nothing of ttt",
     "cli": "ttt/cli.py (command-line plumbing shared by the entry points and the trainer's "
            "console) imports only ttt.config and ttt.errors",
     "config": "ttt/config.py imports ops, layers, models, interop, data and errors, not ttt.cli, "
