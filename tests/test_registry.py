@@ -26,6 +26,7 @@ from ttt.layers import (
     mixer_spec,
     state_size,
 )
+from ttt.layers.window_layer import SlidingWindowAttention
 from ttt.models import build_model
 
 C, H = 16, 2  # d = 8
@@ -140,8 +141,10 @@ def test_mttt_state_size_is_the_inner_weights(name):
 
 @pytest.mark.parametrize("name", list(MIXERS))
 def test_flops_are_positive_and_scale_with_N(name):
-    windowed = MIXERS[name].module is LaCTMixer  # chunks and the attention window: 64 tokens
-    f = lambda n, **kw: forward_flops(name, n, 64, 4, **(dict(chunk=64) if windowed else {}), **kw)
+    # LaCT's chunks and attention window, the sliding window: 64 tokens
+    windowed = {LaCTMixer: dict(chunk=64), SlidingWindowAttention: dict(window=64)}.get(
+        MIXERS[name].module)
+    f = lambda n, **kw: forward_flops(name, n, 64, 4, **(windowed or {}), **kw)
     n = 256  # a multiple of the mini-batch and of the chunk
     a, b, c = f(n), f(2 * n), f(4 * n)
     assert a > 0

@@ -43,6 +43,15 @@ RoPE, sigmoid gates, softmax) is left out: it is O(N C) against the O(N C²) of 
   or an open chunk): ⌈N/n⌉ − 1 updates, none at N ≤ n; the window attention
   counts the (query, key) pairs the window holds, 4 (C / H) per pair and head (QKᵀ and PV): the
   math, not the blocked implementation's masked padding (w + block − 1 keys per query block).
+- DeltaNet / Gated DeltaNet (`deltanet`, `gated_deltanet`; d = C / H key and d_v = expand_v d
+  value channels per head, chunk c, conv width w): q, k (C→C), v, the output gate (C→H d_v) and
+  W_o (H d_v→C); β (and the gate's a) logits, 2 N C H each; the depthwise convolutions of the
+  2C + H d_v channels, 2 w per channel and token; the chunked delta rule per head and chunk (a
+  final partial chunk is padded and costs a full one): K Kᵀ and Q Kᵀ (2 c² d each), the
+  triangular solve (c² d_v), the intra-chunk product with U (2 c² d_v), K S, Q S and the state
+  update Kᵀ U (2 c d d_v each).
+- Sliding-window attention (`swa`, window w): four C→C maps and, like LaCT's window branch,
+  4 (C / H) per (query, key) pair the window holds and head.
 
 State sizes are floats per layer per sequence (what a recurrent model carries from token to
 token; the x-axis of the MQAR comparison): TTT, the inner model's weights (and biases) over all
@@ -50,6 +59,8 @@ heads; linear attention, S = Σ φ(k) vᵀ (and s = Σ φ(k) when normalised); s
 KV cache of N tokens, 2 N C; MTTT, the inner model's weights (rebuilt for every sequence); LaCT,
 the fast weights, the inner optimizer's state (momentum / Muon one copy of them, Adam two) and the
 window's KV cache, 2 min(w, N) C.
+DeltaNet: S (d × d_v per head) and the convolutions' tails, (w − 1)(2C + H d_v); sliding-window
+attention: the ring buffers of w keys and values, 2 w C whatever N (they are allocated whole).
 """
 
 from __future__ import annotations
@@ -215,6 +226,26 @@ def mttt_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
     return dense(N, C, maps=3) + H * (T * step + N * forward + N * f)
 
 
+def delta_dims(C: int, H: int, attrs: Mapping) -> tuple[int, int]:
+    """(d, d_v): DeltaNet's key and value head dims."""
+    d = C // H
+    return d, int(attrs["expand_v"] * d)
+
+
+def delta_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
+    d, dv = delta_dims(C, H, attrs)
+    Cv, c = H * dv, attrs["chunk"]
+    flops = 2.0 * N * C * (2 * C + 3 * Cv)  # q, k; v, the output gate, W_o
+    flops += 2.0 * N * C * H * (2 if attrs["gate"] else 1)  # β (and a) logits
+    flops += 2.0 * N * (2 * C + Cv) * attrs["conv_width"]
+    per_chunk = 4.0 * c * c * d + 3.0 * c * c * dv + 6.0 * c * d * dv
+    return flops + H * -(-N // c) * per_chunk
+
+
+def swa_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
+    return dense(N, C) + 4.0 * C * window_pairs(N, attrs["window"])  # H heads of C / H
+
+
 # ----------------------------------------------------------------------------- state sizes
 
 
@@ -242,3 +273,12 @@ def lact_state(C: int, H: int, attrs: Mapping, N: int) -> int:
     copies = {"sgd": 1, "momentum": 2, "muon": 2, "adam": 3}[attrs["inner_opt"]]
     w = attrs["chunk"] if attrs["window"] is None else attrs["window"]
     return copies * Hf * 3 * d * h + 2 * min(w, N) * C
+
+
+def delta_state(C: int, H: int, attrs: Mapping, N: int) -> int:
+    d, dv = delta_dims(C, H, attrs)
+    return H * d * dv + (attrs["conv_width"] - 1) * (2 * C + H * dv)
+
+
+def swa_state(C: int, H: int, attrs: Mapping, N: int) -> int:
+    return 2 * attrs["window"] * C

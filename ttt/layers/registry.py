@@ -22,9 +22,12 @@ import flax.linen as nn
 
 from ttt.layers import costs
 from ttt.layers.attention import LinearAttention, SoftmaxAttention
+from ttt.layers.delta_layer import DeltaNetMixer
 from ttt.layers.lact_layer import LaCTMixer
+from ttt.layers.mamba2_layer import Mamba2Mixer
 from ttt.layers.mttt_layer import MTTTMixer
 from ttt.layers.ttt_layer import TTTMixer
+from ttt.layers.window_layer import SlidingWindowAttention
 
 # attributes every mixer takes positionally or that Flax manages itself
 _RESERVED = {"width", "num_heads", "parent", "name"}
@@ -88,7 +91,10 @@ _COSTS = {TTTMixer: (costs.ttt_state, costs.ttt_flops),
           MTTTMixer: (costs.mttt_state, costs.mttt_flops),
           LinearAttention: (costs.linear_attention_state, costs.linear_attention_flops),
           SoftmaxAttention: (costs.softmax_state, costs.softmax_flops),
-          LaCTMixer: (costs.lact_state, costs.lact_flops)}
+          Mamba2Mixer: (costs.mamba2_state, costs.mamba2_flops),
+          LaCTMixer: (costs.lact_state, costs.lact_flops),
+          DeltaNetMixer: (costs.delta_state, costs.delta_flops),
+          SlidingWindowAttention: (costs.swa_state, costs.swa_flops)}
 
 
 def _spec(name, module, defaults, *, causal, pre_conv=_never, noncausal=None):
@@ -112,6 +118,11 @@ MIXERS: dict[str, MixerSpec] = dict([
     _spec("softmax", SoftmaxAttention, {"causal": True}, causal=True,
           noncausal="softmax_noncausal"),
     _spec("lact", LaCTMixer, {"causal": True}, causal=True, noncausal="lact_noncausal"),
+    _spec("mamba2", Mamba2Mixer, {}, causal=True),
+    _spec("deltanet", DeltaNetMixer, {"gate": False}, causal=True),
+    # the paper's value heads of twice the key head dim
+    _spec("gated_deltanet", DeltaNetMixer, {"gate": True, "expand_v": 2}, causal=True),
+    _spec("swa", SlidingWindowAttention, {}, causal=True),
     _spec("mttt_linear", MTTTMixer, {"learner": "linear"}, causal=False),
     _spec("mttt_mlp", MTTTMixer, {"learner": "mlp"}, causal=False),
     _spec("linear_attention_noncausal", LinearAttention,
