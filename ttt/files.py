@@ -120,14 +120,14 @@ def read_jsonl(path: str) -> list[dict]:
 
 def cut_jsonl(path: str, last_step: int) -> int:
     """Keep the rows of `path` whose "step" is at most `last_step` (a torn line goes too),
-    rewriting it atomically when anything is dropped; returns the number of lines dropped."""
+    rewriting it atomically when anything changes; returns the number of lines dropped."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().split("\n")
+            text = f.read()
     except FileNotFoundError:
         return 0
     kept, dropped = [], 0
-    for line in lines:
+    for line in text.split("\n"):
         if not line.strip():
             continue
         try:
@@ -139,6 +139,6 @@ def cut_jsonl(path: str, last_step: int) -> int:
             kept.append(line)
         else:
             dropped += 1
-    if dropped:
+    if dropped or (text and not text.endswith("\n")):  # the next row must start a line
         write_atomic(path, "".join(line + "\n" for line in kept))
     return dropped

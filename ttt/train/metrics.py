@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from ttt.files import cut_jsonl
+
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     """{"aux": {"inner_loss": (L, T) array}} -> {"aux/inner_loss/layer_0/0": float, ...}."""
@@ -38,18 +40,27 @@ def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 
 class MetricWriter:
-    """Writes scalars to `workdir/tb` (TensorBoard) and `workdir/metrics.jsonl`."""
+    """Writes scalars to `workdir/tb` (TensorBoard) and `workdir/metrics.jsonl`.
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    `start`: the step the run starts from (its restored checkpoint, 0 for a new run). The rows
+    of metrics.jsonl after it (written by an earlier invocation past its last checkpoint) and a
+    line cut off by a kill are dropped before anything is appended, so the file holds each step
+    once, in order, whatever was killed when."""
+
+    def __init__(self, workdir: str, enabled: bool = True, start: int | None = None):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
+        self.dropped = 0  # rows of metrics.jsonl dropped on opening
         if not enabled:
             return
         from tensorboardX import SummaryWriter
 
+        path = os.path.join(workdir, "metrics.jsonl")
+        if start is not None:
+            self.dropped = cut_jsonl(path, start)
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        self._jsonl = open(path, "a")  # noqa: SIM115
 
     def write(self, step: int, metrics: dict, prefix: str = "") -> dict[str, float]:
         flat = flatten_metrics(metrics, prefix)

@@ -40,6 +40,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ttt import data, models
 from ttt.cli import changed_values
 from ttt.config import ConfigError, validate
+from ttt.files import write_atomic
 from ttt.train import checkpoint as ckpt_lib
 from ttt.train import init as init_lib
 from ttt.train import metrics as metrics_lib
@@ -257,8 +258,7 @@ def _train(config, workdir: str, build_model, make_dataset, defaults, source) ->
         raise
     last_good = start if restored is not None else None
     if pid == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     changes = None
     if defaults is not None:
         changes = changed_values(resolve_config(defaults, train_ds.meta), config)
@@ -274,7 +274,7 @@ def _train(config, workdir: str, build_model, make_dataset, defaults, source) ->
     stop_at = int(train_cfg.get("stop_at", 0) or 0)  # 0: run to train.steps
     summary = {"step": start, "preempted": False, "train": {}, "eval": {}, "compile_s": 0.0,
                "train_s": 0.0, "items_per_s": float("nan"), "params": None}
-    writer = metrics_lib.MetricWriter(workdir, enabled=pid == 0)
+    writer = metrics_lib.MetricWriter(workdir, enabled=pid == 0, start=start)
     p_eval = placement.compile_eval(setup.eval_step)
     preemption = _Preemption()
     progress = None
