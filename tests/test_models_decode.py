@@ -19,6 +19,7 @@ from ttt.layers import accepted_kwargs
 from ttt.models import build_model, generate
 
 CAUSAL = ["ttt_linear", "ttt_mlp", "ttt_linear_mamba", "softmax", "linear_attention", "lact"]
+CAUSAL += ["deltanet", "gated_deltanet", "swa"]
 B, N, V, MB = 2, 12, 32, 4  # batch, sequence, vocab, TTT mini-batch b
 
 
@@ -26,6 +27,10 @@ def config(mixer: str, dtype: str = "float32") -> ml_collections.ConfigDict:
     kw = {"mini_batch": MB} if "mini_batch" in accepted_kwargs(mixer) else {}
     if "cache_size" in accepted_kwargs(mixer):
         kw["cache_size"] = 16
+    if "expand_v" in accepted_kwargs(mixer):  # DeltaNet: chunks of b, prompts end mid-chunk
+        kw["chunk"] = MB
+    if "window" in accepted_kwargs(mixer):  # sliding window: the ring buffer wraps in decoding
+        kw["window"] = 3
     if "fw_heads" in accepted_kwargs(mixer):  # LaCT: chunks of b, a window shorter than a chunk
         kw.update(chunk=MB, window=3, fw_heads=2)
     return ml_collections.ConfigDict(dict(
