@@ -13,6 +13,12 @@ Three forms, held equal by tests/test_ttt_ops.py:
 - `ttt_naive`:  a Python loop over tokens (tests only).
 `ttt_decode_step` is the token-at-a-time primal step used for generation (η_ij = c_i a_j).
 
+Forget gates (docs/design.md §4.11): `log_alpha` (B, H, N) ≤ 0 decays the whole weight pytree W
+before each token, a_t = exp(log_alpha_t). With Γ_j = Π_{s≤j} a_s counted from the mini-batch
+start, token j's gradient is taken at the decayed start Γ_j W and
+    W_i = Γ_i W − Σ_{j≤i} η_ij (Γ_i/Γ_j) g_j,   g_j = ∇_W l(Γ_j W; k_j, v_j);
+b = 1 with a bias-free linear learner is the gated delta rule. log_alpha=None runs the ungated code.
+
 Notable choices:
 - A final partial mini-batch is padded with zero-η tokens (exact; see `_scan.py`).
 - The dual form writes out the per-token gradients w.r.t. each pre-activation Z_l (`_dual.py`):
@@ -21,6 +27,8 @@ Notable choices:
 - The dual scan step is `jax.checkpoint`ed: the backward recomputes it from the carried state
   instead of stacking ~30 per-step residual arrays (fewer, cheaper ops per backward step on CPU).
 - The carried state keeps W0's dtype (state in float32 while activations run in lower precision).
+- The gate's Γ_i/Γ_j ratios are exp of masked differences of cumulative log sums (no overflow, no
+  NaN gradients from masked entries) and are folded into η; the fused kernel takes no gate.
 """
 
 from __future__ import annotations
@@ -113,15 +121,43 @@ def _check_dual(learner, W0):
         )
 
 
-def _prepare(learner, W0, q, k, v, eta, mini_batch, fixed, remat_every, unroll):
-    """Validate, then lay the sequence out as mini-batches: (B, H, M, b, ·) arrays + η matrix."""
+def _check_log_alpha(log_alpha, q):
+    """log_alpha: None or (B, H, N) floating log-decays <= 0."""
+    if log_alpha is None:
+        return
+    checks.check_shape("log_alpha", log_alpha, q.shape[:3], "(B, H, N)", like="q")
+    checks.check_floating("log_alpha", log_alpha)
+    checks.check_log_decay("log_alpha", log_alpha)
+
+
+def decay_matrix(log_alpha, eta_m, b: int):
+    """A forget gate per mini-batch: (lg (B, H, M, b), η_ij Γ_i/Γ_j (B, H, M, b, b)).
+
+    lg_i = log Γ_i = Σ_{s≤i} log_alpha_s inside the mini-batch (padded tokens add 0, so they
+    repeat the last real Γ); the ratio is exp of the masked difference lg_i − lg_j (j ≤ i).
+    """
+    la = to_minibatches(log_alpha[..., None].astype(eta_m.dtype), b)[..., 0]  # (B, H, M, b)
+    lg = jnp.cumsum(la, axis=-1)
+    causal = jnp.tril(jnp.ones((b, b), dtype=bool))  # (b, b): j <= i
+    diff = jnp.where(causal, lg[..., :, None] - lg[..., None, :], 0.0)  # (B, H, M, b, b)
+    return lg, eta_m * jnp.exp(diff)
+
+
+def _prepare(learner, W0, q, k, v, eta, mini_batch, fixed, remat_every, unroll, log_alpha=None):
+    """Validate, then lay the sequence out as mini-batches: (B, H, M, b, ·) arrays + η matrix,
+    and with a gate the cumulative log-decays lg (B, H, M, b) (η then holds η_ij Γ_i/Γ_j)."""
     _check_sequence(q, k, v, eta, mini_batch)
+    _check_log_alpha(log_alpha, q)
     checks.check_int("remat_every", remat_every, 0)
     checks.check_int("unroll", unroll, 1)
     per_sequence = _head_shapes(learner, W0, q, v, fixed)
     b = mini_batch
-    xs = (to_minibatches(q, b), to_minibatches(k, b), to_minibatches(v, b), eta_matrix(eta, b))
-    return per_sequence, xs
+    eta_m = eta_matrix(eta, b)
+    lg = None
+    if log_alpha is not None:
+        lg, eta_m = decay_matrix(log_alpha, eta_m, b)
+    xs = (to_minibatches(q, b), to_minibatches(k, b), to_minibatches(v, b), eta_m)
+    return per_sequence, xs, lg
 
 
 def _map_heads(head_fn, W0, fixed, per_sequence, xs):
@@ -140,38 +176,57 @@ def _cast_like(tree, ref):
     return jax.tree_util.tree_map(lambda x, r: x.astype(r.dtype), tree, ref)
 
 
+def _decayed(W, gamma):
+    """The weight pytree W scaled by a scalar decay Γ (every leaf, biases included)."""
+    return jax.tree_util.tree_map(lambda w: gamma.astype(w.dtype) * w, W)
+
+
 # ----------------------------------------------------------------------------- primal form
 
 
 def ttt_primal(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0,
-               unroll=1):
+               unroll=1, log_alpha=None):
     """Causal mini-batch TTT from the definition (docs/design.md §4.2); any learner.
 
     q, k (B, H, N, d_in); v (B, H, N, d_out); eta (B, H, N) or (B, H, N, b);
     W0 pytree with leading H (shared over batch) or (B, H); fixed pytree with leading H or None.
     Returns z (B, H, N, d_out) and the final state W_N (leading (B, H)).
     remat_every = n > 0: jax.checkpoint every group of n mini-batches; unroll: mini-batch steps per
-    loop iteration (see `scan_minibatches`).
+    loop iteration (see `scan_minibatches`). log_alpha (B, H, N) <= 0: a forget gate (§4.11).
     """
-    per_sequence, xs = _prepare(learner, W0, q, k, v, eta, mini_batch, fixed, remat_every, unroll)
+    per_sequence, xs, lg = _prepare(learner, W0, q, k, v, eta, mini_batch, fixed, remat_every,
+                                    unroll, log_alpha)
     loss = lambda W, f, kj, vj: reconstruction_loss(learner, W, f, kj, vj)
     grads = jax.vmap(jax.grad(loss), in_axes=(None, None, 0, 0))  # per-token g_j, leaves (b, ...)
+    # with a gate g_j is taken at the decayed start Γ_j W
+    decayed_grads = jax.vmap(lambda W, f, s, kj, vj: jax.grad(loss)(_decayed(W, s), f, kj, vj),
+                             in_axes=(None, None, 0, 0, 0))
     answer = jax.vmap(learner.apply, in_axes=(0, 0, None))  # z_i = f(q_i; W_i)
 
     def head(W0_h, fixed_h, xs_h):
         def step(W, x):
-            q_m, k_m, v_m, eta_m = x  # (b, d_in), (b, d_in), (b, d_out), (b, b)
-            g = grads(W, fixed_h, k_m, v_m)
-            # W_i = W − Σ_j η_ij g_j for every token i: leaves (b, ...)
-            W_i = jax.tree_util.tree_map(
-                lambda w, g_l: w - jnp.einsum("ij,j...->i...", eta_m, g_l), W, g
-            )
+            q_m, k_m, v_m, eta_m = x[:4]  # (b, d_in), (b, d_in), (b, d_out), (b, b)
+            if len(x) == 4:
+                g = grads(W, fixed_h, k_m, v_m)
+                # W_i = W − Σ_j η_ij g_j for every token i: leaves (b, ...)
+                W_i = jax.tree_util.tree_map(
+                    lambda w, g_l: w - jnp.einsum("ij,j...->i...", eta_m, g_l), W, g
+                )
+            else:
+                gamma = jnp.exp(x[4])  # (b,) Γ_i; eta_m holds η_ij Γ_i/Γ_j
+                g = decayed_grads(W, fixed_h, gamma, k_m, v_m)
+                # W_i = Γ_i W − Σ_j η_ij (Γ_i/Γ_j) g_j: leaves (b, ...)
+                W_i = jax.tree_util.tree_map(
+                    lambda w, g_l: jnp.einsum("i,...->i...", gamma.astype(w.dtype), w)
+                    - jnp.einsum("ij,j...->i...", eta_m, g_l), W, g
+                )
             z = answer(W_i, q_m, fixed_h)  # (b, d_out)
             W_next = jax.tree_util.tree_map(lambda w: w[-1], W_i)  # row b−1 carries (see _scan)
             return _cast_like(W_next, W), z
 
         return scan_minibatches(step, W0_h, xs_h, remat_every, unroll)
 
+    xs = xs if lg is None else (*xs, lg)
     W_N, z = _map_heads(head, W0, fixed, per_sequence, xs)  # z (B, H, M, b, d_out)
     return from_minibatches(z, q.shape[2]), W_N
 
@@ -180,7 +235,7 @@ def ttt_primal(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ev
 
 
 def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, unroll=1,
-             kernel="auto"):
+             kernel="auto", log_alpha=None):
     """Causal mini-batch TTT in the dual form (TTT-LM §2.7); same contract and results as primal.
 
     For a dense chain Z_l = X_l W_l + b_l (activation between layers, optional `post` after), per
@@ -202,22 +257,25 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
     reverse scan linearised at the stacked states, no autodiff of a checkpointed step); the group
     checkpoint keeps one state per group in memory (the backward recomputes a group's forward)
     instead of a d × d state per mini-batch.
+
+    log_alpha (B, H, N) <= 0: a forget gate (§4.11), XLA only (kernel "auto" runs XLA with it).
     """
-    per_sequence, (q_m, k_m, v_m, eta_m) = _prepare(
-        learner, W0, q, k, v, eta, mini_batch, fixed, remat_every, unroll
+    per_sequence, (q_m, k_m, v_m, eta_m), lg = _prepare(
+        learner, W0, q, k, v, eta, mini_batch, fixed, remat_every, unroll, log_alpha
     )
     _check_dual(learner, W0)
     checks.check_choice("kernel", kernel, KERNELS)
+    _check_gate_kernel(kernel, log_alpha)
     B = q.shape[0]
     if not per_sequence:  # (H, ...) -> (B, H, ...): every sequence carries its own state
         W0 = jax.tree_util.tree_map(lambda w: jnp.broadcast_to(w, (B, *w.shape)), W0)
-    if _pallas(kernel, learner, W0, q, v, mini_batch):
+    if lg is None and _pallas(kernel, learner, W0, q, v, mini_batch):
         return ttt_dual_pallas(learner, W0, fixed, q, k, v, eta_m)
     if len(learner.dense) > 1:  # deeper chains: the whole step in the scan (measured faster)
         return _dual_steps(learner, W0, fixed, (q_m, k_m, v_m, eta_m), q.shape[2], remat_every,
-                           unroll)
+                           unroll, lg)
     major = lambda x: jnp.moveaxis(x, 2, 0)  # (B, H, M, ...) -> (M, B, H, ...): scan order
-    xs = tuple(map(major, (q_m, k_m, v_m, eta_m)))
+    xs = tuple(map(major, (q_m, k_m, v_m, eta_m) if lg is None else (q_m, k_m, v_m, eta_m, lg)))
     # fixed broadcast over B: its gradient is summed over the batch once, after the loop (on a
     # device mesh a collective over the batch axes), not in every mini-batch
     fixed = jax.tree_util.tree_map(lambda f: jnp.broadcast_to(f, (B, *jnp.shape(f))), fixed)
@@ -229,10 +287,11 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
     return from_minibatches(z, q.shape[2]), W_N
 
 
-def _dual_steps(learner, W0, fixed, xs, n, remat_every, unroll):
+def _dual_steps(learner, W0, fixed, xs, n, remat_every, unroll, lg=None):
     """The dual form with every mini-batch's whole step (keys, queries, update) in one scan step,
     jax.checkpoint'ed (the backward recomputes a step from its carried state). W0 leaves (B, H,
-    ...); xs (q, k, v, eta) in (B, H, M, b, ·) layout. Returns (z (B, H, n, d_out), W_N)."""
+    ...); xs (q, k, v, eta) in (B, H, M, b, ·) layout; lg (B, H, M, b) a gate's log Γ or None.
+    Returns (z (B, H, n, d_out), W_N)."""
     q_m, k_m, v_m, eta_m = xs
     dense, b = learner.dense, q_m.shape[-2]
     w1, b1 = dense[0]
@@ -244,21 +303,35 @@ def _dual_steps(learner, W0, fixed, xs, n, remat_every, unroll):
 
     def head(W0_h, fixed_h, xs_h):
         def step(W, x):
-            kq_m, v_in, eta_mb, A1_m = x  # (2b, d_in), (b, d_out), (b, b), (b, b)
+            kq_m, v_in, eta_mb, A1_m = x[:4]  # (2b, d_in), (b, d_out), (b, b), (b, b)
+            lg_m = x[4] if len(x) == 5 else None  # (b,) log Γ of a gate
             k_in, q_in = kq_m[:b], kq_m[b:]
             Z1 = kq_m @ W[w1]  # (2b, d_in) @ (d_in, d_1) -> (2b, d_1): keys and queries at once
             if b1 is not None:
                 Z1 = Z1 + W[b1]
-            G, Xk = _dual.key_gradients(learner, W, fixed_h, k_in, v_in, Z1[:b])
-            z = _dual.query_side(learner, W, fixed_h, q_in, eta_mb, A1_m, G, Xk, Z1=Z1[b:])
-            W_next, _ = _dual.key_step(learner, W, fixed_h, k_in, v_in, eta_mb[-1], (G, Xk))
+            scale = None
+            if lg_m is not None:  # rows at the decayed weights Γ W: keys' Γ_j, queries' Γ_i
+                scale = jnp.exp(lg_m)
+                Z1 = _dual._rows(jnp.concatenate([scale, scale]), Z1)
+            G, Xk = _dual.key_gradients(learner, W, fixed_h, k_in, v_in, Z1[:b], scale)
+            z = _dual.query_side(learner, W, fixed_h, q_in, eta_mb, A1_m, G, Xk, Z1=Z1[b:],
+                                 scale=scale)
+            W_next, _ = _dual.key_step(learner, W, fixed_h, k_in, v_in, eta_mb[-1], (G, Xk),
+                                       lg=lg_m)
             return W_next, z
 
         step_remat = jax.checkpoint(step, prevent_cse=False)
         return scan_minibatches(step_remat, W0_h, xs_h, remat_every, unroll)
 
-    W_N, z = _map_heads(head, W0, fixed, True, (kq, v_m, eta_m, A1))  # z (B, H, M, b, ·)
+    xs = (kq, v_m, eta_m, A1) if lg is None else (kq, v_m, eta_m, A1, lg)
+    W_N, z = _map_heads(head, W0, fixed, True, xs)  # z (B, H, M, b, ·)
     return from_minibatches(z, n), W_N
+
+
+def _check_gate_kernel(kernel, log_alpha):
+    if kernel == "pallas" and log_alpha is not None:
+        raise ValueError("kernel='pallas' takes no forget gate (log_alpha); use kernel='xla' or "
+                         "'auto'")
 
 
 def _pallas(kernel, learner, W0, q, v, mini_batch) -> bool:
@@ -274,19 +347,27 @@ def _pallas(kernel, learner, W0, q, v, mini_batch) -> bool:
 def _dual_minibatches(learner, fixed, unroll, W0, xs):
     """The dual form over mini-batch-major inputs (M, B, H, ...) from W0 (B, H, ...) -> (W_N, z);
     fixed leaves (B, H, ...)."""
-    q_t, k_t, v_t, eta_t = xs  # (M, B, H, b, d_in) ×2, (M, B, H, b, d_out), (M, B, H, b, b)
+    q_t, k_t, v_t, eta_t = xs[:4]  # (M, B, H, b, d_in) ×2, (M, B, H, b, d_out), (M, B, H, b, b)
+    lg_t = xs[4] if len(xs) == 5 else None  # (M, B, H, b): a gate's log Γ
     e = eta_t[..., -1, :]  # (M, B, H, b): the η row that carries the state
-    Ws, W_N, G, Xk = _dual.state_scan(learner, unroll, W0, fixed, k_t, v_t, e)
+    Ws, W_N, G, Xk = _dual.state_scan(learner, unroll, W0, fixed, k_t, v_t, e, lg_t)
     # layer 1's b×b matrix needs no state: (M, B, H, b, d) x (M, B, H, b, d) -> (M, B, H, b, b)
     A1 = eta_t * jnp.einsum("...id,...jd->...ij", q_t, k_t)
     if learner.dense[0][1] is not None:
         A1 = A1 + eta_t  # the bias's gradient enters every row with weight η_ij
-    answer = lambda W, f, q_, eta_, A_, G_, X_: _dual.query_side(learner, W, f, q_, eta_, A_, G_,
-                                                                 X_)
-    over_h = jax.vmap(answer, in_axes=(0, 0, 0, 0, 0, 0, 0))
-    over_bh = jax.vmap(over_h, in_axes=(0, 0, 0, 0, 0, 0, 0))
-    over_all = jax.vmap(over_bh, in_axes=(0, None, 0, 0, 0, 0, 0))  # over M
-    return W_N, over_all(Ws, fixed, q_t, eta_t, A1, G, Xk)
+    if lg_t is not None:
+        answer = lambda W, f, q_, eta_, A_, G_, X_, lg_: _dual.query_side(
+            learner, W, f, q_, eta_, A_, G_, X_, scale=jnp.exp(lg_))
+        args = (Ws, fixed, q_t, eta_t, A1, G, Xk, lg_t)
+    else:
+        answer = lambda W, f, q_, eta_, A_, G_, X_: _dual.query_side(learner, W, f, q_, eta_, A_,
+                                                                     G_, X_)
+        args = (Ws, fixed, q_t, eta_t, A1, G, Xk)
+    axes = (0,) * len(args)
+    over_h = jax.vmap(answer, in_axes=axes)
+    over_bh = jax.vmap(over_h, in_axes=axes)
+    over_all = jax.vmap(over_bh, in_axes=(0, None, *axes[2:]))  # over M
+    return W_N, over_all(*args)
 
 
 # ----------------------------------------------------------------------------- reference and API
@@ -301,8 +382,20 @@ def _naive_grads(learner, W, fixed, k_blk, v_blk):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _naive_answer(learner, W, g, lr, q_t, fixed):
-    """W_t = W − Σ_j lr_j g_j (lr (B, H, r), zero for future j); z_t = f(q_t; W_t) (B, H, d_out)."""
+def _naive_decayed_grads(learner, W, fixed, k_blk, v_blk, gamma):
+    """g_j = ∇ l(Γ_j W; k_j, v_j) of a block: gamma (B, H, r) -> leaves (B, H, r, ...)."""
+    loss = lambda W, f, kj, vj: reconstruction_loss(learner, W, f, kj, vj)
+    one = lambda W, f, kj, vj, s: jax.grad(loss)(_decayed(W, s), f, kj, vj)
+    per_head = jax.vmap(one, in_axes=(None, None, 0, 0, 0))
+    return jax.vmap(jax.vmap(per_head))(W, fixed, k_blk, v_blk, gamma)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _naive_answer(learner, W, g, lr, q_t, fixed, gamma=None):
+    """W_t = W − Σ_j lr_j g_j (lr (B, H, r), zero for future j); z_t = f(q_t; W_t) (B, H, d_out).
+    gamma (B, H): W is first decayed to Γ_t W (a forget gate), else None."""
+    if gamma is not None:
+        W = jax.tree_util.tree_map(lambda w: jnp.einsum("bh,bh...->bh...", gamma, w), W)
     W_t = jax.tree_util.tree_map(
         # (B, H, r) · (B, H, r, ...) -> (B, H, ...)
         lambda w, g_l: (w - jnp.einsum("bhj,bhj...->bh...", lr, g_l)).astype(w.dtype), W, g
@@ -310,13 +403,16 @@ def _naive_answer(learner, W, g, lr, q_t, fixed):
     return W_t, jax.vmap(jax.vmap(learner.apply))(W_t, q_t, fixed)
 
 
-def ttt_naive(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None):
+def ttt_naive(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, log_alpha=None):
     """Token-by-token reference (tests only): materialises every W_i from the definition.
 
     Same shapes and results as ttt_primal; a Python loop over tokens, vectorised over (B, H) only.
     Reads η straight from the contract's layouts (it shares no layout code with the fast forms).
+    With a gate log_alpha (B, H, N) the decays Γ_i/Γ_j are products of a_s = exp(log_alpha_s)
+    over j < s ≤ i (not the fast forms' differences of cumulative sums).
     """
     _check_sequence(q, k, v, eta, mini_batch)
+    _check_log_alpha(log_alpha, q)
     per_sequence = _head_shapes(learner, W0, q, v, fixed)
     B, H, N, _ = q.shape
     b = mini_batch
@@ -326,35 +422,55 @@ def ttt_naive(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None):
     zs = []
     for start in range(0, N, b):
         r = min(b, N - start)  # tokens in this mini-batch
-        g = _naive_grads(learner, W, fix, k[:, :, start : start + r], v[:, :, start : start + r])
+        blk = lambda x: x[:, :, start : start + r]
+        if log_alpha is None:
+            g = _naive_grads(learner, W, fix, blk(k), blk(v))
+        else:
+            a = jnp.exp(blk(log_alpha))  # (B, H, r)
+            s = jnp.arange(r)
+            # Γ_i = Π_{s≤i} a_s: (B, H, r)
+            gamma = jnp.prod(jnp.where(s[None, :] <= s[:, None], a[..., None, :], 1.0), axis=-1)
+            g = _naive_decayed_grads(learner, W, fix, blk(k), blk(v), gamma)
         for i in range(r):
             t = start + i
             row = eta[:, :, start : start + r] if eta.ndim == 3 else eta[:, :, t, :r]  # (B, H, r)
             lr = jnp.where(jnp.arange(r) <= i, row, 0.0)  # only j <= i: causal incl. diagonal
-            W_t, z_t = _naive_answer(learner, W, g, lr, q[:, :, t], fix)
+            if log_alpha is None:
+                W_t, z_t = _naive_answer(learner, W, g, lr, q[:, :, t], fix)
+            else:
+                # Γ_i/Γ_j = Π_{j<s≤i} a_s for every j ≤ i: (B, H, r)
+                inside = (s[None, :] > s[:, None]) & (s[None, :] <= i)  # (j, s)
+                ratio = jnp.prod(jnp.where(inside, a[..., None, :], 1.0), axis=-1)
+                W_t, z_t = _naive_answer(learner, W, g, lr * ratio, q[:, :, t], fix,
+                                         gamma[..., i])
             zs.append(z_t)
         W = W_t  # the last token of the mini-batch carries the state
     return jnp.stack(zs, axis=2), W  # (B, H, N, d_out)
 
 
 def ttt(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, unroll=1,
-        form="auto", kernel="auto"):
+        form="auto", kernel="auto", log_alpha=None):
     """Causal mini-batch TTT; form "auto" runs the dual form when the learner has a dense chain.
 
     form: "auto" | "dual" | "primal"; kernel: the dual form's "auto" | "xla" | "pallas" (see
-    ttt_dual; the primal form is XLA only). Shapes and results as ttt_primal.
+    ttt_dual; the primal form is XLA only). Shapes and results as ttt_primal. log_alpha
+    (B, H, N) <= 0: a forget gate (§4.11; not with kernel "pallas").
     """
     checks.check_choice("form", form, FORMS)
     checks.check_choice("kernel", kernel, KERNELS)
+    _check_gate_kernel(kernel, log_alpha)
     if form == "auto":
         form = "dual" if getattr(learner, "dense", None) is not None else "primal"
     kwargs = dict(mini_batch=mini_batch, fixed=fixed, remat_every=remat_every, unroll=unroll)
+    if log_alpha is not None:
+        kwargs["log_alpha"] = log_alpha
     if form == "dual":
         return ttt_dual(learner, W0, q, k, v, eta, kernel=kernel, **kwargs)
     return ttt_primal(learner, W0, q, k, v, eta, **kwargs)
 
 
-def ttt_decode_step(learner, W_start, G_acc, q_t, k_t, v_t, a_t, c_t, *, fixed=None):
+def ttt_decode_step(learner, W_start, G_acc, q_t, k_t, v_t, a_t, c_t, *, fixed=None,
+                    log_alpha_t=None):
     """One decoding token of causal TTT when η_ij = c_i · a_j (true of TTT-LM, docs/design.md §4.6).
 
     W_start, G_acc: pytrees with leading (B, H) (state at the mini-batch start; accumulated
@@ -362,6 +478,11 @@ def ttt_decode_step(learner, W_start, G_acc, q_t, k_t, v_t, a_t, c_t, *, fixed=N
         G_acc_new = G_acc + a_t ∇_W l(W_start; k_t, v_t);   z_t = f(q_t; W_start − c_t G_acc_new)
     Returns (z_t (B, H, d_out), G_acc_new). To close a mini-batch the caller sets
     W_start ← W_start − c_last G_acc_new and G_acc ← 0.
+
+    log_alpha_t (B, H) <= 0, a forget gate (§4.11): W_start then holds the mini-batch's start state
+    decayed to the previous token (Γ_{t−1} W) and G_acc the decayed sum Σ_j a_j (Γ_{t−1}/Γ_j) g_j.
+    Both decay by α_t = exp(log_alpha_t) first, then the step above runs (so g_t is taken at Γ_t W);
+    returns (z_t, G_acc_new, α_t W_start), the last being the next call's W_start.
     """
     checks.check_rank("q_t", q_t, 3, "(B, H, d_in)")
     B, H, d_in = q_t.shape
@@ -372,6 +493,10 @@ def ttt_decode_step(learner, W_start, G_acc, q_t, k_t, v_t, a_t, c_t, *, fixed=N
     checks.check_shape("c_t", c_t, (B, H), "(B, H)", like="q_t")
     for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t), ("a_t", a_t), ("c_t", c_t)):
         checks.check_floating(name, x)
+    if log_alpha_t is not None:
+        checks.check_shape("log_alpha_t", log_alpha_t, (B, H), "(B, H)", like="q_t")
+        checks.check_floating("log_alpha_t", log_alpha_t)
+        checks.check_log_decay("log_alpha_t", log_alpha_t)
     checks.check_same_dtype(q_t=q_t, k_t=k_t, v_t=v_t)
     seq = lambda x: x[:, :, None]  # (B, H, d) -> (B, H, 1, d): reuse the sequence checks
     if not _head_shapes(learner, W_start, seq(q_t), seq(v_t), fixed, what="W_start"):
@@ -392,7 +517,14 @@ def ttt_decode_step(learner, W_start, G_acc, q_t, k_t, v_t, a_t, c_t, *, fixed=N
 
     over_h = jax.vmap(head, in_axes=(0, 0, 0, 0, 0, 0, 0, 0))
     over_b = jax.vmap(over_h, in_axes=(0, 0, None, 0, 0, 0, 0, 0))
-    return over_b(W_start, G_acc, fixed, q_t, k_t, v_t, a_t, c_t)
+    if log_alpha_t is None:
+        return over_b(W_start, G_acc, fixed, q_t, k_t, v_t, a_t, c_t)
+    alpha = jnp.exp(log_alpha_t)  # (B, H)
+    decay = lambda w: jnp.einsum("bh,bh...->bh...", alpha.astype(w.dtype), w)
+    W_dec = jax.tree_util.tree_map(decay, W_start)
+    z_t, G_new = over_b(W_dec, jax.tree_util.tree_map(decay, G_acc), fixed, q_t, k_t, v_t, a_t,
+                        c_t)
+    return z_t, G_new, W_dec
 
 
 __all__ = ["Learner", "ttt", "ttt_decode_step", "ttt_dual", "ttt_naive", "ttt_primal"]
