@@ -8,6 +8,7 @@ x (B, N, C) -> (y (B, N, C), aux) and the causal ones decode with init_cache / p
 from ttt.layers.attention import LinearAttention, SoftmaxAttention
 from ttt.layers.common import CausalConv, LayerNorm
 from ttt.layers.lact_layer import LaCTMixer
+from ttt.layers.mamba2_layer import Mamba2Mixer
 from ttt.layers.mttt_layer import MTTTMixer
 from ttt.layers.registry import (
     MIXERS,
@@ -27,6 +28,7 @@ __all__ = [
     "LayerNorm",
     "LinearAttention",
     "MTTTMixer",
+    "Mamba2Mixer",
     "MixerSpec",
     "SoftmaxAttention",
     "TTTMixer",

@@ -52,6 +52,11 @@ RoPE, sigmoid gates, softmax) is left out: it is O(N C) against the O(N C²) of 
   update Kᵀ U (2 c d d_v each).
 - Sliding-window attention (`swa`, window w): four C→C maps and, like LaCT's window branch,
   4 (C / H) per (query, key) pair the window holds and head.
+- Mamba2 (`mamba2`; E = expand·C inner width, h = E / P heads of P, d_state n, conv width w,
+  chunk c): the in-projection C→2E + 2n + h and the out-projection E→C; the depthwise convolution
+  of the E + 2n channels (2 w per channel and token); the SSD scan per head as linear attention
+  with key width n and value width P (B and C are broadcast to every head, and counted so):
+  chunked 2 N c (n + P) + 4 N n P, quadratic 2 N² (n + P), cumsum (the token scan) 4 N n P.
 
 State sizes are floats per layer per sequence (what a recurrent model carries from token to
 token; the x-axis of the MQAR comparison): TTT, the inner model's weights (and biases) over all
@@ -59,6 +64,7 @@ heads; linear attention, S = Σ φ(k) vᵀ (and s = Σ φ(k) when normalised); s
 KV cache of N tokens, 2 N C; MTTT, the inner model's weights (rebuilt for every sequence); LaCT,
 the fast weights, the inner optimizer's state (momentum / Muon one copy of them, Adam two) and the
 window's KV cache, 2 min(w, N) C.
+Mamba2: S (n × P per head, E n in all) and the convolution's tail, (w − 1)(E + 2n).
 DeltaNet: S (d × d_v per head) and the convolutions' tails, (w − 1)(2C + H d_v); sliding-window
 attention: the ring buffers of w keys and values, 2 w C whatever N (they are allocated whole).
 """
@@ -246,6 +252,27 @@ def swa_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
     return dense(N, C) + 4.0 * C * window_pairs(N, attrs["window"])  # H heads of C / H
 
 
+def mamba2_dims(C: int, attrs: Mapping) -> tuple[int, int, int]:
+    """(E, P, h): Mamba2's inner width, head width and heads (one head of E if E < head_dim)."""
+    E = attrs["expand"] * C
+    P = min(attrs["head_dim"], E)
+    return E, P, E // P
+
+
+def mamba2_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
+    E, P, h = mamba2_dims(C, attrs)
+    n, c, form = attrs["d_state"], attrs["chunk"], attrs["form"]
+    flops = 2.0 * N * C * (2 * E + 2 * n + h) + 2.0 * N * E * C  # in- and out-projections
+    flops += 2.0 * N * (E + 2 * n) * attrs["conv_width"]
+    if form == "chunked":
+        core = 2.0 * N * c * (n + P) + 4.0 * N * n * P
+    elif form == "quadratic":
+        core = 2.0 * N * N * (n + P)
+    else:  # cumsum: the token scan
+        core = 4.0 * N * n * P
+    return flops + h * core
+
+
 # ----------------------------------------------------------------------------- state sizes
 
 
@@ -273,6 +300,11 @@ def lact_state(C: int, H: int, attrs: Mapping, N: int) -> int:
     copies = {"sgd": 1, "momentum": 2, "muon": 2, "adam": 3}[attrs["inner_opt"]]
     w = attrs["chunk"] if attrs["window"] is None else attrs["window"]
     return copies * Hf * 3 * d * h + 2 * min(w, N) * C
+
+
+def mamba2_state(C: int, H: int, attrs: Mapping, N: int) -> int:
+    E, P, h = mamba2_dims(C, attrs)
+    return h * attrs["d_state"] * P + (attrs["conv_width"] - 1) * (E + 2 * attrs["d_state"])
 
 
 def delta_state(C: int, H: int, attrs: Mapping, N: int) -> int:
