@@ -14,6 +14,11 @@ started from, so the state only needs W and the running sum G = Σ_{j so far} a_
 - `step`: one token -> (z_t, TTTState). prefill + steps == forward (tests/test_ttt_state.py).
 - `inner_loss_stats`: the reconstruction errors before/after each token's update (diagnostics).
 
+A forget gate (`log_alpha`, docs/design.md §4.11) decays the state before every token: `step`
+multiplies W and G by α_t = exp(log_alpha_t), so W holds the mini-batch's start state decayed to
+the last token read (Γ_t W) and G the decayed sum; at a mini-batch boundary W is the carried state,
+as without a gate, and the state keeps its fields (W, G, pos).
+
 Everything here is pure `jax.numpy` on per-head arrays (B, H, N, d); a Flax layer computes the
 projections and calls one of these (`ttt.layers.ttt_layer`).
 """
@@ -108,21 +113,22 @@ def eta_rows(a, c, b: int):
 
 
 def forward(learner, W0, q, k, v, a, c, *, mini_batch: int, fixed=None, form="auto",
-            remat_every=0, unroll=1, kernel="auto"):
+            remat_every=0, unroll=1, kernel="auto", log_alpha=None):
     """Training forward: z (B, H, N, d_out) and the state W_N after the last token.
 
     q, k (B, H, N, d_in); v (B, H, N, d_out); a (B, H, N) gates; c (N,) per-token coefficients
     (c at each token's position in its mini-batch); W0 leading H or (B, H); fixed leading H.
     mini_batch: b, or 0 for one mini-batch spanning the sequence. form, remat_every, unroll,
-    kernel: as `ttt.ops.ttt.ttt`.
+    kernel, log_alpha (B, H, N) (a forget gate, or None): as `ttt.ops.ttt.ttt`.
     """
     b = mini_batch or q.shape[2]
+    gate = {} if log_alpha is None else {"log_alpha": log_alpha}
     return ttt(learner, W0, q, k, v, eta_rows(a, c, b), mini_batch=b, fixed=fixed,
-               remat_every=remat_every, unroll=unroll, form=form, kernel=kernel)
+               remat_every=remat_every, unroll=unroll, form=form, kernel=kernel, **gate)
 
 
 def prefill(learner, W0, q, k, v, a, c, *, mini_batch: int, fixed=None, form="auto",
-            remat_every=0, unroll=1, kernel="auto"):
+            remat_every=0, unroll=1, kernel="auto", log_alpha=None):
     """Read a prompt from the start: z (B, H, N, d_out) and the TTTState after its N tokens.
 
     Whole mini-batches run through `forward`; the remaining N mod b tokens (all N when
@@ -134,9 +140,10 @@ def prefill(learner, W0, q, k, v, a, c, *, mini_batch: int, fixed=None, form="au
     zs = []
     if n_full:
         head = lambda x: x[..., :n_full, :] if x.ndim == 4 else x[..., :n_full]
+        gate = {} if log_alpha is None else {"log_alpha": head(log_alpha)}
         z, W = forward(learner, W0, head(q), head(k), head(v), head(a), c[:n_full],
                        mini_batch=mini_batch, fixed=fixed, form=form, remat_every=remat_every,
-                       unroll=unroll, kernel=kernel)
+                       unroll=unroll, kernel=kernel, **gate)
         zs.append(z)
         state = TTTState(W, jax.tree_util.tree_map(jnp.zeros_like, W), jnp.asarray(n_full,
                                                                                   jnp.int32))
@@ -150,27 +157,37 @@ def prefill(learner, W0, q, k, v, a, c, *, mini_batch: int, fixed=None, form="au
         rest = lambda x: jnp.moveaxis(x[:, :, n_full:], 2, 0)  # (r, B, H, ...)
 
         def one(state, xs):
-            (q_t, k_t, v_t, a_t), c_t = xs
+            (q_t, k_t, v_t, a_t, *la_t), c_t = xs
             z_t, state = step(learner, state, q_t, k_t, v_t, a_t, c_t, mini_batch=mini_batch,
-                              fixed=fixed)
+                              fixed=fixed, log_alpha_t=la_t[0] if la_t else None)
             return state, z_t
 
-        state, z_r = jax.lax.scan(one, state, ((rest(q), rest(k), rest(v), rest(a)),
-                                               c[n_full:]))
+        seq = (rest(q), rest(k), rest(v), rest(a))
+        if log_alpha is not None:
+            seq = (*seq, rest(log_alpha))
+        state, z_r = jax.lax.scan(one, state, (seq, c[n_full:]))
         zs.append(jnp.moveaxis(z_r, 0, 2))  # (B, H, r, d_out)
     return (jnp.concatenate(zs, axis=2) if len(zs) > 1 else zs[0]), state
 
 
-def step(learner, state: TTTState, q_t, k_t, v_t, a_t, c_t, *, mini_batch: int, fixed=None):
+def step(learner, state: TTTState, q_t, k_t, v_t, a_t, c_t, *, mini_batch: int, fixed=None,
+         log_alpha_t=None):
     """One token: (z_t (B, H, d_out), the next TTTState).
 
     q_t, k_t (B, H, d_in); v_t (B, H, d_out); a_t (B, H); c_t the coefficient of this token's
-    position (a scalar or (B, H)). mini_batch = 0 never closes the mini-batch.
+    position (a scalar or (B, H)). mini_batch = 0 never closes the mini-batch. log_alpha_t (B, H):
+    a forget gate's log-decay of this token (W and G decay by its exp first), or None.
     """
     B, H = q_t.shape[:2]
     checks.check_leading("state.G", state.G, (B, H), "(B, H)")
     c_bh = jnp.broadcast_to(jnp.asarray(c_t, a_t.dtype), (B, H))
-    z_t, G = ttt_decode_step(learner, state.W, state.G, q_t, k_t, v_t, a_t, c_bh, fixed=fixed)
+    if log_alpha_t is None:
+        z_t, G = ttt_decode_step(learner, state.W, state.G, q_t, k_t, v_t, a_t, c_bh,
+                                 fixed=fixed)
+    else:
+        z_t, G, W_dec = ttt_decode_step(learner, state.W, state.G, q_t, k_t, v_t, a_t, c_bh,
+                                        fixed=fixed, log_alpha_t=log_alpha_t)
+        state = state._replace(W=W_dec)
     if mini_batch > 0:
         close = state.pos % mini_batch == mini_batch - 1
 
@@ -188,18 +205,21 @@ def step(learner, state: TTTState, q_t, k_t, v_t, a_t, c_t, *, mini_batch: int, 
 # ----------------------------------------------------------------------------- diagnostics
 
 
-def inner_loss_stats(learner, W0, k, v, a, c, *, mini_batch: int, fixed=None, form="auto"):
+def inner_loss_stats(learner, W0, k, v, a, c, *, mini_batch: int, fixed=None, form="auto",
+                     log_alpha=None):
     """Mean squared reconstruction errors of every token (diagnostics; no gradient flows).
 
     k (B, H, N, d); v (B, H, N, d_out); a (B, H, N); c (N,); W0, fixed leading H.
     One inner pass over a sequence where every mini-batch is preceded by a copy of its keys with
     zero learning rates: the copies are answered at the mini-batch's starting state ("before"),
-    the originals after the causal update including their own gradient ("after").
+    the originals after the causal update including their own gradient ("after"). With a forget
+    gate log_alpha (B, H, N) the copies do not decay (log-decay 0), so "before" is still at the
+    mini-batch's start state and the originals see exactly their forward's decays.
     Returns {"inner_loss_init", "inner_loss_before", "inner_loss_after"}: float32 scalars, means
     over batch, heads, tokens and features (the "ttt_loss_mse" of the official code).
     """
     sg = jax.lax.stop_gradient
-    k, v, a, c, W0, fixed = sg((k, v, a, c, W0, fixed))
+    k, v, a, c, W0, fixed, log_alpha = sg((k, v, a, c, W0, fixed, log_alpha))
     B, H, N, _ = k.shape
     dv = v.shape[-1]
     b = mini_batch or N
@@ -216,7 +236,12 @@ def inner_loss_stats(learner, W0, k, v, a, c, *, mini_batch: int, fixed=None, fo
     bottom = jnp.concatenate([zero, rows], axis=-1)  # originals: see only originals
     eta2 = jnp.concatenate([top, bottom], axis=3).reshape(B, H, 2 * M * b, 2 * b)
     k2, v2 = doubled(k), doubled(v)
-    z2, _ = ttt(learner, W0, k2, k2, v2, eta2, mini_batch=2 * b, fixed=fixed, form=form)
+    gate = {}
+    if log_alpha is not None:  # copies: no decay; originals: their own
+        la2 = doubled(log_alpha[..., None])[..., 0]  # (B, H, 2·M·b)
+        copy = (jnp.arange(2 * M * b) // b) % 2 == 0  # (2·M·b,): the copies' positions
+        gate = {"log_alpha": jnp.where(copy, jnp.zeros((), la2.dtype), la2)}
+    z2, _ = ttt(learner, W0, k2, k2, v2, eta2, mini_batch=2 * b, fixed=fixed, form=form, **gate)
     z2 = z2.reshape(B, H, M, 2, b, dv)  # (B, H, M, copy|original, b, dv)
     before = z2[:, :, :, 0].reshape(B, H, M * b, dv)[:, :, :N]
     after = z2[:, :, :, 1].reshape(B, H, M * b, dv)[:, :, :N]
