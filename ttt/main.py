@@ -12,7 +12,9 @@ Every field of the config file can be overridden with --config.<section>.<key>=<
 processes (one per host) pass --num_processes, --process_id and --coordinator_address, or
 --distributed to let JAX detect the cluster.
 Exit status: 0 done, 2 bad input (one line on stderr saying what to change; --debug adds the
-traceback), 3 non-finite loss, 143 preempted (checkpoint saved).
+traceback; also for a failed checkpoint save or out of memory), 3 non-finite loss, 143 preempted
+by SIGTERM, 130 interrupted by SIGINT / Ctrl-C (both with a checkpoint saved; a second signal
+exits at once).
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ def _main(argv: list[str]) -> int:
     except NonFiniteLossError as err:
         print(f"error: {cli.one_line(err)}", file=sys.stderr)
         return 3
-    return 143 if summary["preempted"] else 0
+    if summary["preempted"]:  # a checkpoint was saved; 128 + the signal's number
+        return 130 if summary.get("signal") == "SIGINT" else 143
+    return 0
 
 
 def simulate_devices(n: int) -> None:

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -42,6 +43,7 @@ from ttt.cli import changed_values
 from ttt.config import ConfigError, validate
 from ttt.files import write_atomic
 from ttt.train import checkpoint as ckpt_lib
+from ttt.train import faults
 from ttt.train import init as init_lib
 from ttt.train import metrics as metrics_lib
 from ttt.train.lock import WorkdirLock
@@ -74,9 +76,11 @@ def evaluate(setup: Setup, p_eval, state, dataset, num_steps: int) -> dict:
 
 
 class _Preemption:
-    """SIGTERM (preemption) -> a checkpoint at a step every process agrees on, then exit.
+    """SIGTERM (preemption) or SIGINT (Ctrl-C) -> a checkpoint at a step every process agrees on,
+    then exit; a second signal while that is under way exits at once (status 128 + the signal),
+    leaving the newest committed checkpoint as it was.
 
-    One process: a Python SIGTERM handler sets a flag that the loop reads after each step.
+    One process: a Python handler sets a flag that the loop reads after each step.
     Several processes (`jax.distributed`): JAX's preemption sync manager catches SIGTERM on any of
     them and tells the others through the coordination service; `reached_preemption_sync_point`
     then turns True at the same step on every process (the next step after the largest step any
@@ -95,13 +99,26 @@ class _Preemption:
         except (ImportError, AttributeError):  # pragma: no cover - another JAX layout
             manager = None
         self._sync = jax.process_count() > 1 and manager is not None
-        # with the sync manager, its own SIGTERM handler must stay in place
-        if not self._sync and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.signal = "SIGTERM"  # the signal that asked to stop
+        self._previous_int = None
+        if threading.current_thread() is threading.main_thread():
+            # with the sync manager, its own SIGTERM handler must stay in place; SIGINT is
+            # passed on to it as a SIGTERM
+            if not self._sync:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous_int = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
+        del frame
+        name = signal.Signals(signum).name
+        if self.requested:  # the second signal: no more waiting for the checkpoint
+            sys.stderr.write(f"\n{name} again: exiting at once, without a checkpoint of this step "
+                             "(the newest committed one is kept)\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        self.requested, self.signal = True, name
+        if self._sync and signum == signal.SIGINT:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def stop_at(self, step: int) -> bool:
         """Whether every process saves `step` and stops (call after every step, on all)."""
@@ -115,6 +132,8 @@ class _Preemption:
     def close(self):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+        if self._previous_int is not None:
+            signal.signal(signal.SIGINT, self._previous_int)
 
 
 def _check_finite(losses: list, first_step: int, last_good: int | None, workdir: str) -> None:
@@ -191,13 +210,21 @@ def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=N
     """
     validate(config)
     workdir = prepare_workdir(workdir)
-    with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-        return _train(config, workdir, build_model or models.build_model,
-                      make_dataset or data.make_dataset, defaults, source)
+    facts = {}  # what _train learnt that an error message may need
+    with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext(), \
+            faults.quiet_checkpoint_threads():
+        try:
+            return _train(config, workdir, build_model or models.build_model,
+                          make_dataset or data.make_dataset, defaults, source, facts)
+        except Exception as err:
+            fault = faults.explain(err, workdir, facts.get("state_bytes"))
+            if fault is None:
+                raise
+            raise fault from err
 
 
-def _train(config, workdir: str, build_model, make_dataset, defaults, source) -> dict:
-    """`train_and_evaluate` in a prepared and locked workdir."""
+def _train(config, workdir: str, build_model, make_dataset, defaults, source, facts) -> dict:
+    """`train_and_evaluate` in a prepared and locked workdir; `facts` gets the checkpoint size."""
     train_cfg = config.train
     pid, nproc = jax.process_index(), jax.process_count()
     say = log.info if pid == 0 else (lambda *args: None)
@@ -228,6 +255,8 @@ def _train(config, workdir: str, build_model, make_dataset, defaults, source) ->
     try:
         data_iter = train_ds.iterator()
         abstract = abstract_state(setup)
+        facts["state_bytes"] = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                                   for x in jax.tree.leaves(abstract))
         try:
             restored = ckpt.restore(placement.restore_target(abstract))
         except ckpt_lib.CheckpointMismatchError as err:
@@ -352,20 +381,20 @@ def _train(config, workdir: str, build_model, make_dataset, defaults, source) ->
                     save(done)
                     break
                 if preemption.stop_at(done):
-                    log.warning("preemption (SIGTERM): saving a checkpoint at step %d and "
-                                "exiting", done)
+                    log.warning("%s: saving a checkpoint at step %d and exiting (%s again "
+                                "exits at once)", preemption.signal, done, preemption.signal)
+                    summary["preempted"], summary["signal"] = True, preemption.signal
                     save(done)
-                    summary["preempted"] = True
                     break
                 if done % ckpt_every == 0 or done == total:
                     save(done)
                 progress.exclude(time.perf_counter() - paused)
     finally:
-        preemption.close()
         if progress is not None:
             progress.close()
         writer.close()
-        ckpt.close()
+        ckpt.close()  # waits for the last save to commit (a second signal still exits at once)
+        preemption.close()
     summary["state"] = state
     summary["params"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(placement.params(state))))
     if progress is not None:
@@ -377,7 +406,8 @@ def _train(config, workdir: str, build_model, make_dataset, defaults, source) ->
 def _final_line(summary: dict, setup: Setup, total: int, stop_at: int, workdir: str) -> str:
     step = summary["step"]
     if summary["preempted"]:
-        head = f"preempted at step {step} of {total}: checkpoint saved; rerun to resume"
+        what = "interrupted (SIGINT)" if summary.get("signal") == "SIGINT" else "preempted"
+        head = f"{what} at step {step} of {total}: checkpoint saved; rerun to resume"
     elif step < total:
         head = f"paused at step {step} of {total} (train.stop_at={stop_at}); rerun to continue"
     else:
