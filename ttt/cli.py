@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ttt.config import ADDABLE, ConfigError
+from ttt.errors import out_of_memory_error
 
 # Sections whose keys are free-form (checked later by the code that reads them).
 FREE_FORM = ("model.mixer_kwargs", "data.splits")
@@ -345,7 +346,9 @@ def console():
 
 
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
-    """Call `main(argv)`; a ConfigError becomes `error: ...` on stderr and exit status 2."""
+    """Call `main(argv)`; a ConfigError becomes `error: ...` on stderr and exit status 2, and so
+    does running out of memory (what to lower); Ctrl-C (where the command does not handle it
+    itself) one line and exit status 130."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = any(a in ("--debug", "--debug=true", "--debug=True", "--debug=1") for a in argv)
     try:
@@ -357,4 +360,17 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         if debug:
             traceback.print_exc()
         print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("\ninterrupted (SIGINT): stopped before finishing", file=sys.stderr)
+        return 130
+    except Exception as err:
+        fault = out_of_memory_error(err, "running")
+        if fault is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"error: {one_line(fault)}", file=sys.stderr)
         return 2
