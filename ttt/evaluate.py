@@ -1,26 +1,31 @@
 r"""Evaluate a trained run on a whole split, with the loss averaged by token position.
 
   python -m ttt.evaluate --workdir=/tmp/lm [--split=validation] [--seq_len=N] [--batch_size=B]
-      [--max_batches=M] [--step=S]
+      [--max_batches=M] [--step=S] [--out=DIR]
 
-Writes `WORKDIR/eval/<split>.json` — loss, perplexity (LMs), accuracy, the number of tokens (or
-images) scored, and for LMs `loss_by_position`: the mean loss of the token at each position
-1..seq_len over every window of the split — and `WORKDIR/eval/loss_by_position.png`, the TTT-LM
+Writes `<NAME>.json` into `WORKDIR/eval` (or --out) — loss, perplexity (LMs), accuracy, the number
+of tokens (or images) scored, and for LMs `loss_by_position`: the mean loss of the token at each
+position 1..seq_len over every window of the split — and `<NAME>_loss_by_position.png`, the TTT-LM
 paper's view of whether a layer keeps using a longer context (a falling curve: later tokens are
-predicted better because more context is used). `--seq_len` evaluates at another context length
-than the run trained at. The validation / test splits are read once, whole (padding counts zero);
-the endless train split needs --max_batches. One summary line on stdout.
+predicted better because more context is used). NAME is the split and every setting that changes
+the result (`result_name`): validation, validation_seq1024, validation_max2_b8, test_step200, ...,
+so a partial or other-length evaluation never replaces a whole-split one. `--seq_len` evaluates at
+another context length than the run trained at. The validation / test splits are read once, whole
+(padding counts zero); the endless train split needs --max_batches. The output directory is
+checked writable before anything is evaluated; both files are written whole or not at all
+(`ttt.files`). One summary line on stdout.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import numpy as np
 
 from ttt import cli
+from ttt.errors import ResourceError
+from ttt.files import check_writable, read_json, save_figure_atomic, write_json_atomic
 
 FLAGS = (
     cli.Flag("workdir", str, None, "a run directory written by python -m ttt.main", True),
@@ -29,8 +34,38 @@ FLAGS = (
     cli.Flag("batch_size", int, None, "windows per batch (default: the run's global batch)"),
     cli.Flag("max_batches", int, None, "stop after this many batches (default: the whole split)"),
     cli.Flag("step", int, None, "checkpoint step to load (default: the newest)"),
+    cli.Flag("out", str, None, "directory for the result files (default: WORKDIR/eval)"),
     cli.DEBUG,
 )
+
+
+def result_name(split: str = "validation", *, seq_len: int | None = None,
+                batch_size: int | None = None, max_batches: int | None = None,
+                step: int | None = None) -> str:
+    """The file stem of an evaluation: the split and each setting given that changes the result
+    ('validation', 'validation_seq1024', 'validation_max2_b8', 'test_step200'). The batch size only
+    matters with --max_batches (a whole split scores every window whatever the batch)."""
+    name = split
+    if seq_len is not None:
+        name += f"_seq{seq_len}"
+    if max_batches is not None:
+        name += f"_max{max_batches}" + (f"_b{batch_size}" if batch_size is not None else "")
+    if step is not None:
+        name += f"_step{step}"
+    return name
+
+
+def read_result(path: str) -> dict | None:
+    """An evaluation written by this module, or None when `path` is missing, cut off or lacks
+    its fields (the caller evaluates again)."""
+    result = read_json(path)
+    if result is None or not isinstance(result.get("loss"), (int, float)):
+        return None
+    by_pos = result.get("loss_by_position")
+    if by_pos is not None and (not isinstance(by_pos, list)
+                               or len(by_pos) != result.get("seq_len")):
+        return None
+    return result
 
 
 def _lm_sums(model, mult):
@@ -54,7 +89,7 @@ def _lm_sums(model, mult):
 def evaluate_run(workdir: str, split: str = "validation", *, seq_len: int | None = None,
                  batch_size: int | None = None, max_batches: int | None = None,
                  step: int | None = None) -> dict:
-    """Evaluate the run in `workdir` (see the module doc); returns what eval/<split>.json holds."""
+    """Evaluate the run in `workdir` (see the module doc); returns what eval/<NAME>.json holds."""
     # imported here: the command line answers --help and bad flags before JAX starts
     import jax
 
@@ -143,29 +178,40 @@ def plot_loss_by_position(result: dict, path: str, title: str) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure_atomic(fig, path)
     plt.close(fig)
 
 
 def _main(argv: list[str]) -> int:
     values, _ = cli.parse_flags(argv, FLAGS, prog="python -m ttt.evaluate", doc=__doc__)
     workdir = values["workdir"]
-    result = evaluate_run(workdir, values["split"], seq_len=values["seq_len"],
-                          batch_size=values["batch_size"], max_batches=values["max_batches"],
-                          step=values["step"])
-    out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
-    json_path = os.path.join(out_dir, f"{values['split']}.json")
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=1)
+    settings = {k: values[k] for k in ("seq_len", "batch_size", "max_batches", "step")}
+    name = result_name(values["split"], **settings)
+    out_dir = values["out"] or os.path.join(workdir, "eval")
+    is_run = os.path.isfile(os.path.join(workdir, "config.json"))  # else evaluate_run says so
+    if values["out"] or is_run:
+        try:
+            check_writable(out_dir)
+        except OSError as err:
+            raise cli.UsageError(f"cannot write to {out_dir} ({err.strerror or err}); pass "
+                                 "--out=DIR with a writable directory") from None
+    result = evaluate_run(workdir, values["split"], **settings)
+    json_path = os.path.join(out_dir, f"{name}.json")
+    png = os.path.join(out_dir, f"{name}_loss_by_position.png")
+    try:
+        write_json_atomic(json_path, result, indent=1)
+        if "loss_by_position" in result:
+            from ttt.train.workdir import read_config  # (see evaluate_run)
+
+            mixer = read_config(workdir).model.mixer
+            plot_loss_by_position(result, png, f"{mixer}, {values['split']} split, step "
+                                  f"{result['step']}, {result['tokens']:,} tokens")
+    except OSError as err:
+        raise ResourceError(f"writing {err.filename or out_dir} failed ({err.strerror or err}); "
+                            "a file not written keeps its old contents: make room or pass --out=DIR"
+                            ) from None
     written = [json_path]
     if "loss_by_position" in result:
-        png = os.path.join(out_dir, "loss_by_position.png")
-        from ttt.train.workdir import read_config  # (see evaluate_run)
-
-        mixer = read_config(workdir).model.mixer
-        plot_loss_by_position(result, png, f"{mixer}, {values['split']} split, step "
-                              f"{result['step']}, {result['tokens']:,} tokens")
         written.append(png)
         summary = (f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.4g}, accuracy "
                    f"{result['accuracy']:.4f} over {result['tokens']:,} tokens "

@@ -31,7 +31,6 @@ of the unoptimised HLO, without memory, collectives or warnings.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -44,6 +43,7 @@ import numpy as np
 
 from ttt import cli
 from ttt.config import ConfigError, validate, with_defaults
+from ttt.files import write_json_atomic
 from ttt.models import build_model, param_count
 from ttt.train.setup import (
     abstract_meta,
@@ -253,8 +253,7 @@ def run(config, *, lower_only: bool = False, workdir: str | None = None,
     print(format_report(report))
     if workdir:
         path = os.path.join(workdir, "compile_report.json")
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json_atomic(path, report, indent=1)  # whole or not at all
         print(f"report: {path}")
     if strict and report.get("warnings"):
         raise ConfigError(f"--strict: XLA printed {len(report['warnings'])} warning(s) while "
