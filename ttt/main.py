@@ -7,10 +7,14 @@ r"""Command line: train a config into a workdir (resuming if it holds checkpoint
   python -m ttt.main --config=experiments/lm.py:ttt_linear,cpu --workdir=/tmp/ft \
       --config.init.from_workdir=/tmp/run      # start from another run's parameters
       (or --config.init.transformer_workdir=DIR, --config.init.official_checkpoint=FILE)
+  python -m ttt.main ... --workdir=/tmp/run --config.optim.lr=1e-3 --resume_step=200
+      # restart from checkpoint 200 (the later ones move to diverged_checkpoints/)
 
 Every field of the config file can be overridden with --config.<section>.<key>=<value>. Several
 processes (one per host) pass --num_processes, --process_id and --coordinator_address, or
---distributed to let JAX detect the cluster.
+--distributed to let JAX detect the cluster. A non-finite loss (exit 3) prints the checkpoints with
+their training loss and parameter norm, and the command that restarts from the last one saved
+before the loss blew up (`--resume_step`, with a 10x lower learning rate).
 Exit status: 0 done, 2 bad input (one line on stderr saying what to change; --debug adds the
 traceback; also for a failed checkpoint save or out of memory), 3 non-finite loss, 143 preempted
 by SIGTERM, 130 interrupted by SIGINT / Ctrl-C (both with a checkpoint saved; a second signal
@@ -19,6 +23,7 @@ exits at once).
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 from ttt import cli
@@ -36,6 +41,8 @@ FLAGS = (
     cli.Flag("coordinator_address", str, None, "host:port of process 0 (multi-process)"),
     cli.Flag("num_processes", int, 1, "number of processes (multi-process)"),
     cli.Flag("process_id", int, 0, "this process's index (multi-process)"),
+    cli.Flag("resume_step", int, None, "restart from this checkpoint of the workdir (0: from "
+             "the initialisation); the later checkpoints move to WORKDIR/diverged_checkpoints/"),
     cli.DEBUG,
 )
 
@@ -43,6 +50,9 @@ FLAGS = (
 def _main(argv: list[str]) -> int:
     values, overrides = cli.parse_flags(argv, FLAGS, prog="python -m ttt.main", doc=__doc__,
                                         config=True)
+    if values["resume_step"] is not None and values["resume_step"] < 0:
+        raise cli.UsageError(f"--resume_step={values['resume_step']}: must be a checkpoint step "
+                             ">= 0 (0: start over)")
     if not values["compile_only"] and not values["workdir"]:
         raise cli.UsageError("--workdir is required: the run's checkpoints, metrics and "
                              "config.json go there (or pass --compile_only)")
@@ -69,13 +79,34 @@ def _main(argv: list[str]) -> int:
 
     try:
         summary = train_and_evaluate(config, values["workdir"], defaults=defaults,
-                                     source=values["config"])
+                                     source=values["config"], resume_step=values["resume_step"])
     except NonFiniteLossError as err:
-        print(f"error: {cli.one_line(err)}", file=sys.stderr)
+        lr = float(config.optim.lr)
+        print("\n".join([
+            f"error: {cli.one_line(err)}", *err.details,
+            f"to restart from step {err.restart_step} with a 10x lower rate (now "
+            f"config.optim.lr={lr:g}; lower it further if the loss blows up again):",
+            "  " + restart_command(argv, err.restart_step, lr / 10)]), file=sys.stderr)
         return 3
     if summary["preempted"]:  # a checkpoint was saved; 128 + the signal's number
         return 130 if summary.get("signal") == "SIGINT" else 143
     return 0
+
+
+def restart_command(argv: list[str], step: int, lr: float) -> str:
+    """This command line with `--config.optim.lr=lr --resume_step=step` in place of its own."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.lstrip("-").partition("=")[0]
+        if name in ("resume_step", "config.optim.lr"):
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    return shlex.join(["python", "-m", "ttt.main", *kept, f"--config.optim.lr={lr:g}",
+                       f"--resume_step={step}"])
 
 
 def simulate_devices(n: int) -> None:

@@ -14,6 +14,13 @@ Notable choices
   step directory behind.
 - Saving refuses low-precision floats: the official code stored bf16 weights; here a bf16 leaf in
   the state is a bug, not a rounding.
+- Each checkpoint carries a small JSON item "stats" (written and committed with it): the training
+  loss of its step, the norm of its parameters and the norm of the run's initial parameters, so
+  a diverged run can say which checkpoint to restart from (`ttt.train.divergence`).
+- A save is announced only once orbax has committed it (`committed()` lists the steps whose async
+  save has finished since the last call).
+- `keep_until(step)` moves the checkpoints after `step` to `diverged_checkpoints/` (never
+  deleted), for a restart from an earlier checkpoint (`--resume_step`).
 """
 
 from __future__ import annotations
@@ -114,24 +121,65 @@ class Checkpointer:
         self.read_only = read_only
         self.directory = directory
         self._set_aside_steps: list[int] = []  # steps this instance moved to corrupt_checkpoints
+        self._pending: list[int] = []  # saved steps not yet reported as committed
         self.manager = ocp.CheckpointManager(
-            directory, options=options, item_names=("state", "data"),
+            directory, options=options, item_names=("state", "data", "stats"),
             item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "data": ocp.JsonCheckpointHandler()})
+                           "data": ocp.JsonCheckpointHandler(),
+                           "stats": ocp.JsonCheckpointHandler()})
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, data_state: dict | None, *, force: bool = False) -> bool:
-        """Start an (async) save of `state` (global arrays) and this process's iterator state."""
+    def save(self, step: int, state, data_state: dict | None, *, force: bool = False,
+             stats: dict | None = None) -> bool:
+        """Start an (async) save of `state` (global arrays), this process's iterator state and
+        `stats` (JSON: {"loss", "param_norm", "init_param_norm"})."""
         if self.read_only:
             raise RuntimeError(f"{self.directory} was opened read-only")
         if step in self.manager.all_steps():
             return False
         check_full_precision(state)
         data = {"process_count": jax.process_count(), "states": _allgather_json(data_state)}
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=force)
+        items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data)}
+        if stats is not None:
+            items["stats"] = ocp.args.JsonSave(stats)
+        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if saved:
+            self._pending.append(step)
+        return saved
+
+    def committed(self) -> list[int]:
+        """The saved steps whose (async) save has committed since the last call, oldest first."""
+        # orbax finishes one save before it starts the next: only the newest can be in flight
+        busy = self._pending[-1:] if self.manager.is_saving_in_progress() else []
+        done = [s for s in self._pending if s not in busy]
+        self._pending = busy
+        return done
+
+    def stats(self, step: int) -> dict | None:
+        """Checkpoint `step`'s stats item (None for a checkpoint written without one)."""
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(stats=ocp.args.JsonRestore()))
+        except Exception:  # noqa: BLE001 — an older checkpoint has no stats item
+            return None
+        return dict(out["stats"] or {}) or None
+
+    def keep_until(self, step: int) -> list[int]:
+        """Move the checkpoints after `step` to `diverged_checkpoints/` (process 0); their steps."""
+        later = [s for s in self.all_steps() if s > step]
+        if later and jax.process_index() == 0:
+            aside = os.path.join(os.path.dirname(os.path.abspath(self.directory)),
+                                 "diverged_checkpoints")
+            os.makedirs(aside, exist_ok=True)
+            stamp = int(time.time())
+            for s in later:
+                shutil.move(os.path.join(self.directory, str(s)),
+                            os.path.join(aside, f"{s}.{stamp}"))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"ttt_checkpoint_keep_until_{step}")
+        self.manager.reload()
+        return later
 
     def saved_signature(self, step: int) -> dict[str, tuple]:
         """Paths, shapes and dtypes of checkpoint `step`'s state, from its metadata alone."""

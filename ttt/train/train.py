@@ -35,6 +35,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -43,7 +44,7 @@ from ttt.cli import changed_values
 from ttt.config import ConfigError, validate
 from ttt.files import write_atomic
 from ttt.train import checkpoint as ckpt_lib
-from ttt.train import faults
+from ttt.train import divergence, faults
 from ttt.train import init as init_lib
 from ttt.train import metrics as metrics_lib
 from ttt.train.lock import WorkdirLock
@@ -54,7 +55,14 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+    """The training loss became NaN or infinite; nothing is saved at or after that step.
+
+    `details`: lines listing the checkpoints with their loss and parameter norm;
+    `restart_step`: the checkpoint to restart from (`ttt.train.divergence`; 0: from scratch)."""
+
+    def __init__(self, message: str, details: list[str] = (), restart_step: int = 0):
+        super().__init__(message)
+        self.details, self.restart_step = list(details), restart_step
 
 
 def evaluate(setup: Setup, p_eval, state, dataset, num_steps: int) -> dict:
@@ -136,15 +144,23 @@ class _Preemption:
             signal.signal(signal.SIGINT, self._previous_int)
 
 
-def _check_finite(losses: list, first_step: int, last_good: int | None, workdir: str) -> None:
+def _check_finite(losses: list, first_step: int, last_good: int | None, workdir: str,
+                  ckpt=None) -> None:
+    """NonFiniteLossError if any of `losses` (steps first_step + 1, ...) is NaN or infinite,
+    with the checkpoints' losses and norms and the step to restart from (from `ckpt`)."""
     values = np.asarray(jax.device_get(losses), np.float64).ravel()
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
-        kept = (f"The last good checkpoint (step {last_good}) in {workdir}/checkpoints is kept"
+        bad_step = first_step + int(bad[0]) + 1
+        held = [(s, ckpt.stats(s)) for s in ckpt.all_steps()] if ckpt is not None else []
+        restart = divergence.restart_step(held, bad_step)
+        kept = (f"The newest checkpoint (step {last_good}) in {workdir}/checkpoints is kept"
                 if last_good is not None else "No checkpoint had been saved yet")
         raise NonFiniteLossError(
-            f"training loss is {values[bad[0]]} at step {first_step + int(bad[0]) + 1}; stopping. "
-            f"{kept}: lower config.optim.lr or raise config.optim.warmup_steps and restart.")
+            f"training loss is {values[bad[0]]} at step {bad_step}; stopping. {kept}: restart "
+            f"from step {restart} with a lower config.optim.lr (or a longer "
+            "config.optim.warmup_steps)",
+            divergence.report(held, bad_step, os.path.join(workdir, "checkpoints")), restart)
 
 
 def _config_error(err: Exception, section: str, where: str) -> ConfigError:
@@ -196,7 +212,8 @@ def _describe_start(setup: Setup, meta: dict, state, workdir: str, where: str,
 
 
 def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=None,
-                       defaults=None, source: str | None = None) -> dict:
+                       defaults=None, source: str | None = None,
+                       resume_step: int | None = None) -> dict:
     """Train `config` in `workdir`, resuming from its newest checkpoint; returns a summary dict:
     {"step", "preempted", "train" (last logged metrics), "eval" (last eval), "state",
     "compile_s", "train_s" (training time without compilation, eval and checkpoints),
@@ -207,6 +224,9 @@ def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=N
     (`ttt.cli.console()` shows them on stderr, as the command lines do). The workdir is locked
     (`WorkdirLock`, by process 0) from before anything in it is read until the run ends, so a
     second run on it stops at once.
+
+    resume_step: restart from that checkpoint (0: from the initialisation); the checkpoints after
+    it move to `diverged_checkpoints/`. A run already at or past `train.steps` changes nothing.
     """
     validate(config)
     workdir = prepare_workdir(workdir)
@@ -215,7 +235,7 @@ def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=N
             faults.quiet_checkpoint_threads():
         try:
             return _train(config, workdir, build_model or models.build_model,
-                          make_dataset or data.make_dataset, defaults, source, facts)
+                          make_dataset or data.make_dataset, defaults, source, resume_step, facts)
         except Exception as err:
             fault = faults.explain(err, workdir, facts.get("state_bytes"))
             if fault is None:
@@ -223,7 +243,8 @@ def train_and_evaluate(config, workdir: str, *, build_model=None, make_dataset=N
             raise fault from err
 
 
-def _train(config, workdir: str, build_model, make_dataset, defaults, source, facts) -> dict:
+def _train(config, workdir: str, build_model, make_dataset, defaults, source,
+           resume_step, facts) -> dict:
     """`train_and_evaluate` in a prepared and locked workdir; `facts` gets the checkpoint size."""
     train_cfg = config.train
     pid, nproc = jax.process_index(), jax.process_count()
@@ -257,6 +278,8 @@ def _train(config, workdir: str, build_model, make_dataset, defaults, source, fa
         abstract = abstract_state(setup)
         facts["state_bytes"] = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                                    for x in jax.tree.leaves(abstract))
+        if resume_step is not None:
+            _resume_at(ckpt, resume_step, workdir, say)
         try:
             restored = ckpt.restore(placement.restore_target(abstract))
         except ckpt_lib.CheckpointMismatchError as err:
@@ -286,6 +309,18 @@ def _train(config, workdir: str, build_model, make_dataset, defaults, source, fa
         ckpt.close()
         raise
     last_good = start if restored is not None else None
+    if start >= int(train_cfg.steps):  # nothing to train: nothing in the workdir changes
+        ckpt.close()
+        if start > int(train_cfg.steps):
+            raise ConfigError(
+                f"config.train.steps={train_cfg.steps}: the run in {workdir} is already at step "
+                f"{start}; nothing was changed (raise train.steps to continue it, or pass "
+                "--resume_step with an earlier checkpoint)")
+        say("done already: step %d of %d in %s; nothing was changed", start, start, workdir)
+        return {"step": start, "preempted": False, "train": {}, "eval": {}, "state": state,
+                "compile_s": 0.0, "train_s": 0.0, "items_per_s": float("nan"), "params": None}
+    init_norm = (ckpt.stats(start) or {}).get("init_param_norm") if restored else None
+    init_norm = init_norm or _param_norm(placement.params(state))
     if pid == 0:
         write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     changes = None
@@ -308,14 +343,23 @@ def _train(config, workdir: str, build_model, make_dataset, defaults, source, fa
     preemption = _Preemption()
     progress = None
     unchecked, first_unchecked = [], start
+    step_loss = None  # the loss of the latest step (device array)
 
     def save(step):
         nonlocal unchecked, first_unchecked, last_good
-        _check_finite(unchecked, first_unchecked, last_good, workdir)
+        _check_finite(unchecked, first_unchecked, last_good, workdir, ckpt)
         unchecked, first_unchecked = [], step
-        ckpt.save(step, placement.to_checkpoint(state), data_iter.get_state(), force=True)
+        stats = {"loss": float(np.ravel(jax.device_get(step_loss))[0]),
+                 "param_norm": _param_norm(placement.params(state)), "init_param_norm": init_norm}
+        ckpt.save(step, placement.to_checkpoint(state), data_iter.get_state(), force=True,
+                  stats=stats)
         last_good = step
-        say("checkpoint: step %d -> %s", step, os.path.join(workdir, "checkpoints", str(step)))
+        announce()
+
+    def announce():
+        """'checkpoint: step N' for each save that has committed (async saves finish later)."""
+        for step in ckpt.committed():
+            say("checkpoint: step %d -> %s", step, os.path.join(workdir, "checkpoints", str(step)))
 
     def run_eval(step):
         t = time.perf_counter()
@@ -364,9 +408,11 @@ def _train(config, workdir: str, build_model, make_dataset, defaults, source, fa
                 diag = logs_diagnostics(done)
                 state, metrics = compiled_step(diag, batch)(state, batch)
                 unchecked.append(metrics["loss"])
+                step_loss = metrics["loss"]
+                announce()
                 if done % log_every == 0 or done == total:
                     host = placement.host_metrics(metrics)
-                    _check_finite(unchecked, first_unchecked, last_good, workdir)
+                    _check_finite(unchecked, first_unchecked, last_good, workdir, ckpt)
                     unchecked, first_unchecked = [], done
                     if not diag:
                         host.pop("aux")
@@ -395,12 +441,30 @@ def _train(config, workdir: str, build_model, make_dataset, defaults, source, fa
         writer.close()
         ckpt.close()  # waits for the last save to commit (a second signal still exits at once)
         preemption.close()
+    announce()  # the saves that committed at the end
     summary["state"] = state
     summary["params"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(placement.params(state))))
     if progress is not None:
         summary["train_s"], summary["items_per_s"] = progress.train_seconds, progress.mean_rate
     say(_final_line(summary, setup, total, stop_at, workdir))
     return summary
+
+
+def _param_norm(params) -> float:
+    """The global L2 norm of a parameter tree (one jitted reduction; replicated result)."""
+    return float(jax.jit(optax.global_norm)(params))
+
+
+def _resume_at(ckpt, step: int, workdir: str, say) -> None:
+    """Keep the checkpoints up to `step` (0: none) and move the later ones aside."""
+    available = ckpt.all_steps()
+    if step != 0 and step not in available:
+        raise ConfigError(f"--resume_step={step}: {workdir} has no checkpoint {step} (it has "
+                          f"{available or 'none'}); pick one of them, or 0 to start over")
+    moved = ckpt.keep_until(step)
+    if moved:
+        say("resume_step=%d: checkpoints %s moved to %s", step, moved,
+            os.path.join(workdir, "diverged_checkpoints"))
 
 
 def _final_line(summary: dict, setup: Setup, total: int, stop_at: int, workdir: str) -> str:
