@@ -41,6 +41,15 @@ def _check_mixer(model) -> None:
     except ValueError as err:
         reason = str(err).removeprefix("model.mixer: ")
         raise ConfigError(f"config.model.mixer={model.mixer!r}: {reason}") from None
+    if _get(model, "pattern", None):  # a hybrid stack: its own names and per-mixer kwargs
+        from ttt.models.hybrid import check_pattern
+
+        try:
+            check_pattern(model)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"config.model.pattern={model.pattern!r}: "
+                              f"{str(err).removeprefix('model.pattern: ')}") from None
+        return
     width, heads = model_dims(model)
     kwargs = dict(_get(model, "mixer_kwargs", None) or {})
     try:
@@ -304,14 +313,14 @@ OPTIONAL = {
 
 # Keys a section may gain on the command line although the config file does not set them: the
 # data keys of every data.name (switching --config.data.name=text_files needs data.paths), and the
-# model's optional pre-conv switch. Anything else must already be in the file.
+# model's optional pre-conv switch and hybrid pattern. Anything else must already be in the file.
 ADDABLE = {
     "data": ("name", "seq_len", "tokenizer", "paths", "data_dir", "dataset", "text_key", "splits",
              "vocab_size", "num_kv_pairs", "test_seq_len", "test_num_kv_pairs", "power_a",
              "random_filler", "num_train_examples", "num_test_examples", "test_seed",
              "image_size", "flip", "crop_frac", "pixels", "randaug", "mixup", "shuffle_windows",
              "num_threads", "prefetch", "eval_split"),
-    "model": ("pre_conv",),
+    "model": ("pre_conv", "pattern"),
 }
 
 

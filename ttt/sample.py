@@ -33,12 +33,16 @@ TEXT_DATA = ("text_corpus", "text_files", "tfds_text")
 
 
 def _kv_cache_size(model) -> int | None:
-    """Tokens the mixer's decode cache holds (softmax attention), None when it has no limit."""
+    """Tokens the mixers' decode caches hold (softmax attention; the smallest over a hybrid's
+    layers), None when they have no limit."""
     from ttt import layers  # imported here, as below: bad flags fail before JAX starts
+    from ttt.models.hybrid import layer_mixers
 
-    mixer = layers.make_mixer(model.mixer, model.width, model.num_heads,
-                              **dict(model.mixer_kwargs))
-    return getattr(mixer, "cache_size", None)
+    sizes = [getattr(layers.make_mixer(layer.mixer, model.width, model.num_heads,
+                                       **dict(layer.mixer_kwargs)), "cache_size", None)
+             for layer in layer_mixers(model)]
+    sizes = [s for s in sizes if s is not None]
+    return min(sizes) if sizes else None
 
 
 def sample(workdir: str, prompt: str, *, max_tokens: int = 200, temperature: float = 1.0,

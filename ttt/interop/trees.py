@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ttt import layers
-from ttt.models import build_model
+from ttt.models import build_model, without_diagnostics
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -82,8 +81,6 @@ def lm_model(model_or_config) -> nn.Module:
 
 def lm_target(model) -> dict:
     """Parameter shapes of `model` (traced, not allocated; TTT diagnostics off: no params)."""
-    kw = dict(model.mixer_kwargs)
-    if "stats" in layers.accepted_kwargs(model.mixer):
-        model = model.clone(mixer_kwargs=tuple(sorted({**kw, "stats": False}.items())))
+    model = without_diagnostics(model)
     ids = jnp.zeros((1, 1), jnp.int32)
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"]

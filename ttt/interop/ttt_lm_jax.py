@@ -297,6 +297,9 @@ def load_ttt_lm_jax_checkpoint(path: str) -> dict:
 
 
 def _check_exportable(model) -> None:
+    if model.pattern:
+        raise ValueError(f"export_ttt_lm_jax: a hybrid stack (pattern {model.mixer}) has no "
+                         "ttt-lm-jax counterpart: the official model has one mixer in every layer")
     if model.mixer == "softmax":
         kw = dict(model.mixer_kwargs)
         bad = {k: v for k, v in kw.items() if k in ("causal", "rope", "use_bias")

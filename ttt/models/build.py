@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttt import layers
+from ttt.models.hybrid import Layer, parse_pattern, resolve_pattern
 from ttt.models.lm import CausalLM
 from ttt.models.presets import PRESETS, SIZE_FIELDS, model_sizes
 from ttt.models.stack import REMAT_CHOICES
@@ -72,6 +73,12 @@ def _frozen_kwargs(kwargs) -> tuple:
                         for k, v in kwargs.items()))
 
 
+def _registry_pre_conv(mixer: str, kwargs: Mapping) -> bool:
+    """Whether an LM block puts its pre-conv before `mixer` by default (the Mamba backbone)."""
+    spec = layers.MIXERS[mixer]
+    return bool(spec.pre_conv(spec.attrs(**dict(kwargs))))
+
+
 def build_model(model_config) -> nn.Module:
     """Build a CausalLM (kind "lm") or ViT (kind "vit") from a config (see interfaces).
 
@@ -80,6 +87,7 @@ def build_model(model_config) -> nn.Module:
     (a ViT takes the registry's non-causal twin). Optional overrides of the preset's dimensions
     (num_layers, width, num_heads, ffn_dim / mlp_dim) and, for the LM, pre_conv (default: the
     registry's `pre_conv` of the resolved mixer attributes, i.e. on for the Mamba backbone).
+    Optional `pattern`: a hybrid stack (ttt/models/hybrid.py), which replaces `mixer`.
     """
     kind = _choice(_get(model_config, "kind"), "kind", sorted(PRESETS))
     preset = _choice(_get(model_config, "preset"), "preset", list(PRESETS[kind]))
@@ -89,7 +97,19 @@ def build_model(model_config) -> nn.Module:
     dims = {key: int(value) for key, value in model_sizes(model_config).items()}
 
     mixer = model_mixer(kind, _get(model_config, "mixer"))
-    mixer_kwargs = _frozen_kwargs(_get(model_config, "mixer_kwargs"))
+    names = parse_pattern(_get(model_config, "pattern"))
+    if names:
+        raw = _get(model_config, "mixer_kwargs")
+        raw = raw.to_dict() if hasattr(raw, "to_dict") else raw
+        if raw is not None and not isinstance(raw, Mapping):
+            raise ValueError(f"model.mixer_kwargs must be a dict, got {type(raw).__name__}")
+        pattern = resolve_pattern(kind, names, raw, dims["num_layers"])
+        mixer, mixer_kwargs = ",".join(names), ()
+        if len(pattern) == 1:  # one entry: the plain stack of that mixer
+            mixer, kwargs = pattern.pop()
+            mixer_kwargs = _frozen_kwargs(kwargs)
+    else:
+        pattern, mixer_kwargs = [], _frozen_kwargs(_get(model_config, "mixer_kwargs"))
     if dims["width"] % dims["num_heads"]:
         raise ValueError(f"model: width {dims['width']} is not divisible by num_heads "
                          f"{dims['num_heads']} (preset {preset!r})")
@@ -104,12 +124,16 @@ def build_model(model_config) -> nn.Module:
                   scan_layers=bool(_get(model_config, "scan_layers", True)), remat=remat,
                   num_layers=dims["num_layers"], width=dims["width"],
                   num_heads=dims["num_heads"])
+    pre_conv = _get(model_config, "pre_conv") if kind == "lm" else False
+    if pattern:
+        common["pattern"] = tuple(
+            Layer(name, _frozen_kwargs(kwargs), bool(_registry_pre_conv(name, kwargs)
+                                                     if pre_conv is None else pre_conv))
+            for name, kwargs in pattern)
 
     if kind == "lm":
-        pre_conv = _get(model_config, "pre_conv")
         if pre_conv is None:
-            spec = layers.MIXERS[mixer]
-            pre_conv = spec.pre_conv(spec.attrs(**dict(mixer_kwargs)))
+            pre_conv = False if pattern else _registry_pre_conv(mixer, dict(mixer_kwargs))
         return CausalLM(vocab_size=dims["vocab_size"], ffn_dim=dims["ffn_dim"],
                         pre_conv=bool(pre_conv), **common)
 
@@ -128,18 +152,31 @@ def build_model(model_config) -> nn.Module:
                patch_size=patch_size, **common)
 
 
+def _stats_off(mixer: str, kwargs: tuple) -> tuple | None:
+    """`kwargs` with the diagnostic pass off, or None when `mixer` has none or it is off."""
+    if mixer not in layers.MIXERS or "stats" not in layers.accepted_kwargs(mixer):
+        return None
+    kw = dict(kwargs)
+    if not layers.MIXERS[mixer].attrs(**kw)["stats"]:
+        return None
+    return _frozen_kwargs({**kw, "stats": False})
+
+
 def without_diagnostics(model: nn.Module) -> nn.Module:
     """`model` with its mixers' diagnostic pass off (the TTT layer's `stats`: the inner-loss
     statistics, one extra no-grad inner pass per layer), or `model` itself when it has none or it
     is off already. The parameter tree is the same; the trainer runs this model on the steps
-    that do not log diagnostics (`train.diag_every`)."""
-    mixer = getattr(model, "mixer", None)
-    if mixer not in layers.MIXERS or "stats" not in layers.accepted_kwargs(mixer):
-        return model
-    kwargs = dict(model.mixer_kwargs)
-    if not layers.MIXERS[mixer].attrs(**kwargs)["stats"]:
-        return model
-    return model.clone(mixer_kwargs=_frozen_kwargs({**kwargs, "stats": False}))
+    that do not log diagnostics (`train.diag_every`). A hybrid's entries are switched alike."""
+    pattern = getattr(model, "pattern", ())
+    if pattern:
+        off = [_stats_off(layer.mixer, layer.mixer_kwargs) for layer in pattern]
+        if not any(kw is not None for kw in off):
+            return model
+        return model.clone(pattern=tuple(
+            layer if kw is None else layer._replace(mixer_kwargs=kw)
+            for layer, kw in zip(pattern, off, strict=True)))
+    kwargs = _stats_off(getattr(model, "mixer", None), getattr(model, "mixer_kwargs", ()))
+    return model if kwargs is None else model.clone(mixer_kwargs=kwargs)
 
 
 def param_count(variables) -> int:

@@ -9,6 +9,9 @@ Notable choices:
 - Parameters are float32 (or float64 under x64); `dtype` is the compute dtype of activations.
 - Decoding (`init_cache`, `prefill`, `step`) delegates to the mixers' decode paths; the pre-conv
   keeps its last `conv_width - 1` normalised inputs as its own cache.
+- Hybrid stacks (`pattern`, ttt/models/hybrid.py): each position of the repeated unit has its
+  own mixer, kwargs and pre-conv switch; params, aux and caches are keyed by position
+  (`h/pattern_<j>/...`, ttt/models/stack.py), each layer with its own cache type.
 """
 
 from __future__ import annotations
@@ -166,7 +169,12 @@ _PER_LAYER = {"__call__": (False,), "prefill": (), "step": (True,), "init_cache"
 class CausalLM(nn.Module):
     """Decoder-only LM. `apply(vars, input_ids (B, N) int32, ttt_lr_mult=1.0)`
     -> (logits (B, N, V) float32 (float64 for a float64 model),
-        aux: mixer diagnostics stacked (num_layers, ...)).
+        aux: mixer diagnostics stacked (num_layers, ...); for a hybrid
+        {"pattern_<j>": diagnostics stacked (num_layers / k, ...)}).
+
+    `pattern`: empty, every layer builds `mixer` with `mixer_kwargs` (and `pre_conv`); else a
+    tuple of `ttt.models.hybrid.Layer` (k entries dividing num_layers), whose own fields replace
+    those three (`mixer` is then only a label).
     """
 
     vocab_size: int
@@ -184,16 +192,23 @@ class CausalLM(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
     remat: str = "none"
+    pattern: tuple = ()  # ttt.models.hybrid.Layer entries of a hybrid stack
 
     def setup(self):
         self.wte = nn.Embed(self.vocab_size, self.width,
                             embedding_init=nn.initializers.normal(self.init_std),
                             dtype=self.dtype, param_dtype=self.param_dtype)
-        block = functools.partial(
+        common = functools.partial(
             Block, width=self.width, num_heads=self.num_heads, ffn_dim=self.ffn_dim,
-            mixer=self.mixer, mixer_kwargs=self.mixer_kwargs, pre_conv=self.pre_conv,
             conv_width=self.conv_width, norm_eps=self.norm_eps, init_std=self.init_std,
             dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.pattern:
+            block = tuple(functools.partial(common, mixer=layer.mixer,
+                                            mixer_kwargs=layer.mixer_kwargs,
+                                            pre_conv=layer.pre_conv) for layer in self.pattern)
+        else:
+            block = functools.partial(common, mixer=self.mixer, mixer_kwargs=self.mixer_kwargs,
+                                      pre_conv=self.pre_conv)
         self.h = make_stack(block, self.num_layers, scan=self.scan_layers,
                             remat=self.remat, per_layer=_PER_LAYER, name="h")
         self.ln_f = RMSNorm(self.norm_eps, self.dtype, self.param_dtype)
@@ -216,7 +231,8 @@ class CausalLM(nn.Module):
         return self._logits(h), aux
 
     def init_cache(self, batch_size: int) -> dict:
-        """Empty decode state for `batch_size` sequences; every leaf has a leading layer axis."""
+        """Empty decode state for `batch_size` sequences; every leaf has a leading layer axis
+        (for a hybrid: {"pattern_<j>": that position's cache, leading axis num_layers / k})."""
         return self.h.init_cache(jnp.zeros(()), batch_size)[1]
 
     def prefill(self, input_ids: Array, cache: dict | None = None) -> tuple[Array, dict]:

@@ -8,6 +8,8 @@ Notable choices (big_vision's ViT, which the official mttt code adapts):
   logit is 0 at initialisation.
 - Names follow big_vision: `embedding`, `pos_embedding`, `Transformer/encoderblock`,
   `Transformer/encoder_norm`, `pre_logits`, `head`.
+- Hybrid stacks (`pattern` of `ttt.models.hybrid.Layer`, the non-causal twins): blocks at
+  `Transformer/encoderblock/pattern_<j>` when scanned, aux keyed the same (ttt/models/stack.py).
 """
 
 from __future__ import annotations
@@ -112,7 +114,11 @@ class Encoder(nn.Module):
 
 class ViT(nn.Module):
     """Image classifier. `apply(vars, images (B, H, W, C), train=bool, rngs={"inner": key})`
-    -> (logits (B, num_classes) float32, aux: mixer diagnostics stacked (num_layers, ...)).
+    -> (logits (B, num_classes) float32, aux: mixer diagnostics stacked (num_layers, ...), or
+    for a hybrid {"pattern_<j>": stacked (num_layers / k, ...)}).
+
+    `pattern`: empty, every layer builds `mixer`; else a tuple of `ttt.models.hybrid.Layer`
+    whose mixers and kwargs replace `mixer` / `mixer_kwargs` (their pre_conv is not read).
     """
 
     num_classes: int
@@ -127,6 +133,7 @@ class ViT(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
     remat: str = "none"
+    pattern: tuple = ()  # ttt.models.hybrid.Layer entries of a hybrid stack
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> tuple[Array, dict]:
@@ -144,10 +151,15 @@ class ViT(nn.Module):
                              (1, x.shape[1], self.width), self.param_dtype)
         x = x + pos.astype(x.dtype)
 
-        block = functools.partial(
+        common = functools.partial(
             EncoderBlock, width=self.width, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-            mixer=self.mixer, mixer_kwargs=self.mixer_kwargs, dtype=self.dtype,
-            param_dtype=self.param_dtype)
+            dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.pattern:
+            block = tuple(functools.partial(common, mixer=layer.mixer,
+                                            mixer_kwargs=layer.mixer_kwargs)
+                          for layer in self.pattern)
+        else:
+            block = functools.partial(common, mixer=self.mixer, mixer_kwargs=self.mixer_kwargs)
         x, aux = Encoder(self.num_layers, block, self.scan_layers, self.remat, self.dtype,
                          self.param_dtype, name="Transformer")(x, train)
 

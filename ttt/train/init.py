@@ -67,6 +67,10 @@ def initial_params(config, target) -> tuple[Any, str] | None:
             return _fit(variables["params"], target, where), \
                 f"the Transformer run {value} (step {step}): embeddings, norms, " \
                 "feed-forwards and Q/K/V/O copied, TTT-only parameters initialised"
+        if config.model.get("pattern"):
+            raise ConfigError(f"{where}: a ttt-lm-jax checkpoint has one mixer in every layer; "
+                              f"a hybrid stack (model.pattern={config.model.pattern!r}) cannot "
+                              "start from one")
         tree = interop.load_ttt_lm_jax_checkpoint(value)
         _, variables = interop.import_ttt_lm_jax(
             tree, scan_layers=bool(config.model.get("scan_layers", True)))

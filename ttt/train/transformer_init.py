@@ -1,6 +1,7 @@
 """A TTT LM initialised from a trained softmax-attention LM of the same size (the trainer's
 `config.init.transformer_workdir`, `ttt.train.init`): embeddings, norms, feed-forwards and Q/K/V/O
-projections are copied, the TTT-only parameters keep their initial values.
+projections are copied, the TTT-only parameters keep their initial values. In a hybrid stack
+the softmax-attention layers take the transformer's layer whole.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from ttt.interop.trees import flatten, lm_model, lm_target, nest
 from ttt.models import stack_layers, unstack_layers
+from ttt.models.hybrid import layer_mixers
 
 __all__ = ["init_ttt_from_transformer"]
 
@@ -31,20 +33,24 @@ def init_ttt_from_transformer(ttt_config, transformer_variables: Mapping, *,
     and the mixers' wq/wk/wv/wo kernels are overwritten by the transformer's. TTT-only parameters
     (W0, ttt_norm, η gate and offsets, post_norm, wg, conv_q/conv_k) keep their initial values;
     transformer parameters without a TTT counterpart (wk under the Mamba backbone, biases) are
-    dropped. Scanned or unrolled layouts on either side. Returns (model, {"params": ...}).
+    dropped. In a hybrid stack (`model.pattern`) the layers whose mixer is softmax attention
+    copy all of the transformer's layer, the others its wq/wk/wv/wo where they have them.
+    Scanned or unrolled layouts on either side. Returns (model, {"params": ...}).
     """
     model = lm_model(ttt_config)
     ids = jnp.zeros((1, 1), jnp.int32)
-    theirs = unstack_layers(dict(transformer_variables.get("params", transformer_variables)))
-    if model.scan_layers:
-        theirs = stack_layers(theirs)  # both sides in the TTT model's layout
-    theirs = flatten(theirs)
-    target = flatten(lm_target(model))
+    unit = layer_mixers(model)
+    # both sides in the unrolled layout (h/<i>/...), the model's own restored at the end
+    theirs = flatten(unstack_layers(dict(transformer_variables.get("params",
+                                                                   transformer_variables))))
+    target = flatten(unstack_layers(lm_target(model)))
     shared, problems = [], []
     for path, leaf in target.items():
         parts = path.split("/")
         if "seq_modeling_block" in parts:
-            if parts[parts.index("seq_modeling_block") + 1] not in _SHARED_MIXER_PARAMS:
+            attention = parts[0] == "h" and unit[int(parts[1]) % len(unit)].mixer == "softmax"
+            if not attention and \
+                    parts[parts.index("seq_modeling_block") + 1] not in _SHARED_MIXER_PARAMS:
                 continue  # TTT-only: keeps its initial value
         if path not in theirs:
             if not (parts[0] == "h" and "conv" in parts[1:3]):
@@ -56,8 +62,10 @@ def init_ttt_from_transformer(ttt_config, transformer_variables: Mapping, *,
     if problems:
         raise ValueError("init_ttt_from_transformer: the transformer is not the same size as the "
                          "TTT model: " + "; ".join(problems[:10]))
-    params = flatten(jax.jit(model.init)(jax.random.PRNGKey(seed), ids)["params"])
+    params = flatten(unstack_layers(jax.jit(model.init)(jax.random.PRNGKey(seed), ids)["params"]))
     for path in shared:
         params[path] = jnp.asarray(theirs[path], params[path].dtype)
     new = nest(params)
+    if model.scan_layers:
+        new = stack_layers(new, unit=len(unit))
     return model, {"params": new}
