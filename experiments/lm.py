@@ -10,7 +10,8 @@ variants beat Mamba and, with the Mamba backbone, match or beat the Transformer;
 
 Argument: comma-separated tokens, any order (`experiments/args.py`; anything else is an error).
   <mixer>    a causal mixer of the registry (default ttt_linear): ttt_linear, ttt_mlp,
-             ttt_linear_mamba, ttt_mlp_mamba, linear_attention, softmax, lact
+             ttt_linear_mamba, ttt_mlp_mamba, linear_attention, softmax, lact, mamba2,
+             gated_deltanet, ... (any causal entry of the registry)
   <preset>   model size from ttt.models.PRESETS["lm"] (default tiny): tiny, 125m, 350m, 760m, 1.3b
   smoke      shrink everything so a run takes seconds on a CPU (4 steps, batch 8, 64 tokens)
   cpu        2-core CPU scale on the embedded corpus: tiny model, 128-byte contexts, 200 steps of
@@ -33,6 +34,13 @@ LaCT (`lact`) keeps LaCT's proportions at every size: 4 fast-weight heads with a
 width equal to their head dim beside the preset's attention heads, and one fast-weight update per
 chunk of min(2048, ctx / 4) tokens with a sliding window of the same length (2048 from ctx 8k on;
 512 at 2k; 32 at the cpu scale's 128).
+
+Mamba2 (`mamba2`) and Gated DeltaNet (`gated_deltanet`) keep their papers' layer configuration
+(Mamba2: d_state 128, head dim 64, expand 2; Gated DeltaNet: value heads of twice the key head
+dim), which holds more parameters than attention's four C x C maps (about 6 C^2 and 8 C^2); at
+the sizes 125m ... 1.3b the SwiGLU next to them narrows so the model has the Transformer's
+parameter count (`ttt.models.param_match`; FFN 2048 -> 1440 / 1008 at 125m, 5504 -> 4032 / 2752
+at 1.3b). An explicit --config.model.ffn_dim wins.
 
 Data: the embedded standard-library text corpus with the byte tokenizer (no download); `paper`
 reads a prepared tfds dataset (`data.dataset`, `data.data_dir`) and `data.tokenizer` must point
@@ -57,6 +65,8 @@ import ml_collections as mlc
 
 from experiments.args import Grammar, mixer_names, one_of, tokens, unset
 from ttt import layers
+from ttt.models import param_match
+from ttt.models.presets import PRESETS as SIZES
 from ttt.ops.inner_opt import OPTIMIZERS
 
 PRESETS = ("tiny", "125m", "350m", "760m", "1.3b")
@@ -65,6 +75,8 @@ PAPER_TOKENS = {"tiny": 2**24, "125m": 2.5e9, "350m": 7e9, "760m": 15e9, "1.3b":
 TOKENS_PER_STEP = 2**19  # 0.5M tokens per optimizer step (paper §3 / ttt-lm-jax scripts)
 MIXERS = ("ttt_linear", "ttt_mlp", "ttt_linear_mamba", "ttt_mlp_mamba", "linear_attention",
           "softmax", "lact")
+# mixers wider than attention: at the paper sizes their FFN narrows to the Transformer's count
+PARAM_MATCHED = ("mamba2", "gated_deltanet")
 CONTEXTS = {"pile": (2048, 8192), "books": (2048, 8192, 32768)}
 LONG_STEPS = 400
 GRAMMAR = Grammar("lm", names=mixer_names(causal_only=True), default="ttt_linear",
@@ -158,6 +170,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     if layers.MIXERS[a["mixer"]].module is layers.LaCTMixer:  # LaCT's chunk : context proportion
         chunk = min(2048, max(int(c.data.seq_len) // 4, 1))
         c.model.mixer_kwargs = {"chunk": chunk, "window": chunk}
+    if a["mixer"] in PARAM_MATCHED and a["preset"] != "tiny":
+        size = SIZES["lm"][a["preset"]]
+        c.model.ffn_dim = param_match.matched_ffn_dim(
+            a["mixer"], size["width"], size["num_heads"], size["ffn_dim"],
+            mixer_kwargs=c.model.mixer_kwargs.to_dict())
     if a["opt"]:
         if "inner_opt" not in layers.accepted_kwargs(a["mixer"]):
             raise ValueError(f"lm config: opt={a['opt']}: mixer {a['mixer']!r} has no inner "

@@ -9,8 +9,8 @@ attention near 100% everywhere and linear-attention-like models falling off as p
 fixed width.
 
 Argument: comma-separated tokens, any order (`experiments/args.py`; anything else is an error).
-  <mixer>     ttt_linear (default), ttt_mlp, linear_attention, softmax, ... (a causal mixer of
-              the registry)
+  <mixer>     ttt_linear (default), ttt_mlp, linear_attention, softmax, mamba2, gated_deltanet,
+              ... (a causal mixer of the registry)
   n=<int>     sequence length (default 256; cpu 64)
   kv=<int>    key-value pairs (default 16; cpu 4)
   width=<int> model width (default 128; cpu 32); heads = width // 64 (at least 1; cpu 2)
