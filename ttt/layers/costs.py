@@ -166,6 +166,8 @@ def ttt_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
     flops = dense(N, C) + ttt_core(N, H, b, layers, form)
     if attrs["learn_eta"]:
         flops += 2.0 * N * C * H  # the learnable-η logits x·k_h
+    if attrs.get("gate"):
+        flops += 2.0 * N * C * H  # the forget gate's logits x W_a
     if attrs["backbone"] == "mamba":
         flops += 2 * 2.0 * N * C * attrs["conv_width"]  # two depthwise convolutions
     if attrs["stats"]:

@@ -31,6 +31,19 @@ from ttt.ops.ttt import FORMS, KERNELS
 LEARNERS, BACKBONES = ("linear", "mlp"), ("transformer", "mamba")
 
 
+def _a_log_init(key, shape, dtype):
+    """The forget gate's A_log = log A, A ~ U(1, 16) per head (Mamba2's range)."""
+    return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
+
+
+def _dt_bias_init(key, shape, dtype):
+    """softplus⁻¹(dt), dt log-uniform in [1e-3, 0.1] per head (floored at 1e-4), as Gated
+    DeltaNet: the gate's softplus starts in [1e-3, 0.1]."""
+    lo, hi = jnp.log(1e-3), jnp.log(0.1)
+    dt = jnp.maximum(jnp.exp(jax.random.uniform(key, shape, jnp.float32, lo, hi)), 1e-4)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)  # softplus⁻¹(dt) = dt + log(1 − e^−dt)
+
+
 class TTTMixer(nn.Module):
     """TTT-LM sequence mixer: (B, N, C) -> (B, N, C), with a constant-size decode cache.
 
@@ -48,6 +61,10 @@ class TTTMixer(nn.Module):
     or "sgd" | "momentum" | "muon" | "adam" with inner_beta (the generic `ttt.ops.inner_opt`, its
     state in the decode cache); init_scale; inner_out_init_scale: std of the last inner layer
     (ttt-lm-jax: init_scale / sqrt(2 · layers) for TTT-MLP); dtype (compute), param_dtype.
+    gate: a learned per-head forget gate (docs/design.md §4.11), Gated DeltaNet's decay
+    log a_t = −exp(A_log_h) · softplus(x_t W_a + dt_bias_h) applied to the whole inner W before
+    each token (params "forget_gate": kernel (C, H), A_log, dt_bias (H,); plain GD only, not the
+    fused kernel); gate=False creates no parameter of it.
     """
 
     width: int
@@ -73,6 +90,7 @@ class TTTMixer(nn.Module):
     stats: bool = True
     inner_opt: str | None = None
     inner_beta: float = 0.9
+    gate: bool = False
     init_scale: float = common.DEFAULT_INIT_SCALE
     inner_out_init_scale: float | None = None
     dtype: Any = jnp.float32
@@ -87,6 +105,9 @@ class TTTMixer(nn.Module):
             checks.check_int(name, getattr(self, name), low)  # mini_batch 0 = the whole sequence
         if self.unroll is not None and not (type(self.unroll) is int and self.unroll >= 1):
             raise ValueError(f"unroll: expected None or an int >= 1, got {self.unroll!r}")
+        if self.gate and (self.inner_opt is not None or self.kernel == "pallas"):
+            raise ValueError("gate=True runs plain mini-batch GD on the XLA forms only; use "
+                             "inner_opt=None and kernel='auto' or 'xla'")
         if self.mini_batch == 0 and self.learn_eta:
             raise ValueError("mini_batch=0 (whole sequence) needs learn_eta=False: the learnable "
                              "token offsets have one entry per position of a fixed mini-batch")
@@ -135,6 +156,9 @@ class TTTMixer(nn.Module):
             p["lr_gate"] = group("learnable_ttt_lr", ("kernel", normal, (H, C, 1)),
                                  ("bias", zeros, (H, 1)))
             p["token_offset"] = self.param("learnable_token_idx", zeros, (self.mini_batch,), pdt)
+        if self.gate:
+            p["forget_gate"] = group("forget_gate", ("kernel", normal, (C, H)),
+                                     ("A_log", _a_log_init, (H,)), ("dt_bias", _dt_bias_init, (H,)))
         if self.post_norm:
             p["post_norm"] = group("post_norm", ("scale", ones, (C,)), ("bias", zeros, (C,)))
         if self.backbone == "mamba":
@@ -196,6 +220,15 @@ class TTTMixer(nn.Module):
         return q.astype(idt), k.astype(idt), v.astype(idt), a, c, new_tail
 
     @nn.nowrap
+    def _gate(self, p, x, key="log_alpha"):
+        """{key: log a (B, H, N)} of the forget gate from x (B, N, C), or {} without a gate."""
+        if not self.gate:
+            return {}
+        g, idt = p["forget_gate"], common.inner_dtype(self.dtype)
+        la = ttt_state.forget_gate(x.astype(self.dtype), g["kernel"], g["A_log"], g["dt_bias"], idt)
+        return {key: la[:, :, 0] if key == "log_alpha_t" else la}
+
+    @nn.nowrap
     def _output(self, p, x, z):
         """Inner-loop output z (B, H, N, d) -> y (B, N, C): post-norm, gate (Mamba), Wo."""
         dt = self.dtype
@@ -232,7 +265,7 @@ class TTTMixer(nn.Module):
             x_g = jnp.moveaxis(x_g, 0, 1)  # (B, T, C)
             q, k, v, a, c, tail = self._inputs(p, x_g, ttt_lr_mult, 0, carry.get("conv"))
             z, W = ttt_state.forward(learner, carry["W"], q, k, v, a, c, fixed=p["ttt_norm"],
-                                     **self._state_options())
+                                     **self._state_options(), **self._gate(p, x_g))
             new = {"W": W} if tail is None else {"W": W, "conv": tail}
             return new, jnp.moveaxis(self._output(p, x_g, z), 1, 0)
 
@@ -240,10 +273,10 @@ class TTTMixer(nn.Module):
         return jnp.moveaxis(ys, 0, 1)  # (B, N, C)
 
     @nn.nowrap
-    def _stats(self, p, k, v, a, c):
+    def _stats(self, p, k, v, a, c, gate=None):
         return {} if not self.stats or self.inner_opt is not None else ttt_state.inner_loss_stats(
             self.make_learner(), p["W0"], k, v, a, c, fixed=p["ttt_norm"],  # plain GD only
-            mini_batch=self.mini_batch, form=self.form)
+            mini_batch=self.mini_batch, form=self.form, **(gate or {}))
 
     # ------------------------------------------------------------------ public interface
 
@@ -254,12 +287,14 @@ class TTTMixer(nn.Module):
         p = self._params()
         if 0 < self.remat_every * self.mini_batch < x.shape[1] and self.inner_opt is None:
             y = self._grouped(p, x, ttt_lr_mult)  # the inputs again for the diagnostics only:
-            return y, self._stats(p, *self._inputs(p, x, ttt_lr_mult)[1:5]) if self.stats else {}
+            return y, (self._stats(p, *self._inputs(p, x, ttt_lr_mult)[1:5], self._gate(p, x))
+                       if self.stats else {})
         q, k, v, a, c, _ = self._inputs(p, x, ttt_lr_mult)
+        gate = self._gate(p, x)
         z, _ = self._machine().forward(self.make_learner(), p["W0"], q, k, v, a, c,
                                        fixed=p["ttt_norm"], remat_every=self.remat_every,
-                                       **self._state_options())
-        return self._output(p, x, z), self._stats(p, k, v, a, c)
+                                       **self._state_options(), **gate)
+        return self._output(p, x, z), self._stats(p, k, v, a, c, gate)
 
     def init_cache(self, batch_size: int, dtype=None):
         """Empty decode cache {"W", "G": (B, H, ...), "pos": int32 [, "conv": (B, w−1, C)]}."""
@@ -274,13 +309,14 @@ class TTTMixer(nn.Module):
         checks.check_input(type(self).__name__, x, self.width)
         p = self._params()
         q, k, v, a, c, tail = self._inputs(p, x, ttt_lr_mult)
+        gate = self._gate(p, x)
         z, state = self._machine().prefill(self.make_learner(), p["W0"], q, k, v, a, c,
                                            fixed=p["ttt_norm"], remat_every=self.remat_every,
-                                           **self._state_options())
+                                           **self._state_options(), **gate)
         cache = state._asdict()
         if tail is not None:
             cache["conv"] = tail.astype(self.dtype)
-        return self._output(p, x, z), self._stats(p, k, v, a, c), cache
+        return self._output(p, x, z), self._stats(p, k, v, a, c, gate), cache
 
     def step(self, x_t, cache, *, ttt_lr_mult=1.0):
         """One token x_t (B, 1, C) -> (y_t (B, 1, C), cache)."""
@@ -292,7 +328,8 @@ class TTTMixer(nn.Module):
         state = State(*(cache[f] for f in State._fields))
         z_t, state = self._machine().step(self.make_learner(), state, q[:, :, 0], k[:, :, 0],
                                           v[:, :, 0], a[:, :, 0], c[0], fixed=p["ttt_norm"],
-                                          mini_batch=self.mini_batch)
+                                          mini_batch=self.mini_batch,
+                                          **self._gate(p, x_t, "log_alpha_t"))
         new_cache = state._asdict()
         if tail is not None:
             new_cache["conv"] = tail.astype(cache["conv"].dtype)

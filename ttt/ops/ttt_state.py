@@ -70,6 +70,18 @@ def lr_gate(x, kernel, bias, dtype=None):
     return jax.nn.sigmoid(logits.astype(dtype) + bias.astype(dtype)[None, :, None])
 
 
+def forget_gate(x, kernel, A_log, dt_bias, dtype=None):
+    """log a_t = −exp(A_log_h) · softplus(x_t · k_h + dt_bias_h) ≤ 0 (Gated DeltaNet's decay):
+    x (B, N, C), kernel (C, H), A_log and dt_bias (H,) -> (B, H, N).
+
+    The logits are taken in x's dtype, the rest in `dtype` (default: at least float32).
+    """
+    dtype = dtype or jnp.promote_types(x.dtype, jnp.float32)
+    logits = jnp.einsum("bnc,ch->bhn", x, kernel.astype(x.dtype))  # (B, H, N)
+    rate = jnp.exp(A_log.astype(dtype))[None, :, None]  # (1, H, 1)
+    return -rate * jax.nn.softplus(logits.astype(dtype) + dt_bias.astype(dtype)[None, :, None])
+
+
 def positions(pos0, n: int, mini_batch: int):
     """Positions inside the mini-batch of tokens pos0 … pos0 + n − 1 (absolute for mini_batch 0).
 
@@ -256,5 +268,5 @@ def inner_loss_stats(learner, W0, k, v, a, c, *, mini_batch: int, fixed=None, fo
     }
 
 
-__all__ = ["TTTState", "eta_rows", "forward", "init_state", "inner_loss_stats", "lr_coefficients",
-           "lr_gate", "positions", "prefill", "step"]
+__all__ = ["TTTState", "eta_rows", "forget_gate", "forward", "init_state", "inner_loss_stats",
+           "lr_coefficients", "lr_gate", "positions", "prefill", "step"]
