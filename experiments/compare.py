@@ -153,7 +153,7 @@ def _header(args, wall: float, summaries: list[dict], cells: list[Cell],
 
 
 def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")
+    raise KeyboardInterrupt("SIGTERM received")
 
 
 def main(argv=None) -> int:
@@ -233,6 +233,9 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt as err:
-        print(f"\nstopped ({err or 'interrupted'}); run the same command again to resume",
-              file=sys.stderr)
+        # what stopped: a run's trainer ("<run> stopped by SIGINT at step N (checkpoint
+        # saved)"), SIGTERM, or Ctrl-C while no run was in this process
+        print(f"\ncomparison stopped: {str(err) or 'SIGINT (Ctrl-C) received'}; finished runs "
+              "are kept and runs in progress saved a checkpoint: run the same command again to "
+              "resume", file=sys.stderr)
         sys.exit(130)

@@ -5,29 +5,23 @@ the runs the report aggregates, and the runs trained with other settings than a 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 from experiments.grid import Cell, Run, run_overrides, source_dir
 from experiments.specs import load_config
+from ttt import files
 
 
 def read_json(path: str) -> dict:
-    """A JSON file's dict; {} when the file does not exist."""
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file's dict; {} when the file does not exist or is cut off (its run is redone:
+    training resumes from its checkpoints)."""
+    return files.read_json(path) or {}
 
 
 def finished(run: Run, workdir: str) -> dict | None:
-    """run.json of a finished run, else None."""
-    path = os.path.join(workdir, run.key, "run.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    """run.json of a finished run, else None (also for a cut-off one)."""
+    return files.read_json(os.path.join(workdir, run.key, "run.json"))
 
 
 def best_lr(cell: Cell, workdir: str) -> float | None:

@@ -24,7 +24,6 @@ Groups, by what the config trains:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -34,6 +33,8 @@ import ml_collections as mlc
 
 from experiments import report_plots as plots
 from experiments.ablation import RUNGS
+from ttt import files
+from ttt.evaluate import read_result
 from ttt.layers import mixer_spec
 from ttt.layers import state_size as registry_state_size
 from ttt.models import model_mixer
@@ -49,12 +50,16 @@ VALIDATED = 0.99  # softmax attention's MQAR accuracy that makes the harness a m
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    """The rows of `run_dir/metrics.jsonl` in order ({"step": int, "<name>": float, ...})."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of `run_dir/metrics.jsonl` in step order ({"step": int, "<name>": float, ...}).
+
+    A torn line (a kill mid-write) is dropped, and a step logged twice (a run resumed by an
+    older trainer, which appended the steps after its checkpoint again) keeps its latest row,
+    one train row and one eval row per step."""
+    latest: dict[tuple[int, bool], dict] = {}
+    for row in files.read_jsonl(os.path.join(run_dir, "metrics.jsonl")):
+        if isinstance(row.get("step"), int):
+            latest[(row["step"], "eval/loss" in row)] = row
+    return [latest[k] for k in sorted(latest)]
 
 
 def group_of(config: dict) -> str:
@@ -119,10 +124,8 @@ def _inner_curves(rows: list[dict]) -> dict[int, tuple[list[int], list[float]]]:
 
 
 def _json(path: str) -> dict:
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file's dict; {} when it is missing or cut off."""
+    return files.read_json(path) or {}
 
 
 def summarize(run_dir: str) -> dict:
@@ -158,7 +161,7 @@ def summarize(run_dir: str) -> dict:
         "init": (config.get("init") or {}).get("transformer_workdir"),
         "selected": True,
     }
-    by_pos = _json(os.path.join(run_dir, "eval", "validation.json"))
+    by_pos = read_result(os.path.join(run_dir, "eval", "validation.json")) or {}
     if by_pos.get("loss_by_position"):
         out.update(loss_by_position=by_pos["loss_by_position"], full_eval_loss=by_pos["loss"],
                    eval_cpu_s=by_pos.get("cpu_s", 0.0))
@@ -551,8 +554,7 @@ def build_report(summaries: list[dict], out_dir: str, *, header: str = "") -> st
             parts += ["![accuracy vs T](vision_accuracy_vs_T.png)",
                       "![inner loss over training](vision_inner_loss.png)"]
     text = "\n\n".join(parts) + "\n"
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results_rows(summaries), f, indent=0)
+    files.write_atomic(os.path.join(out_dir, "report.md"), text)
+    files.write_json_atomic(os.path.join(out_dir, "results.json"), results_rows(summaries),
+                            indent=0)
     return text

@@ -2,7 +2,7 @@
 
 Every function takes cells (lists of run summaries, see `experiments.report.cells`) and a path;
 curves of a cell are averaged over its seeds, with the ± one standard deviation band shaded when
-there is more than one seed.
+there is more than one seed. Each PNG is written whole or not at all (`ttt.files`).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from ttt.files import save_figure_atomic
 
 
 def _plt():
@@ -48,7 +50,7 @@ def plot_loss_curves(cells: dict[str, list[dict]], path: str, title: str) -> Non
     ax.set(xlabel="training step", ylabel="training loss (nats/token)", title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure_atomic(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -76,7 +78,7 @@ def plot_mqar(cells: dict[str, list[dict]], path: str) -> None:
            title="MQAR accuracy vs state size (mean ± sd over seeds)", ylim=(-0.02, 1.02))
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure_atomic(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -100,7 +102,7 @@ def plot_mqar_curves(cells: dict[str, list[dict]], path: str) -> None:
                ylim=(-0.02, 1.02))
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure_atomic(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -137,7 +139,7 @@ def plot_loss_by_position(cells: dict[str, list[dict]], path: str, title: str) -
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure_atomic(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -155,7 +157,7 @@ def plot_vision(cells: dict[str, list[dict]], acc_path: str, inner_path: str) ->
     ax.set(xlabel="inner steps T", ylabel="validation accuracy", title="Accuracy vs T")
     ax.set_xticks(ts)
     fig.tight_layout()
-    fig.savefig(acc_path, dpi=100)
+    save_figure_atomic(fig, acc_path, dpi=100)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -172,5 +174,5 @@ def plot_vision(cells: dict[str, list[dict]], acc_path: str, inner_path: str) ->
            title="Inner loss over training (first seed)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(inner_path, dpi=100)
+    save_figure_atomic(fig, inner_path, dpi=100)
     plt.close(fig)

@@ -7,7 +7,6 @@ pinned to its own core (`_pin`), recomputes the plan whenever a run ends, and re
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import multiprocessing
 import os
 import resource
@@ -18,6 +17,8 @@ import traceback
 from experiments.grid import Cell, Run, run_overrides
 from experiments.plan import expand, finished, read_json, ready
 from experiments.specs import load_config
+from ttt.evaluate import read_result
+from ttt.files import write_json_atomic
 
 
 def _cpu_seconds() -> float:
@@ -62,17 +63,16 @@ def run_one(key: str, group: str, name: str, spec: str, run_dir: str, overrides:
         info["cpu_s"] = spent.get("cpu_s", 0.0) + _cpu_seconds() - cpu
         os.makedirs(run_dir, exist_ok=True)
         if preempted:
-            with open(partial, "w") as f:
-                json.dump({"wall_s": info["wall_s"], "cpu_s": info["cpu_s"]}, f)
-            raise KeyboardInterrupt(f"{name} preempted at step {info['step']}")
+            write_json_atomic(partial, {"wall_s": info["wall_s"], "cpu_s": info["cpu_s"]})
+            raise KeyboardInterrupt(f"{name} stopped by {summary.get('signal', 'SIGTERM')} at "
+                                    f"step {info['step']} (checkpoint saved)")
         if "error" in info:
             return info
-        with open(marker, "w") as f:
-            json.dump(info, f, indent=2)
+        write_json_atomic(marker, info, indent=2)
         if os.path.exists(partial):
             os.remove(partial)
     if by_position and not info.get("diverged") and \
-            not os.path.exists(os.path.join(run_dir, "eval", "validation.json")):
+            read_result(os.path.join(run_dir, "eval", "validation.json")) is None:
         try:
             _evaluate_by_position(run_dir)
         except Exception as err:
@@ -83,15 +83,15 @@ def run_one(key: str, group: str, name: str, spec: str, run_dir: str, overrides:
 
 def _evaluate_by_position(run_dir: str) -> None:
     """`ttt.evaluate.evaluate_run` on the whole validation split -> RUN/eval/validation.json
-    (with the evaluation's own wall and CPU seconds)."""
+    (with the evaluation's own wall and CPU seconds), written whole or not at all; a missing or
+    cut-off one is evaluated again (`read_result`)."""
     from ttt.evaluate import evaluate_run  # imports JAX: here, as in run_one
 
     start, cpu = time.perf_counter(), _cpu_seconds()
     result = evaluate_run(run_dir, "validation")
     result.update(wall_s=time.perf_counter() - start, cpu_s=_cpu_seconds() - cpu)
     os.makedirs(os.path.join(run_dir, "eval"), exist_ok=True)
-    with open(os.path.join(run_dir, "eval", "validation.json"), "w") as f:
-        json.dump(result, f)
+    write_json_atomic(os.path.join(run_dir, "eval", "validation.json"), result)
 
 
 def _pin(counter) -> None:
@@ -117,8 +117,8 @@ def _complete(run: Run, workdir: str) -> dict | None:
     done = finished(run, workdir)
     if done is None:
         return None
-    if run.cell.by_position and not done.get("diverged") and not os.path.exists(
-            os.path.join(workdir, run.key, "eval", "validation.json")):
+    if run.cell.by_position and not done.get("diverged") and read_result(
+            os.path.join(workdir, run.key, "eval", "validation.json")) is None:
         return None
     return done
 
@@ -196,9 +196,16 @@ def schedule(cells: list[Cell], args, jobs: int, bar) -> dict:
                     except Exception as err:  # a worker died (e.g. out of memory)
                         record(run, {"key": run.key, "name": run.cell.name,
                                      "group": run.cell.group, "error": repr(err)})
-        except KeyboardInterrupt:
-            # Each worker's trainer turns SIGTERM into a checkpoint (a rerun resumes there);
-            # the executor has no public handle on its processes.
+        except KeyboardInterrupt as err:
+            # Each worker's trainer turns SIGINT / SIGTERM into a checkpoint (a rerun resumes
+            # there). Ctrl-C reached the workers too (one process group): let them save, then
+            # stop the rest with SIGTERM (a second Ctrl-C stops waiting). The executor has no
+            # public handle on its processes.
+            if str(err) != "SIGTERM received":
+                try:
+                    concurrent.futures.wait(running, timeout=120)
+                except KeyboardInterrupt:
+                    pass
             processes = list((getattr(pool, "_processes", None) or {}).values())
             for process in processes:
                 if process.is_alive():

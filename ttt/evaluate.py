@@ -62,8 +62,8 @@ def read_result(path: str) -> dict | None:
     if result is None or not isinstance(result.get("loss"), (int, float)):
         return None
     by_pos = result.get("loss_by_position")
-    if by_pos is not None and (not isinstance(by_pos, list)
-                               or len(by_pos) != result.get("seq_len")):
+    if by_pos is not None and (not isinstance(by_pos, list) or not by_pos or len(by_pos) !=
+                               result.get("seq_len", len(by_pos))):
         return None
     return result
 
