@@ -452,7 +452,7 @@ def _train(config, workdir: str, build_model, make_dataset, defaults, source,
 
 def _param_norm(params) -> float:
     """The global L2 norm of a parameter tree (one jitted reduction; replicated result)."""
-    return float(jax.jit(optax.global_norm)(params))
+    return float(jax.jit(optax.tree.norm)(params))
 
 
 def _resume_at(ckpt, step: int, workdir: str, say) -> None:
