@@ -68,7 +68,7 @@ class Grammar:
     """The tokens one config accepts; `parse(arg)` -> dict of every key (defaults filled in)."""
 
     prog: str  # the config's name in messages ("lm config: ...")
-    names: tuple[str, ...]
+    names: tuple[str, ...] | Callable[[], tuple[str, ...]]  # a callable: read at every parse
     default: str
     name_key: str = "mixer"
     name_label: str = "mixers"
@@ -79,9 +79,13 @@ class Grammar:
     choices: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     options: Mapping[str, Callable[[str], Any]] = dataclasses.field(default_factory=dict)
 
+    def name_list(self) -> tuple[str, ...]:
+        """The accepted names now (a registry's names include entries registered since import)."""
+        return tuple(self.names()) if callable(self.names) else self.names
+
     def known(self) -> str:
         """One line listing every accepted token."""
-        names = f"{self.name_label}: {', '.join(self.names)}"
+        names = f"{self.name_label}: {', '.join(self.name_list())}"
         if self.aliases:
             names += f" (or {', '.join(self.aliases)})"
         parts = [names]
@@ -103,7 +107,7 @@ class Grammar:
         for key, words in self.choices.items():
             if token in words:
                 return key, token
-        if token in self.names or token in self.aliases:
+        if token in self.name_list() or token in self.aliases:
             return self.name_key, self.aliases.get(token, token)
         key, eq, value = token.partition("=")
         if eq and key in self.options:

@@ -61,6 +61,8 @@ Runtime class: smoke seconds, cpu ~1-2 minutes; paper 125m@2k ~ hours on a v4-64
 
 from __future__ import annotations
 
+import functools
+
 import ml_collections as mlc
 
 from experiments.args import Grammar, mixer_names, one_of, tokens, unset
@@ -79,7 +81,8 @@ MIXERS = ("ttt_linear", "ttt_mlp", "ttt_linear_mamba", "ttt_mlp_mamba", "linear_
 PARAM_MATCHED = ("mamba2", "gated_deltanet")
 CONTEXTS = {"pile": (2048, 8192), "books": (2048, 8192, 32768)}
 LONG_STEPS = 400
-GRAMMAR = Grammar("lm", names=mixer_names(causal_only=True), default="ttt_linear",
+GRAMMAR = Grammar("lm", default="ttt_linear",
+                  names=functools.partial(mixer_names, causal_only=True),
                   name_label="causal mixers", flags=("smoke", "cpu", "long", "paper", "books"),
                   presets=PRESETS, preset_default="tiny",
                   options={"ctx": tokens, "opt": one_of(*OPTIMIZERS)})

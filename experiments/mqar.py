@@ -40,6 +40,8 @@ Runtime class: minutes per run on one accelerator at the default scale; ~1 minut
 
 from __future__ import annotations
 
+import functools
+
 import ml_collections as mlc
 
 from experiments.args import Grammar, mixer_names, positive_int, unset
@@ -51,7 +53,8 @@ WIDTHS = (64, 128, 256, 512)
 CPU_SWEEP = ((64, 4), (64, 8), (128, 16))
 HARNESS_STEPS = 1750
 HARNESS_PAIRS = (4, 8, 16)
-GRAMMAR = Grammar("mqar", names=mixer_names(causal_only=True), default="ttt_linear",
+GRAMMAR = Grammar("mqar", default="ttt_linear",
+                  names=functools.partial(mixer_names, causal_only=True),
                   name_label="causal mixers", flags=("cpu", "harness", "smoke"),
                   options={"n": positive_int, "kv": positive_int, "width": positive_int})
 

@@ -34,6 +34,8 @@ pixels several days.
 
 from __future__ import annotations
 
+import functools
+
 import ml_collections as mlc
 
 from experiments.args import Grammar, mixer_names, non_negative_int, one_of, unset
@@ -41,7 +43,8 @@ from ttt import layers
 
 PRESETS = ("tiny", "Ti", "S")
 IMAGENET_TRAIN = 1_281_167
-GRAMMAR = Grammar("vit", names=mixer_names(causal_only=False), default="mttt_mlp",
+GRAMMAR = Grammar("vit", default="mttt_mlp",
+                  names=functools.partial(mixer_names, causal_only=False),
                   flags=("smoke", "cpu", "imagenet", "pixels"), presets=PRESETS,
                   choices={"mode": ("gd", "sgd")},
                   options={"T": non_negative_int, "norm": one_of("adaptive", "constant")})

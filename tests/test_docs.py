@@ -50,7 +50,7 @@ import pytest
 
 from experiments import bench, bench_report
 from experiments.specs import load_config
-from ttt import cli
+from ttt import cli, extensions
 from ttt.config import ConfigError, validate, with_defaults
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -289,6 +289,12 @@ def check_ttt(module_name: str, args: list[str], block: bool) -> None:
         return
     if block and not values["compile_only"] and not values["workdir"]:
         raise CommandError("--workdir is required (or --compile_only)")
+    if values.get("import"):  # the command's own learners / mixers, as ttt.main imports them
+        with _in_root():
+            try:
+                extensions.load(values["import"])
+            except ConfigError as err:
+                raise CommandError(cli.one_line(err)) from None
     check_config(values["config"], overrides, num_devices=values["simulate_devices"] or None,
                  process_count=values["num_processes"])
 

@@ -26,11 +26,14 @@ from __future__ import annotations
 import shlex
 import sys
 
-from ttt import cli
+from ttt import cli, extensions
 from ttt.config import with_defaults
 
 FLAGS = (
     cli.Flag("workdir", str, None, "checkpoints, metrics and the resolved config go here"),
+    cli.Flag("import", str, None, "comma-separated .py files or modules to import first: your own "
+             "learners and mixers (register_learner / register_mixer); recorded in the run's "
+             "config as config.imports (docs/extending.md)"),
     cli.Flag("compile_only", bool, False, "lower and compile the train step on abstract inputs, "
              "print the sharding report (per-device memory, collectives, XLA warnings; "
              "DIR/compile_report.json with --workdir=DIR) and exit"),
@@ -56,7 +59,11 @@ def _main(argv: list[str]) -> int:
     if not values["compile_only"] and not values["workdir"]:
         raise cli.UsageError("--workdir is required: the run's checkpoints, metrics and "
                              "config.json go there (or pass --compile_only)")
+    imports = extensions.load(values["import"])  # before the config names what they register
     defaults = with_defaults(cli.load_config(values["config"]))
+    if imports:
+        with defaults.unlocked():
+            defaults.imports = imports
     config = cli.apply_overrides(with_defaults(defaults), overrides)
 
     if values["simulate_devices"]:

@@ -2,7 +2,8 @@
 
 `make_mixer(name, width, num_heads, **kwargs)` builds any mixer in `MIXERS`; every mixer maps
 x (B, N, C) -> (y (B, N, C), aux) and the causal ones decode with init_cache / prefill / step.
-`MIXERS[name]` is a `MixerSpec`: causality, non-causal twin, pre-conv, state size and FLOPs.
+`MIXERS[name]` is a `MixerSpec`: causality, non-causal twin, pre-conv, state size and FLOPs;
+`register_mixer(MixerSpec(...))` adds one (docs/extending.md).
 """
 
 from ttt.layers.attention import LinearAttention, SoftmaxAttention
@@ -17,6 +18,7 @@ from ttt.layers.registry import (
     forward_flops,
     make_mixer,
     mixer_spec,
+    register_mixer,
     state_size,
 )
 from ttt.layers.ttt_layer import TTTMixer
@@ -36,5 +38,6 @@ __all__ = [
     "forward_flops",
     "make_mixer",
     "mixer_spec",
+    "register_mixer",
     "state_size",
 ]

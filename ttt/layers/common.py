@@ -162,3 +162,17 @@ def inner_weights(learner, d: int, num_heads: int, make=None, dtype=jnp.float32)
         if b_name is not None:
             W0[b_name] = b
     return W0
+
+
+def inner_tree(module, learner, d: int, num_heads: int, learn: bool, dtype=jnp.float32):
+    """W0 of a learner without a dense-chain description: its whole pytree (leading H) as ONE
+    parameter "W0" drawn by `learner.init` per head, or zeros when the outer loop does not learn
+    it. (Dense-chain learners get one named parameter per layer: `inner_weights`.)"""
+    def init(key):
+        return jax.vmap(lambda k: learner.init(k, d))(jax.random.split(key, num_heads))
+
+    if not learn:
+        shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, dtype), shapes)
+    return module.param("W0", lambda key: jax.tree_util.tree_map(lambda a: a.astype(dtype),
+                                                                 init(key)))

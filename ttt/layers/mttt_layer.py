@@ -29,7 +29,7 @@ from ttt.ops import checks, inner_opt, learners
 from ttt.ops import mttt as mttt_ops
 from ttt.ops.primitives import layer_norm
 
-LEARNERS = ("linear", "mlp")
+LEARNERS = ("linear", "mlp")  # the shipped learners (`ttt.ops.learner_names()`: all)
 MODES = ("gd", "sgd")
 EVAL_KEY_SEED = 0
 
@@ -46,16 +46,18 @@ class MTTTMixer(nn.Module):
     """MTTT layer: (B, N, C) -> (B, N, C) and aux["inner_losses"] (T + 1,). Non-causal.
 
     Attributes: width, num_heads (d_h = C / H); learner "linear" (u W0 + b0) or "mlp"
-    (gelu_tanh(u W0 + b0) W1 + b1, hidden mlp_factor·d_h); learn_W0 (None = learned for "mlp",
-    zero for "linear"); inner_bias; steps T; lrs (T learning rates, default all 1.0); mode "gd" or
-    "sgd"; decoder_ln (per-head LayerNorm over C in the decoder); inner_opt: None (GD) or an inner
-    optimizer "sgd" | "momentum" | "muon" | "adam" with inner_beta (`ttt.ops.inner_opt.make`; the
-    steps then add η_t times its update); dtype; param_dtype.
+    (gelu_tanh(u W0 + b0) W1 + b1, hidden mlp_factor·d_h), a name added by
+    `ttt.ops.register_learner` or a `ttt.ops.Learner`; learn_W0 (None = learned unless the
+    learner is "linear", which starts at zero); inner_bias; steps T; lrs (T learning rates,
+    default all 1.0); mode "gd" or "sgd"; decoder_ln (per-head LayerNorm over C in the decoder);
+    inner_opt: None (GD) or an inner optimizer "sgd" | "momentum" | "muon" | "adam" with
+    inner_beta (`ttt.ops.inner_opt.make`; the steps then add η_t times its update); dtype;
+    param_dtype.
     """
 
     width: int
     num_heads: int
-    learner: str = "linear"
+    learner: str | learners.Learner = "linear"
     learn_W0: bool | None = None
     inner_bias: bool = True
     steps: int = 1
@@ -70,7 +72,7 @@ class MTTTMixer(nn.Module):
 
     def __post_init__(self):
         checks.check_heads(type(self).__name__, self.width, self.num_heads, even_head_dim=False)
-        checks.check_choice("learner", self.learner, LEARNERS)
+        self.make_learner()  # an unknown learner name fails here, in one line
         checks.check_choice("mode", self.mode, MODES)
         checks.check_choice("inner_opt", self.inner_opt, (None, *inner_opt.OPTIMIZERS))
         if not (isinstance(self.steps, int) and self.steps >= 0):
@@ -86,11 +88,11 @@ class MTTTMixer(nn.Module):
             )
         super().__post_init__()
 
+    @nn.nowrap
     def make_learner(self) -> learners.Learner:
         """The inner model as a pure `ttt.ops.learners.Learner` (d_h -> d_h)."""
-        if self.learner == "linear":
-            return learners.linear(bias=self.inner_bias)
-        return learners.mlp(factor=self.mlp_factor, bias=self.inner_bias)
+        return learners.build_learner(self.learner, bias=self.inner_bias, init_scale=0.02,
+                                      mlp_factor=self.mlp_factor)
 
     @nn.compact
     def __call__(self, x, *, ttt_lr_mult=1.0, train=False):
@@ -157,7 +159,9 @@ class MTTTMixer(nn.Module):
 
     def _initial_state(self, learner, dh, idt):
         """W0 with leading H: parameters inner_Dense_l/{kernel,bias}, or zeros when frozen."""
-        learn = self.learner == "mlp" if self.learn_W0 is None else self.learn_W0
+        learn = self.learner != "linear" if self.learn_W0 is None else self.learn_W0
+        if learner.dense is None:
+            return common.inner_tree(self, learner, dh, self.num_heads, learn, idt)
 
         def make(l, kernel_shape, bias_shape):
             specs = [("kernel", nn.initializers.xavier_uniform(batch_axis=(0,)), kernel_shape)]

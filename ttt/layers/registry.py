@@ -26,6 +26,7 @@ from ttt.layers.delta_layer import DeltaNetMixer
 from ttt.layers.lact_layer import LaCTMixer
 from ttt.layers.mamba2_layer import Mamba2Mixer
 from ttt.layers.mttt_layer import MTTTMixer
+from ttt.layers.titans_layer import TitansMixer
 from ttt.layers.ttt_layer import TTTMixer
 from ttt.layers.window_layer import SlidingWindowAttention
 
@@ -55,12 +56,13 @@ class MixerSpec:
 
     name: str
     module: type[nn.Module]
-    defaults: Mapping[str, Any]
-    causal: bool
-    noncausal: str | None
-    pre_conv: Callable[[Mapping], bool]
-    state_size: Callable[[int, int, Mapping, int], int]
-    flops: Callable[[int, int, int, Mapping], float]
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    causal: bool = True
+    noncausal: str | None = None
+    pre_conv: Callable[[Mapping], bool] = _never
+    state_size: Callable[[int, int, Mapping, int], int] | None = None  # None: not stated
+    flops: Callable[[int, int, int, Mapping], float] | None = None  # None: not stated
+    description: str = ""  # one line for catalogues (`python -m ttt.main --list`)
 
     def accepted(self) -> tuple[str, ...]:
         """The keyword arguments the module takes (its attributes but width / num_heads)."""
@@ -94,7 +96,8 @@ _COSTS = {TTTMixer: (costs.ttt_state, costs.ttt_flops),
           Mamba2Mixer: (costs.mamba2_state, costs.mamba2_flops),
           LaCTMixer: (costs.lact_state, costs.lact_flops),
           DeltaNetMixer: (costs.delta_state, costs.delta_flops),
-          SlidingWindowAttention: (costs.swa_state, costs.swa_flops)}
+          SlidingWindowAttention: (costs.swa_state, costs.swa_flops),
+          TitansMixer: (costs.titans_state, costs.titans_flops)}
 
 
 def _spec(name, module, defaults, *, causal, pre_conv=_never, noncausal=None):
@@ -123,6 +126,7 @@ MIXERS: dict[str, MixerSpec] = dict([
     # the paper's value heads of twice the key head dim
     _spec("gated_deltanet", DeltaNetMixer, {"gate": True, "expand_v": 2}, causal=True),
     _spec("swa", SlidingWindowAttention, {}, causal=True),
+    _spec("titans", TitansMixer, {}, causal=True),
     _spec("mttt_linear", MTTTMixer, {"learner": "linear"}, causal=False),
     _spec("mttt_mlp", MTTTMixer, {"learner": "mlp"}, causal=False),
     _spec("linear_attention_noncausal", LinearAttention,
@@ -132,6 +136,47 @@ MIXERS: dict[str, MixerSpec] = dict([
                                                   "use_bias": True}, causal=False),
     _spec("lact_noncausal", LaCTMixer, {"causal": False}, causal=False),
 ])
+
+SHIPPED = frozenset(MIXERS)  # the entries register_mixer never replaces
+
+
+_DECODE_METHODS = ("init_cache", "prefill", "step")
+
+
+def register_mixer(spec: MixerSpec, *, replace: bool = False) -> MixerSpec:
+    """Add a mixer to the registry: afterwards `spec.name` works wherever a shipped name does
+    (`make_mixer`, `model.mixer` and `model.pattern` in configs, experiment tokens, compare,
+    bench). The module must take `width` and `num_heads` and return (y, aux) from
+    `__call__(x, *, ttt_lr_mult=1.0, train=False)`; a causal one also needs init_cache / prefill /
+    step; `noncausal` must name a registered non-causal entry. state_size and flops may be None
+    (reports then say "n/a"). A taken name is a ValueError unless replace=True (a shipped entry
+    can never be replaced). Returns the spec."""
+    if not isinstance(spec, MixerSpec):
+        raise ValueError(f"register_mixer: expected a MixerSpec, got {type(spec).__name__}")
+    name, module = spec.name, spec.module
+    if not (isinstance(name, str) and name.isidentifier()):
+        raise ValueError(f"register_mixer: name {name!r} must be an identifier")
+    if name in SHIPPED or (name in MIXERS and not replace):
+        raise ValueError(f"register_mixer: {name!r} is already a mixer; pick another name"
+                         + ("" if name in SHIPPED else " or pass replace=True"))
+    if not (isinstance(module, type) and issubclass(module, nn.Module)):
+        raise ValueError(f"register_mixer({name!r}): module must be a flax.linen.Module class")
+    fields = {f.name for f in dataclasses.fields(module)}
+    if not {"width", "num_heads"} <= fields:
+        raise ValueError(f"register_mixer({name!r}): {module.__name__} must have the attributes "
+                         "width and num_heads")
+    missing = [m for m in _DECODE_METHODS if not callable(getattr(module, m, None))]
+    if spec.causal and missing:
+        raise ValueError(f"register_mixer({name!r}): a causal mixer decodes; {module.__name__} "
+                         f"lacks {', '.join(missing)} (or register it with causal=False)")
+    if spec.noncausal is not None and (spec.noncausal not in MIXERS
+                                       or MIXERS[spec.noncausal].causal):
+        raise ValueError(f"register_mixer({name!r}): noncausal={spec.noncausal!r} is not a "
+                         "registered non-causal mixer; register the twin first")
+    spec.check_kwargs(spec.defaults)
+    frozen = dataclasses.replace(spec, defaults=types.MappingProxyType(dict(spec.defaults)))
+    MIXERS[name] = frozen
+    return frozen
 
 
 def mixer_spec(name: str) -> MixerSpec:
@@ -157,13 +202,19 @@ def make_mixer(name: str, width: int, num_heads: int, **kwargs) -> nn.Module:
     return spec.module(width=width, num_heads=num_heads, **{**spec.defaults, **kwargs})
 
 
-def state_size(name: str, width: int, num_heads: int, seq_len: int, **kwargs) -> int:
-    """Recurrent state of mixer `name` (with kwargs), floats per layer per sequence."""
+def state_size(name: str, width: int, num_heads: int, seq_len: int, **kwargs) -> int | None:
+    """Recurrent state of mixer `name` (with kwargs), floats per layer per sequence (None when a
+    registered mixer does not state it)."""
     spec = mixer_spec(name)
+    if spec.state_size is None:
+        return None
     return int(spec.state_size(width, num_heads, spec.attrs(**kwargs), seq_len))
 
 
-def forward_flops(name: str, seq_len: int, width: int, num_heads: int, **kwargs) -> float:
-    """Forward FLOPs of one call of mixer `name` (with kwargs) on seq_len tokens at batch 1."""
+def forward_flops(name: str, seq_len: int, width: int, num_heads: int, **kwargs) -> float | None:
+    """Forward FLOPs of one call of mixer `name` (with kwargs) on seq_len tokens at batch 1 (None
+    when a registered mixer does not state them)."""
     spec = mixer_spec(name)
+    if spec.flops is None:
+        return None
     return float(spec.flops(seq_len, width, num_heads, spec.attrs(**kwargs)))

@@ -48,7 +48,9 @@ class TTTMixer(nn.Module):
     """TTT-LM sequence mixer: (B, N, C) -> (B, N, C), with a constant-size decode cache.
 
     Defaults are TTT-Linear on the transformer backbone, as in ttt-lm-jax. width, num_heads: C, H
-    (d = C / H); learner "linear" | "mlp" (hidden mlp_factor·d); backbone "transformer" | "mamba"
+    (d = C / H); learner "linear" | "mlp" (hidden mlp_factor·d), a name added by
+    `ttt.ops.register_learner` or a `ttt.ops.Learner` (a dense chain runs the dual form, any other
+    learner the primal form); backbone "transformer" | "mamba"
     (convs of conv_width, output gate); mini_batch b (0 = the whole sequence); base_lr (1.0
     Linear, 0.1 MLP); learn_eta (token offsets + per-head gate), else the constant eta; learn_W0
     (else W0 = 0) and inner_bias (default: learn_W0); ln_residual: f(x) = x + LN(f_res(x)); rope,
@@ -69,7 +71,7 @@ class TTTMixer(nn.Module):
 
     width: int
     num_heads: int
-    learner: str = "linear"
+    learner: str | learners.Learner = "linear"
     backbone: str = "transformer"
     mini_batch: int = 16
     base_lr: float = 1.0
@@ -98,7 +100,8 @@ class TTTMixer(nn.Module):
 
     def __post_init__(self):
         checks.check_heads(type(self).__name__, self.width, self.num_heads, even_head_dim=self.rope)
-        for name, known in (("learner", LEARNERS), ("backbone", BACKBONES), ("form", FORMS),
+        self.make_learner()  # an unknown learner name fails here, in one line
+        for name, known in (("backbone", BACKBONES), ("form", FORMS),
                             ("kernel", KERNELS), ("inner_opt", (None, *inner_opt.OPTIMIZERS))):
             checks.check_choice(name, getattr(self, name), known)
         for name, low in (("mini_batch", 0), ("remat_every", 0), ("conv_width", 1)):
@@ -124,10 +127,8 @@ class TTTMixer(nn.Module):
     def make_learner(self) -> learners.Learner:
         """The inner model f(x; W) as a pure `ttt.ops.learners.Learner`."""
         bias = self.learn_W0 if self.inner_bias is None else self.inner_bias
-        if self.learner == "linear":
-            base = learners.linear(bias=bias, init_scale=self.init_scale)
-        else:
-            base = learners.mlp(factor=self.mlp_factor, bias=bias, init_scale=self.init_scale)
+        base = learners.build_learner(self.learner, bias=bias, init_scale=self.init_scale,
+                                      mlp_factor=self.mlp_factor)
         return learners.ln_residual(base) if self.ln_residual else base
 
     # ------------------------------------------------------------------ parameters
@@ -172,6 +173,9 @@ class TTTMixer(nn.Module):
     def _initial_state(self):
         """W0 with leading H: parameters ttt_dense_l / ttt_bias_l, or zeros (learn_W0=False)."""
         learner, pdt = self.make_learner(), self.param_dtype
+        if learner.dense is None:  # any other learner: its whole tree as one parameter "W0"
+            return common.inner_tree(self, learner, self.head_dim, self.num_heads,
+                                     self.learn_W0, pdt)
         last = len(learner.dense) - 1
 
         def make(l, kernel_shape, bias_shape):
