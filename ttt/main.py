@@ -10,6 +10,8 @@ r"""Command line: train a config into a workdir (resuming if it holds checkpoint
   python -m ttt.main ... --workdir=/tmp/run --config.optim.lr=1e-3 --resume_step=200
       # restart from checkpoint 200 (the later ones move to diverged_checkpoints/)
 
+  python -m ttt.main --list[=configs|mixers|presets|fields]   # what there is to run
+
 Every field of the config file can be overridden with --config.<section>.<key>=<value>. Several
 processes (one per host) pass --num_processes, --process_id and --coordinator_address, or
 --distributed to let JAX detect the cluster. A non-finite loss (exit 3) prints the checkpoints with
@@ -31,6 +33,9 @@ from ttt.config import with_defaults
 
 FLAGS = (
     cli.Flag("workdir", str, None, "checkpoints, metrics and the resolved config go here"),
+    cli.Flag("list", str, None, "print the catalogue and exit: --list (all) or "
+             "--list=configs|mixers|presets|fields (config files and their tokens, registered "
+             "mixers, model sizes, config fields with defaults and domains)"),
     cli.Flag("import", str, None, "comma-separated .py files or modules to import first: your own "
              "learners and mixers (register_learner / register_mixer); recorded in the run's "
              "config as config.imports (docs/extending.md)"),
@@ -50,7 +55,30 @@ FLAGS = (
 )
 
 
+def _list_request(argv: list[str]) -> tuple[bool, str | None, str | None]:
+    """(asked, section, imports) of `--list[=section]` [`--import=...`]: the catalogue needs no
+    config, so it is answered before the flags are parsed."""
+    asked, section, imports = False, None, None
+    for arg in argv:
+        name, eq, text = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name == "list":
+            asked, section = True, text if eq else None
+        elif arg.startswith("-") and name == "import" and eq:
+            imports = text
+    return asked, section, imports
+
+
 def _main(argv: list[str]) -> int:
+    asked, section, imports = _list_request(argv)
+    if asked:
+        from ttt.catalogue import catalogue
+
+        extensions.load(imports)  # your own mixers and learners are listed too
+        try:
+            sys.stdout.write(catalogue(section))
+        except ValueError as err:
+            raise cli.UsageError(str(err)) from None
+        return 0
     values, overrides = cli.parse_flags(argv, FLAGS, prog="python -m ttt.main", doc=__doc__,
                                         config=True)
     if values["resume_step"] is not None and values["resume_step"] < 0:
