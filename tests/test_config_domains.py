@@ -159,3 +159,15 @@ def test_cli_refusal_through_a_real_process(tmp_path):
     assert proc.stderr.strip() == ("error: config.optim.lr=nan: must be a finite number in "
                                    "(0, inf)"), proc.stderr
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("optim.name", "sgd", "config.optim.name='sgd': only 'adamw' is supported"),
+    ("optim.weight_decay_mask", "biases", "config.optim.weight_decay_mask='biases': must be 'all' "
+                                          "or 'matrices'"),
+])
+def test_choice_fields_are_checked_before_building(shipped, key, value, fragment):
+    config = _with(shipped["lm"][0], key, value)
+    with pytest.raises(ConfigError) as err:
+        validate(config, num_devices=8, process_count=1)
+    assert str(err.value) == fragment

@@ -140,6 +140,11 @@ def validate(config, *, num_devices: int | None = None, process_count: int | Non
     _check_mixer(model)
     if not data.name:
         raise ConfigError("config.data.name: no dataset named")
+    if optim.name != "adamw":
+        raise ConfigError(f"config.optim.name={optim.name!r}: only 'adamw' is supported")
+    if _get(optim, "weight_decay_mask", "all") not in ("all", "matrices"):
+        raise ConfigError(f"config.optim.weight_decay_mask={optim.weight_decay_mask!r}: must be "
+                          "'all' or 'matrices'")
     if not 0 <= optim.warmup_steps <= train.steps:
         raise ConfigError(f"config.optim.warmup_steps={optim.warmup_steps}: must lie in "
                           f"[0, train.steps={train.steps}]")
