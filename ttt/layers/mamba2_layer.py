@@ -134,13 +134,13 @@ class Mamba2Mixer(nn.Module):
     @nn.compact
     def _run(self, mode, x, cache=None):
         checks.check_input(type(self).__name__, x, self.width)
-        dt, pdt = self.dtype, self.param_dtype
-        idt = common.inner_dtype(dt)
+        cdt, pdt = self.dtype, self.param_dtype  # compute and parameter dtypes
+        idt = common.inner_dtype(cdt)
         E, Ns, H = self.inner, self.d_state, self.heads
-        zxbcdt = common.dense(2 * E + 2 * Ns + H, "in_proj", dt, pdt, self.init_scale)(
-            x.astype(dt))  # (B, N, 2E + 2N_s + H)
+        zxbcdt = common.dense(2 * E + 2 * Ns + H, "in_proj", cdt, pdt, self.init_scale)(
+            x.astype(cdt))  # (B, N, 2E + 2N_s + H)
         z, xbc, dt_raw = jnp.split(zxbcdt, [E, 2 * E + 2 * Ns], axis=-1)
-        conv = common.CausalConv(self.conv_features, self.conv_width, dt, pdt, name="conv1d")
+        conv = common.CausalConv(self.conv_features, self.conv_width, cdt, pdt, name="conv1d")
         xbc, tail = conv(xbc, None if cache is None else cache["conv"])
         xbc = jax.nn.silu(xbc.astype(idt))
         xs, Bs, Cs = jnp.split(xbc, [E, E + Ns], axis=-1)  # (B, N, E), (B, N, N_s) twice
@@ -156,7 +156,7 @@ class Mamba2Mixer(nn.Module):
         B_, N_ = Bs.shape[:2]
         k = jnp.broadcast_to(Bs[:, None], (B_, H, N_, Ns))  # (B, H, N, N_s): one group
         q = jnp.broadcast_to(Cs[:, None], (B_, H, N_, Ns))
-        if mode == "step":
+        if mode == "step":  # the op's normaliser sum s is not needed (no normaliser): zeros
             y, state = linear_attn.linear_attention_decode_step(
                 {"S": cache["S"], "s": jnp.zeros((B_, H, Ns), idt)}, q[:, :, 0], k[:, :, 0],
                 v[:, :, 0], log_alpha_t=log_alpha[:, :, 0])
@@ -168,7 +168,7 @@ class Mamba2Mixer(nn.Module):
         y = y + xh * D.astype(idt)[:, None, None]  # (B, H, N, P): the skip D·x
         y = _gated_rms_norm(common.merge_heads(y), z.astype(idt), scale.astype(idt),
                             self.norm_eps)  # (B, N, E)
-        out = common.dense(self.width, "out_proj", dt, pdt, self.init_scale)(y.astype(dt))
+        out = common.dense(self.width, "out_proj", cdt, pdt, self.init_scale)(y.astype(cdt))
         if mode == "call":
             return out, {}
         return out, {"conv": tail, "S": S}
