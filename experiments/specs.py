@@ -4,14 +4,15 @@ experiments.bench."""
 
 from __future__ import annotations
 
-from ttt import cli
+from ttt import budget, cli
 from ttt.config import with_defaults
 
 
 def load_config(spec: str, overrides=()):
     """'path/to/file.py:arg' and ['train.steps=100', ...] -> the file's get_config(arg) with the
     overrides set, exactly as `python -m ttt.main --config=<spec> --config.<key>=<value>` loads
-    it (`ttt.cli.load_config`, `ttt.config.with_defaults`, `ttt.cli.apply_overrides`).
+    it (`ttt.cli.load_config`, `ttt.config.with_defaults`, `ttt.cli.apply_overrides`, and the
+    step counts that follow a cut train.steps, `ttt.budget`).
 
     Raises `ttt.config.ConfigError` (one line naming the spec or the override) on any mistake.
     """
@@ -21,4 +22,7 @@ def load_config(spec: str, overrides=()):
         if not eq or not key:
             raise cli.UsageError(f"--set {item}: expected key=value, e.g. --set train.steps=100")
         pairs.append((key, text))
-    return cli.apply_overrides(with_defaults(cli.load_config(spec)), pairs)
+    defaults = with_defaults(cli.load_config(spec))
+    config = cli.apply_overrides(with_defaults(defaults), pairs)
+    budget.follow_steps(config, defaults.train.get("steps"), [key for key, _ in pairs])
+    return config

@@ -28,7 +28,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from ttt import cli, extensions
+from ttt import budget, cli, extensions
 from ttt.config import with_defaults
 
 FLAGS = (
@@ -93,6 +93,7 @@ def _main(argv: list[str]) -> int:
         with defaults.unlocked():
             defaults.imports = imports
     config = cli.apply_overrides(with_defaults(defaults), overrides)
+    budget.follow_steps(config, defaults.train.get("steps"), [key for key, _ in overrides])
 
     if values["simulate_devices"]:
         simulate_devices(values["simulate_devices"])
