@@ -272,6 +272,13 @@ def check_ttt(module_name: str, args: list[str], block: bool) -> None:
     if flags is None:
         raise CommandError(f"{module_name} has no command line (no FLAGS)")
     is_main = module_name == "ttt.main"
+    if is_main and any(a == "--list" or a.startswith("--list=") for a in args):
+        from ttt.catalogue import SECTIONS  # the catalogue: no config, no other flag needed
+
+        sections = [a.partition("=")[2] for a in args if a.startswith("--list=")]
+        if any(s not in SECTIONS for s in sections):
+            raise CommandError(f"--list={sections[0]}: not one of {', '.join(SECTIONS)}")
+        return
     has_config = any(a == "--config" or a.startswith("--config=") for a in args)
     if not block:  # an inline mention of some flags need not repeat the required ones
         flags = [dataclasses.replace(f, required=False) for f in flags]
