@@ -50,7 +50,7 @@ import pytest
 
 from experiments import bench, bench_report
 from experiments.specs import load_config
-from ttt import cli, extensions
+from ttt import budget, cli, extensions
 from ttt.config import ConfigError, validate, with_defaults
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -310,7 +310,9 @@ def check_config(spec: str, overrides, *, num_devices=None, process_count=1) -> 
     """Load `spec` with the CLI's loader, apply `overrides` [(key, text)], validate."""
     with _in_root():
         try:
-            config = cli.apply_overrides(with_defaults(cli.load_config(spec)), overrides)
+            defaults = with_defaults(cli.load_config(spec))
+            config = cli.apply_overrides(with_defaults(defaults), overrides)
+            budget.follow_steps(config, defaults.train.get("steps"), [k for k, _ in overrides])
         except ConfigError as err:
             raise CommandError(cli.one_line(err)) from None
     config = config.copy_and_resolve_references()
