@@ -76,8 +76,12 @@ def quiet_checkpoint_threads():
 
 
 def _silence_abandoned_writes() -> None:
-    """After a reported save failure, the writes orbax abandoned print 'Exception ignored in
-    <coroutine ...>' tracebacks as the interpreter exits; those say nothing more, drop them."""
+    """After a reported save failure, the writes orbax abandoned log their errors or print
+    'Exception ignored in <coroutine ...>' tracebacks until the interpreter exits; those say
+    nothing more, drop them (for the rest of the process)."""
+    drop = _HoldOrbaxErrors()
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(drop)
     previous = sys.unraisablehook
 
     def hook(unraisable):
