@@ -55,7 +55,7 @@ def test_matched_ffn_dim_identities():
     assert block_params("mamba2", 64, 4, 1, (("d_state", 16),)) < block_params("mamba2", 64, 4, 1)
     with pytest.raises(ValueError, match="no FFN width"):
         matched_ffn_dim("mamba2", 64, 4, 16)
-    # an explicit ffn_dim in the config wins over the matched one
+    # every non-tiny preset is matched, with or without `paper`
     config = lm.get_config("mamba2,125m")
     assert config.model.ffn_dim == matched_ffn_dim("mamba2", 768, 12, 2048)
     assert lm.get_config("mamba2,tiny").model.ffn_dim is None  # tiny keeps the preset's
