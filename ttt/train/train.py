@@ -185,8 +185,11 @@ def _describe_start(setup: Setup, meta: dict, state, workdir: str, where: str,
              f"width {m.width}" if m.get("width") else "",
              _plural(m.num_heads, "head") if m.get("num_heads") else ""]
     sizes = ", ".join(x for x in sizes if x)
+    pattern = m.get("pattern")  # a hybrid stack names its pattern instead of model.mixer
+    mixer = m.mixer if not pattern else "hybrid " + (
+        pattern if isinstance(pattern, str) else ",".join(pattern))
     lines = [f"workdir: {workdir} ({where})",
-             f"model: {m.kind} {m.mixer} (preset {m.get('preset')}{': ' + sizes if sizes else ''}"
+             f"model: {m.kind} {mixer} (preset {m.get('preset')}{': ' + sizes if sizes else ''}"
              f"), {params:,} parameters"]
     if m.kind == "lm":
         data = (f"data: {c.data.name}, {t.global_batch_size} x {meta['seq_len']} tokens per step"
