@@ -1,5 +1,6 @@
 """DeltaNet / Gated DeltaNet layer: the whole layer against a token-loop reference written here
-from the parameters (outputs, decode state, gradients), the ungated layer as the gate at a = 1,
+from the parameters (outputs, decode state; gradients in the slow run), the chunked layer against
+its recurrent twin (outputs, state, gradients), the ungated layer as the gate at a = 1,
 prefill + steps == forward, chunk-size invariance, ttt_lr_mult as a scale of β, the init
 conventions, the registry's state size, argument errors and negative controls."""
 
@@ -29,7 +30,7 @@ def _setup(gate, expand_v=1, seed=0, **kw):
     """(module, params, x): float64, projections large enough that every term matters."""
     m = _layer(gate, expand_v, **kw)
     x = jax.random.normal(jax.random.key(seed), (B, N, C), jnp.float64)
-    params = m.init(jax.random.key(seed + 1), x)
+    params = m.init(jax.random.key(seed + 1), method=DeltaNetMixer._params)  # no forward
     # a non-trivial output norm, so a wrong head layout of its scale would show
     scale = params["params"]["o_norm"]
     params["params"]["o_norm"] = scale + 0.3 * jax.random.normal(jax.random.key(9), scale.shape,
@@ -83,6 +84,8 @@ def reference(params, x, H, gate, decay_after=False, mult=1.0):
     return o.reshape(Bx, Nx, -1) @ p["wo"]["kernel"], S
 
 
+reference_jit = jax.jit(reference, static_argnums=(2, 3), static_argnames="decay_after")
+
 CASES = [(False, 1), (True, 1), (True, 2)]
 IDS = ["deltanet", "gated", "gated_expand_v2"]
 
@@ -91,7 +94,7 @@ IDS = ["deltanet", "gated", "gated_expand_v2"]
 def test_layer_equals_the_token_loop_reference(x64, gate, expand_v):
     m, params, x = _setup(gate, expand_v)
     y, _, cache = m.apply(params, x, method="prefill")
-    y_ref, S_ref = reference(params, x, H, gate)
+    y_ref, S_ref = reference_jit(params, x, H, gate)
     assert_close(y, y_ref, 1e-11, "layer vs token loop")
     assert_close(cache["S"], S_ref, 1e-11, "final state vs token loop")
     assert cache["S"].shape == (B, H, C // H, expand_v * C // H)
@@ -102,16 +105,34 @@ def test_layer_equals_the_token_loop_reference(x64, gate, expand_v):
     assert_close(m.apply(params, x)[0], y, 0.0, "__call__ == prefill's output")
     # negative control: the decay applied after the update (a different recurrence when gated)
     if gate:
-        assert rel_err(reference(params, x, H, gate, decay_after=True)[0], y) > 1e-3
+        assert rel_err(reference_jit(params, x, H, gate, decay_after=True)[0], y) > 1e-3
 
 
+def _grads(m, params, x, f):
+    """d/d(params, x) of Σ f(params, x) ⊙ probe, jitted (one compilation)."""
+    probe = jax.random.normal(jax.random.key(7), x.shape, x.dtype)
+    loss = lambda p, x_: jnp.sum(f(p, x_) * probe)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+
+@pytest.mark.parametrize("gate,expand_v", CASES, ids=IDS)
+def test_chunked_layer_equals_its_recurrent_twin_with_gradients(x64, gate, expand_v):
+    m, params, x = _setup(gate, expand_v, seed=3)
+    slow = _layer(gate, expand_v, form="recurrent")
+    y, _, cache = m.apply(params, x, method="prefill")
+    y_slow, _, cache_slow = slow.apply(params, x, method="prefill")
+    assert_close((y, cache), (y_slow, cache_slow), 1e-11, "chunked vs recurrent")
+    got = _grads(m, params, x, lambda p, x_: m.apply(p, x_)[0])
+    want = _grads(slow, params, x, lambda p, x_: slow.apply(p, x_)[0])
+    assert_close(got, want, 1e-10, "d(chunked) vs d(recurrent)")
+
+
+@pytest.mark.slow  # the unrolled token loop under autodiff compiles slowly
 @pytest.mark.parametrize("gate,expand_v", CASES[:2], ids=IDS[:2])
 def test_layer_gradients_equal_the_reference(x64, gate, expand_v):
     m, params, x = _setup(gate, expand_v, seed=3)
-    probe = jax.random.normal(jax.random.key(7), (B, N, C), jnp.float64)
-    loss = lambda f: lambda p, x_: jnp.sum(f(p, x_) * probe)
-    got = jax.grad(loss(lambda p, x_: m.apply(p, x_)[0]), argnums=(0, 1))(params, x)
-    want = jax.grad(loss(lambda p, x_: reference(p, x_, H, gate)[0]), argnums=(0, 1))(params, x)
+    got = _grads(m, params, x, lambda p, x_: m.apply(p, x_)[0])
+    want = _grads(m, params, x, lambda p, x_: reference(p, x_, H, gate)[0])
     assert_close(got, want, 1e-9, "d(layer) vs d(token loop)")
 
 
@@ -161,7 +182,7 @@ def test_chunk_size_does_not_change_the_layer(x64):
 def test_ttt_lr_mult_scales_beta(x64):
     m, params, x = _setup(True, seed=4)
     half = m.apply(params, x, ttt_lr_mult=0.5)[0]
-    assert_close(half, reference(params, x, H, True, mult=0.5)[0], 1e-11, "β · 0.5")
+    assert_close(half, reference_jit(params, x, H, True, mult=0.5)[0], 1e-11, "β · 0.5")
     assert rel_err(half, m.apply(params, x)[0]) > 1e-3
     # β = 0: S is never written, o = 0, and RMSNorm(0) = 0
     assert_close(m.apply(params, x, ttt_lr_mult=0.0)[0], jnp.zeros((B, N, C)), 0.0, "mult 0")
@@ -199,6 +220,7 @@ def test_flops_follow_the_attributes():
     assert f("gated_deltanet", expand_v=1) > f("deltanet")  # the gate's logits
     assert f("deltanet", expand_v=2) > f("deltanet")
     assert f("deltanet", chunk=128) > f("deltanet", chunk=64)  # intra-chunk c² terms
+    assert f("deltanet", form="recurrent") < f("deltanet")  # d = 16 < c: fewer FLOPs per token
     # a partial chunk is padded and costs a full one
     assert forward_flops("deltanet", 65, 64, 4) - forward_flops("deltanet", 64, 64, 4) > \
         4 * (forward_flops("deltanet", 64, 64, 4) / 64)
@@ -210,6 +232,7 @@ def test_flops_follow_the_attributes():
     ({"expand_v": 0}, "expand_v"),
     ({"expand_v": 0.3}, "expand_v"),
     ({"chunk": 0}, "chunk"),
+    ({"form": "dual"}, "form"),
     ({"conv_width": 0}, "conv_width"),
 ])
 def test_bad_attributes_raise(kw, match):

@@ -49,7 +49,8 @@ RoPE, sigmoid gates, softmax) is left out: it is O(N C) against the O(N C²) of 
   2C + H d_v channels, 2 w per channel and token; the chunked delta rule per head and chunk (a
   final partial chunk is padded and costs a full one): K Kᵀ and Q Kᵀ (2 c² d each), the
   triangular solve (c² d_v), the intra-chunk product with U (2 c² d_v), K S, Q S and the state
-  update Kᵀ U (2 c d d_v each).
+  update Kᵀ U (2 c d d_v each); the recurrent form, per head and token, Sᵀk, k uᵀ and Sᵀq
+  (2 d d_v each).
 - Sliding-window attention (`swa`, window w): four C→C maps and, like LaCT's window branch,
   4 (C / H) per (query, key) pair the window holds and head.
 - Mamba2 (`mamba2`; E = expand·C inner width, h = E / P heads of P, d_state n, conv width w,
@@ -246,6 +247,8 @@ def delta_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
     flops = 2.0 * N * C * (2 * C + 3 * Cv)  # q, k; v, the output gate, W_o
     flops += 2.0 * N * C * H * (2 if attrs["gate"] else 1)  # β (and a) logits
     flops += 2.0 * N * (2 * C + Cv) * attrs["conv_width"]
+    if attrs["form"] == "recurrent":
+        return flops + H * N * 6.0 * d * dv
     per_chunk = 4.0 * c * c * d + 3.0 * c * c * dv + 6.0 * c * d * dv
     return flops + H * -(-N // c) * per_chunk
 

@@ -18,6 +18,8 @@ Notable choices (conventions pinned to fla's DeltaNet / GatedDeltaNet layers):
   softplus⁻¹(dt) with dt log-uniform in [1e-3, 0.1] (floored at 1e-4), as fla.
 - β is the inner step size of this TTT view (one gradient step on ½‖Sᵀk − v‖² per token), so
   `ttt_lr_mult` scales it, as it scales η in the TTT layers.
+- form "chunked" (default) runs `delta.delta_rule`; "recurrent" its token-by-token twin
+  `delta.delta_rule_recurrent` (same results; the reference the tests hold the fast form to).
 - The three convolutions run as one over the concatenated q, k, v channels: the decode cache is
   {"conv": the last conv_width − 1 projected inputs (B, w − 1, 2C + H d_v), "S": (B, H, d, d_v)},
   constant in the context length.
@@ -38,6 +40,7 @@ from ttt.ops.primitives import causal_conv, project
 
 L2_EPS = 1e-6
 NORM_EPS = 1e-5
+FORMS = ("chunked", "recurrent")
 
 
 def _l2(x):
@@ -68,14 +71,16 @@ class DeltaNetMixer(nn.Module):
     a constant-size decode cache.
 
     width, num_heads: C and H (key head dim d = C / H); expand_v: value head dim / d (d_v);
-    gate: the decay gate a_t (Gated DeltaNet); chunk: tokens per chunk of the delta rule's
-    chunked form; conv_width: taps of the short convolutions; init_scale; dtype; param_dtype.
+    gate: the decay gate a_t (Gated DeltaNet); form: "chunked" | "recurrent"; chunk: tokens per
+    chunk of the chunked form; conv_width: taps of the short convolutions; init_scale; dtype;
+    param_dtype.
     """
 
     width: int
     num_heads: int
     gate: bool = False
     expand_v: float = 1
+    form: str = "chunked"
     chunk: int = 64
     conv_width: int = 4
     init_scale: float = common.DEFAULT_INIT_SCALE
@@ -89,6 +94,7 @@ class DeltaNetMixer(nn.Module):
                 and float(self.expand_v * d).is_integer()):
             raise ValueError(f"expand_v: expected a positive number with expand_v · head dim "
                              f"({d}) an integer, got {self.expand_v!r}")
+        checks.check_choice("form", self.form, FORMS)
         checks.check_int("chunk", self.chunk, 1)
         checks.check_int("conv_width", self.conv_width, 1)
         super().__post_init__()
@@ -168,7 +174,10 @@ class DeltaNetMixer(nn.Module):
         checks.check_input(type(self).__name__, x, self.width)
         p = self._params()
         q, k, v, beta, log_a, tail = self._inputs(p, x, ttt_lr_mult)
-        o, S = delta.delta_rule(q, k, v, beta, log_alpha=log_a, chunk=self.chunk)
+        if self.form == "chunked":
+            o, S = delta.delta_rule(q, k, v, beta, log_alpha=log_a, chunk=self.chunk)
+        else:
+            o, S = delta.delta_rule_recurrent(q, k, v, beta, log_alpha=log_a)
         return self._output(p, x, o), {"conv": tail.astype(self.dtype), "S": S}
 
     # ------------------------------------------------------------------ public interface
