@@ -10,6 +10,7 @@ disk afterwards (nothing lost or changed that should not be).
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -200,14 +201,17 @@ def test_evaluate_refuses_an_unwritable_output_before_evaluating(base, tmp_path)
     _one_error_line(err, f"cannot write to {blocker}/eval")
 
 
-def test_evaluate_keeps_one_file_per_setting_and_redoes_a_cut_off_one(base, tmp_path, capsys):
-    """In this process (the command line's main; its failures are the subprocess tests')."""
+def test_evaluate_keeps_one_file_per_setting_and_redoes_a_cut_off_one(base, tmp_path, capsys,
+                                                                      monkeypatch):
+    """In this process (the command line's main; its failures are the subprocess tests'). The
+    whole validation split in batches of 1024 windows (the batch does not change a whole-split
+    result, nor its file name)."""
     from experiments import scheduler
     from ttt import evaluate
     from ttt.evaluate import read_result, result_name
 
     workdir = _copy(base, tmp_path)
-    assert evaluate.main([f"--workdir={workdir}"]) == 0
+    assert evaluate.main([f"--workdir={workdir}", "--batch_size=1024"]) == 0
     whole = (workdir / "eval" / "validation.json").read_bytes()
     assert evaluate.main([f"--workdir={workdir}", "--max_batches=1"]) == 0
     out = capsys.readouterr().out
@@ -225,6 +229,8 @@ def test_evaluate_keeps_one_file_per_setting_and_redoes_a_cut_off_one(base, tmp_
     (workdir / "eval" / "validation.json").write_bytes(whole[: len(whole) // 2])
     assert read_result(str(workdir / "eval" / "validation.json")) is None
     files.write_json_atomic(str(workdir / "run.json"), {"key": "k", "name": "n", "group": "lm"})
+    monkeypatch.setattr(evaluate, "evaluate_run",
+                        functools.partial(evaluate.evaluate_run, batch_size=1024))
     info = scheduler.run_one("k", "lm", "n", f"{LM}:ttt_linear,smoke", str(workdir), [],
                              by_position=True)
     assert "error" not in info, info
