@@ -322,6 +322,26 @@ def test_hybrid_trains_and_shards_on_8_devices(tmp_path, x64):
         assert abs(a - b) <= 1e-6 * abs(b), (mesh, single)
 
 
+def test_compile_report_lists_each_position():
+    import toy
+
+    from ttt.train.compile_only import compile_report, format_report
+
+    config = toy.real_config("ttt_linear", steps=3)
+    with config.unlocked():
+        config.model.update(num_layers=4, vocab_size=32)  # the vocabulary: no data opened
+        config.model.pattern = ["linear_attention", "linear_attention", "linear_attention",
+                                "softmax"]
+    report = compile_report(config, lower_only=True)
+    rows = report["layers"]
+    assert [(r["layers"], r["mixer"]) for r in rows] == [(1, "linear_attention")] * 3 + [
+        (1, "softmax")]
+    assert rows[3]["state"] == 2 * 16 * 64  # keys and values of 16 tokens, width 64
+    assert rows[0]["state"] < rows[3]["state"]
+    text = format_report(report)
+    assert "1 x softmax: 41,088 parameters and 2,048 floats of recurrent state" in text, text
+
+
 # ----------------------------------------------------------------------------- the ViT
 
 

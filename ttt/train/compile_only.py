@@ -23,7 +23,9 @@ Reported (and written to DIR/compile_report.json with --workdir):
 - `warnings`: every warning XLA printed while compiling (e.g. "[SPMD] Involuntary full
   rematerialization": a layout change it could only make by replicating a tensor). `--strict`
   makes any warning exit with status 2;
-- parameters, FLOPs of one step from XLA's cost analysis (a lower bound: loop bodies count once).
+- parameters, FLOPs of one step from XLA's cost analysis (a lower bound: loop bodies count once);
+- `layers` (LM): for each position of the layer pattern (one row unless the stack is hybrid) its
+  mixer, how many layers run it, its parameters and recurrent state per layer and sequence.
 `lower_only=True` skips XLA compilation (seconds instead of minutes on a CPU) and reports the FLOPs
 of the unoptimised HLO, without memory, collectives or warnings.
 """
@@ -45,6 +47,7 @@ from ttt import cli
 from ttt.config import ConfigError, validate, with_defaults
 from ttt.files import write_json_atomic
 from ttt.models import build_model, param_count
+from ttt.models.hybrid import layer_table
 from ttt.train.setup import (
     abstract_meta,
     abstract_state,
@@ -178,6 +181,8 @@ def compile_report(config, *, lower_only: bool = False) -> dict:
            "parallel": config.train.parallel}
     if setup.placement.mode == "mesh":
         out["mesh"] = {k: int(v) for k, v in setup.placement.mesh.shape.items()}
+    if config.model.kind == "lm":  # each position of the layer pattern: params and state
+        out["layers"] = layer_table(setup.task.model, abstract.params, int(config.data.seq_len))
     t = time.perf_counter()
     lowered = lower_train_step(setup)
     out["lower_s"] = time.perf_counter() - t
@@ -221,6 +226,9 @@ def format_report(report: dict) -> str:
              "bound: XLA counts a while-loop body once, so scanned layers and the TTT "
              "mini-batch scan count once]",
              f"lowering: {report['lower_s']:.1f} s"]
+    lines[1:1] = [f"  {row['layers']} x {row['mixer']}: {row['params']:,} parameters and "
+                  f"{row['state']:,} floats of recurrent state per layer and sequence"
+                  for row in report.get("layers", ())]
     if "per_device" not in report:
         return "\n".join(lines)
     pd = report["per_device"]
