@@ -8,11 +8,12 @@ checks a run's directory, `ttt.train.lock` holds it.
 """
 
 from ttt.train.checkpoint import Checkpointer, CheckpointMismatchError
+from ttt.train.divergence import NonFiniteLossError
 from ttt.train.optim import lr_schedule, make_optimizer, ttt_lr_mult_schedule
 from ttt.train.parallel import make_placement, partition_spec
 from ttt.train.setup import abstract_state, build_setup, lower_train_step
 from ttt.train.steps import Task, TrainState, eval_step, make_task, train_step
-from ttt.train.train import NonFiniteLossError, train_and_evaluate
+from ttt.train.train import train_and_evaluate
 from ttt.train.workdir import WorkdirError
 
 __all__ = [

@@ -166,8 +166,14 @@ class Checkpointer:
         return dict(out["stats"] or {}) or None
 
     def keep_until(self, step: int) -> list[int]:
-        """Move the checkpoints after `step` to `diverged_checkpoints/` (process 0); their steps."""
-        later = [s for s in self.all_steps() if s > step]
+        """Move the checkpoints after `step` to `diverged_checkpoints/` (process 0); their steps.
+        ConfigError (nothing moved) unless `step` is 0 or one of the checkpoints."""
+        available = self.all_steps()
+        if step != 0 and step not in available:
+            raise ConfigError(f"--resume_step={step}: {os.path.dirname(self.directory)} has no "
+                              f"checkpoint {step} (it has {available or 'none'}); pick one of "
+                              "them, or 0 to start over")
+        later = [s for s in available if s > step]
         if later and jax.process_index() == 0:
             aside = os.path.join(os.path.dirname(os.path.abspath(self.directory)),
                                  "diverged_checkpoints")

@@ -16,14 +16,51 @@ The rule (`restart_step`), walking the checkpoints in step order:
   computed with the parameters after step s - 1, so a checkpoint saved on that step may already
   hold the parameters that blew up;
 - none qualifies: step 0, a restart from the initialisation (every checkpoint is moved aside).
+
+`check_finite` raises `NonFiniteLossError` carrying those lines and the chosen step; the command
+line (`ttt.main`) adds the restart command.
 """
 
 from __future__ import annotations
 
 import math
+import os
+
+import jax
+import numpy as np
 
 LOSS_FACTOR = 1.5
 NORM_FACTOR = 10.0
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; nothing is saved at or after that step.
+
+    `details`: lines listing the checkpoints with their loss and parameter norm;
+    `restart_step`: the checkpoint to restart from (0: from the initialisation)."""
+
+    def __init__(self, message: str, details: list[str] = (), restart_step: int = 0):
+        super().__init__(message)
+        self.details, self.restart_step = list(details), restart_step
+
+
+def check_finite(losses: list, first_step: int, last_good: int | None, workdir: str,
+                 ckpt=None) -> None:
+    """NonFiniteLossError if any of `losses` (steps first_step + 1, ...) is NaN or infinite,
+    with the checkpoints' losses and norms and the step to restart from (read from `ckpt`)."""
+    values = np.asarray(jax.device_get(losses), np.float64).ravel()
+    bad = np.flatnonzero(~np.isfinite(values))
+    if not bad.size:
+        return
+    bad_step = first_step + int(bad[0]) + 1
+    held = [(s, ckpt.stats(s)) for s in ckpt.all_steps()] if ckpt is not None else []
+    restart = restart_step(held, bad_step)
+    kept = (f"The newest checkpoint (step {last_good}) in {workdir}/checkpoints is kept"
+            if last_good is not None else "No checkpoint had been saved yet")
+    raise NonFiniteLossError(
+        f"training loss is {values[bad[0]]} at step {bad_step}; stopping. {kept}: restart from "
+        f"step {restart} with a lower config.optim.lr (or a longer config.optim.warmup_steps)",
+        report(held, bad_step, os.path.join(workdir, "checkpoints")), restart)
 
 
 def sound(stats: dict | None, best_loss: float) -> bool:

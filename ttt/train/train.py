@@ -44,25 +44,15 @@ from ttt.cli import changed_values
 from ttt.config import ConfigError, validate
 from ttt.files import write_atomic
 from ttt.train import checkpoint as ckpt_lib
-from ttt.train import divergence, faults
+from ttt.train import faults
 from ttt.train import init as init_lib
 from ttt.train import metrics as metrics_lib
+from ttt.train.divergence import check_finite
 from ttt.train.lock import WorkdirLock
 from ttt.train.setup import Setup, abstract_state, build_setup, resolve_config
 from ttt.train.workdir import check_same_run, prepare_workdir, run_differences
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; nothing is saved at or after that step.
-
-    `details`: lines listing the checkpoints with their loss and parameter norm;
-    `restart_step`: the checkpoint to restart from (`ttt.train.divergence`; 0: from scratch)."""
-
-    def __init__(self, message: str, details: list[str] = (), restart_step: int = 0):
-        super().__init__(message)
-        self.details, self.restart_step = list(details), restart_step
 
 
 def evaluate(setup: Setup, p_eval, state, dataset, num_steps: int) -> dict:
@@ -142,25 +132,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
         if self._previous_int is not None:
             signal.signal(signal.SIGINT, self._previous_int)
-
-
-def _check_finite(losses: list, first_step: int, last_good: int | None, workdir: str,
-                  ckpt=None) -> None:
-    """NonFiniteLossError if any of `losses` (steps first_step + 1, ...) is NaN or infinite,
-    with the checkpoints' losses and norms and the step to restart from (from `ckpt`)."""
-    values = np.asarray(jax.device_get(losses), np.float64).ravel()
-    bad = np.flatnonzero(~np.isfinite(values))
-    if bad.size:
-        bad_step = first_step + int(bad[0]) + 1
-        held = [(s, ckpt.stats(s)) for s in ckpt.all_steps()] if ckpt is not None else []
-        restart = divergence.restart_step(held, bad_step)
-        kept = (f"The newest checkpoint (step {last_good}) in {workdir}/checkpoints is kept"
-                if last_good is not None else "No checkpoint had been saved yet")
-        raise NonFiniteLossError(
-            f"training loss is {values[bad[0]]} at step {bad_step}; stopping. {kept}: restart "
-            f"from step {restart} with a lower config.optim.lr (or a longer "
-            "config.optim.warmup_steps)",
-            divergence.report(held, bad_step, os.path.join(workdir, "checkpoints")), restart)
 
 
 def _config_error(err: Exception, section: str, where: str) -> ConfigError:
@@ -282,7 +253,10 @@ def _train(config, workdir: str, build_model, make_dataset, defaults, source,
         facts["state_bytes"] = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                                    for x in jax.tree.leaves(abstract))
         if resume_step is not None:
-            _resume_at(ckpt, resume_step, workdir, say)
+            moved = ckpt.keep_until(resume_step)
+            if moved:
+                say("resume_step=%d: checkpoints %s moved to %s", resume_step, moved,
+                    os.path.join(workdir, "diverged_checkpoints"))
         try:
             restored = ckpt.restore(placement.restore_target(abstract))
         except ckpt_lib.CheckpointMismatchError as err:
@@ -350,7 +324,7 @@ def _train(config, workdir: str, build_model, make_dataset, defaults, source,
 
     def save(step):
         nonlocal unchecked, first_unchecked, last_good
-        _check_finite(unchecked, first_unchecked, last_good, workdir, ckpt)
+        check_finite(unchecked, first_unchecked, last_good, workdir, ckpt)
         unchecked, first_unchecked = [], step
         stats = {"loss": float(np.ravel(jax.device_get(step_loss))[0]),
                  "param_norm": _param_norm(placement.params(state)), "init_param_norm": init_norm}
@@ -415,7 +389,7 @@ def _train(config, workdir: str, build_model, make_dataset, defaults, source,
                 announce()
                 if done % log_every == 0 or done == total:
                     host = placement.host_metrics(metrics)
-                    _check_finite(unchecked, first_unchecked, last_good, workdir, ckpt)
+                    check_finite(unchecked, first_unchecked, last_good, workdir, ckpt)
                     unchecked, first_unchecked = [], done
                     if not diag:
                         host.pop("aux")
@@ -456,18 +430,6 @@ def _train(config, workdir: str, build_model, make_dataset, defaults, source,
 def _param_norm(params) -> float:
     """The global L2 norm of a parameter tree (one jitted reduction; replicated result)."""
     return float(jax.jit(optax.tree.norm)(params))
-
-
-def _resume_at(ckpt, step: int, workdir: str, say) -> None:
-    """Keep the checkpoints up to `step` (0: none) and move the later ones aside."""
-    available = ckpt.all_steps()
-    if step != 0 and step not in available:
-        raise ConfigError(f"--resume_step={step}: {workdir} has no checkpoint {step} (it has "
-                          f"{available or 'none'}); pick one of them, or 0 to start over")
-    moved = ckpt.keep_until(step)
-    if moved:
-        say("resume_step=%d: checkpoints %s moved to %s", step, moved,
-            os.path.join(workdir, "diverged_checkpoints"))
 
 
 def _final_line(summary: dict, setup: Setup, total: int, stop_at: int, workdir: str) -> str:
