@@ -9,10 +9,13 @@ initialisation or from `config.init` (another run's parameters, a trained Transf
 checkpoint: `ttt.train.init`). `train.stop_at` ends this invocation early (with a checkpoint)
 without changing the learning-rate schedule of `train.steps`, for jobs that run in time slices.
 SIGTERM (preemption) saves a checkpoint and returns (with several processes, at a step they all
-agree on, whichever of them got the signal); a non-finite loss raises
-`NonFiniteLossError` without saving, so the last good checkpoint stays the newest. The console
-(the "ttt" logger) opens with the workdir, parameter count, data, devices and the settings changed
-from the config file, then shows eval results, checkpoint saves and a final summary; throughput
+agree on, whichever of them got the signal). Each checkpoint records its step's loss and
+parameter norm; a non-finite loss raises `NonFiniteLossError` without saving, naming the
+checkpoint to restart from (`ttt.train.divergence`), and `resume_step` restarts there (the later
+checkpoints moved aside). A workdir already at `train.steps` changes nothing. The console (the
+"ttt" logger) opens with the workdir, parameter count, data, devices and the settings changed
+from the config file, then shows eval results, checkpoint saves (once committed) and a final
+summary; throughput
 leaves out compilation (timed on its own), evaluation and checkpointing. Only the steps that log
 diagnostics (`train.diag_every`) run the model's diagnostic pass (the TTT inner-loss statistics);
 the others, and evaluation, run it without (`Setup.train_step` vs `Setup.diag_step`).
