@@ -52,6 +52,7 @@ import numpy as np
 from experiments import bench_report, lm
 from experiments.specs import load_config
 from experiments.timing import compile_timed, matmul_rates, peak_bytes, timed_calls
+from ttt import extensions
 from ttt.data import make_dataset
 from ttt.layers import MIXERS, SoftmaxAttention, costs, forward_flops, make_mixer
 from ttt.models import PRESETS, build_model
@@ -77,8 +78,18 @@ LABELS: dict[str, tuple[str, dict]] = {
     "softmax": ("softmax", {}),
     "lact": ("lact", dict(chunk=2048)),  # LaCT: muon, learned momentum, window 2048, 4 fw heads
     "lact_sgd": ("lact", dict(chunk=2048, inner_opt="sgd")),  # the same with plain inner GD
+    # the delta-rule family and its neighbours (online GD at mini-batch 1 is the primal form's
+    # only way to run the delta rule: the row the chunked delta rule is measured against)
+    "ttt_linear_primal_mb1": ("ttt_linear", dict(stats=False, form="primal", mini_batch=1)),
+    "ttt_linear_gate": ("ttt_linear", dict(stats=False, form="dual", kernel="xla", gate=True)),
+    "deltanet": ("deltanet", dict(chunk=64)),
+    "gated_deltanet": ("gated_deltanet", dict(chunk=64)),
+    "mamba2": ("mamba2", {}),
+    "titans": ("titans", {}),
+    "swa": ("swa", {}),  # sliding-window softmax attention, window 512
 }
-DECODE_LABELS = ("ttt_linear", "ttt_mlp", "linattn_chunked", "softmax", "lact")
+DECODE_LABELS = ("ttt_linear", "ttt_mlp", "linattn_chunked", "softmax", "lact", "ttt_linear_gate",
+                 "deltanet", "gated_deltanet", "mamba2", "titans", "swa")
 BATCH_LABELS = (BASELINE, "ttt_linear", "ttt_linear_pallas")  # the batch-8 rows
 # label -> experiment spec: the configs `make demo` / `make compare` train most
 SMALL_MODELS = {
@@ -175,7 +186,7 @@ def sweep(labels, ns, runs: int, max_mem_gib: float, case_budget: float, log,
         oom = None  # the N at which this mixer ran out of memory
         for N in ns:
             row = {"mixer": label, "N": N, "flops_fwd": flops_fwd(label, N, width, heads)}
-            row["flops_fb"] = 3 * row["flops_fwd"]
+            row["flops_fb"] = None if row["flops_fwd"] is None else 3 * row["flops_fwd"]
             mem = est_mem_gib(label, N, width, heads)
             power = 2 if _quadratic(label) else 1
             est = prev[1] * (N / prev[0]) ** power * (runs + 1) if prev else 0.0
@@ -228,13 +239,17 @@ def measure_decode(label: str, ctx: int, runs: int, width: int = WIDTH,
     key = jax.random.PRNGKey(3)
     cache = {k: (jax.random.normal(key, v.shape, v.dtype) * 0.1
                  if k in ("k", "v") else v) for k, v in cache.items()}  # a full KV cache
-    cache["pos"] = jnp.asarray(ctx - 1, jnp.int32)
+    has_pos = "pos" in cache  # caches without a position hold a state of constant size
+    if has_pos:
+        cache["pos"] = jnp.asarray(ctx - 1, jnp.int32)
     x_t = x[:, :1]
+
+    def at_ctx(c):
+        return dict(c, pos=jnp.asarray(ctx - 1, jnp.int32)) if has_pos else c
 
     def steps(p, x_t, c):  # DECODE_STEPS steps at position ctx − 1, the cache carried in place
         def body(c, _):
-            y, c = module.apply(p, x_t, dict(c, pos=jnp.asarray(ctx - 1, jnp.int32)),
-                                method=module.step)
+            y, c = module.apply(p, x_t, at_ctx(c), method=module.step)
             return c, y
         c, ys = jax.lax.scan(body, c, None, length=DECODE_STEPS)
         return ys, c
@@ -345,6 +360,9 @@ def main(argv=None):
     parser.add_argument("--max-n", type=int, default=None)
     parser.add_argument("--mixers", default=",".join(LABELS),
                         help=f"comma-separated subset of {', '.join(LABELS)}")
+    parser.add_argument("--import", dest="imports", default=None,
+                        help="comma-separated .py files or modules registering mixers to bench "
+                             "(docs/extending.md)")
     parser.add_argument("--runs", type=int, default=None, help="timed calls (default 5, quick 3)")
     parser.add_argument("--max-mem-gib", type=float, default=12.0)
     parser.add_argument("--case-budget", type=float, default=90.0,
@@ -367,10 +385,15 @@ def main(argv=None):
     parser.add_argument("--lm-preset", default="125m", help="smoke runs only")
     args = parser.parse_args(argv)
 
+    extensions.load(args.imports)  # your own mixers, benchmarked by their registry name
     labels = [m.strip() for m in args.mixers.split(",") if m.strip()]
+    for label in labels:  # a registry name that is no label runs with its registry defaults
+        if label not in LABELS and label in MIXERS:
+            LABELS[label] = (label, {})
     unknown = sorted(set(labels) - set(LABELS))
     if unknown:
-        parser.error(f"unknown mixers {unknown}; known: {', '.join(LABELS)}")
+        parser.error(f"unknown mixers {unknown}; known: {', '.join(LABELS)} (or any registry "
+                     "name)")
     if BASELINE not in labels:
         labels.insert(0, BASELINE)  # every ratio needs the baseline from the same run
     runs = args.runs or (3 if args.quick else 5)

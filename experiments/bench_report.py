@@ -38,9 +38,10 @@ def finish(result: dict) -> None:
             r["tokens_per_s_fwd"] = tokens / r["fwd_s"]
             r["tokens_per_s_fb"] = tokens / r["fb_s"]
             r["us_per_token_fb"] = r["fb_s"] / tokens * 1e6
-            r["gflops_fwd"] = r["flops_fwd"] / r["fwd_s"] / 1e9
-            r["gflops_fb"] = r["flops_fb"] / r["fb_s"] / 1e9
-            r["pct_ceiling_fb"] = 100.0 * r["gflops_fb"] / ceiling
+            if r.get("flops_fwd") is not None:  # (a registered mixer may not state its FLOPs)
+                r["gflops_fwd"] = r["flops_fwd"] / r["fwd_s"] / 1e9
+                r["gflops_fb"] = r["flops_fb"] / r["fb_s"] / 1e9
+                r["pct_ceiling_fb"] = 100.0 * r["gflops_fb"] / ceiling
             base = _find(rows, mixer=result["baseline"], N=r["N"])
             if base is not None:
                 r["ratio_fb_vs_baseline"] = r["fb_s"] / base["fb_s"]
@@ -134,9 +135,49 @@ def targets(result: dict) -> list[dict]:
     else:
         value, note = None, ""
     out.append(_t("ttt_linear fwd+bwd peak memory with remat / without", value, 0.5, note=note))
+    out += family_targets(rows, dec)
     lm = {r["layers"]: r["compile_s"] for r in result.get("lm_compile", [])}
     out.append(_t("LM train-step compile time 24 layers / 12 layers",
                   lm[24] / lm[12] if 12 in lm and 24 in lm else None, 1.3))
+    return out
+
+
+# the delta-rule family: fwd+bwd time ratios (or efficiency ratios) at 2k and 8k, batch 1
+FAMILY_LIMITS = {"deltanet_vs_linattn": 1.5, "primal_mb1_vs_deltanet": 20.0,
+                 "gated_vs_deltanet": 1.15, "mamba2_efficiency": 0.75, "gate_cost": 1.10}
+FAMILY_DECODE = ("ttt_linear_gate", "deltanet", "gated_deltanet", "mamba2", "titans", "swa")
+
+
+def family_targets(rows: list[dict], dec: dict) -> list[dict]:
+    """The targets of the delta-rule family (None where a row was not run)."""
+    lim, out = FAMILY_LIMITS, []
+
+    def fb(mixer, N, key="fb_s"):
+        r = _find(rows, mixer=mixer, N=N)
+        return None if r is None else r[key]
+
+    def over(a, b):
+        return None if a is None or b is None else a / b
+
+    for N in (2048, 8192):
+        out.append(_t(f"deltanet fwd+bwd / linattn_chunked at N={N}",
+                      over(fb("deltanet", N), fb("linattn_chunked", N)),
+                      lim["deltanet_vs_linattn"]))
+    out.append(_t("ttt_linear primal mini-batch 1 / deltanet fwd+bwd time at N=2k",
+                  over(fb("ttt_linear_primal_mb1", 2048), fb("deltanet", 2048)),
+                  lim["primal_mb1_vs_deltanet"], ">=", note="online GD, two ways"))
+    for N in (2048, 8192):
+        out.append(_t(f"gated_deltanet / deltanet fwd+bwd time at N={N}",
+                      over(fb("gated_deltanet", N), fb("deltanet", N)), lim["gated_vs_deltanet"]))
+        out.append(_t(f"mamba2 / linattn_chunked fwd+bwd % of matmul ceiling at N={N}",
+                      over(fb("mamba2", N, "pct_ceiling_fb"),
+                           fb("linattn_chunked", N, "pct_ceiling_fb")),
+                      lim["mamba2_efficiency"], ">=", note="efficiency, not time"))
+        out.append(_t(f"ttt_linear with a gate / without, fwd+bwd time at N={N}",
+                      over(fb("ttt_linear_gate", N), fb("ttt_linear", N)), lim["gate_cost"]))
+    for m in FAMILY_DECODE:
+        a, b = dec.get((m, 16384)), dec.get((m, 1024))
+        out.append(_t(f"{m} decode step latency ctx 16k / ctx 1k", over(a, b), 1.1))
     return out
 
 
@@ -192,7 +233,8 @@ def markdown(result: dict) -> str:
             f"| {r['mixer']} | {r['N']} | {r['fwd_s'] * 1e3:.1f} | {r['fb_s'] * 1e3:.1f} | "
             f"{r['tokens_per_s_fb']:.0f} | {r['us_per_token_fb']:.1f} | "
             f"{r['fwd_compile_s']:.1f}, {r['fb_compile_s']:.1f} | {_fmt(peak, '.0f')} | "
-            f"{r['flops_fwd'] / 1e9:.1f} | {r['gflops_fb']:.1f} | {r['pct_ceiling_fb']:.0f} | "
+            f"{_fmt(r['flops_fwd'] and r['flops_fwd'] / 1e9, '.1f')} | "
+            f"{_fmt(r.get('gflops_fb'), '.1f')} | {_fmt(r.get('pct_ceiling_fb'), '.0f')} | "
             f"{_fmt(r.get('ratio_fb_vs_baseline'), '.2f')} |")
     if result.get("batch"):
         lines += ["", "Batch rows: fwd+bwd of a batch of sequences (ratios to the baseline at the "
@@ -206,8 +248,9 @@ def markdown(result: dict) -> str:
                 continue
             lines.append(
                 f"| {r['mixer']} | {r['batch']} | {r['N']} | {r['fwd_s'] * 1e3:.1f} | "
-                f"{r['fb_s'] * 1e3:.1f} | {r['tokens_per_s_fb']:.0f} | {r['gflops_fb']:.1f} | "
-                f"{r['pct_ceiling_fb']:.0f} | {_fmt(r.get('ratio_fb_vs_baseline'), '.2f')} |")
+                f"{r['fb_s'] * 1e3:.1f} | {r['tokens_per_s_fb']:.0f} | "
+                f"{_fmt(r.get('gflops_fb'), '.1f')} | {_fmt(r.get('pct_ceiling_fb'), '.0f')} | "
+                f"{_fmt(r.get('ratio_fb_vs_baseline'), '.2f')} |")
     if result.get("decode"):
         lines += ["", *decode_table(result["decode"])]
     if result.get("remat"):

@@ -61,7 +61,9 @@ def test_bench_tiny_run_writes_json_table_and_plot(tmp_path):
     assert batch["linattn_chunked"]["ratio_fb_vs_baseline"] == pytest.approx(1.0)
     assert "skipped" in batch["ttt_linear_pallas"]
     names = [t["target"] for t in data["targets"]]
-    assert len(names) == 17 and all(set(t) >= {"value", "limit", "ok"} for t in data["targets"])
+    family = 2 + 1 + 3 * 2 + len(bench_report.FAMILY_DECODE)  # the delta-rule family's targets
+    assert len(names) == 17 + family
+    assert all(set(t) >= {"value", "limit", "ok"} for t in data["targets"])
     assert any("at batch 2" in n and t["value"] for n, t in zip(names, data["targets"],
                                                                 strict=True))
     md = (out / "bench.md").read_text()
@@ -141,3 +143,37 @@ def test_gpu_lact_smoke_writes_the_fraction_of_the_bf16_matmul_rate(tmp_path, ca
     assert r["fraction_of_matmul"] == pytest.approx(r["flops_fb"] / r["fb_s"] / peak)
     assert r["met"] == (r["fraction_of_matmul"] >= 0.5)
     assert "% of the bf16 matmul rate" in capsys.readouterr().out
+
+
+def test_the_delta_rule_family_targets_read_their_rows():
+    """Each family target is the ratio of the rows it names (None where a row is missing)."""
+    def row(mixer, N, fb_s, pct=None):
+        return {"mixer": mixer, "N": N, "fb_s": fb_s, "pct_ceiling_fb": pct}
+
+    rows = [row("linattn_chunked", 2048, 1.0, 40.0), row("deltanet", 2048, 1.2),
+            row("gated_deltanet", 2048, 1.5), row("ttt_linear_primal_mb1", 2048, 30.0),
+            row("mamba2", 2048, 2.0, 20.0), row("ttt_linear", 2048, 1.0),
+            row("ttt_linear_gate", 2048, 1.05)]
+    dec = {("deltanet", 16384): 1.05, ("deltanet", 1024): 1.0}
+    got = {t["target"]: t for t in bench_report.family_targets(rows, dec)}
+    assert got["deltanet fwd+bwd / linattn_chunked at N=2048"]["value"] == pytest.approx(1.2)
+    assert got["deltanet fwd+bwd / linattn_chunked at N=2048"]["ok"] is True
+    assert got["ttt_linear primal mini-batch 1 / deltanet fwd+bwd time at N=2k"]["value"] == \
+        pytest.approx(25.0)
+    gated = got["gated_deltanet / deltanet fwd+bwd time at N=2048"]
+    assert gated["value"] == pytest.approx(1.25) and gated["ok"] is False  # > 1.15
+    eff = got["mamba2 / linattn_chunked fwd+bwd % of matmul ceiling at N=2048"]
+    assert eff["value"] == pytest.approx(0.5) and eff["ok"] is False  # < 0.75
+    assert got["ttt_linear with a gate / without, fwd+bwd time at N=2048"]["ok"] is True
+    assert got["deltanet decode step latency ctx 16k / ctx 1k"]["value"] == pytest.approx(1.05)
+    assert got["deltanet fwd+bwd / linattn_chunked at N=8192"]["value"] is None  # not run
+    assert got["mamba2 decode step latency ctx 16k / ctx 1k"]["ok"] is None
+
+
+def test_every_label_names_a_registry_mixer_and_its_options():
+    from ttt.layers import MIXERS
+
+    for name, kwargs in bench.LABELS.values():
+        MIXERS[name].check_kwargs(kwargs)  # an option the module lacks would fail here
+    assert set(bench.DECODE_LABELS) <= set(bench.LABELS)
+    assert set(bench_report.FAMILY_DECODE) <= set(bench.DECODE_LABELS)
