@@ -8,6 +8,7 @@ x (B, N, C) -> (y (B, N, C), aux) and the causal ones decode with init_cache / p
 
 from ttt.layers.attention import LinearAttention, SoftmaxAttention
 from ttt.layers.common import CausalConv, LayerNorm
+from ttt.layers.delta_layer import DeltaNetMixer
 from ttt.layers.lact_layer import LaCTMixer
 from ttt.layers.mamba2_layer import Mamba2Mixer
 from ttt.layers.mttt_layer import MTTTMixer
@@ -22,16 +23,19 @@ from ttt.layers.registry import (
     state_size,
 )
 from ttt.layers.ttt_layer import TTTMixer
+from ttt.layers.window_layer import SlidingWindowAttention
 
 __all__ = [
     "MIXERS",
     "CausalConv",
+    "DeltaNetMixer",
     "LaCTMixer",
     "LayerNorm",
     "LinearAttention",
     "MTTTMixer",
     "Mamba2Mixer",
     "MixerSpec",
+    "SlidingWindowAttention",
     "SoftmaxAttention",
     "TTTMixer",
     "accepted_kwargs",
