@@ -59,12 +59,19 @@ RoPE, sigmoid gates, softmax) is left out: it is O(N C) against the O(N C²) of 
   with key width n and value width P (B and C are broadcast to every head, and counted so):
   chunked 2 N c (n + P) + 4 N n P, quadratic 2 N² (n + P), cumsum (the token scan) 4 N n P.
 
+- Titans (`titans`, memory f of dense layers (d_l, e_l), chunk b): five C→C maps (q, k, v, the
+  output gate, o), the θ, η, α logits (2 N C · 3H) and one depthwise convolution over 3C
+  channels; per head and chunk, the primal TTT step above (the memory's learning-rate matrix is
+  Ω diag(θ)), plus the rows γ_i W_0 + m_i S_0 (4 b per weight), the carried momentum Σ_j c_j u_j
+  (2 b per weight) and Ω = D E (2 b³).
+
 State sizes are floats per layer per sequence (what a recurrent model carries from token to
 token; the x-axis of the MQAR comparison): TTT, the inner model's weights (and biases) over all
 heads; linear attention, S = Σ φ(k) vᵀ (and s = Σ φ(k) when normalised); softmax attention, the
 KV cache of N tokens, 2 N C; MTTT, the inner model's weights (rebuilt for every sequence); LaCT,
 the fast weights, the inner optimizer's state (momentum / Muon one copy of them, Adam two) and the
-window's KV cache, 2 min(w, N) C.
+window's KV cache, 2 min(w, N) C; Titans, three copies of the memory's weights (W, its momentum S
+and the open chunk's starting W, where the chunk's gradients are taken).
 Mamba2: S (n × P per head, E n in all) and the convolution's tail, (w − 1)(E + 2n).
 DeltaNet: S (d × d_v per head) and the convolutions' tails, (w − 1)(2C + H d_v); sliding-window
 attention: the ring buffers of w keys and values, 2 w C whatever N (they are allocated whole).
@@ -319,3 +326,17 @@ def delta_state(C: int, H: int, attrs: Mapping, N: int) -> int:
 
 def swa_state(C: int, H: int, attrs: Mapping, N: int) -> int:
     return 2 * attrs["window"] * C
+
+
+def titans_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
+    d, b = C // H, attrs["mini_batch"]
+    layers = inner_layers(d, attrs["learner"], attrs["mlp_factor"])
+    weights = sum(din * dout for din, dout in layers)
+    flops = dense(N, C, maps=5) + 2.0 * N * C * 3 * H + 2.0 * N * 3 * C * attrs["conv_width"]
+    flops += ttt_core(N, H, b, layers, "primal")
+    return flops + H * -(-N // b) * (6.0 * b * weights + 2.0 * b**3)
+
+
+def titans_state(C: int, H: int, attrs: Mapping, N: int) -> int:
+    layers = inner_layers(C // H, attrs["learner"], attrs["mlp_factor"])
+    return 3 * H * inner_floats(layers, attrs["inner_bias"])

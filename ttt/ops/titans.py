@@ -46,6 +46,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -163,6 +164,14 @@ def forward(learner, W0, q, k, v, theta, eta, alpha, *, mini_batch=16, fixed=Non
                 remat_every=remat_every, unroll=unroll)
 
 
+@functools.cache
+def _per_token(learner):
+    """Jitted (∇ℓ, f) of one token for every (B, H), compiled once per learner (`naive`)."""
+    per_bh = lambda fn: jax.jit(jax.vmap(jax.vmap(fn)))
+    grad = per_bh(jax.grad(lambda W_, f, kj, vj: reconstruction_loss(learner, W_, f, kj, vj)))
+    return grad, per_bh(learner.apply)
+
+
 def naive(learner, W0, q, k, v, theta, eta, alpha, *, mini_batch=16, fixed=None, S0=None):
     """The token recurrence as a Python loop (tests only): same contract and results as
     `forward`, every W_t and S_t computed one token after another."""
@@ -170,9 +179,7 @@ def naive(learner, W0, q, k, v, theta, eta, alpha, *, mini_batch=16, fixed=None,
     B, H, N, _ = q.shape
     W, S = _start(learner, W0, S0, q)
     fix = jax.tree_util.tree_map(lambda f: jnp.broadcast_to(f, (B, *f.shape)), fixed)
-    per_bh = lambda fn: jax.jit(jax.vmap(jax.vmap(fn)))
-    grad = per_bh(jax.grad(lambda W_, f, kj, vj: reconstruction_loss(learner, W_, f, kj, vj)))
-    answer = per_bh(learner.apply)
+    grad, answer = _per_token(learner)
     scale = lambda c, x: jnp.einsum("bh,bh...->bh...", c, x)  # per (B, H) rate
     zs = []
     for t in range(N):
