@@ -73,9 +73,9 @@ def _sample(capsys, *argv):
 
 BAD = [  # (argv after --workdir, fragment of the one line)
     (["--prompt=ab\udcffc"], "--prompt: not UTF-8 text (byte 0xff at position 2)"),
-    (["--prompt=hi", "--temperature=nan"], "--temperature=nan: must be a finite number >= 0"),
-    (["--prompt=hi", "--temperature=inf"], "--temperature=inf: must be a finite number >= 0"),
-    (["--prompt=hi", "--temperature=-1"], "--temperature=-1.0: must be a finite number >= 0"),
+    (["--prompt=hi", "--temperature=nan"], "--temperature=nan: must be >= 0 and finite"),
+    (["--prompt=hi", "--temperature=inf"], "--temperature=inf: must be >= 0 and finite"),
+    (["--prompt=hi", "--temperature=-1"], "--temperature=-1.0: must be >= 0 and finite"),
     (["--prompt=hi", "--top_k=-1"], "--top_k=-1: must be >= 0"),
     (["--prompt=hi", "--max_tokens=0"], "--max_tokens=0: must be at least 1"),
     (["--prompt=hi", "--max_tokens=3000000000"],

@@ -52,7 +52,7 @@ def check_flags(max_tokens: int, temperature: float, top_k: int, prompt: str = "
     if max_tokens < 1:
         raise cli.UsageError(f"--max_tokens={max_tokens}: must be at least 1")
     if not math.isfinite(temperature) or temperature < 0:
-        raise cli.UsageError(f"--temperature={temperature}: must be a finite number >= 0 "
+        raise cli.UsageError(f"--temperature={temperature}: must be >= 0 and finite "
                              "(0 = greedy)")
     if top_k < 0:
         raise cli.UsageError(f"--top_k={top_k}: must be >= 0 (0 = no top-k)")
