@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_models_decode as decode_tests
 from conftest import assert_close, rel_err
 
 from ttt.layers import forward_flops, make_mixer, state_size
@@ -303,3 +304,12 @@ def test_registry_costs_follow_the_cache():
     f = lambda n, **kw: forward_flops("titans", n, 64, 4, **kw)
     assert f(512) == pytest.approx(2 * f(256))
     assert f(256, mini_batch=64) > f(256, mini_batch=16) > f(256, learner="linear")
+
+
+def test_causal_lm_decodes_with_titans_layers():
+    """The registry entry in a 2-layer CausalLM (scanned layers, float32): prefill + steps ==
+    the forward, with the prompt ending on a closed chunk or inside one."""
+    out = decode_tests.compiled("titans").out
+    assert_close(out["decode_b"], out["logits"], 1e-4, "prefill(N1=b) + steps")
+    assert_close(out["decode_b2"], out["logits"], 1e-4, "prefill(N1=b+2) + steps")
+    assert rel_err(out["wrong_step"], out["logits"][:, decode_tests.MB:decode_tests.MB + 1]) > 1e-3
