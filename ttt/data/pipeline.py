@@ -19,6 +19,9 @@ data_config.name and its keys (defaults in brackets):
                pixels [False], randaug [None, e.g. (2, 15)], splits. Mixup is done in the train
                step (config.train.mixup_alpha), so data.mixup > 0 is refused.
 Shared: shuffle_windows [1024, text], num_threads [2], prefetch [8].
+Text only: repeats [0: off], repeat_span [16], repeat_min_distance [span], repeat_max_distance
+  [seq_len] copy spans of each window to later places (`ttt.data.repeats`, a long-context probe);
+  the batches then also hold "repeat_distance" and "repeat_offset" (B, N) int32 per target.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import grain.experimental as gex
 import numpy as np
 
 from ttt.data import images as img_lib
+from ttt.data import repeats as repeats_lib
 from ttt.data import text_sources
 from ttt.data.errors import DataConfigError
 from ttt.data.mqar import check_mqar, mqar_batch, split_id
@@ -159,6 +163,16 @@ def _check_text_split(cfg, split: str, tok, docs) -> None:
         )
 
 
+def repeat_settings(cfg) -> repeats_lib.Repeats | None:
+    """The text pipelines' copied spans (None: off); refused on the other pipelines."""
+    rep = _get(cfg, "repeats", 0.0)
+    if rep and _get(cfg, "name") not in TEXT_NAMES:
+        raise DataConfigError(f"data.repeats={rep}: copied spans apply to the text pipelines "
+                              f"({', '.join(TEXT_NAMES)}); set data.repeats=0")
+    return repeats_lib.settings(rep, _get(cfg, "repeat_span"), _get(cfg, "repeat_min_distance"),
+                                _get(cfg, "repeat_max_distance"), _seq_len(cfg)) if rep else None
+
+
 def _check_no_mixup(cfg) -> None:
     alpha = _get(cfg, "mixup", 0.0)
     if alpha:
@@ -173,6 +187,7 @@ def validate(data_config) -> None:
     longer than a split's whole token stream, MQAR sizes that cannot fit, data.mixup > 0."""
     name = _name(data_config)
     _check_no_mixup(data_config)
+    repeat_settings(data_config)
     if name in TEXT_NAMES:
         tok = make_tokenizer(_get(data_config, "tokenizer", "byte"))
         _seq_len(data_config)
@@ -255,7 +270,11 @@ def _lm_batch(rows: int):
         tokens, length = packed["tokens"], packed["length"]  # (B, N + 1), (B,)
         n = tokens.shape[1] - 1
         mask = (np.arange(1, n + 1)[None, :] < length[:, None]).astype(np.float32)  # (B, N)
-        return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+        out = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+        for key in ("repeat_distance", "repeat_offset"):  # labels of the targets
+            if key in packed:
+                out[key] = packed[key][:, 1:]
+        return out
 
     return fn
 
@@ -273,6 +292,9 @@ def _text_dataset(cfg, split, rows, seed, shard_index, shard_count) -> Dataset:
         # Windows of one document are adjacent in the stream; mix them across documents.
         it = gex.WindowShuffleIterDataset(it, window_size=int(_get(cfg, "shuffle_windows", 1024)),
                                           seed=seed + 1)
+    rep = repeat_settings(cfg)
+    if rep is not None:
+        it = it.random_map(repeats_lib.add_copies(rep), seed=seed + 3)
     it = it.batch(rows, drop_remainder=split == "train").map(_lm_batch(rows))
     return Dataset(it, meta(cfg, split))
 
@@ -357,11 +379,13 @@ def make_dataset(data_config, split: str, global_batch_size: int, *, seed: int,
     """Build the pipeline for `split` ('train', 'validation' or 'test').
 
     Each process gets global_batch_size // shard_count rows per batch:
-    text/MQAR {"inputs", "targets" (B, N) int32, "mask" (B, N) float32};
+    text/MQAR {"inputs", "targets" (B, N) int32, "mask" (B, N) float32} (text with data.repeats:
+    also "repeat_distance", "repeat_offset" (B, N) int32);
     images {"images" (B, H, W, C) float32 in [-1, 1], "labels" (B,) int32, "mask" (B,) float32}.
     """
     name = _name(data_config)
     _check_no_mixup(data_config)
+    repeat_settings(data_config)
     _check_split(split)
     if not 0 <= shard_index < shard_count:
         raise DataConfigError(f"shard_index {shard_index} is outside 0..{shard_count - 1}")

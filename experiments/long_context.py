@@ -1,0 +1,158 @@
+r"""The long-context probe: loss on copied spans by copy distance, against the loss on own text.
+
+  python -m ttt.main --config experiments/lm.py:softmax,cpu,repeats,ctx=512 --workdir runs/sm
+  python -m experiments.long_context --workdir runs/sm [--max_batches=M] [--skip=1] [--out=DIR]
+
+Loads a trained LM (`ttt.run.load`), runs it over the validation split of its data with copied
+spans (`ttt.data.repeats`: the run's own `data.repeats` settings, or the `repeats` token's defaults
+for a run trained on plain text) and writes `WORKDIR/eval/long_context.json` (whole or not at
+all): the mean loss on copied tokens in octave bins of copy distance (16-32, 32-64, ... up to
+seq_len), on the window's own text, on the first `--skip` tokens of each copy (nothing before
+them says a copy has begun) and by place in the copy. A model that uses the context D tokens back
+predicts copies at distance D far better than own text; one that forgets beyond some horizon
+loses that advantage in the bins past it. The same seed gives every run the same validation
+windows, so runs of different mixers are scored on identical tokens. One table on stdout.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from ttt import cli
+from ttt.errors import ResourceError
+from ttt.files import check_writable, write_json_atomic
+
+FLAGS = (
+    cli.Flag("workdir", str, None, "a run directory of an LM written by python -m ttt.main", True),
+    cli.Flag("batch_size", int, None, "windows per batch (default: the run's global batch)"),
+    cli.Flag("max_batches", int, None, "stop after this many batches (default: the whole split)"),
+    cli.Flag("skip", int, 1, "leading tokens of each copy left out of the distance bins"),
+    cli.Flag("step", int, None, "checkpoint step to load (default: the newest)"),
+    cli.Flag("out", str, None, "directory for long_context.json (default: WORKDIR/eval)"),
+    cli.DEBUG,
+)
+
+
+def repeats_data_config(data_config):
+    """The run's data config with copied spans: its own, else the `repeats` token's defaults."""
+    from experiments.lm import REPEATS
+
+    cfg = data_config.copy_and_resolve_references()
+    if not cfg.get("repeats"):
+        with cfg.unlocked():
+            cfg.update(repeats=REPEATS["fraction"], repeat_span=REPEATS["span"],
+                       repeat_min_distance=REPEATS["min_distance"],
+                       repeat_max_distance=int(cfg.seq_len))
+    return cfg
+
+
+def _token_nll(model, mult):
+    """jit(params, inputs, targets) -> (B, N) loss of every target token."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def nll(params, inputs, targets):
+        logits, _ = model.apply({"params": params}, inputs, ttt_lr_mult=mult)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))  # (B, N, V)
+        return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # (B, N)
+
+    return nll
+
+
+def probe_run(workdir: str, *, batch_size: int | None = None, max_batches: int | None = None,
+              skip: int = 1, step: int | None = None) -> dict:
+    """Score the run in `workdir` on copied spans (see the module doc); returns the JSON dict."""
+    # imported here: the command line answers --help and bad flags before JAX starts
+    import jax
+
+    from ttt.data import make_dataset
+    from ttt.data import repeats as repeats_lib
+    from ttt.data.pipeline import repeat_settings
+    from ttt.run import load
+    from ttt.train import optim
+
+    for name, value in (("batch_size", batch_size), ("max_batches", max_batches)):
+        if value is not None and value < 1:
+            raise cli.UsageError(f"--{name}={value}: must be at least 1")
+    if skip < 0:
+        raise cli.UsageError(f"--skip={skip}: must be at least 0")
+    run = load(workdir, step)
+    config = run.config
+    if config.model.kind != "lm":
+        raise cli.UsageError(f"{workdir} is a {config.model.kind} run: the probe needs an LM")
+    try:
+        data_config = repeats_data_config(config.data)
+        rep = repeat_settings(data_config)
+        rows = batch_size or int(config.train.global_batch_size)
+        dataset = make_dataset(data_config, "validation", rows, seed=int(config.train.seed))
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise cli.UsageError(f"validation data of {workdir}: {cli.one_line(err)}") from None
+    if skip >= rep.span:
+        raise cli.UsageError(f"--skip={skip}: must be below the copies' span {rep.span}")
+    edges = repeats_lib.distance_edges(rep)
+    nll_fn = _token_nll(run.model, float(optim.ttt_lr_mult_schedule(config.optim)(run.step)))
+    totals: dict = {}
+    batches = 0
+    for batch in dataset.iterator():
+        if max_batches is not None and batches >= max_batches:
+            break
+        nll = np.asarray(jax.device_get(nll_fn(run.params, batch["inputs"], batch["targets"])))
+        part = repeats_lib.sums(nll, batch["mask"], batch["repeat_distance"],
+                                batch["repeat_offset"], edges, rep.span, skip)
+        totals = {k: totals.get(k, 0.0) + v for k, v in part.items()}
+        batches += 1
+    if not batches:
+        raise cli.UsageError(f"the validation split of {workdir} holds no batch")
+    return {"workdir": os.path.abspath(workdir), "mixer": config.model.mixer, "step": run.step,
+            "seq_len": int(data_config.seq_len), "batches": batches, "batch_size": rows,
+            "skip": skip, "repeats": rep._asdict(), **repeats_lib.summarize(totals, edges)}
+
+
+def table(result: dict) -> str:
+    """The result as a few text lines: loss per distance bin, own text and skipped tokens."""
+    def fmt(x):
+        return "   -  " if x is None else f"{x:6.3f}"
+
+    head = " ".join(f"{b['from']:>4}-{b['to']:<4}" for b in result["by_distance"])
+    vals = " ".join(f"{fmt(b['loss']):>9}" for b in result["by_distance"])
+    return (f"{result['mixer']} step {result['step']}: own text {fmt(result['own_loss'])}, "
+            f"first {result['skip']} of each copy {fmt(result['skipped_loss'])}, copies "
+            f"{fmt(result['copied_loss'])} ({result['copied_tokens']:,} tokens)\n"
+            f"  distance {head}\n  loss     {vals}")
+
+
+def _main(argv: list[str]) -> int:
+    values, _ = cli.parse_flags(argv, FLAGS, prog="python -m experiments.long_context",
+                                doc=__doc__)
+    workdir = values["workdir"]
+    out_dir = values["out"] or os.path.join(workdir, "eval")
+    if values["out"] or os.path.isfile(os.path.join(workdir, "config.json")):
+        try:
+            check_writable(out_dir)
+        except OSError as err:
+            raise cli.UsageError(f"cannot write to {out_dir} ({err.strerror or err}); pass "
+                                 "--out=DIR with a writable directory") from None
+    result = probe_run(workdir, **{k: values[k] for k in ("batch_size", "max_batches", "skip",
+                                                          "step")})
+    path = os.path.join(out_dir, "long_context.json")
+    try:
+        write_json_atomic(path, result, indent=1)
+    except OSError as err:
+        raise ResourceError(f"writing {path} failed ({err.strerror or err}); make room or pass "
+                            "--out=DIR") from None
+    print(table(result))
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """The `python -m experiments.long_context` entry point; returns the exit status."""
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
