@@ -12,6 +12,7 @@ import pytest
 
 import ttt.main
 from experiments import lm, long_context
+from ttt.cli import apply_overrides
 from ttt.data import DataConfigError, make_dataset, validate
 from ttt.data import repeats as rp
 
@@ -153,6 +154,11 @@ def test_lm_token_switches_the_data():
             data.repeat_max_distance) == (0.25, 16, 16, 256)
     assert not lm.get_config("softmax,cpu").data.get("repeats")
     validate(data)
+    # any text config takes the keys on the command line
+    plain = apply_overrides(lm.get_config("softmax,cpu"), [("data.repeats", "0.5"),
+                                                          ("data.repeat_span", "8")])
+    assert (plain.data.repeats, plain.data.repeat_span) == (0.5, 8)
+    validate(plain.data)
 
 
 def test_a_tiny_softmax_lm_copies_and_the_probe_reports_it(tmp_path, capsys):

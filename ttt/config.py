@@ -324,7 +324,8 @@ ADDABLE = {
              "vocab_size", "num_kv_pairs", "test_seq_len", "test_num_kv_pairs", "power_a",
              "random_filler", "num_train_examples", "num_test_examples", "test_seed",
              "image_size", "flip", "crop_frac", "pixels", "randaug", "mixup", "shuffle_windows",
-             "num_threads", "prefetch", "eval_split"),
+             "num_threads", "prefetch", "eval_split", "repeats", "repeat_span",
+             "repeat_min_distance", "repeat_max_distance"),
     "model": ("pre_conv", "pattern"),
 }
 
