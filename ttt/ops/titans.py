@@ -232,26 +232,23 @@ def step(learner, state: TitansState, q_t, k_t, v_t, theta_t, eta_t, alpha_t, *,
 
 def prefill(learner, W0, q, k, v, theta, eta, alpha, *, mini_batch=16, fixed=None,
             remat_every=0, unroll=1):
-    """Read a prompt: (z (B, H, N, d_out), TitansState after N tokens). The whole chunks, then
-    the open partial chunk (from the state they leave; its start is W_start), through `forward`."""
+    """Read a prompt: (z (B, H, N, d_out), TitansState after N tokens). The whole chunks through
+    `forward`, then the open partial chunk (if any) through `forward` from the state they leave,
+    which is also the open chunk's W_start."""
     N = q.shape[2]
     n_full = (N // mini_batch) * mini_batch
     kw = dict(mini_batch=mini_batch, fixed=fixed, remat_every=remat_every, unroll=unroll)
-    cut = lambda x, sl: x[:, :, sl]
-    parts = [slice(0, n_full), slice(n_full, N)]
     zs, W, S = [], W0, None
-    W_start = None
-    for sl in parts:
-        if sl.stop > sl.start:
-            W_start = W
-            z, W, S = forward(learner, W, *(cut(x, sl) for x in (q, k, v, theta, eta, alpha)),
-                              S0=S, **kw)
+    for part in (slice(0, n_full), slice(n_full, N)):
+        if part.stop > part.start:
+            W_start = W  # the start of the last part (the open chunk when there is one)
+            xs = (x[:, :, part] for x in (q, k, v, theta, eta, alpha))
+            z, W, S = forward(learner, W, *xs, S0=S, **kw)
             zs.append(z)
-    if N % mini_batch == 0:  # every chunk closed: the next one starts from W_N
+    if N == n_full:
         W_start = W
-    W_start = _per_sequence(learner, W_start, q, "W0")
-    state = TitansState(W, S, W_start, jnp.asarray(N, jnp.int32))
-    return (jnp.concatenate(zs, axis=2) if len(zs) > 1 else zs[0]), state
+    state = TitansState(W, S, _per_sequence(learner, W_start, q, "W0"), jnp.asarray(N, jnp.int32))
+    return jnp.concatenate(zs, axis=2), state
 
 
 __all__ = ["TitansState", "forward", "init_state", "naive", "prefill", "products", "step"]
