@@ -17,8 +17,9 @@ updated memory, y_t = M_t(q_t), as here and as TTT-LM (`ttt.ops.ttt`) and the de
 (`ttt.ops.delta`). With η = α = 0 this is mini-batch TTT-GD with η_ij = θ_j (`ttt_primal`).
 With a linear bias-free learner, b = 1, η = 0 and α_t = 1 − a_t it is NOT the gated delta rule:
 there S_t = a_t S_{t−1} + β_t k_t (v_t − a_t S_{t−1}ᵀ k_t)ᵀ (the gradient taken at the decayed
-state), here W_t = a_t W_{t−1} + θ_t k_t (v_t − W_{t−1}ᵀ k_t)ᵀ; they differ by
-θ_t (1 − a_t) k_t k_tᵀ W_{t−1} and agree without the gate (tests/test_titans.py holds both).
+state), here W_t = a_t W_{t−1} + θ_t k_t (v_t − W_{t−1}ᵀ k_t)ᵀ. From the same state and with
+β = θ, W_t − S_t = −θ_t (1 − a_t) k_t k_tᵀ W_{t−1}; without the gate (a = 1) they agree
+(tests/test_titans.py holds both).
 
 The chunk form (`forward`). Inside a chunk from (W_0, S_0), tokens i = 1..b, let
     E_ij = Π_{j<s≤i} η_s,  e_i = Π_{s≤i} η_s,  D_ij = Π_{j<s≤i} (1 − α_s),  γ_i = Π_{s≤i} (1 − α_s)
