@@ -239,6 +239,8 @@ def measure_decode(label: str, ctx: int, runs: int, width: int = WIDTH,
     key = jax.random.PRNGKey(3)
     cache = {k: (jax.random.normal(key, v.shape, v.dtype) * 0.1
                  if k in ("k", "v") else v) for k, v in cache.items()}  # a full KV cache
+    # distinct buffers: a cache may hold one array twice (two zero states), which donation refuses
+    cache = jax.tree.map(lambda a: jnp.array(a, copy=True), cache)
     has_pos = "pos" in cache  # caches without a position hold a state of constant size
     if has_pos:
         cache["pos"] = jnp.asarray(ctx - 1, jnp.int32)
