@@ -308,14 +308,32 @@ def _train(root, name, **train):
                                                                           "metrics.jsonl"))]
 
 
+def _greedy_from_the_run(workdir):
+    """The run as `python -m ttt.sample` loads it (config.json, newest checkpoint): greedy
+    `generate` (prefill + steps) continues the prompt as the forward's argmax does."""
+    from ttt.models import generate
+    from ttt.run import load
+
+    run = load(workdir)
+    assert [layer.mixer for layer in run.model.pattern] == ["linear_attention", "softmax"]
+    assert sorted(run.params["h"]) == ["pattern_0", "pattern_1"]
+    prompt = _ids(4, batch=1)
+    out = generate(run.model, {"params": run.params}, prompt, 3, key=jax.random.PRNGKey(0),
+                   greedy=True)
+    logits, _ = _apply(run.model)({"params": run.params}, out[:, :-1])
+    np.testing.assert_array_equal(out[:, 4:], jnp.argmax(logits[:, 3:], axis=-1))
+
+
 @needs8
 def test_hybrid_trains_and_shards_on_8_devices(tmp_path, x64):
     """The real trainer, 4 steps: the loss falls on one device, and the 2 x 2 x 2 mesh (data,
-    fsdp, model: heads split) gives the same losses (to 1e-6: only summation order differs)."""
+    fsdp, model: heads split) gives the same losses (to 1e-6: only summation order differs);
+    the mesh run loads back and decodes."""
     single = _train(str(tmp_path), "single")
     mesh = _train(str(tmp_path), "mesh", parallel="mesh",
                   mesh={"data": 2, "fsdp": 2, "model": 2})
     print(f"losses: one device {single}, mesh {mesh}")
+    _greedy_from_the_run(os.path.join(str(tmp_path), "mesh"))
     assert len(single) == len(mesh) == 4
     assert single[-1] < single[0] - 0.05
     for a, b in zip(mesh, single, strict=True):
