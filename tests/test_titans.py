@@ -253,6 +253,7 @@ def test_layer_decodes_as_it_runs(x64):
     layer = _layer(3)
     v = _params(layer, x, seed=1)
     y, _ = jax.jit(layer.apply)(v, x)
+    assert_close(jax.jit(_layer(3, unroll=2).apply)(v, x)[0], y, 1e-12, "unroll=2")
     step = jax.jit(lambda v, x_t, cache: layer.apply(v, x_t, cache, method="step"))
     for n1 in (0, 4):  # 4: a closed chunk of 3 and an open one
         if n1:
@@ -274,7 +275,8 @@ def test_layer_bad_arguments_raise():
     for kw, match in (({"mini_batch": 0}, "mini_batch: expected an integer >= 1"),
                       ({"learner": "rnn"}, "learner: unknown 'rnn'"),
                       ({"base_lr": 0.0}, "base_lr: expected a positive number"),
-                      ({"mlp_factor": 0}, "mlp_factor: expected an integer >= 1")):
+                      ({"mlp_factor": 0}, "mlp_factor: expected an integer >= 1"),
+                      ({"unroll": 0}, "unroll: expected an integer >= 1")):
         with pytest.raises(ValueError, match=match):
             make_mixer("titans", C, HL, **kw)
     with pytest.raises(ValueError, match="not divisible by num_heads"):

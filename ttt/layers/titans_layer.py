@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from ttt.layers import common
 from ttt.ops import checks, learners
 from ttt.ops import titans as titans_ops
+from ttt.ops._scan import default_unroll
 from ttt.ops.primitives import causal_conv, project
 
 LEARNERS = ("mlp", "linear")
@@ -52,7 +53,8 @@ class TitansMixer(nn.Module):
 
     width, num_heads: C and H (memory per head of d = C / H); mini_batch: tokens per chunk (1 is
     the exact token recurrence); learner "mlp" | "linear"; mlp_factor: MLP hidden / d;
-    inner_bias: biases in the memory; base_lr: θ at σ = 1; conv_width; init_scale (projections);
+    inner_bias: biases in the memory; base_lr: θ at σ = 1; conv_width; unroll: chunks per loop
+    iteration (None: `default_unroll()`, 8 on a GPU, 1 elsewhere); init_scale (projections);
     dtype, param_dtype.
     """
 
@@ -64,6 +66,7 @@ class TitansMixer(nn.Module):
     inner_bias: bool = False
     base_lr: float = 0.1
     conv_width: int = 4
+    unroll: int | None = None
     init_scale: float = common.DEFAULT_INIT_SCALE
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -74,6 +77,8 @@ class TitansMixer(nn.Module):
         checks.check_choice("learner", self.learner, LEARNERS)
         checks.check_int("mlp_factor", self.mlp_factor, 1)
         checks.check_int("conv_width", self.conv_width, 1)
+        if self.unroll is not None:
+            checks.check_int("unroll", self.unroll, 1)
         if not (isinstance(self.base_lr, int | float) and self.base_lr > 0):
             raise ValueError(f"base_lr: expected a positive number, got {self.base_lr!r}")
         super().__post_init__()
@@ -88,6 +93,9 @@ class TitansMixer(nn.Module):
         if self.learner == "linear":
             return learners.linear(bias=self.inner_bias)
         return learners.mlp(factor=self.mlp_factor, bias=self.inner_bias)
+
+    def _unroll(self) -> int:
+        return default_unroll() if self.unroll is None else self.unroll
 
     # ------------------------------------------------------------------ parameters
 
@@ -157,7 +165,7 @@ class TitansMixer(nn.Module):
         p = self._params()
         q, k, v, rates, _ = self._inputs(p, x, ttt_lr_mult)
         z, _, _ = titans_ops.forward(self.make_learner(), p["memory"], q, k, v, *rates,
-                                     mini_batch=self.mini_batch)
+                                     mini_batch=self.mini_batch, unroll=self._unroll())
         return self._output(p, x, z), {}
 
     def init_cache(self, batch_size: int, dtype=None):
@@ -175,7 +183,7 @@ class TitansMixer(nn.Module):
         p = self._params()
         q, k, v, rates, tail = self._inputs(p, x, ttt_lr_mult)
         z, state = titans_ops.prefill(self.make_learner(), p["memory"], q, k, v, *rates,
-                                      mini_batch=self.mini_batch)
+                                      mini_batch=self.mini_batch, unroll=self._unroll())
         return self._output(p, x, z), {}, dict(state._asdict(), conv=tail)
 
     def step(self, x_t, cache, *, ttt_lr_mult=1.0):
