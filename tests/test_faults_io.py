@@ -381,3 +381,43 @@ def test_fault_classification_reads_causes_and_cpp_messages():
     assert out_of_memory(ValueError("all good")) is None
     err = out_of_memory_error(MemoryError(), "training")
     assert isinstance(err, ResourceError) and "out of memory while training" in str(err)
+
+
+def test_out_of_memory_while_compiling_the_train_step_is_one_error(tmp_path, monkeypatch):
+    """XLA's RESOURCE_EXHAUSTED from compiling the train step (injected) -> ResourceError naming
+    the allocation and what to lower; nothing was saved. A run on the stand-in model."""
+    import jax
+    import toy
+
+    from ttt.train import train_and_evaluate
+
+    def no_memory(self, *args, **kwargs):
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68719476736 bytes.")
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", no_memory)
+    with pytest.raises(ResourceError) as info:
+        train_and_evaluate(toy.toy_config("lm"), str(tmp_path), build_model=toy.build_model,
+                           make_dataset=toy.make_dataset)
+    message = str(info.value)
+    assert message.startswith("out of memory while training") and "\n" not in message
+    assert "allocate 68719476736 bytes" in message and "global_batch_size" in message
+    assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+    # negative control: another runtime error is not taken for memory
+    def compiler_bug(self, *args, **kwargs):
+        raise jax.errors.JaxRuntimeError("INTERNAL: a compiler bug")
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", compiler_bug)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        train_and_evaluate(toy.toy_config("lm"), str(tmp_path / "b"),
+                           build_model=toy.build_model, make_dataset=toy.make_dataset)
+
+
+def test_a_failed_write_outside_the_checkpoints_names_the_file(tmp_path):
+    from ttt.train import faults
+
+    err = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+    fault = faults.explain(err, str(tmp_path), 1 << 20)
+    assert isinstance(fault, ResourceError)
+    assert str(fault).startswith(f"writing {tmp_path}/metrics.jsonl failed: no space left")
+    assert faults.explain(ValueError("bad value"), str(tmp_path), None) is None
