@@ -68,5 +68,16 @@ def test_a_bare_config_cut_to_one_step_trains(tmp_path, monkeypatch, capsys):
                         "--config.train.steps=1", "--config.train.global_batch_size=2",
                         "--config.data.seq_len=32"])
     assert rc == 0
-    assert "optim.warmup_steps: 200 -> 0" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "optim.warmup_steps: 200 -> 0" in err
+    assert "estimated:" not in err  # a one-step run has nothing left to estimate
     assert (tmp_path / "run" / "checkpoints").is_dir()
+
+
+def test_the_estimate_line_reads_well():
+    from ttt.train.train import _estimate_line
+
+    assert _estimate_line(1.2, 1997, 2000).startswith(
+        "estimated: 1.2 s per step, ~40 min for the 1,997 steps left of 2,000")
+    assert "~2.0 h" in _estimate_line(4.0, 1800, 2000)
+    assert "~5 s" in _estimate_line(0.5, 10, 13)

@@ -149,6 +149,19 @@ def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
+ESTIMATE_STEPS = 3  # steps timed (after compilation) for the console's estimate of the rest
+
+
+def _estimate_line(per_step: float, left: int, total: int) -> str:
+    """'estimated: 12.3 s per step, ~41 min for the 1,997 steps left of 2,000 (...)'."""
+    rest = per_step * left
+    when = f"{rest / 3600:.1f} h" if rest >= 5400 else (f"{rest / 60:.0f} min" if rest >= 90
+                                                         else f"{rest:.0f} s")
+    return (f"estimated: {per_step:.3g} s per step, ~{when} for the {left:,} steps left of "
+            f"{total:,} on this machine (evaluation and checkpoints extra; cut the run with "
+            "--config.train.steps=N)")
+
+
 def _describe_start(setup: Setup, meta: dict, state, workdir: str, where: str,
                     changes: list[str] | None, source: str | None) -> list[str]:
     """The console's opening lines: workdir, model and parameters, data, devices, changes."""
@@ -381,6 +394,8 @@ def _train(config, workdir: str, build_model, make_dataset, defaults, source,
                 compiled_step(logs_diagnostics(start + 1), batch)
                 progress = metrics_lib.Progress(
                     total, start, setup.unit, enabled=pid == 0 and train_cfg.get("progress", True))
+            timed_from, estimate_at = time.perf_counter(), min(start + ESTIMATE_STEPS, total)
+            compile_before = summary["compile_s"]
             for step in range(start, total):
                 if step > start:
                     batch = placement.place_batch(next(data_iter))
@@ -390,6 +405,12 @@ def _train(config, workdir: str, build_model, make_dataset, defaults, source,
                 unchecked.append(metrics["loss"])
                 step_loss = metrics["loss"]
                 announce()
+                if done == estimate_at and done < total:  # what the rest will take, measured here
+                    jax.block_until_ready(state)
+                    spent = (time.perf_counter() - timed_from
+                             - (summary["compile_s"] - compile_before))
+                    per_step = spent / (done - start)
+                    say(_estimate_line(per_step, total - done, total))
                 if done % log_every == 0 or done == total:
                     host = placement.host_metrics(metrics)
                     check_finite(unchecked, first_unchecked, last_good, workdir, ckpt)
