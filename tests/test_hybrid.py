@@ -23,6 +23,7 @@ from conftest import assert_close, rel_err
 
 from ttt import interop
 from ttt.config import ConfigError, validate
+from ttt.layers import MIXERS
 from ttt.models import build_model, stack_layers, unstack_layers, without_diagnostics
 from ttt.models.hybrid import Layer, layer_table, parse_pattern
 from ttt.models.lm import Block, RMSNorm
@@ -170,6 +171,18 @@ def test_params_layout_scanned_and_unrolled():
                                   real["h"]["pattern_1"]["ffn_norm"]["kernel"][1])
     with pytest.raises(ValueError, match="not a multiple of the pattern's 3"):
         stack_layers(unstack_layers(real), unit=3)
+
+
+@pytest.mark.parametrize("name", [n for n, spec in MIXERS.items() if spec.causal])
+def test_every_causal_mixer_fits_a_pattern(name):
+    """Traced only: the parameters and the decode cache of `name` beside softmax attention."""
+    model = _lm(pattern=f"{name},softmax", kwargs={}, num_layers=2)
+    variables = _abstract(model)
+    params = variables["params"]["h"]
+    assert sorted(params) == ["pattern_0", "pattern_1"]
+    assert all(x.shape[0] == 1 for x in jax.tree.leaves(params))  # one repeat
+    cache = jax.eval_shape(lambda v: model.apply(v, 2, method="init_cache"), variables)
+    assert sorted(cache) == ["pattern_0", "pattern_1"]
 
 
 def _by_hand(model, params, ids, order):
