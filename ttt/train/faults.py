@@ -60,7 +60,8 @@ def quiet_checkpoint_threads():
     previous = sys.unraisablehook
 
     def hook(unraisable):
-        if str(unraisable.exc_value) != "Event loop is closed":
+        err = unraisable.exc_value
+        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
             previous(unraisable)
 
     sys.unraisablehook = hook
@@ -70,7 +71,8 @@ def quiet_checkpoint_threads():
         for logger in loggers:
             logger.removeFilter(hold)
         if not _REPORTED:
-            sys.unraisablehook = previous
+            if sys.unraisablehook is hook:  # (a hook set on top of it since stays, with it)
+                sys.unraisablehook = previous
             for record in hold.held:
                 logging.getLogger(record.name).handle(record)
 
