@@ -15,6 +15,8 @@
 # network is reachable, e.g.
 #   pip download --no-deps -d .whl ml_collections
 # SMOKE=1 checks the script itself on a CPU: no installs, tiny shapes, kernel interpreted.
+# When steps 2-4 pass on a GPU, add "gpu" to VALIDATED_BACKENDS in ttt/ops/kernels/ttt_dual.py:
+# only then does kernel="auto" (the TTT layers' default) pick the fused kernel there.
 set -uo pipefail
 OUT=${1:-runs/gpu_check}
 PY=${PYTHON:-python3}

@@ -107,7 +107,7 @@ def _spec(name, module, defaults, *, causal, pre_conv=_never, noncausal=None):
 
 # Causal LM mixers first, then the vision ones.
 MIXERS: dict[str, MixerSpec] = dict([
-    # kernel "auto": the fused Pallas kernel of the dual form on a GPU, XLA elsewhere
+    # kernel "auto": the fused Pallas kernel of the dual form where validated on hardware, else XLA
     _spec("ttt_linear", TTTMixer, {"learner": "linear", "base_lr": 1.0, "mini_batch": 16,
                                    "kernel": "auto"}, causal=True, pre_conv=_mamba_backbone),
     _spec("ttt_mlp", TTTMixer, {"learner": "mlp", "base_lr": 0.1, "mini_batch": 16,

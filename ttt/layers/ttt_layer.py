@@ -55,7 +55,8 @@ class TTTMixer(nn.Module):
     Linear, 0.1 MLP); learn_eta (token offsets + per-head gate), else the constant eta; learn_W0
     (else W0 = 0) and inner_bias (default: learn_W0); ln_residual: f(x) = x + LN(f_res(x)); rope,
     rope_theta; post_norm; form "auto" | "dual" | "primal"; kernel "auto" | "xla" | "pallas" (the
-    dual form's fused kernel; auto: on a GPU where supported); remat_every: run the layer in
+    dual form's fused kernel; auto: only on a backend where it was validated on hardware, see
+    `ttt.ops.kernels.ttt_dual.VALIDATED_BACKENDS`); remat_every: run the layer in
     checkpointed groups of that many mini-batches (one group's activations and one state per group
     in memory, for a second forward in the backward); unroll: mini-batch steps per loop iteration
     (None: `default_unroll()`, 8 on a GPU, 1 elsewhere); stats: inner-loss diagnostics in aux (an

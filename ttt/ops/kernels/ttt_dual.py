@@ -72,6 +72,17 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+# Backends where the compiled kernel has been run and held equal to the XLA dual form on real
+# hardware (`experiments/gpu_check.sh`). kernel="auto" picks the kernel only on these; until a GPU
+# run validates it, "auto" is the XLA dual form everywhere and kernel="pallas" asks for the kernel.
+VALIDATED_BACKENDS: frozenset[str] = frozenset()
+
+
+def auto_selects(backend: str | None = None) -> bool:
+    """Whether kernel="auto" picks the fused kernel on `backend` (default: JAX's)."""
+    return (backend or jax.default_backend()) in VALIDATED_BACKENDS
+
+
 def unsupported(learner, W0, d_in, d_out, mini_batch, dtype, backend=None) -> str | None:
     """Why the kernel cannot run this case on `backend` (default: JAX's), or None if it can."""
     backend = backend or jax.default_backend()
