@@ -134,6 +134,7 @@ def test_failed_save_is_one_line_and_keeps_the_last_checkpoint(base, tmp_path):
     rc, err = _cli("ttt.main", [*TINY, f"--workdir={workdir}"], cache)
     assert rc == 0, err[-3000:]
     assert "resumed from checkpoint step 2" in err and "done: step 4 of 4" in err
+    assert "metrics.jsonl: 4 lines after step 2 dropped" in err  # train 3, 4, eval 4, torn
     rows = _rows(workdir)
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if "eval/loss" in r] == [2, 4]

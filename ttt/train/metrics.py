@@ -8,6 +8,7 @@ flattened into one scalar per entry: `inner_loss/layer_0/1` is layer 0's loss af
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -15,6 +16,8 @@ import time
 import numpy as np
 
 from ttt.files import cut_jsonl
+
+log = logging.getLogger(__name__)
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -59,6 +62,10 @@ class MetricWriter:
         path = os.path.join(workdir, "metrics.jsonl")
         if start is not None:
             self.dropped = cut_jsonl(path, start)
+            if self.dropped:
+                log.info("metrics.jsonl: %d line%s after step %d dropped (logged after the last "
+                         "checkpoint, or cut off by a kill)", self.dropped,
+                         "" if self.dropped == 1 else "s", start)
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
         self._jsonl = open(path, "a")  # noqa: SIM115
 
