@@ -48,7 +48,7 @@ class MetricWriter:
     `start`: the step the run starts from (its restored checkpoint, 0 for a new run). The rows
     of metrics.jsonl after it (written by an earlier invocation past its last checkpoint) and a
     line cut off by a kill are dropped before anything is appended, so the file holds each step
-    once, in order, whatever was killed when."""
+    once, in order, whatever was killed when; the TensorBoard events after it are purged."""
 
     def __init__(self, workdir: str, enabled: bool = True, start: int | None = None):
         self.enabled = enabled
@@ -66,7 +66,9 @@ class MetricWriter:
                 log.info("metrics.jsonl: %d line%s after step %d dropped (logged after the last "
                          "checkpoint, or cut off by a kill)", self.dropped,
                          "" if self.dropped == 1 else "s", start)
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        # purge_step: TensorBoard hides the earlier invocation's events after `start` likewise
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"),
+                                 purge_step=None if start is None else start + 1)
         self._jsonl = open(path, "a")  # noqa: SIM115
 
     def write(self, step: int, metrics: dict, prefix: str = "") -> dict[str, float]:
