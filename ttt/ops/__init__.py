@@ -15,6 +15,8 @@
 - softmax_attn: softmax attention and Nadaraya–Watson kernel regression (its exp-kernel case).
 - delta:        the (gated) delta rule: exact chunked (WY/UT) form, recurrent reference, decode
                 step.
+- titans:       Titans' memory: test-time GD with per-token momentum and forgetting (chunk form,
+                token loop, decode).
 - linear_attn:  linear attention (quadratic, cumsum and chunked forms) and its decode step.
 - window_attn:  sliding-window softmax attention (flash-style backward), its decode step and ring
                 cache.
