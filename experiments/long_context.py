@@ -2,6 +2,7 @@ r"""The long-context probe: loss on copied spans by copy distance, against the l
 
   python -m ttt.main --config experiments/lm.py:softmax,cpu,repeats,ctx=512 --workdir runs/sm
   python -m experiments.long_context --workdir runs/sm [--max_batches=M] [--skip=1] [--out=DIR]
+  python -m experiments.long_context --workdir runs/sm,runs/gdn,runs/swa   # + a markdown table
 
 Loads a trained LM (`ttt.run.load`), runs it over the validation split of its data with copied
 spans (`ttt.data.repeats`: the run's own `data.repeats` settings, or the `repeats` token's defaults
@@ -11,7 +12,8 @@ seq_len), on the window's own text, on the first `--skip` tokens of each copy (n
 them says a copy has begun) and by place in the copy. A model that uses the context D tokens back
 predicts copies at distance D far better than own text; one that forgets beyond some horizon
 loses that advantage in the bins past it. The same seed gives every run the same validation
-windows, so runs of different mixers are scored on identical tokens. One table on stdout.
+windows, so runs of different mixers are scored on identical tokens. A few lines per run on
+stdout; with several runs (comma-separated) also one markdown table of them all.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from ttt.errors import ResourceError
 from ttt.files import check_writable, write_json_atomic
 
 FLAGS = (
-    cli.Flag("workdir", str, None, "a run directory of an LM written by python -m ttt.main", True),
+    cli.Flag("workdir", str, None, "run directories of LMs written by python -m ttt.main "
+             "(comma-separated)", True),
     cli.Flag("batch_size", int, None, "windows per batch (default: the run's global batch)"),
     cli.Flag("max_batches", int, None, "stop after this many batches (default: the whole split)"),
     cli.Flag("skip", int, 1, "leading tokens of each copy left out of the distance bins"),
@@ -93,7 +96,7 @@ def probe_run(workdir: str, *, batch_size: int | None = None, max_batches: int |
         raise cli.UsageError(f"validation data of {workdir}: {cli.one_line(err)}") from None
     if skip >= rep.span:
         raise cli.UsageError(f"--skip={skip}: must be below the copies' span {rep.span}")
-    edges = repeats_lib.distance_edges(rep)
+    edges = repeats_lib.distance_edges(rep, int(data_config.seq_len))
     nll_fn = _token_nll(run.model, float(optim.ttt_lr_mult_schedule(config.optim)(run.step)))
     totals: dict = {}
     batches = 0
@@ -125,10 +128,33 @@ def table(result: dict) -> str:
             f"  distance {head}\n  loss     {vals}")
 
 
+def markdown(results: list[dict]) -> str:
+    """One row per run: mixer, step, own-text loss, first tokens of copies, loss by distance."""
+    edges = [f"{b['from']}–{b['to'] - 1}" for b in results[0]["by_distance"]]
+    lines = ["| mixer | step | own text | first {} of a copy | copies, all | {} |".format(
+        results[0]["skip"], " | ".join(edges)), "|---" * (4 + len(edges)) + "|---|"]
+    for r in results:
+        def f(x):
+            return "–" if x is None else f"{x:.3f}"
+        cells = [r["mixer"], str(r["step"]), f(r["own_loss"]), f(r["skipped_loss"]),
+                 f(r["copied_loss"])] + [f(b["loss"]) for b in r["by_distance"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _main(argv: list[str]) -> int:
     values, _ = cli.parse_flags(argv, FLAGS, prog="python -m experiments.long_context",
                                 doc=__doc__)
-    workdir = values["workdir"]
+    workdirs = [w for w in values["workdir"].split(",") if w]
+    if values["out"] and len(workdirs) > 1:
+        raise cli.UsageError("--out takes one --workdir: each run writes its own result")
+    results = [_probe_one(w, values) for w in workdirs]
+    if len(results) > 1:
+        print(markdown(results))
+    return 0
+
+
+def _probe_one(workdir: str, values: dict) -> dict:
     out_dir = values["out"] or os.path.join(workdir, "eval")
     if values["out"] or os.path.isfile(os.path.join(workdir, "config.json")):
         try:
@@ -146,7 +172,7 @@ def _main(argv: list[str]) -> int:
                             "--out=DIR") from None
     print(table(result))
     print(f"wrote {path}")
-    return 0
+    return result
 
 
 def main(argv=None) -> int:

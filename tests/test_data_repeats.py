@@ -9,7 +9,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import rel_err
 
+import ttt.evaluate
 import ttt.main
 from experiments import lm, long_context
 from ttt.cli import apply_overrides
@@ -132,8 +134,10 @@ def test_bad_settings_are_refused_in_one_line(cfg, words):
 
 def test_probe_sums_partition_the_tokens_and_bin_by_distance():
     rep = rp.Repeats(0.4, 8, 4, 60)
-    edges = rp.distance_edges(rep)
+    edges = rp.distance_edges(rep, 64)  # distances up to 65 - 8 = 57
     assert list(edges) == [4, 8, 16, 32, 64]
+    assert list(rp.distance_edges(rep, 39)) == [4, 8, 16, 32, 64]  # up to 32
+    assert list(rp.distance_edges(rep, 38)) == [4, 8, 16, 32]  # up to 31
     batch = next(make_dataset(_cfg(repeats=0.4), "validation", 8, seed=0).iterator())
     d, o, m = batch["repeat_distance"], batch["repeat_offset"], batch["mask"]
     nll = np.where(d > 0, np.log2(np.maximum(d, 1)), 7.0) + 0.01 * o  # known per-token losses
@@ -161,6 +165,33 @@ def test_lm_token_switches_the_data():
     validate(plain.data)
 
 
+def test_the_probe_splits_the_evaluated_loss(tmp_path, capsys):
+    """On a 3-step run the probe's groups (own text, first tokens of copies, copies by distance)
+    partition the scored tokens, and their weighted mean is `ttt.evaluate`'s loss on the same
+    windows; several runs give one markdown table."""
+    work = tmp_path / "run"
+    assert ttt.main.main([f"--config={lm.__file__}:softmax,smoke,repeats", f"--workdir={work}",
+                          "--config.model.num_layers=1", "--config.model.width=16",
+                          "--config.train.steps=3", "--config.train.eval_every=0",
+                          "--config.train.checkpoint_every=3",
+                          "--config.train.progress=false"]) == 0
+    assert ttt.evaluate.main([f"--workdir={work}", "--max_batches=2"]) == 0
+    assert long_context.main([f"--workdir={work},{work}", "--max_batches=2"]) == 0
+    out = capsys.readouterr().out
+    assert "| mixer | step | own text | first 1 of a copy |" in out
+    whole = json.load(open(work / "eval" / "validation_max2.json"))
+    r = json.load(open(work / "eval" / "long_context.json"))
+    binned = sum(b["tokens"] for b in r["by_distance"])
+    assert binned == r["copied_tokens"]
+    assert r["own_tokens"] + r["skipped_tokens"] + binned == whole["tokens"]
+    mean = (r["own_loss"] * r["own_tokens"] + r["skipped_loss"] * r["skipped_tokens"]
+            + r["copied_loss"] * binned) / whole["tokens"]
+    assert rel_err(mean, whole["loss"]) < 1e-5
+    assert abs(r["copied_loss"] - r["own_loss"]) > 1e-4  # negative control: groups differ
+    assert [b["from"] for b in r["by_distance"]] == [16, 32]  # 16 .. 65 - 16
+
+
+@pytest.mark.slow  # ~3 min on a loaded 2-core CPU: copying takes hundreds of steps to appear
 def test_a_tiny_softmax_lm_copies_and_the_probe_reports_it(tmp_path, capsys):
     """A 2-layer softmax LM trained briefly on windows that are half copies predicts copied
     tokens (past the first two of a copy) far better than own text, at every distance."""

@@ -112,10 +112,11 @@ def add_copies(rep: Repeats):
 # --------------------------------------------------------------------------- the probe's sums
 
 
-def distance_edges(rep: Repeats) -> np.ndarray:
-    """Octave bin edges [2^a, 2^(a+1), ...] covering min_distance..max_distance."""
+def distance_edges(rep: Repeats, seq_len: int) -> np.ndarray:
+    """Octave bin edges [2^a, 2^(a+1), ...] covering the distances a window of seq_len + 1
+    tokens can hold: min_distance .. min(max_distance, seq_len + 1 - span)."""
     a = int(math.floor(math.log2(rep.min_distance)))
-    b = int(math.floor(math.log2(rep.max_distance))) + 1
+    b = int(math.floor(math.log2(min(rep.max_distance, seq_len + 1 - rep.span)))) + 1
     return 2 ** np.arange(a, b + 1)
 
 
