@@ -10,7 +10,7 @@ Three forms, held equal by tests/test_ttt_ops.py:
 - `ttt_primal`: the definition, `lax.scan` over mini-batches, `vmap(grad)` over tokens; any learner.
 - `ttt_dual`:   the fast path for dense-chain learners (paper §2.7): per layer
                 Z_l(q) = X_q W + b − (η ⊙ tril(X_q X_kᵀ)) G − tril(η) G, never materialising W_i.
-- `ttt_naive`:  a Python loop over tokens (tests only).
+- `ttt_naive`:  a Python loop over tokens (tests only; `_ttt_reference.py`).
 `ttt_decode_step` is the token-at-a-time primal step used for generation (η_ij = c_i a_j).
 
 Forget gates (docs/design.md §4.11): `log_alpha` (B, H, N) ≤ 0 decays the whole weight pytree W
@@ -46,6 +46,15 @@ from ttt.ops._scan import (
     scan_minibatches,
     to_minibatches,
 )
+from ttt.ops._ttt_args import (
+    check_dual,
+    check_gate_kernel,
+    check_log_alpha,
+    check_sequence,
+    head_shapes,
+)
+from ttt.ops._ttt_reference import ttt_naive
+from ttt.ops.kernels.ttt_dual import auto_selects as kernel_auto_selects
 from ttt.ops.kernels.ttt_dual import ttt_dual_pallas
 from ttt.ops.kernels.ttt_dual import unsupported as kernel_unsupported
 from ttt.ops.learners import Learner, reconstruction_loss
@@ -55,79 +64,7 @@ KERNELS = ("auto", "xla", "pallas")
 DUAL_GROUP = 4  # mini-batches per checkpointed group of the dual form (docs/benchmarks.md)
 
 
-# ----------------------------------------------------------------------------- argument checks
-
-
-def _head_shapes(learner, W0, q, v, fixed, what="W0"):
-    """Check W0/fixed against the learner; return True when W0 leads with (B, H), False for (H,)."""
-    B, H, _, d_in = q.shape
-    per_sequence = checks.inner_state_layout(learner, W0, B, H, d_in, what)
-    if fixed is not None:
-        checks.check_leading("fixed", fixed, (H,), "(H,)")
-    lead = 2 if per_sequence else 1
-    W_head = jax.tree_util.tree_map(
-        lambda w: jax.ShapeDtypeStruct(jnp.shape(w)[lead:], jnp.result_type(w)), W0
-    )
-    fixed_head = jax.tree_util.tree_map(
-        lambda f: jax.ShapeDtypeStruct(jnp.shape(f)[1:], jnp.result_type(f)), fixed
-    )
-    token = jax.ShapeDtypeStruct((d_in,), q.dtype)
-    try:
-        out = jax.eval_shape(learner.apply, W_head, token, fixed_head)
-    except Exception as err:  # re-raised in words: what was passed, not an XLA trace
-        raise ValueError(
-            f"learner {learner.name}: apply(W, x, fixed) fails on one token of width {d_in} "
-            f"with W0/fixed as given: {err}"
-        ) from err
-    if tuple(out.shape) != (v.shape[-1],):
-        raise ValueError(
-            f"v: learner {learner.name} maps d_in={d_in} to {tuple(out.shape)}, but v has "
-            f"d_out={v.shape[-1]}"
-        )
-    return per_sequence
-
-
-def _check_sequence(q, k, v, eta, mini_batch):
-    """Check q, k, v, eta, mini_batch (contract of ttt_primal/ttt_dual)."""
-    checks.check_int("mini_batch", mini_batch, 1)
-    checks.check_qkv(q, k, v)
-    B, H, N, _ = q.shape
-    if jnp.ndim(eta) == 3:
-        checks.check_shape("eta", eta, (B, H, N), "(B, H, N)", like="q")
-    elif jnp.ndim(eta) == 4:
-        checks.check_shape("eta", eta, (B, H, N, mini_batch), "(B, H, N, b)", like="q, mini_batch")
-    else:
-        raise ValueError(
-            f"eta: expected (B, H, N) per-token or (B, H, N, b) per-row learning rates, "
-            f"got shape {jnp.shape(eta)}"
-        )
-    for name, x in (("q", q), ("k", k), ("v", v), ("eta", eta)):
-        checks.check_floating(name, x)
-    checks.check_same_dtype(q=q, k=k, v=v)
-
-
-def _check_dual(learner, W0):
-    """The dual form needs a dense-chain learner whose W holds exactly the chain's layers."""
-    if getattr(learner, "dense", None) is None:
-        raise ValueError(
-            f"ttt_dual: learner {learner.name!r} has no dense-chain description (learner.dense "
-            f"is None); use ttt_primal, or ttt(..., form='auto')"
-        )
-    names = {n for layer in learner.dense for n in layer if n is not None}
-    if not isinstance(W0, dict) or set(W0) != names:
-        raise ValueError(
-            f"ttt_dual: learner {learner.name!r} declares dense layers {learner.dense}, but W0 has "
-            f"keys {sorted(W0) if isinstance(W0, dict) else type(W0).__name__}"
-        )
-
-
-def _check_log_alpha(log_alpha, q):
-    """log_alpha: None or (B, H, N) floating log-decays <= 0."""
-    if log_alpha is None:
-        return
-    checks.check_shape("log_alpha", log_alpha, q.shape[:3], "(B, H, N)", like="q")
-    checks.check_floating("log_alpha", log_alpha)
-    checks.check_log_decay("log_alpha", log_alpha)
+# ----------------------------------------------------------------------------- layout
 
 
 def decay_matrix(log_alpha, eta_m, b: int):
@@ -146,11 +83,11 @@ def decay_matrix(log_alpha, eta_m, b: int):
 def _prepare(learner, W0, q, k, v, eta, mini_batch, fixed, remat_every, unroll, log_alpha=None):
     """Validate, then lay the sequence out as mini-batches: (B, H, M, b, ·) arrays + η matrix,
     and with a gate the cumulative log-decays lg (B, H, M, b) (η then holds η_ij Γ_i/Γ_j)."""
-    _check_sequence(q, k, v, eta, mini_batch)
-    _check_log_alpha(log_alpha, q)
+    check_sequence(q, k, v, eta, mini_batch)
+    check_log_alpha(log_alpha, q)
     checks.check_int("remat_every", remat_every, 0)
     checks.check_int("unroll", unroll, 1)
-    per_sequence = _head_shapes(learner, W0, q, v, fixed)
+    per_sequence = head_shapes(learner, W0, q, v, fixed)
     b = mini_batch
     eta_m = eta_matrix(eta, b)
     lg = None
@@ -263,9 +200,9 @@ def ttt_dual(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_ever
     per_sequence, (q_m, k_m, v_m, eta_m), lg = _prepare(
         learner, W0, q, k, v, eta, mini_batch, fixed, remat_every, unroll, log_alpha
     )
-    _check_dual(learner, W0)
+    check_dual(learner, W0)
     checks.check_choice("kernel", kernel, KERNELS)
-    _check_gate_kernel(kernel, log_alpha)
+    check_gate_kernel(kernel, log_alpha)
     B = q.shape[0]
     if not per_sequence:  # (H, ...) -> (B, H, ...): every sequence carries its own state
         W0 = jax.tree_util.tree_map(lambda w: jnp.broadcast_to(w, (B, *w.shape)), W0)
@@ -328,12 +265,6 @@ def _dual_steps(learner, W0, fixed, xs, n, remat_every, unroll, lg=None):
     return from_minibatches(z, n), W_N
 
 
-def _check_gate_kernel(kernel, log_alpha):
-    if kernel == "pallas" and log_alpha is not None:
-        raise ValueError("kernel='pallas' takes no forget gate (log_alpha); use kernel='xla' or "
-                         "'auto'")
-
-
 def _pallas(kernel, learner, W0, q, v, mini_batch) -> bool:
     """Whether `kernel` selects the fused kernel for this case (ValueError if "pallas" cannot)."""
     if kernel == "xla":
@@ -341,7 +272,7 @@ def _pallas(kernel, learner, W0, q, v, mini_batch) -> bool:
     reason = kernel_unsupported(learner, W0, q.shape[-1], v.shape[-1], mini_batch, q.dtype)
     if kernel == "pallas" and reason is not None:
         raise ValueError(f"kernel='pallas': {reason}; use kernel='xla' or 'auto'")
-    return reason is None and (kernel == "pallas" or jax.default_backend() == "gpu")
+    return reason is None and (kernel == "pallas" or kernel_auto_selects())
 
 
 def _dual_minibatches(learner, fixed, unroll, W0, xs):
@@ -370,82 +301,7 @@ def _dual_minibatches(learner, fixed, unroll, W0, xs):
     return W_N, over_all(*args)
 
 
-# ----------------------------------------------------------------------------- reference and API
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _naive_grads(learner, W, fixed, k_blk, v_blk):
-    """g_j = ∇_W l(W; k_j, v_j) of a block: k_blk (B, H, r, d_in) -> leaves (B, H, r, ...)."""
-    loss = lambda W, f, kj, vj: reconstruction_loss(learner, W, f, kj, vj)
-    per_head = jax.vmap(jax.grad(loss), in_axes=(None, None, 0, 0))
-    return jax.vmap(jax.vmap(per_head))(W, fixed, k_blk, v_blk)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _naive_decayed_grads(learner, W, fixed, k_blk, v_blk, gamma):
-    """g_j = ∇ l(Γ_j W; k_j, v_j) of a block: gamma (B, H, r) -> leaves (B, H, r, ...)."""
-    loss = lambda W, f, kj, vj: reconstruction_loss(learner, W, f, kj, vj)
-    one = lambda W, f, kj, vj, s: jax.grad(loss)(_decayed(W, s), f, kj, vj)
-    per_head = jax.vmap(one, in_axes=(None, None, 0, 0, 0))
-    return jax.vmap(jax.vmap(per_head))(W, fixed, k_blk, v_blk, gamma)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _naive_answer(learner, W, g, lr, q_t, fixed, gamma=None):
-    """W_t = W − Σ_j lr_j g_j (lr (B, H, r), zero for future j); z_t = f(q_t; W_t) (B, H, d_out).
-    gamma (B, H): W is first decayed to Γ_t W (a forget gate), else None."""
-    if gamma is not None:
-        W = jax.tree_util.tree_map(lambda w: jnp.einsum("bh,bh...->bh...", gamma, w), W)
-    W_t = jax.tree_util.tree_map(
-        # (B, H, r) · (B, H, r, ...) -> (B, H, ...)
-        lambda w, g_l: (w - jnp.einsum("bhj,bhj...->bh...", lr, g_l)).astype(w.dtype), W, g
-    )
-    return W_t, jax.vmap(jax.vmap(learner.apply))(W_t, q_t, fixed)
-
-
-def ttt_naive(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, log_alpha=None):
-    """Token-by-token reference (tests only): materialises every W_i from the definition.
-
-    Same shapes and results as ttt_primal; a Python loop over tokens, vectorised over (B, H) only.
-    Reads η straight from the contract's layouts (it shares no layout code with the fast forms).
-    With a gate log_alpha (B, H, N) the decays Γ_i/Γ_j are products of a_s = exp(log_alpha_s)
-    over j < s ≤ i (not the fast forms' differences of cumulative sums).
-    """
-    _check_sequence(q, k, v, eta, mini_batch)
-    _check_log_alpha(log_alpha, q)
-    per_sequence = _head_shapes(learner, W0, q, v, fixed)
-    B, H, N, _ = q.shape
-    b = mini_batch
-    to_bh = lambda w: jnp.broadcast_to(w, (B, *w.shape))  # (H, ...) -> (B, H, ...)
-    W = W0 if per_sequence else jax.tree_util.tree_map(to_bh, W0)
-    fix = jax.tree_util.tree_map(to_bh, fixed)
-    zs = []
-    for start in range(0, N, b):
-        r = min(b, N - start)  # tokens in this mini-batch
-        blk = lambda x: x[:, :, start : start + r]
-        if log_alpha is None:
-            g = _naive_grads(learner, W, fix, blk(k), blk(v))
-        else:
-            a = jnp.exp(blk(log_alpha))  # (B, H, r)
-            s = jnp.arange(r)
-            # Γ_i = Π_{s≤i} a_s: (B, H, r)
-            gamma = jnp.prod(jnp.where(s[None, :] <= s[:, None], a[..., None, :], 1.0), axis=-1)
-            g = _naive_decayed_grads(learner, W, fix, blk(k), blk(v), gamma)
-        for i in range(r):
-            t = start + i
-            row = eta[:, :, start : start + r] if eta.ndim == 3 else eta[:, :, t, :r]  # (B, H, r)
-            lr = jnp.where(jnp.arange(r) <= i, row, 0.0)  # only j <= i: causal incl. diagonal
-            if log_alpha is None:
-                W_t, z_t = _naive_answer(learner, W, g, lr, q[:, :, t], fix)
-            else:
-                # Γ_i/Γ_j = Π_{j<s≤i} a_s for every j ≤ i: (B, H, r)
-                inside = (s[None, :] > s[:, None]) & (s[None, :] <= i)  # (j, s)
-                ratio = jnp.prod(jnp.where(inside, a[..., None, :], 1.0), axis=-1)
-                W_t, z_t = _naive_answer(learner, W, g, lr * ratio, q[:, :, t], fix,
-                                         gamma[..., i])
-            zs.append(z_t)
-        W = W_t  # the last token of the mini-batch carries the state
-    return jnp.stack(zs, axis=2), W  # (B, H, N, d_out)
+# ----------------------------------------------------------------------------- API
 
 
 def ttt(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, unroll=1,
@@ -458,7 +314,7 @@ def ttt(learner, W0, q, k, v, eta, *, mini_batch=16, fixed=None, remat_every=0, 
     """
     checks.check_choice("form", form, FORMS)
     checks.check_choice("kernel", kernel, KERNELS)
-    _check_gate_kernel(kernel, log_alpha)
+    check_gate_kernel(kernel, log_alpha)
     if form == "auto":
         form = "dual" if getattr(learner, "dense", None) is not None else "primal"
     kwargs = dict(mini_batch=mini_batch, fixed=fixed, remat_every=remat_every, unroll=unroll)
@@ -499,7 +355,7 @@ def ttt_decode_step(learner, W_start, G_acc, q_t, k_t, v_t, a_t, c_t, *, fixed=N
         checks.check_log_decay("log_alpha_t", log_alpha_t)
     checks.check_same_dtype(q_t=q_t, k_t=k_t, v_t=v_t)
     seq = lambda x: x[:, :, None]  # (B, H, d) -> (B, H, 1, d): reuse the sequence checks
-    if not _head_shapes(learner, W_start, seq(q_t), seq(v_t), fixed, what="W_start"):
+    if not head_shapes(learner, W_start, seq(q_t), seq(v_t), fixed, what="W_start"):
         raise ValueError("W_start: expected leading (B, H) axes (a per-sequence state), got (H,)")
     leaves = jax.tree_util.tree_leaves
     if jax.tree_util.tree_structure(G_acc) != jax.tree_util.tree_structure(W_start) or any(

@@ -33,7 +33,8 @@ import numpy as np
 
 from ttt.ops import checks
 from ttt.ops._scan import num_minibatches
-from ttt.ops.ttt import _head_shapes, ttt, ttt_decode_step
+from ttt.ops._ttt_args import head_shapes
+from ttt.ops.ttt import ttt, ttt_decode_step
 
 
 class TTTState(NamedTuple):
@@ -160,7 +161,7 @@ def prefill(learner, W0, q, k, v, a, c, *, mini_batch: int, fixed=None, form="au
         state = TTTState(W, jax.tree_util.tree_map(jnp.zeros_like, W), jnp.asarray(n_full,
                                                                                   jnp.int32))
     else:
-        per_sequence = _head_shapes(learner, W0, q, v, fixed)
+        per_sequence = head_shapes(learner, W0, q, v, fixed)
         state = TTTState(W0, jax.tree_util.tree_map(jnp.zeros_like, W0), jnp.zeros((),
                                                                                 jnp.int32))
         if not per_sequence:
