@@ -459,3 +459,18 @@ def test_sample_checks_the_smallest_kv_cache():
     assert _kv_cache_size(_lm()) == 16
     assert _kv_cache_size(_lm(pattern="ttt_linear,linear_attention",
                               kwargs={"stats": False})) is None
+
+
+def test_a_per_mixer_argument_can_be_set_on_the_command_line():
+    """--config.model.mixer_kwargs.swa.window=8 creates the per-mixer dict inside the free-form
+    mixer_kwargs; outside a free-form section a missing key is still an error."""
+    from ttt import cli
+    from ttt.config import with_defaults
+    from ttt.cli import UsageError
+
+    config = with_defaults(cli.load_config("experiments/lm.py:ttt_linear,smoke"))
+    cli.apply_overrides(config, [("model.pattern", "ttt_linear,swa"),
+                                 ("model.mixer_kwargs.swa.window", "8")])
+    assert config.model.mixer_kwargs.swa.window == 8
+    with pytest.raises(UsageError, match="nosuch"):
+        cli.apply_overrides(config, [("model.nosuch.window", "8")])

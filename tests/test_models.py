@@ -134,7 +134,7 @@ def test_paper_sizes_are_in_range():
 @pytest.mark.parametrize("field,value,needle", [
     ("kind", "rnn", "model.kind: unknown 'rnn'; known: lm, vit"),
     ("preset", "7b", "model.preset: unknown '7b'; known: tiny, 125m, 350m, 760m, 1.3b"),
-    ("mixer", "mamba2", "model.mixer: unknown 'mamba2'; known:"),
+    ("mixer", "retnet", "model.mixer: unknown 'retnet'; known:"),
     ("dtype", "float16", "model.dtype: unknown 'float16'"),
     ("remat", "everything", "model.remat: unknown 'everything'; known: none, block"),
     ("num_heads", 5, "width 64 is not divisible by num_heads 5"),

@@ -234,6 +234,10 @@ def apply_overrides(config, overrides: Sequence[tuple[str, str]]):
         parts = key.split(".")
         node, path = config, "config"
         for part in parts[:-1]:
+            if isinstance(node, config_dict.ConfigDict) and part not in node and \
+                    _free_form(path[len("config."):]):  # mixer_kwargs.swa.window=...: a new dict
+                with node.unlocked():
+                    node[part] = config_dict.ConfigDict()
             if not isinstance(node, config_dict.ConfigDict) or part not in node:
                 raise UsageError(_unknown_key(what, path, part, node))
             node, path = node[part], f"{path}.{part}"
@@ -241,7 +245,7 @@ def apply_overrides(config, overrides: Sequence[tuple[str, str]]):
         if not isinstance(node, config_dict.ConfigDict):
             raise UsageError(f"{what}: {path} is {type(node).__name__}, not a section")
         section = path[len("config."):]
-        free = section in FREE_FORM or leaf in ADDABLE.get(section, ())
+        free = _free_form(section) or leaf in ADDABLE.get(section, ())
         if leaf not in node:
             if not free:
                 raise UsageError(_unknown_key(what, path, leaf, node))
@@ -261,6 +265,11 @@ def apply_overrides(config, overrides: Sequence[tuple[str, str]]):
             raise UsageError(f"{what}={text}: expected {_type_name(want)} ({_first_line(err)})"
                              ) from None
     return config
+
+
+def _free_form(section: str) -> bool:
+    """Whether `section` is free-form or inside one (model.mixer_kwargs.swa of a hybrid)."""
+    return any(section == f or section.startswith(f + ".") for f in FREE_FORM)
 
 
 def _unknown_key(what: str, path: str, key: str, node) -> str:
