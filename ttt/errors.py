@@ -2,7 +2,10 @@
 
 A leaf module (it imports nothing of `ttt`), so every level that reports such mistakes — the data
 pipelines, config validation, the trainer, the command lines — raises the same type, and the
-command lines turn any of them into `error: <message>` and exit status 2.
+command lines turn any of them into `error: <message>` and exit status 2. `ResourceError` is the
+same for what the machine ran out of (memory, disk space, permission to write); `disk_error` and
+`out_of_memory` recognise those in an exception or its causes, including the text C++ libraries
+(tensorstore, XLA) put in their errors.
 """
 
 
