@@ -246,7 +246,7 @@ _AXIS = _count(1, also=(-1,), note="-1: the devices the other axes leave")
 DOMAINS: dict[str, Domain] = {
     **{f"model.{k}": _SIZE for k in ("num_layers", "width", "num_heads", "ffn_dim", "mlp_dim",
                                      "vocab_size", "num_classes", "image_size", "channels")},
-    "model.patch_size": _count(1),
+    "model.patch_size": _count(0, note="0: every pixel is a token"),
     "data.seq_len": _count(1),
     "data.vocab_size": _count(1, none=True),
     "data.num_kv_pairs": _count(1),
