@@ -27,8 +27,8 @@ Argument: comma-separated tokens, any order (`experiments/args.py`; anything els
              1.3b 26B tokens), AdamW(0.9, 0.95), wd 0.1, clip 1.0, 10% warm-up then cosine to
              1e-5, bfloat16 compute, rematerialised blocks, FSDP over a device mesh
   books      with `paper`: Books3 instead of the Pile (the long-context runs; ctx up to 32k)
-  repeats    the long-context probe's data (`ttt.data.repeats`): a quarter of every window's
-             tokens are 16-token spans copied from 16 .. seq_len tokens earlier in the window;
+  repeats    the long-context probe's data (`ttt.data.repeats`): half of every window's
+             tokens are 32-token spans copied from 16 .. seq_len tokens earlier in the window;
              `python -m experiments.long_context` then gives the loss on copies by distance
   opt=<name> the inner optimizer of a TTT or LaCT mixer: sgd | momentum | muon | adam
              (`ttt.ops.inner_opt`; default: plain mini-batch GD for TTT, muon for LaCT)
@@ -84,7 +84,7 @@ MIXERS = ("ttt_linear", "ttt_mlp", "ttt_linear_mamba", "ttt_mlp_mamba", "linear_
 PARAM_MATCHED = ("mamba2", "gated_deltanet")
 CONTEXTS = {"pile": (2048, 8192), "books": (2048, 8192, 32768)}
 LONG_STEPS = 400
-REPEATS = {"fraction": 0.25, "span": 16, "min_distance": 16}  # the `repeats` token's copies
+REPEATS = {"fraction": 0.5, "span": 32, "min_distance": 16}  # the `repeats` token's copies
 GRAMMAR = Grammar("lm", default="ttt_linear",
                   names=functools.partial(mixer_names, causal_only=True),
                   name_label="causal mixers",

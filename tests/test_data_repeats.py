@@ -155,7 +155,7 @@ def test_probe_sums_partition_the_tokens_and_bin_by_distance():
 def test_lm_token_switches_the_data():
     data = lm.get_config("softmax,cpu,repeats,ctx=256").data
     assert (data.repeats, data.repeat_span, data.repeat_min_distance,
-            data.repeat_max_distance) == (0.25, 16, 16, 256)
+            data.repeat_max_distance) == (0.5, 32, 16, 256)
     assert not lm.get_config("softmax,cpu").data.get("repeats")
     validate(data)
     # any text config takes the keys on the command line
