@@ -174,7 +174,7 @@ def test_a_trained_run_sample_evaluate_guard_and_restart(tmp_path, capsys):
     # evaluation: the whole-split numbers equal a direct computation over the same windows
     assert ttt.evaluate.main([f"--workdir={work}", "--max_batches=2"]) == 0
     assert "validation: loss" in capsys.readouterr().out
-    result = json.load(open(work / "eval" / "validation.json"))
+    result = json.load(open(work / "eval" / "validation_max2.json"))  # one file per setting
     batches = list(zip(range(2), make_dataset(config.data, "validation", 8, seed=0).iterator(),
                        strict=False))
     batch = {k: np.concatenate([b[k] for _, b in batches]) for k in batches[0][1]}
@@ -182,10 +182,10 @@ def test_a_trained_run_sample_evaluate_guard_and_restart(tmp_path, capsys):
     assert result["tokens"] == int(batch["mask"].sum()) and result["seq_len"] == 16
     by_pos, counts = np.array(result["loss_by_position"]), np.array(result["tokens_by_position"])
     assert rel_err((by_pos * counts).sum() / counts.sum(), result["loss"]) < 1e-9
-    assert os.path.getsize(work / "eval" / "loss_by_position.png") > 5000
+    assert os.path.getsize(work / "eval" / "validation_max2_loss_by_position.png") > 5000
     assert ttt.evaluate.main([f"--workdir={work}", "--max_batches=1", "--seq_len=32",
                               "--split=test"]) == 0
-    assert json.load(open(work / "eval" / "test.json"))["seq_len"] == 32
+    assert json.load(open(work / "eval" / "test_seq32_max1.json"))["seq_len"] == 32
 
     # the same workdir with another model: refused before anything is touched
     before = {f: open(work / f, "rb").read() for f in ("config.json", "metrics.jsonl")}
