@@ -267,3 +267,14 @@ def test_the_docs_show_the_examples_code():
 
 def test_a_learner_object_is_a_learner():
     assert isinstance(build_learner("mlp"), Learner)
+
+
+def test_a_comparison_spec_imports_the_extension(monkeypatch):
+    """`experiments.compare --set imports=FILE` loads a config naming the registered mixer (in
+    each worker, through experiments.specs) and records the import for the run's config.json."""
+    from experiments.specs import load_config
+
+    monkeypatch.chdir(ROOT)
+    config = load_config("experiments/lm.py:ema,smoke", [f"imports={MIXER_FILE}",
+                                                          "train.steps=2"])
+    assert config.model.mixer == "ema" and list(config.imports) == [MIXER_FILE]
