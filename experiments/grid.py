@@ -3,7 +3,13 @@ counts, learning rates and best rates, the seeds, the cost table that orders the
 `Run`, the cell builders and the presets (lists of cells).
 
 To add a mixer to the comparison (e.g. a new registry entry), add its name to MQAR_MIXERS and/or
-COMPARE_LM_MIXERS below (LM_MIXERS: the demo's LMs too).
+COMPARE_LM_MIXERS below (LM_MIXERS: the demo's LMs too). A variant that is not one registry name
+(a gate, a hybrid stack) is a VARIANTS entry: its cells train the entry's mixer with its overrides.
+
+The `frontier` preset is Zoology's capacity frontier: MQAR at 256 tokens and 64 pairs at widths
+64 / 128 / 256, accuracy against state floats per layer. Its budget (FRONTIER_STEPS) is a
+parameter of `frontier_cells` and has not been measured: softmax attention must reach 0.99 at
+every width before the other points measure the mixers (raise the budget until it does).
 """
 
 from __future__ import annotations
@@ -12,9 +18,22 @@ import dataclasses
 import os
 
 # The mixers compared; a new registry entry joins every MQAR / LM cell by being listed here.
-MQAR_MIXERS = ("linear_attention", "ttt_linear", "ttt_mlp", "lact", "softmax")
+# Variants (cell names) that are not one registry name: (the spec's mixer, its overrides); a
+# hybrid's sliding window / KV cache follow the task's length (`variant`).
+HYBRID_TTT_SWA = "hybrid_ttt_swa"  # TTT-Linear with one sliding-window attention layer in four
+HYBRID_GDN_SOFTMAX = "hybrid_gdn_softmax"  # Gated DeltaNet with one softmax layer in four
+VARIANTS = {
+    "ttt_linear_gate": ("ttt_linear", ("model.mixer_kwargs.gate=True",)),
+    HYBRID_TTT_SWA: ("ttt_linear", ("model.num_layers=4",
+                                    "model.pattern=ttt_linear,ttt_linear,ttt_linear,swa")),
+    HYBRID_GDN_SOFTMAX: ("gated_deltanet", (
+        "model.num_layers=4",
+        "model.pattern=gated_deltanet,gated_deltanet,gated_deltanet,softmax")),
+}
+NEW_MIXERS = ("deltanet", "gated_deltanet", "mamba2", "titans", *VARIANTS)
+MQAR_MIXERS = ("linear_attention", "ttt_linear", "ttt_mlp", "lact", "softmax", *NEW_MIXERS)
 LM_MIXERS = ("linear_attention", "ttt_linear", "ttt_mlp", "softmax")
-COMPARE_LM_MIXERS = (*LM_MIXERS, "lact")  # the demo's budget leaves the large-chunk layer out
+COMPARE_LM_MIXERS = (*LM_MIXERS, "lact", *NEW_MIXERS)  # the demo leaves the large-chunk layer out
 LADDER = ("linear_attn", "linear_attn_plain", "ttt_equivalence", "learnable_W0", "ln_residual",
           "mini_batch", "learnable_eta", "mamba_backbone")
 
@@ -30,7 +49,9 @@ MQAR_LRS = (1e-3, 3e-3)  # 1e-2 was the worst rate for softmax and linear attent
 MQAR_BEST_LR = {"linear_attention": 1e-3, "ttt_linear": 3e-3, "ttt_mlp": 3e-3, "softmax": 3e-3}
 SEEDS = (0, 1, 2)
 # The demo's MQAR leaves TTT-MLP out (its run alone would take a third of the demo's budget).
-DEMO_MQAR_MIXERS = tuple(m for m in MQAR_MIXERS if m not in ("ttt_mlp", "lact"))
+DEMO_MQAR_MIXERS = ("linear_attention", "ttt_linear", "softmax")
+# The demo's two new rows: LMs at its small budget (an MQAR run of either would take minutes).
+DEMO_NEW_LM = ("gated_deltanet", HYBRID_TTT_SWA)
 # Rough CPU seconds of one run on one idle core (measured; the pool starts the longest first so
 # the last worker does not finish long after the others). Unlisted: 300 (MQAR), 200 (LM).
 # Used only to order the runs (`Cell.cost`, see experiments.scheduler._order).
@@ -88,15 +109,38 @@ def source_dir(run: Run, workdir: str) -> str:
     return os.path.join(workdir, group, name, f"s{run.seed}")
 
 
-def _mqar_cells(pairs, seeds, lrs, mixers=MQAR_MIXERS, rank: int = 0) -> list[Cell]:
-    """One cell per pair count and mixer, softmax first (it validates the harness)."""
+def variant(name: str, tokens: int, window: int) -> tuple[str, tuple[str, ...]]:
+    """(the spec's mixer, the overrides) of a cell's variant at a sequence of `tokens`: a
+    registry name as it is; a VARIANTS entry with its overrides, a hybrid's sliding window of
+    `window` tokens (MQAR: a quarter of the sequence, 16 at 64 tokens; the LMs: an eighth of
+    the context, 256 at 2k) and its softmax layer's
+    KV cache the whole sequence (as experiments/mqar.py gives softmax attention)."""
+    if name not in VARIANTS:
+        return name, ()
+    mixer, overrides = VARIANTS[name]
+    if name == HYBRID_TTT_SWA:
+        overrides += (f"model.mixer_kwargs.swa.window={window}",)
+    if name == HYBRID_GDN_SOFTMAX:
+        overrides += (f"model.mixer_kwargs.softmax.cache_size={tokens}",)
+    return mixer, overrides
+
+
+def _mqar_cells(pairs, seeds, lrs, mixers=MQAR_MIXERS, rank: int = 0, n: int = 64,
+                width: int | None = None, extra=()) -> list[Cell]:
+    """One cell per pair count and mixer, softmax first (it validates the harness); at n
+    tokens (the harness's 64 unless given) and the harness's width unless given."""
     out = []
     for kv in pairs:
         for m in sorted(mixers, key=lambda m: m != "softmax"):
+            mixer, overrides = variant(m, n, n // 4)
             fixed = () if lrs else (f"optim.lr={MQAR_BEST_LR.get(m, 3e-3)}",)
-            out.append(Cell("mqar", f"{m}_kv{kv}", f"experiments/mqar.py:{m},harness,kv={kv}",
-                            fixed, seeds, tuple(lrs), cost=COST.get(("mqar", m), 300),
-                            rank=rank))
+            arg = f"{mixer},harness,kv={kv}" + (f",n={n}" if n != 64 else "") + (
+                f",width={width}" if width else "")
+            name = f"{m}_kv{kv}" + (f"_n{n}_w{width}" if width else "")
+            scale = (n / 64) * ((width or 64) / 64)  # estimated: tokens x width
+            out.append(Cell("mqar", name, f"experiments/mqar.py:{arg}",
+                            (*overrides, *fixed, *extra), seeds, tuple(lrs),
+                            cost=COST.get(("mqar", m), 300) * scale, rank=rank))
     return out
 
 
@@ -105,9 +149,13 @@ def _lm_cells(ctx: str, seeds, overrides=(), scale: float = 1.0, rank: int = 0,
     """Long-context LMs (`experiments/lm.py`, `long` scale) with the loss by position, and
     TTT-Linear started from the trained Transformer of the same seed (same budget) — its
     from-scratch twin is the lm cell of the same spec."""
-    cells = [Cell("lm", m, f"experiments/lm.py:{m},long,ctx={ctx}", tuple(overrides), seeds,
-                  by_position=True, cost=COST.get(("lm", m), 200) * scale, rank=rank)
-             for m in sorted(mixers, key=lambda m: m != "softmax")]  # init waits on softmax
+    tokens = int(ctx.rstrip("k")) * 1024 if ctx.endswith("k") else int(ctx)
+    cells = []
+    for m in sorted(mixers, key=lambda m: m != "softmax"):  # init waits on softmax
+        mixer, own = variant(m, tokens, tokens // 8)
+        cells.append(Cell("lm", m, f"experiments/lm.py:{mixer},long,ctx={ctx}",
+                          (*own, *overrides), seeds, by_position=True,
+                          cost=COST.get(("lm", m), 200) * scale, rank=rank))
     cells.append(Cell("init", "ttt_linear_from_softmax", f"experiments/lm.py:ttt_linear,long,"
                       f"ctx={ctx}", tuple(overrides), seeds, by_position=True,
                       init_from="lm/softmax", cost=COST[("init", "ttt_linear")] * scale,
@@ -115,11 +163,28 @@ def _lm_cells(ctx: str, seeds, overrides=(), scale: float = 1.0, rank: int = 0,
     return cells
 
 
+FRONTIER_N, FRONTIER_PAIRS, FRONTIER_WIDTHS = 256, 64, (64, 128, 256)
+FRONTIER_STEPS = 1750  # the harness's budget; unmeasured at 256 tokens (module docstring)
+
+
+def frontier_cells(steps: int = FRONTIER_STEPS, mixers=MQAR_MIXERS) -> list[Cell]:
+    """The capacity frontier: MQAR at FRONTIER_N tokens and FRONTIER_PAIRS pairs, every mixer
+    at every width of FRONTIER_WIDTHS at the best rate of the harness (MQAR_BEST_LR), one seed
+    per point and SEEDS at the middle width; `steps` training steps (eval every eighth)."""
+    budget = (f"train.steps={steps}", f"train.eval_every={max(steps // 8, 1)}",
+              f"train.checkpoint_every={steps}")
+    mid = FRONTIER_WIDTHS[len(FRONTIER_WIDTHS) // 2]
+    return [cell for w in FRONTIER_WIDTHS for cell in _mqar_cells(
+        (FRONTIER_PAIRS,), SEEDS if w == mid else (0,), (), mixers, n=FRONTIER_N, width=w,
+        extra=budget, rank=0 if w == mid else 1)]
+
+
 PRESETS: dict[str, list[Cell]] = {
     "demo": (
         _mqar_cells((8,), SEEDS, (), ("softmax",))  # 3 seeds: the harness validated
         + _mqar_cells((8,), (0,), (), [m for m in DEMO_MQAR_MIXERS if m != "softmax"])
-        + _lm_cells("1k", (0,), ("train.steps=300",), scale=0.3)
+        + _lm_cells("1k", (0,), ("train.steps=300",), scale=0.3,
+                    mixers=(*LM_MIXERS, *DEMO_NEW_LM))
         + [Cell("vision", f"mttt_mlp_T{t}", f"experiments/vit.py:mttt_mlp,T={t},cpu")
            for t in (0, 2)]
     ),
@@ -133,13 +198,18 @@ PRESETS: dict[str, list[Cell]] = {
         + _lm_cells("2k", SEEDS, rank=1, mixers=COMPARE_LM_MIXERS)
         + _mqar_cells(MQAR_PAIRS[:1], SEEDS, MQAR_LRS,
                       [m for m in MQAR_MIXERS if m != "softmax"], rank=1)
-        + _mqar_cells(MQAR_PAIRS[1:], SEEDS, MQAR_LRS, [m for m in MQAR_MIXERS if m != "lact"],
+        + _mqar_cells(MQAR_PAIRS[1:], SEEDS, MQAR_LRS,
+                      [m for m in MQAR_MIXERS if m not in ("lact", *NEW_MIXERS)],
                       rank=2)  # LaCT (~4x softmax's time at this scale) at 8 pairs only
+        # the mixers added last (Gated DeltaNet, DeltaNet, Mamba2, Titans, gated TTT-Linear,
+        # the two hybrids) after the rows above, so an interrupted comparison has those
+        + _mqar_cells(MQAR_PAIRS[1:], SEEDS, MQAR_LRS, NEW_MIXERS, rank=2)
         + [Cell("ladder", f"{i + 1}_{r}", f"experiments/ablation.py:{r},cpu", seeds=SEEDS,
                 rank=3) for i, r in enumerate(LADDER)]
         + [Cell("vision", f"mttt_mlp_T{t}", f"experiments/vit.py:mttt_mlp,T={t},cpu",
                 seeds=SEEDS, cost=90, rank=3) for t in (0, 1, 2, 4)]
     ),
+    "frontier": frontier_cells(),
     "tiny": [
         Cell("lm", "softmax", "experiments/lm.py:softmax,smoke", seeds=(0, 1), by_position=True),
         Cell("lm", "ttt_linear", "experiments/lm.py:ttt_linear,smoke"),
@@ -152,4 +222,15 @@ PRESETS: dict[str, list[Cell]] = {
 # presets scheduled longest run first (to finish soonest) instead of by rank and seed
 LONGEST_FIRST = ("demo",)
 # preset -> worker processes (0: one per core, at most 2)
-PRESET_JOBS = {"demo": 0, "compare": 0, "tiny": 1}
+PRESET_JOBS = {"demo": 0, "compare": 0, "frontier": 0, "tiny": 1}
+
+
+def runs_of(cell: Cell) -> int:
+    """How many runs a cell trains: the sweep's extra rates on the first seed, then the seeds."""
+    return len(cell.seeds) + max(len(cell.lrs) - 1, 0)
+
+
+def estimate_s(cells, jobs: int = 2) -> float:
+    """Rough wall seconds of a list of cells on `jobs` idle cores (COST, estimated entries
+    included): the runs' summed cost over the workers."""
+    return sum(c.cost * runs_of(c) for c in cells) / jobs

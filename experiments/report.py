@@ -8,10 +8,16 @@ the trainer writes), `metrics.jsonl` (one JSON line per logged step), `eval/vali
 with `python -m ttt.main` can join a report too (as a cell of its own).
 
 Runs of the same cell (same group and cell name, one per seed) are aggregated: tables show
-mean ± sd (n seeds). A difference between two cells is a **finding** only when it exceeds the
-spread, |Δ mean| > sd₁ + sd₂ (for two position ranges of the same runs, the paired form: the mean
-per-seed difference exceeds twice the standard deviation of those differences); with a single
-seed no difference is a finding.
+mean ± sd (n seeds). A difference between two cells is a **finding** only with at least
+MIN_SEEDS (3) seeds on each side and when it exceeds the spread, |Δ mean| > sd₁ + sd₂ (for two
+position ranges of the same runs, the paired form: the mean per-seed difference exceeds twice
+the standard deviation of those differences); with fewer seeds the verdict reads "n/a: seeds"
+(two seeds give a standard deviation too loose to hold anything apart).
+
+A hybrid stack (`model.pattern`) is reported by its variant name (e.g. `ttt_linear×3+swa`) and
+its state size is the mean over its layers of each layer's state (floats per layer).
+Training curves come from the logged train points; a run with fewer than two of them (a cut run
+logs every 25 or 50 steps) is drawn from its eval points instead and its legend says so.
 
 Groups, by what the config trains:
   mqar    MQAR: accuracy on the answer positions against state size per layer, the sweep's rates
@@ -39,11 +45,14 @@ from ttt.layers import mixer_spec
 from ttt.layers import state_size as registry_state_size
 from ttt.models import model_mixer
 from ttt.models import param_count as count_params
+from ttt.models.hybrid import parse_pattern, resolve_pattern
 from ttt.models.presets import model_sizes
 from ttt.train.setup import abstract_params
 
 GROUPS = ("mqar", "lm", "init", "ladder", "vision")
 VALIDATED = 0.99  # softmax attention's MQAR accuracy that makes the harness a measurement
+MIN_SEEDS = 3  # seeds per side before a difference can be a finding
+NA_SEEDS = "n/a: seeds"
 
 
 # ----------------------------------------------------------------------------- reading a run
@@ -91,11 +100,36 @@ def _tokens(config: dict) -> int:
 def state_size(config: dict) -> int:
     """Floats of recurrent state per layer per sequence (docs/design.md §13, the MQAR x-axis): the
     registry's `state_size` of the mixer the model builds (`ttt.layers.costs`: TTT and MTTT inner
-    weights, linear attention's S (+ s), softmax's KV cache of the whole sequence)."""
+    weights, linear attention's S (+ s), softmax's KV cache of the whole sequence). A hybrid
+    stack: the mean over its layers (the pattern repeats evenly, so over the pattern's entries,
+    each with its own arguments, `ttt.models.hybrid.resolve_pattern`), rounded."""
     model = config["model"]
-    _, C, H = _dims(model)
-    name = model_mixer(model["kind"], model["mixer"])
-    return registry_state_size(name, C, H, _tokens(config), **(model.get("mixer_kwargs") or {}))
+    L, C, H = _dims(model)
+    names = parse_pattern(model.get("pattern"))
+    if not names:
+        name = model_mixer(model["kind"], model["mixer"])
+        return registry_state_size(name, C, H, _tokens(config),
+                                   **(model.get("mixer_kwargs") or {}))
+    per_entry = [registry_state_size(name, C, H, _tokens(config), **kw) for name, kw in
+                 resolve_pattern(model["kind"], names, model.get("mixer_kwargs"), L)]
+    return round(statistics.fmean(per_entry))
+
+
+def variant(config: dict) -> str:
+    """The name a run's model goes by in the tables: its mixer, `+gate` for a gated TTT layer,
+    a hybrid's pattern with repeats counted (`ttt_linear×3+swa`)."""
+    model = config["model"]
+    names = parse_pattern(model.get("pattern"))
+    if names:
+        runs: list[list] = []
+        for name in names:
+            if runs and runs[-1][0] == name:
+                runs[-1][1] += 1
+            else:
+                runs.append([name, 1])
+        return "+".join(name if k == 1 else f"{name}×{k}" for name, k in runs)
+    gate = (model.get("mixer_kwargs") or {}).get("gate")
+    return model["mixer"] + ("+gate" if gate else "")
 
 
 def param_count(config: dict) -> int:
@@ -145,7 +179,7 @@ def summarize(run_dir: str) -> dict:
         "name": name, "cell": name, "key": info.get("key"), "group": group, "dir": run_dir,
         "spec": info.get("spec", ""), "seed": info.get("seed", config["train"].get("seed", 0)),
         "lr": float(config["optim"]["lr"]), "diverged": diverged,
-        "mixer": config["model"]["mixer"], "mixer_kwargs": kw,
+        "mixer": config["model"]["mixer"], "variant": variant(config), "mixer_kwargs": kw,
         "params": param_count(config), "state": state_size(config),
         "seq_len": config["data"].get("seq_len"), "steps": rows[-1]["step"] if rows else 0,
         # a diverged run scores nothing: accuracy 0, loss unknown
@@ -158,6 +192,7 @@ def summarize(run_dir: str) -> dict:
         "steps_per_s": info.get("steps_per_s", math.nan),
         "train_curve": _series(rows, "train/loss"),
         "eval_curve": _series(rows, "eval/accuracy"),
+        "eval_loss_curve": _series(rows, "eval/loss"),
         "init": (config.get("init") or {}).get("transformer_workdir"),
         "selected": True,
     }
@@ -207,18 +242,20 @@ def fmt_stats(s: tuple[float, float, int], spec: str = ".4f") -> str:
 
 
 def verdict(a: tuple[float, float, int], b: tuple[float, float, int]) -> str:
-    """'finding' when |Δ mean| > sd_a + sd_b, else 'within spread' ('single seed' if n < 2)."""
-    if a[2] < 2 or b[2] < 2:
-        return "single seed"
+    """'finding' when |Δ mean| > sd_a + sd_b, else 'within spread'; 'n/a: seeds' when either
+    side has fewer than MIN_SEEDS seeds."""
+    if a[2] < MIN_SEEDS or b[2] < MIN_SEEDS:
+        return NA_SEEDS
     return "finding" if abs(a[0] - b[0]) > a[1] + b[1] else "within spread"
 
 
 def paired_verdict(diffs: list[float]) -> str:
     """For per-seed differences of one quantity (two position ranges of the same runs):
-    'finding' when |mean| > 2 sd of the differences, the paired form of |Δ| > sd₁ + sd₂."""
+    'finding' when |mean| > 2 sd of the differences, the paired form of |Δ| > sd₁ + sd₂
+    ('n/a: seeds' for fewer than MIN_SEEDS)."""
     mean, sd, n = stats(diffs)
-    if n < 2:
-        return "single seed"
+    if n < MIN_SEEDS:
+        return NA_SEEDS
     return "finding" if abs(mean) > 2 * sd else "within spread"
 
 
@@ -254,11 +291,12 @@ def mqar_table(runs: list[dict]) -> str:
     """MQAR: accuracy (mean ± sd) per (mixer, length, pairs, width) with state size and rate."""
     cellmap = cells(runs)
     order = sorted(cellmap.values(), key=lambda c: (c[0]["seq_len"], c[0]["num_kv_pairs"],
-                                                    c[0]["width"], c[0]["state"], c[0]["mixer"]))
+                                                    c[0]["width"], c[0]["state"],
+                                                    c[0]["variant"]))
     return _table(
         ["mixer", "seq len", "kv pairs", "width", "state floats/layer", "accuracy", "seeds", "lr",
          "steps", "steps/s", "wall s"],
-        [[c[0]["mixer"], str(c[0]["seq_len"]), str(c[0]["num_kv_pairs"]), str(c[0]["width"]),
+        [[c[0]["variant"], str(c[0]["seq_len"]), str(c[0]["num_kv_pairs"]), str(c[0]["width"]),
           f"{c[0]['state']:,}", fmt_stats(stats(r["eval_accuracy"] for r in c), ".3f"),
           str(len(c)), f"{c[0]['lr']:g}", str(c[0]["steps"]),
           _fmt(stats(r["steps_per_s"] for r in c)[0], ".1f"),
@@ -290,23 +328,29 @@ def mqar_sweep_table(all_runs: list[dict]) -> str | None:
 
 
 def mqar_findings(runs: list[dict]) -> list[str]:
-    """The harness check (softmax ≥ 99% at every pair count) and each pair count's ranking."""
+    """The harness check (softmax ≥ 99% at every setting) and each setting's ranking; a
+    setting is (length, pairs, width), named by its pairs alone when that is unambiguous."""
     cellmap = cells(runs)
+    settings = sorted({(c[0]["seq_len"], c[0]["num_kv_pairs"], c[0]["width"])
+                       for c in cellmap.values()})
+    plain = len({kv for _, kv, _ in settings}) == len(settings)
     out = []
-    for kv in sorted({c[0]["num_kv_pairs"] for c in cellmap.values()}):
-        sub = {k: c for k, c in cellmap.items() if c[0]["num_kv_pairs"] == kv}
-        soft = [c for c in sub.values() if c[0]["mixer"] == "softmax"]
+    for n, kv, width in settings:
+        where = f"{kv} pairs" if plain else f"N={n}, {kv} pairs, width {width}"
+        sub = {k: c for k, c in cellmap.items()
+               if (c[0]["seq_len"], c[0]["num_kv_pairs"], c[0]["width"]) == (n, kv, width)}
+        soft = [c for c in sub.values() if c[0]["variant"] == "softmax"]
         if soft:
             s = stats(r["eval_accuracy"] for r in soft[0])
             ok = s[0] >= VALIDATED
-            out.append(f"{kv} pairs: softmax attention {fmt_stats(s, '.3f')} — "
+            out.append(f"{where}: softmax attention {fmt_stats(s, '.3f')} — "
                        + ("harness validated (≥ 0.99): the other rows measure the mixers"
                           if ok else "harness NOT validated (< 0.99): the rows measure the "
                           "budget as much as the mixers"))
-        ranking = _ranking({c[0]["mixer"]: stats(r["eval_accuracy"] for r in c)
+        ranking = _ranking({c[0]["variant"]: stats(r["eval_accuracy"] for r in c)
                             for c in sub.values()}, True, ".3f")
         if ranking:
-            out.append(f"{kv} pairs, best first: " + "; ".join(ranking))
+            out.append(f"{where}, best first: " + "; ".join(ranking))
     return out
 
 
@@ -315,7 +359,7 @@ def lm_table(runs: list[dict]) -> str:
     return _table(
         ["variant", "mixer", "params", "state floats/layer", "val loss", "bits/byte",
          "val acc", "seeds", "tokens/s", "wall s"],
-        [[c[0]["name"], c[0]["mixer"], f"{c[0]['params']:,}", f"{c[0]['state']:,}",
+        [[c[0]["name"], c[0]["variant"], f"{c[0]['params']:,}", f"{c[0]['state']:,}",
           fmt_stats(stats(r["eval_loss"] for r in c)),
           fmt_stats(stats(r["eval_loss"] / math.log(2) for r in c)),
           fmt_stats(stats(r["eval_accuracy"] for r in c), ".3f"), str(len(c)),
@@ -387,7 +431,8 @@ def init_table(init_runs: list[dict], lm_runs: list[dict]) -> tuple[str, list[st
     lm_cells = cells(lm_runs)
     rows, findings = [], []
     for name, c in cells(init_runs).items():
-        scratch = next((v for v in lm_cells.values() if v[0]["spec"] == c[0]["spec"]), None)
+        scratch = next((v for v in lm_cells.values() if v[0]["spec"] == c[0]["spec"]
+                        and v[0]["variant"] == c[0]["variant"]), None)
         teacher = next((v for v in lm_cells.values() if v[0]["mixer"] == "softmax" and
                         v[0]["seq_len"] == c[0]["seq_len"]), None)
         a = stats(r["eval_loss"] for r in c)
@@ -461,6 +506,7 @@ def results_rows(summaries: list[dict]) -> list[dict]:
     out = []
     for s in summaries:
         base = {"group": s["group"], "cell": s["cell"], "mixer": s["mixer"],
+                "variant": s["variant"],
                 "setting": _setting(s), "seed": s["seed"], "lr": s["lr"],
                 "selected": bool(s.get("selected", True)), "dir": s["dir"]}
         metrics = {"eval_loss": s["eval_loss"], "eval_accuracy": s["eval_accuracy"],
@@ -489,7 +535,8 @@ TITLES = {"mqar": "MQAR (accuracy on the answer positions)",
 
 
 def _findings(lines: list[str]) -> list[str]:
-    return ["Findings (Δ beyond the spread, see the header):\n\n"
+    return [f"Findings (Δ beyond the spread with ≥ {MIN_SEEDS} seeds a side, else "
+            f"'{NA_SEEDS}'; see the header):\n\n"
             + "\n".join(f"- {line}" for line in lines)] if lines else []
 
 
@@ -538,7 +585,9 @@ def build_report(summaries: list[dict], out_dir: str, *, header: str = "") -> st
             table, findings = init_table(runs, selected.get("lm", []))
             parts += [table, *_findings(findings)]
             scratch = {k: c for k, c in cells(selected.get("lm", [])).items()
-                       if c[0]["spec"] in {r["spec"] for r in runs} or c[0]["mixer"] == "softmax"}
+                       if (c[0]["spec"], c[0]["variant"]) in {(r["spec"], r["variant"])
+                                                              for r in runs}
+                       or c[0]["variant"] == "softmax"}
             plots.plot_loss_curves({**cells(runs), **scratch},
                                    os.path.join(out_dir, "init_loss.png"), TITLES[group])
             parts.append("![init training loss](init_loss.png)")

@@ -2,12 +2,15 @@
 
 Every function takes cells (lists of run summaries, see `experiments.report.cells`) and a path;
 curves of a cell are averaged over its seeds, with the ± one standard deviation band shaded when
-there is more than one seed. Each PNG is written whole or not at all (`ttt.files`).
+there is more than one seed. A training curve with fewer than two logged train points (a cut
+run) is drawn from the run's eval points and labelled so. Titles are wrapped to the figure's
+width. Each PNG is written whole or not at all (`ttt.files`).
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 
 import numpy as np
 
@@ -39,15 +42,40 @@ def _band(ax, x, mean, sd, label, color, **kw):
         ax.fill_between(x, mean - sd, mean + sd, color=color, alpha=0.2, lw=0)
 
 
+def wrap(title: str, width: int = 55) -> str:
+    """A title broken into lines of at most `width` characters (a 6-inch figure's width)."""
+    return "\n".join(textwrap.wrap(title, width)) or title
+
+
+def loss_curve(run: dict) -> tuple[tuple[list, list], str]:
+    """(steps, losses) of one run and where they come from: its train points when it logged at
+    least two, else its eval points when it has at least two ("eval"), else whatever it has
+    ("too few points")."""
+    train = run["train_curve"]
+    if len(train[0]) >= 2:
+        return train, "train"
+    evals = run.get("eval_loss_curve") or ([], [])
+    if len(evals[0]) >= 2:
+        return evals, "eval"
+    return (train if len(train[0]) >= len(evals[0]) else evals), "too few points"
+
+
 def plot_loss_curves(cells: dict[str, list[dict]], path: str, title: str) -> None:
-    """Training loss against step, one line per cell (mean over seeds)."""
+    """Training loss against step, one line per cell (mean over seeds); a cell whose runs have
+    too few train points is drawn from the eval points (see `loss_curve`), marked in its label."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (name, runs) in enumerate(cells.items()):
-        x, mean, sd = _mean_curve([r["train_curve"] for r in runs if r["train_curve"][0]])
+        picked = [loss_curve(r) for r in runs]
+        source = "train" if all(s == "train" for _, s in picked) else \
+            "eval" if all(s != "too few points" for _, s in picked) else "too few points"
+        curves = [c if source == "train" else (r.get("eval_loss_curve") or c)
+                  for r, (c, _) in zip(runs, picked, strict=True)]
+        x, mean, sd = _mean_curve([c for c in curves if c[0]])
+        note = "" if source == "train" else f", {source}"
         if len(x):
-            _band(ax, x, mean, sd, f"{name} (n={len(runs)})", f"C{i % 10}")
-    ax.set(xlabel="training step", ylabel="training loss (nats/token)", title=title)
+            _band(ax, x, mean, sd, f"{name} (n={len(runs)}{note})", f"C{i % 10}", marker=".")
+    ax.set(xlabel="training step", ylabel="loss (nats/token)", title=wrap(title))
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure_atomic(fig, path, dpi=100)
@@ -55,8 +83,9 @@ def plot_loss_curves(cells: dict[str, list[dict]], path: str, title: str) -> Non
 
 
 def plot_mqar(cells: dict[str, list[dict]], path: str) -> None:
-    """Accuracy (mean ± sd over seeds) against state floats per layer; color = mixer, marker =
-    (length, pairs)."""
+    """Accuracy (mean ± sd over seeds) against state floats per layer (Zoology's plot); color =
+    variant, marker = (length, pairs); a variant's points at several widths of one setting (the
+    capacity frontier) are joined by a line."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     settings = sorted({(r[0]["seq_len"], r[0]["num_kv_pairs"]) for r in cells.values()})
@@ -65,10 +94,20 @@ def plot_mqar(cells: dict[str, list[dict]], path: str) -> None:
     for runs in cells.values():
         r0 = runs[0]
         acc = [r["eval_accuracy"] for r in runs]
-        color = colors.setdefault(r0["mixer"], f"C{len(colors) % 10}")
+        color = colors.setdefault(r0["variant"], f"C{len(colors) % 10}")
         sd = float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0
         ax.errorbar(r0["state"], float(np.mean(acc)), yerr=sd, color=color, capsize=3,
                     marker=markers[(r0["seq_len"], r0["num_kv_pairs"])], ms=6, ls="none")
+    lines: dict[tuple, list[tuple[float, float]]] = {}
+    for runs in cells.values():
+        r0 = runs[0]
+        key = (r0["variant"], r0["seq_len"], r0["num_kv_pairs"])
+        lines.setdefault(key, []).append((r0["state"], float(np.mean(
+            [r["eval_accuracy"] for r in runs]))))
+    for (name, _, _), pts in lines.items():
+        if len(pts) > 1:
+            xs, ys = zip(*sorted(pts), strict=True)
+            ax.plot(xs, ys, color=colors[name], lw=1, alpha=0.7)
     for m, c in colors.items():
         ax.scatter([], [], color=c, label=m)
     for (n, kv), mk in markers.items():
@@ -76,7 +115,7 @@ def plot_mqar(cells: dict[str, list[dict]], path: str) -> None:
     ax.set_xscale("log")
     ax.set(xlabel="recurrent state (floats per layer per sequence)", ylabel="MQAR accuracy",
            title="MQAR accuracy vs state size (mean ± sd over seeds)", ylim=(-0.02, 1.02))
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     save_figure_atomic(fig, path, dpi=100)
     plt.close(fig)
@@ -84,21 +123,25 @@ def plot_mqar(cells: dict[str, list[dict]], path: str) -> None:
 
 def plot_mqar_curves(cells: dict[str, list[dict]], path: str) -> None:
     """Validation accuracy against step (mean over seeds), one panel per pair count: the
-    learning curves that show whether a run had the budget to solve the task."""
+    learning curves that show whether a run had the budget to solve the task. Panels are per
+    (length, pairs, width), titled by the pairs alone when that is unambiguous."""
     plt = _plt()
-    pairs = sorted({runs[0]["num_kv_pairs"] for runs in cells.values()})
+    setting = lambda r: (r["seq_len"], r["num_kv_pairs"], r["width"])  # noqa: E731
+    pairs = sorted({setting(runs[0]) for runs in cells.values()})
+    plain = len({p[1] for p in pairs}) == len(pairs)
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.6), squeeze=False)
-    mixers = sorted({runs[0]["mixer"] for runs in cells.values()})
+    mixers = sorted({runs[0]["variant"] for runs in cells.values()})
     for ax, kv in zip(axes[0], pairs, strict=True):
         for runs in cells.values():
-            if runs[0]["num_kv_pairs"] != kv:
+            if setting(runs[0]) != kv:
                 continue
             x, mean, sd = _mean_curve([r["eval_curve"] for r in runs if r["eval_curve"][0]])
             if len(x):
-                color = f"C{mixers.index(runs[0]['mixer']) % 10}"
-                _band(ax, x, mean, sd, f"{runs[0]['mixer']} (lr {runs[0]['lr']:g})", color,
+                color = f"C{mixers.index(runs[0]['variant']) % 10}"
+                _band(ax, x, mean, sd, f"{runs[0]['variant']} (lr {runs[0]['lr']:g})", color,
                       marker=".")
-        ax.set(xlabel="training step", ylabel="validation accuracy", title=f"{kv} pairs",
+        title = f"{kv[1]} pairs" if plain else f"N={kv[0]}, {kv[1]} pairs, width {kv[2]}"
+        ax.set(xlabel="training step", ylabel="validation accuracy", title=title,
                ylim=(-0.02, 1.02))
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -135,7 +178,7 @@ def plot_loss_by_position(cells: dict[str, list[dict]], path: str, title: str) -
         _band(ax, x, ys.mean(0), sd, f"{name} (n={len(curves)})", f"C{i % 10}")
     ax.set_xscale("log")
     ax.set(xlabel="token position in the context", ylabel="validation loss (nats/byte)",
-           title=title)
+           title=wrap(title))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

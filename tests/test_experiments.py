@@ -253,7 +253,7 @@ def test_report_means_spreads_findings_and_positions(tmp_path):
     a, b, c = (report.stats(r["eval_loss"] for r in cellmap[k]) for k in losses)
     assert report.verdict(a, b) == "finding"
     assert report.verdict(a, c) == "within spread"  # 0.005 apart, spreads 0.01 + 0.04
-    assert report.verdict(a, (2.5, math.nan, 1)) == "single seed"
+    assert report.verdict(a, (2.5, math.nan, 1)) == "n/a: seeds"
     assert report.fmt_stats(a) == "2.0100 ± 0.0100" and report.fmt_stats((2.5, math.nan, 1)) \
         == "2.5000"
     text = report.build_report(summaries, root)
