@@ -2,7 +2,7 @@ r"""The long-context probe: loss on copied spans by copy distance, against the l
 
   python -m ttt.main --config experiments/lm.py:softmax,cpu,repeats,ctx=512 --workdir runs/sm
   python -m experiments.long_context --workdir runs/sm [--max_batches=M] [--skip=1] [--out=DIR]
-  python -m experiments.long_context --workdir runs/sm,runs/gdn,runs/swa   # + a markdown table
+  python -m experiments.long_context --workdir runs/sm runs/gdn runs/swa   # + a markdown table
 
 Loads a trained LM (`ttt.run.load`), runs it over the validation split of its data with copied
 spans (`ttt.data.repeats`: the run's own `data.repeats` settings, or the `repeats` token's defaults
@@ -13,11 +13,12 @@ them says a copy has begun) and by place in the copy. A model that uses the cont
 predicts copies at distance D far better than own text; one that forgets beyond some horizon
 loses that advantage in the bins past it. The same seed gives every run the same validation
 windows, so runs of different mixers are scored on identical tokens. A few lines per run on
-stdout; with several runs (comma-separated) also one markdown table of them all.
+stdout; with several runs also one markdown table of them all.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -26,17 +27,6 @@ import numpy as np
 from ttt import cli
 from ttt.errors import ResourceError
 from ttt.files import check_writable, write_json_atomic
-
-FLAGS = (
-    cli.Flag("workdir", str, None, "run directories of LMs written by python -m ttt.main "
-             "(comma-separated)", True),
-    cli.Flag("batch_size", int, None, "windows per batch (default: the run's global batch)"),
-    cli.Flag("max_batches", int, None, "stop after this many batches (default: the whole split)"),
-    cli.Flag("skip", int, 1, "leading tokens of each copy left out of the distance bins"),
-    cli.Flag("step", int, None, "checkpoint step to load (default: the newest)"),
-    cli.Flag("out", str, None, "directory for long_context.json (default: WORKDIR/eval)"),
-    cli.DEBUG,
-)
 
 
 def repeats_data_config(data_config):
@@ -143,12 +133,23 @@ def markdown(results: list[dict]) -> str:
 
 
 def _main(argv: list[str]) -> int:
-    values, _ = cli.parse_flags(argv, FLAGS, prog="python -m experiments.long_context",
-                                doc=__doc__)
-    workdirs = [w for w in values["workdir"].split(",") if w]
-    if values["out"] and len(workdirs) > 1:
+    parser = argparse.ArgumentParser(prog="python -m experiments.long_context",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", nargs="+", required=True,
+                        help="run directories of LMs written by python -m ttt.main")
+    parser.add_argument("--batch_size", type=int, help="windows per batch (default: the run's)")
+    parser.add_argument("--max_batches", type=int, help="stop after this many batches "
+                                                        "(default: the whole split)")
+    parser.add_argument("--skip", type=int, default=1,
+                        help="leading tokens of each copy left out of the distance bins")
+    parser.add_argument("--step", type=int, help="checkpoint step to load (default: newest)")
+    parser.add_argument("--out", help="directory for long_context.json (default: WORKDIR/eval; "
+                                      "one --workdir only)")
+    parser.add_argument("--debug", action="store_true", help="tracebacks for errors")
+    args = parser.parse_args(argv)
+    if args.out and len(args.workdir) > 1:
         raise cli.UsageError("--out takes one --workdir: each run writes its own result")
-    results = [_probe_one(w, values) for w in workdirs]
+    results = [_probe_one(w, vars(args)) for w in args.workdir]
     if len(results) > 1:
         print(markdown(results))
     return 0
