@@ -42,6 +42,9 @@ Presets (runtimes measured on an idle 2-core machine, see README):
            and pair count, then 3 seeds at the best rate; long-context LMs at 2k, 3 seeds
            each; TTT-Linear from the Transformer, 3 seeds; the ablation ladder and MTTT vision
            (T = 0, 1, 2, 4), 3 seeds.
+  frontier not measured (estimated ~25 h on 2 cores at its default budget): the capacity
+           frontier, MQAR at 256 tokens and 64 pairs at widths 64 / 128 / 256 for every MQAR
+           mixer, 1 seed per point and 3 at width 128 (`experiments/grid.py`, FRONTIER_STEPS).
   tiny     smoke runs that exercise every mechanism (seeds, sweep, init, by-position) in tests.
 To add a mixer to the comparison (e.g. a new registry entry), add its name to MQAR_MIXERS and/or
 COMPARE_LM_MIXERS in `experiments/grid.py` (LM_MIXERS: the demo's LMs too).
@@ -122,6 +125,8 @@ def _planned(cell: Cell) -> int:
 
 def _header(args, wall: float, summaries: list[dict], cells: list[Cell],
             failures: list[dict]) -> str:
+    from experiments.report import MIN_SEEDS, NA_SEEDS  # here: see _cells
+
     cpu = sum(s["cpu_s"] for s in summaries if math.isfinite(s["cpu_s"]))
     cpu += sum(s.get("eval_cpu_s", 0.0) for s in summaries)
     done = {}
@@ -142,10 +147,11 @@ def _header(args, wall: float, summaries: list[dict], cells: list[Cell],
              f"every invocation): {cpu / 3600:.2f} h — on n idle cores the comparison takes "
              "about this / n.",
              "Cells show mean ± standard deviation over their seeds (n). A difference between "
-             "two cells is reported as a **finding** only when it exceeds the spread: "
-             "|Δ mean| > sd₁ + sd₂ (the mean ± sd intervals do not overlap; for two position "
-             "ranges of the same runs: |mean per-seed Δ| > 2 sd of those Δ); single-seed cells "
-             "support no finding."]
+             f"two cells is reported as a **finding** only with ≥ {MIN_SEEDS} seeds on each "
+             "side and when it exceeds the spread: |Δ mean| > sd₁ + sd₂ (the mean ± sd "
+             "intervals do not overlap; for two position ranges of the same runs: |mean "
+             "per-seed Δ| > 2 sd of those Δ); with fewer seeds the verdict is "
+             f"'{NA_SEEDS}'."]
     if failures:
         lines.append("Failed runs: " + "; ".join(f"{f.get('key', f.get('name'))}: {f['error']}"
                                                  for f in failures))

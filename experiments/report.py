@@ -409,7 +409,9 @@ def position_table(runs: list[dict]) -> tuple[str, list[str]] | None:
             (math.nan, math.nan, 0)
         last = f"positions {ranges[-1][0]}–{ranges[-1][1] - 1} vs the octave before: " \
             f"{fmt_stats(change, '+.4f')} nats"
-        if last_gain is None:
+        if len(per_seed) < MIN_SEEDS:
+            where = f"{NA_SEEDS} ({len(per_seed)} < {MIN_SEEDS}; {last})"
+        elif last_gain is None:
             where = f"no drop between neighbouring octaves exceeds the spread ({last})"
         elif last_gain == len(ranges) - 1:
             where = f"still improving at the end of the context ({last})"
