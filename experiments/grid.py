@@ -30,7 +30,11 @@ VARIANTS = {
         "model.num_layers=4",
         "model.pattern=gated_deltanet,gated_deltanet,gated_deltanet,softmax")),
 }
-NEW_MIXERS = ("deltanet", "gated_deltanet", "mamba2", "titans", *VARIANTS)
+NEW_MIXERS = ("deltanet", "gated_deltanet", "mamba2", *VARIANTS)
+# Titans is left out of the presets: one step of the MQAR harness took 9.1 s on one (shared)
+# core against 0.35-0.69 s for the other new mixers (2026-12-06), ~4.4 h per 1,750-step run.
+# Train it by hand: `--configs experiments/mqar.py:titans,harness`.
+TOO_SLOW_ON_CPU = ("titans",)
 MQAR_MIXERS = ("linear_attention", "ttt_linear", "ttt_mlp", "lact", "softmax", *NEW_MIXERS)
 LM_MIXERS = ("linear_attention", "ttt_linear", "ttt_mlp", "softmax")
 COMPARE_LM_MIXERS = (*LM_MIXERS, "lact", *NEW_MIXERS)  # the demo leaves the large-chunk layer out
