@@ -198,7 +198,7 @@ def test_a_tiny_softmax_lm_copies_and_the_probe_reports_it(tmp_path, capsys):
     better than own text, at every distance; at 200 steps it does not yet (negative control)."""
     work = tmp_path / "sm"
     args = [f"--config={lm.__file__}:softmax,cpu,repeats,ctx=256", f"--workdir={work}",
-            "--config.model.pre_conv=true", "--config.train.steps=400",
+            "--config.model.pre_conv=True", "--config.train.steps=400",
             "--config.train.global_batch_size=16", "--config.optim.lr=0.01",
             "--config.train.eval_every=0", "--config.train.checkpoint_every=200",
             "--config.train.keep_checkpoints=2", "--config.train.progress=false"]
