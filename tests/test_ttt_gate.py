@@ -267,7 +267,7 @@ def test_mixer_gate_parameters_and_init():
     assert g["kernel"].shape == (8, H) and g["A_log"].shape == g["dt_bias"].shape == (H,)
     A = np.exp(np.asarray(g["A_log"]))
     dt = np.asarray(jax.nn.softplus(g["dt_bias"]))
-    assert ((A >= 1.0) & (A <= 16.0)).all() and ((dt >= 1e-3 - 1e-9) & (dt <= 0.1 + 1e-9)).all()
+    assert ((A >= 1e-4) & (A <= 16.0)).all() and ((dt >= 1e-3 - 1e-9) & (dt <= 0.1 + 1e-9)).all()
     fields = {f.name for f in dataclasses.fields(TTTMixer)} - {"parent", "name"}
     attrs = lambda m: {f: getattr(m, f) for f in fields}
     m = TTTMixer(width=8, num_heads=H)

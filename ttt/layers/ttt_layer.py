@@ -32,8 +32,10 @@ LEARNERS, BACKBONES = ("linear", "mlp"), ("transformer", "mamba")
 
 
 def _a_log_init(key, shape, dtype):
-    """The forget gate's A_log = log A, A ~ U(1, 16) per head (Mamba2's range)."""
-    return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
+    """The forget gate's A_log = log A, A ~ U(0, 16) per head floored at 1e-4 (Gated DeltaNet's
+    init, as `ttt.layers.delta_layer`)."""
+    A = jnp.maximum(jax.random.uniform(key, shape, jnp.float32, 0.0, 16.0), 1e-4)
+    return jnp.log(A).astype(dtype)
 
 
 def _dt_bias_init(key, shape, dtype):
