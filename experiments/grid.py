@@ -62,7 +62,17 @@ DEMO_NEW_LM = ("gated_deltanet", HYBRID_TTT_SWA)
 COST = {("mqar", "softmax"): 170, ("mqar", "linear_attention"): 200, ("mqar", "ttt_linear"): 280,
         ("mqar", "lact"): 800,  # estimated: 715 s on both cores (2026-11-30)
         ("mqar", "ttt_mlp"): 550, ("lm", "softmax"): 1100, ("lm", "ttt_mlp"): 200,
-        ("lm", "ttt_linear"): 150, ("lm", "linear_attention"): 110, ("init", "ttt_linear"): 150}
+        ("lm", "ttt_linear"): 150, ("lm", "linear_attention"): 110, ("init", "ttt_linear"): 150,
+        # The new rows: the step time of a short run (60 MQAR-harness / 8 LM-2k steps) on one
+        # shared core, 2026-12-06, scaled by TTT-Linear's measured in the same way (MQAR 0.207 s,
+        # LM 0.182 s per step) to its entry above; "est.": the LM's from the MQAR ratio, the gate
+        # taken as TTT-Linear.
+        ("mqar", "gated_deltanet"): 510, ("mqar", "deltanet"): 470, ("mqar", "mamba2"): 930,
+        ("mqar", HYBRID_TTT_SWA): 560, ("mqar", HYBRID_GDN_SOFTMAX): 1370,
+        ("mqar", "ttt_linear_gate"): 300,  # est.
+        ("lm", "gated_deltanet"): 300, ("lm", HYBRID_TTT_SWA): 320,
+        ("lm", "deltanet"): 250, ("lm", "mamba2"): 500, ("lm", HYBRID_GDN_SOFTMAX): 730,  # est.
+        ("lm", "ttt_linear_gate"): 160}  # est.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +159,7 @@ def _mqar_cells(pairs, seeds, lrs, mixers=MQAR_MIXERS, rank: int = 0, n: int = 6
 
 
 def _lm_cells(ctx: str, seeds, overrides=(), scale: float = 1.0, rank: int = 0,
-              mixers=LM_MIXERS) -> list[Cell]:
+              mixers=LM_MIXERS, init: bool = True) -> list[Cell]:
     """Long-context LMs (`experiments/lm.py`, `long` scale) with the loss by position, and
     TTT-Linear started from the trained Transformer of the same seed (same budget) — its
     from-scratch twin is the lm cell of the same spec."""
@@ -160,6 +170,8 @@ def _lm_cells(ctx: str, seeds, overrides=(), scale: float = 1.0, rank: int = 0,
         cells.append(Cell("lm", m, f"experiments/lm.py:{mixer},long,ctx={ctx}",
                           (*own, *overrides), seeds, by_position=True,
                           cost=COST.get(("lm", m), 200) * scale, rank=rank))
+    if not init:
+        return cells
     cells.append(Cell("init", "ttt_linear_from_softmax", f"experiments/lm.py:ttt_linear,long,"
                       f"ctx={ctx}", tuple(overrides), seeds, by_position=True,
                       init_from="lm/softmax", cost=COST[("init", "ttt_linear")] * scale,
@@ -195,23 +207,25 @@ PRESETS: dict[str, list[Cell]] = {
     # Scheduling (see scheduler._order): rank 0 = softmax attention on MQAR at 8 pairs (it
     # validates the harness); rank 1 = the long-context LMs, TTT from the Transformer and the
     # other mixers on MQAR at 8 pairs, seed by seed; rank 2 = MQAR at 16 pairs; rank 3 = the
-    # ladder and vision.
-    # An interrupted comparison has the headline cells first.
+    # ladder and vision; rank 4 = the mixers added last (NEW_MIXERS: Gated DeltaNet, DeltaNet,
+    # Mamba2, gated TTT-Linear, the hybrids) on MQAR at 8 and 16 pairs and the 2k LMs, so the
+    # first ranks (~3 h on 2 cores) finish as before and these (~5.5 h more, estimated from
+    # COST) come after. An interrupted comparison has the headline cells first.
     "compare": (
         _mqar_cells(MQAR_PAIRS[:1], SEEDS, MQAR_LRS, ("softmax",))
-        + _lm_cells("2k", SEEDS, rank=1, mixers=COMPARE_LM_MIXERS)
+        + _lm_cells("2k", SEEDS, rank=1, mixers=[m for m in COMPARE_LM_MIXERS
+                                                 if m not in NEW_MIXERS])
         + _mqar_cells(MQAR_PAIRS[:1], SEEDS, MQAR_LRS,
-                      [m for m in MQAR_MIXERS if m != "softmax"], rank=1)
+                      [m for m in MQAR_MIXERS if m not in ("softmax", *NEW_MIXERS)], rank=1)
         + _mqar_cells(MQAR_PAIRS[1:], SEEDS, MQAR_LRS,
                       [m for m in MQAR_MIXERS if m not in ("lact", *NEW_MIXERS)],
                       rank=2)  # LaCT (~4x softmax's time at this scale) at 8 pairs only
-        # the mixers added last (Gated DeltaNet, DeltaNet, Mamba2, Titans, gated TTT-Linear,
-        # the two hybrids) after the rows above, so an interrupted comparison has those
-        + _mqar_cells(MQAR_PAIRS[1:], SEEDS, MQAR_LRS, NEW_MIXERS, rank=2)
         + [Cell("ladder", f"{i + 1}_{r}", f"experiments/ablation.py:{r},cpu", seeds=SEEDS,
                 rank=3) for i, r in enumerate(LADDER)]
         + [Cell("vision", f"mttt_mlp_T{t}", f"experiments/vit.py:mttt_mlp,T={t},cpu",
                 seeds=SEEDS, cost=90, rank=3) for t in (0, 1, 2, 4)]
+        + _mqar_cells(MQAR_PAIRS, SEEDS, MQAR_LRS, NEW_MIXERS, rank=4)
+        + _lm_cells("2k", SEEDS, rank=4, mixers=NEW_MIXERS, init=False)
     ),
     "frontier": frontier_cells(),
     "tiny": [
