@@ -1,6 +1,8 @@
 r"""The long-context probe: loss on copied spans by copy distance, against the loss on own text.
 
-  python -m ttt.main --config experiments/lm.py:softmax,cpu,repeats,ctx=512 --workdir runs/sm
+  python -m ttt.main --config experiments/lm.py:softmax,cpu,repeats,ctx=256 --workdir runs/sm \
+      --config.model.pre_conv=True --config.train.steps=800 --config.train.global_batch_size=16 \
+      --config.optim.lr=0.01     # ~3.5 min on 2 CPU cores; docs/results.md has the measured table
   python -m experiments.long_context --workdir runs/sm [--max_batches=M] [--skip=1] [--out=DIR]
   python -m experiments.long_context --workdir runs/sm runs/gdn runs/swa   # + a markdown table
 
@@ -8,12 +10,14 @@ Loads a trained LM (`ttt.run.load`), runs it over the validation split of its da
 spans (`ttt.data.repeats`: the run's own `data.repeats` settings, or the `repeats` token's defaults
 for a run trained on plain text) and writes `WORKDIR/eval/long_context.json` (whole or not at
 all): the mean loss on copied tokens in octave bins of copy distance (16-32, 32-64, ... up to
-seq_len), on the window's own text, on the first `--skip` tokens of each copy (nothing before
-them says a copy has begun) and by place in the copy. A model that uses the context D tokens back
-predicts copies at distance D far better than own text; one that forgets beyond some horizon
-loses that advantage in the bins past it. The same seed gives every run the same validation
-windows, so runs of different mixers are scored on identical tokens. A few lines per run on
-stdout; with several runs also one markdown table of them all.
+seq_len) and on the same tokens at their sources (their first occurrence in the window, after as
+many tokens of the span: the paired baseline), on the window's own text (which also holds each
+window's first tokens and the tokens right after a copy ends, so it is not the baseline), on the
+first `--skip` tokens of each copy (nothing before them says a copy has begun) and by place in the
+copy. A model that uses the context D tokens back predicts copies at distance D far better than
+their sources; one that forgets beyond some horizon loses that advantage in the bins past it.
+The same seed gives every run the same validation windows, so runs of different mixers are scored
+on identical tokens. A few lines per run on stdout; with several runs one markdown table too.
 """
 
 from __future__ import annotations
@@ -112,22 +116,28 @@ def table(result: dict) -> str:
 
     head = " ".join(f"{b['from']:>4}-{b['to']:<4}" for b in result["by_distance"])
     vals = " ".join(f"{fmt(b['loss']):>9}" for b in result["by_distance"])
+    source = " ".join(f"{fmt(b['source_loss']):>9}" for b in result["by_distance"])
     return (f"{result['mixer']} step {result['step']}: own text {fmt(result['own_loss'])}, "
             f"first {result['skip']} of each copy {fmt(result['skipped_loss'])}, copies "
-            f"{fmt(result['copied_loss'])} ({result['copied_tokens']:,} tokens)\n"
-            f"  distance {head}\n  loss     {vals}")
+            f"{fmt(result['copied_loss'])} (at their sources {fmt(result['source_loss'])}; "
+            f"{result['copied_tokens']:,} tokens)\n"
+            f"  distance {head}\n  copy     {vals}\n  source   {source}")
 
 
 def markdown(results: list[dict]) -> str:
-    """One row per run: mixer, step, own-text loss, first tokens of copies, loss by distance."""
+    """One row per run: mixer, step, own-text loss, first tokens of copies, then the loss on
+    copies (and on the same tokens at their sources) in all and by distance."""
     edges = [f"{b['from']}–{b['to'] - 1}" for b in results[0]["by_distance"]]
-    lines = ["| mixer | step | own text | first {} of a copy | copies, all | {} |".format(
+    lines = ["| mixer | step | own text | first {} of a copy | copies (sources) | {} |".format(
         results[0]["skip"], " | ".join(edges)), "|---" * (4 + len(edges)) + "|---|"]
+
+    def f(x):
+        return "–" if x is None else f"{x:.3f}"
+
     for r in results:
-        def f(x):
-            return "–" if x is None else f"{x:.3f}"
         cells = [r["mixer"], str(r["step"]), f(r["own_loss"]), f(r["skipped_loss"]),
-                 f(r["copied_loss"])] + [f(b["loss"]) for b in r["by_distance"]]
+                 f"{f(r['copied_loss'])} ({f(r['source_loss'])})"] + [
+                     f"{f(b['loss'])} ({f(b['source_loss'])})" for b in r["by_distance"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -146,6 +146,11 @@ def test_probe_sums_partition_the_tokens_and_bin_by_distance():
     assert total == m.sum() and s["offset_count"].sum() == ((d > 0) & (m > 0)).sum()
     r = rp.summarize(s, edges)
     assert r["own_loss"] == pytest.approx(7.0)
+    rows, t = np.nonzero((d > 0) & (o > 2) & (m > 0))  # the paired baseline, token by token
+    at_source = nll[rows, t - d[rows, t]]
+    assert rel_err(r["source_loss"], at_source.mean()) < 1e-12
+    first = np.searchsorted(edges, d[rows, t], side="right") - 1 == 0
+    assert rel_err(r["by_distance"][0]["source_loss"], at_source[first].mean()) < 1e-12
     for i, b in enumerate(r["by_distance"]):  # log2 D lies in [i + 2, i + 3) in bin i
         if b["tokens"]:
             assert i + 2 + 0.03 <= b["loss"] < i + 3 + 0.08

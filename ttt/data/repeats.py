@@ -124,22 +124,28 @@ def sums(nll: np.ndarray, mask: np.ndarray, distance: np.ndarray, offset: np.nda
          edges: np.ndarray, span: int, skip: int = 1) -> dict[str, np.ndarray]:
     """Loss sums and token counts over one batch, all (B, N) -> per group:
     "bin" (len(edges) - 1,) copies at offset > skip by distance bin [edges[i], edges[i+1]),
+    "bin_source_loss" the same tokens at their source (their first occurrence, with the same
+    `skip` or more tokens before them: the paired baseline of each copy),
     "offset" (span,) copies by offset 1..span, "own" () the window's own text,
     "skipped" () copies at offset <= skip."""
     m = np.asarray(mask, np.float64)
     nll = np.asarray(nll, np.float64) * m
     copied = (distance > 0) & (m > 0)
-    scored = copied & (offset > skip)
+    scored = copied & (offset > skip) & (np.arange(nll.shape[1]) >= distance)  # source in view
+    rows = np.arange(nll.shape[0])[:, None]
+    source_nll = nll[rows, np.maximum(np.arange(nll.shape[1]) - distance, 0)]  # (B, N)
     b = np.searchsorted(edges, distance, side="right") - 1  # (B, N) bin of each distance
     n_bins = len(edges) - 1
-    out = {"bin_loss": np.zeros(n_bins), "bin_count": np.zeros(n_bins)}
+    out = {"bin_loss": np.zeros(n_bins), "bin_count": np.zeros(n_bins),
+           "bin_source_loss": np.zeros(n_bins)}
     for i in range(n_bins):
         sel = scored & (b == i)
         out["bin_loss"][i], out["bin_count"][i] = nll[sel].sum(), sel.sum()
+        out["bin_source_loss"][i] = source_nll[sel].sum()
     out["offset_loss"] = np.bincount(offset[copied] - 1, nll[copied], minlength=span)[:span]
     out["offset_count"] = np.bincount(offset[copied] - 1, minlength=span)[:span].astype(float)
     own = (distance == 0) & (m > 0)
-    skipped = copied & (offset <= skip)
+    skipped = copied & ~scored
     out.update(own_loss=nll[own].sum(), own_count=own.sum(),
                skipped_loss=nll[skipped].sum(), skipped_count=skipped.sum())
     return out
@@ -153,6 +159,7 @@ def summarize(totals: dict, edges: np.ndarray) -> dict:
 
     bins = [{"from": int(edges[i]), "to": int(edges[i + 1]),
              "loss": mean(totals["bin_loss"][i], totals["bin_count"][i]),
+             "source_loss": mean(totals["bin_source_loss"][i], totals["bin_count"][i]),
              "tokens": int(totals["bin_count"][i])} for i in range(len(edges) - 1)]
     copied_loss = float(np.sum(totals["bin_loss"]))
     copied_count = float(np.sum(totals["bin_count"]))
@@ -161,6 +168,7 @@ def summarize(totals: dict, edges: np.ndarray) -> dict:
         "own_tokens": int(totals["own_count"]),
         "copied_loss": mean(copied_loss, copied_count),
         "copied_tokens": int(copied_count),
+        "source_loss": mean(float(np.sum(totals["bin_source_loss"])), copied_count),
         "skipped_loss": mean(totals["skipped_loss"], totals["skipped_count"]),
         "skipped_tokens": int(totals["skipped_count"]),
         "by_distance": bins,
