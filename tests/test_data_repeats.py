@@ -196,27 +196,27 @@ def test_the_probe_splits_the_evaluated_loss(tmp_path, capsys):
     assert [b["from"] for b in r["by_distance"]] == [16, 32]  # 16 .. 65 - 16
 
 
-@pytest.mark.slow  # ~2 min on an idle 2-core CPU: copying appears after ~300 steps
+@pytest.mark.slow  # ~4-8 min on a 2-core CPU: the documented softmax run of docs/results.md
 def test_a_tiny_softmax_lm_copies_and_the_probe_reports_it(tmp_path, capsys):
-    """The tiny softmax LM (2 layers, width 64, a short conv before each mixer) trained 400 steps
-    on windows that are half copies predicts copied tokens (past the first two of a copy) far
-    better than own text, at every distance; at 200 steps it does not yet (negative control)."""
+    """The probe's softmax run (tiny LM, a short conv before each mixer, 800 steps at lr 1e-2):
+    at step 200 it predicts copied tokens no better than their sources (negative control); at
+    step 800 it copies, far better than at the sources in every distance bin."""
     work = tmp_path / "sm"
     args = [f"--config={lm.__file__}:softmax,cpu,repeats,ctx=256", f"--workdir={work}",
-            "--config.model.pre_conv=True", "--config.train.steps=400",
+            "--config.model.pre_conv=True", "--config.train.steps=800",
             "--config.train.global_batch_size=16", "--config.optim.lr=0.01",
             "--config.train.eval_every=0", "--config.train.checkpoint_every=200",
-            "--config.train.keep_checkpoints=2", "--config.train.progress=false"]
+            "--config.train.keep_checkpoints=4", "--config.train.progress=false"]
     assert ttt.main.main(args) == 0
     capsys.readouterr()
     results = {}
-    for step in (200, 400):
+    for step in (200, 800):
         assert long_context.main([f"--workdir={work}", "--max_batches=8", "--skip=2",
                                   f"--step={step}"]) == 0
         results[step] = json.load(open(work / "eval" / "long_context.json"))
     assert "distance" in capsys.readouterr().out
-    early, r = results[200], results[400]
+    early, r = results[200], results[800]
     assert r["mixer"] == "softmax" and r["batches"] == 8 and r["copied_tokens"] > 10_000
-    assert r["copied_loss"] < 0.7 * r["own_loss"], r
-    assert all(b["loss"] < r["own_loss"] for b in r["by_distance"])
-    assert early["copied_loss"] > 0.9 * early["own_loss"], early
+    assert r["copied_loss"] < 0.5 * r["source_loss"], r  # measured 0.56 vs 1.48
+    assert all(b["loss"] < 0.85 * b["source_loss"] for b in r["by_distance"]), r
+    assert early["copied_loss"] > 0.95 * early["source_loss"], early  # 2.41 vs 2.44
