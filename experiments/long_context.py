@@ -35,7 +35,7 @@ from ttt.files import check_writable, write_json_atomic
 
 def repeats_data_config(data_config):
     """The run's data config with copied spans: its own, else the `repeats` token's defaults."""
-    from experiments.lm import REPEATS
+    from experiments.lm import REPEATS  # here: lm imports the layers (JAX) (see probe_run)
 
     cfg = data_config.copy_and_resolve_references()
     if not cfg.get("repeats"):

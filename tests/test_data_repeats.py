@@ -168,6 +168,11 @@ def test_lm_token_switches_the_data():
                                                           ("data.repeat_span", "8")])
     assert (plain.data.repeats, plain.data.repeat_span) == (0.5, 8)
     validate(plain.data)
+    # the probe scores a run trained on plain text with the token's copies
+    probe = long_context.repeats_data_config(lm.get_config("softmax,cpu").data)
+    assert (probe.repeats, probe.repeat_span, probe.repeat_max_distance) == (0.5, 32, 128)
+    own = long_context.repeats_data_config(plain.data)
+    assert (own.repeats, own.repeat_span) == (0.5, 8)  # a run's own settings are kept
 
 
 def test_the_probe_splits_the_evaluated_loss(tmp_path, capsys):
