@@ -61,3 +61,14 @@ def test_a_bad_section_is_one_line(in_root, capsys):
 def test_help_points_to_the_catalogue(capsys):
     assert ttt_main.main(["--help"]) == 0
     assert "--list" in capsys.readouterr().out
+
+
+def test_lowercase_booleans_on_an_untyped_field_are_booleans():
+    """--config.model.pre_conv=true / false on a field without a type (a None default) are the
+    booleans, not the words (a non-empty string would switch the option on either way)."""
+    from ttt import cli
+
+    assert cli.parse_value("true", None, "--config.model.pre_conv") is True
+    assert cli.parse_value("false", None, "--config.model.pre_conv") is False
+    assert cli.parse_value("False", None, "--config.model.pre_conv") is False
+    assert cli.parse_value("swa", None, "--config.x") == "swa"  # other words stay words

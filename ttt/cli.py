@@ -215,6 +215,8 @@ def parse_value(text: str, want, what: str):
         if want in (tuple, list, dict, config_dict.ConfigDict):
             kind = want if want in (tuple, list) else dict
             raise UsageError(f"{what}={text}: expected {_type_name(kind)}") from None
+        if text.strip().lower() in ("true", "false"):  # true / false: the booleans, not words
+            return text.strip().lower() == "true"
         return text  # a bare word for a field without a type
     if want in (tuple, list):
         if not isinstance(value, (tuple, list)):
