@@ -465,8 +465,8 @@ def test_a_per_mixer_argument_can_be_set_on_the_command_line():
     """--config.model.mixer_kwargs.swa.window=8 creates the per-mixer dict inside the free-form
     mixer_kwargs; outside a free-form section a missing key is still an error."""
     from ttt import cli
-    from ttt.config import with_defaults
     from ttt.cli import UsageError
+    from ttt.config import with_defaults
 
     config = with_defaults(cli.load_config("experiments/lm.py:ttt_linear,smoke"))
     cli.apply_overrides(config, [("model.pattern", "ttt_linear,swa"),
