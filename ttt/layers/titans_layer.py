@@ -90,9 +90,8 @@ class TitansMixer(nn.Module):
     @nn.nowrap
     def make_learner(self) -> learners.Learner:
         """The memory f(x; W) as a pure `ttt.ops.learners.Learner`."""
-        if self.learner == "linear":
-            return learners.linear(bias=self.inner_bias)
-        return learners.mlp(factor=self.mlp_factor, bias=self.inner_bias)
+        return learners.build_learner(self.learner, bias=self.inner_bias,
+                                      mlp_factor=self.mlp_factor)
 
     def _unroll(self) -> int:
         return default_unroll() if self.unroll is None else self.unroll
