@@ -20,11 +20,16 @@ values u_i = β_i (v_i − a_i S_{i−1}ᵀ k_i). Unrolling,
 and substituting into u_i gives u_i + β_i Σ_{j<i} Γ_ij (k_i·k_j) u_j = β_i (v_i − γ_i S_0ᵀ k_i).
 For the chunk's K (c, dk), V (c, dv), β (c,) that is one unit-lower-triangular system
     (I + A) U = diag(β) (V − diag(γ) K S_0),   A = tril(diag(β) (K Kᵀ ⊙ Γ), −1),
-solved by forward substitution (`solve_triangular`, unit diagonal). Then
+With T = (I + A)⁻¹ (`unit_lower_inverse`) that is U = U_0 − W S_0, where
+    U_0 = T diag(β) V,   W = T diag(β γ) K        (neither depends on S_0), and then
     O   = diag(γ) Q S_0 + ((Q Kᵀ) ⊙ Γ ⊙ M) U        (M: causal mask, diagonal included),
     S_c = γ_c S_0 + (diag(Γ_cj) K)ᵀ U                 (the state carried to the next chunk).
+Everything that does not need S_0 (A, T, W, U_0, Q Kᵀ) is computed for all chunks at once; the
+`lax.scan` over chunks carries S with two small matmuls per chunk (U, then S_c) and hands back
+each chunk's S_0 and U, from which all outputs O come in one batched product after the scan.
 
 Notable choices:
+- No gate (log_alpha None): Γ is the causal mask and γ = 1; the decay factors are skipped.
 - Γ is formed as exp of the masked difference g_i − g_j (zero above the diagonal before the exp):
   no overflow and no NaN gradients from the entries the mask discards.
 - N need not be a multiple of c: the tail is padded with β = 0, log_alpha = 0 tokens, which leave
@@ -40,7 +45,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 from ttt.ops import checks
 
@@ -128,42 +132,91 @@ def delta_rule_decode_step(S, q_t, k_t, v_t, beta_t, log_alpha_t=None):
 # ----------------------------------------------------------------------------- chunked form
 
 
-def _chunk_step(S0, x):
-    """One chunk from S0 (B, H, dk, dv): x = (q, k (B, H, c, dk), v (B, H, c, dv), beta,
-    log_alpha (B, H, c)) -> (S_c, O (B, H, c, dv)). See the module docstring."""
-    q, k, v, beta, log_alpha = x
-    c = q.shape[2]
-    g = jnp.cumsum(log_alpha, axis=-1)  # (B, H, c): log γ_i
-    causal = jnp.tril(jnp.ones((c, c), dtype=bool))  # j <= i
-    diff = jnp.where(causal, g[..., :, None] - g[..., None, :], 0.0)  # (B, H, c, c)
-    Gam = jnp.where(causal, jnp.exp(diff), 0.0)  # Γ_ij, zero above the diagonal
-    gam = jnp.exp(g)[..., None]  # (B, H, c, 1)
-    kk = jnp.einsum("bhid,bhjd->bhij", k, k)  # (B, H, c, c)
-    A = jnp.tril(beta[..., None] * kk * Gam, -1)  # strictly lower
-    S0c = S0.astype(q.dtype)
-    rhs = beta[..., None] * (v - gam * jnp.einsum("bhid,bhdv->bhiv", k, S0c))  # (B, H, c, dv)
-    U = solve_triangular(A, rhs, lower=True, unit_diagonal=True)  # (B, H, c, dv)
-    qk = jnp.einsum("bhid,bhjd->bhij", q, k) * Gam  # (B, H, c, c), causal incl. diagonal
-    O = jnp.einsum("bhid,bhdv->bhiv", gam * q, S0c) + jnp.einsum("bhij,bhjv->bhiv", qk, U)
-    to_end = jnp.exp(g[..., -1:] - g)[..., None]  # (B, H, c, 1): Γ_cj
-    S_c = gam[..., -1, :, None] * S0c + jnp.einsum("bhjd,bhjv->bhdv", to_end * k, U)
-    return S_c.astype(S0.dtype), O
+@jax.custom_vjp
+def unit_lower_inverse(A):
+    """T = (I + A)⁻¹ for strictly lower-triangular A (..., c, c), by block doubling.
+
+    Bottom-up over block sizes s = 1, 2, 4, …: the inverse of [[L11, 0], [L21, L22]] is
+    [[T11, 0], [−T22 L21 T11, T22]], so each level is two batched matmuls on all diagonal blocks
+    at once (A is zero-padded to the next power of two; the padding inverts to the identity).
+    Exact forward substitution, written with matmuls only: XLA:CPU's batched triangular solve is
+    slow and, inside a scan over chunks at N = 8192, stalled without finishing. The gradient
+    uses dT = −T dA T: Ā = −Tᵀ T̄ Tᵀ, kept strictly lower.
+    """
+    return _inverse_fwd(A)[0]
+
+
+def _inverse_fwd(A):
+    c = A.shape[-1]
+    P = 1 << max(c - 1, 0).bit_length()  # the next power of two >= c
+    lead = A.shape[:-2]
+    A = jnp.pad(A, [(0, 0)] * len(lead) + [(0, P - c), (0, P - c)])
+    D = jnp.ones(lead + (P, 1, 1), A.dtype)  # the diagonal blocks of T, size s = 1
+    s = 1
+    while s < P:
+        nb = P // (2 * s)  # pairs of blocks at this level
+        blocks = jnp.diagonal(A.reshape(lead + (nb, 2 * s, nb, 2 * s)), axis1=-4, axis2=-2)
+        A21 = jnp.moveaxis(blocks, -1, -3)[..., s:, :s]  # (..., nb, s, s)
+        T11, T22 = D[..., 0::2, :, :], D[..., 1::2, :, :]
+        top = jnp.concatenate([T11, jnp.zeros_like(T11)], -1)
+        bottom = jnp.concatenate([-(T22 @ A21 @ T11), T22], -1)
+        D = jnp.concatenate([top, bottom], -2)  # (..., nb, 2s, 2s)
+        s *= 2
+    T = D[..., 0, :c, :c]
+    return T, T
+
+
+def _inverse_bwd(T, T_bar):
+    Tt = jnp.swapaxes(T, -1, -2)
+    return (jnp.tril(-(Tt @ T_bar @ Tt), -1),)
+
+
+unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
 
 
 @functools.partial(jax.jit, static_argnums=6)
 def _chunked(q, k, v, beta, log_alpha, S0, chunk):
-    B, H, N, _ = q.shape
+    """The chunk form; log_alpha None (no gate) skips the decay factors."""
+    B, H, N, dk = q.shape
     c = chunk
-    n_chunks = -(-N // c)
-    pad = n_chunks * c - N
+    n = -(-N // c)
+    pad = n * c - N
 
-    def split(x):  # (B, H, N, ...) -> (n_chunks, B, H, c, ...), zero-padded (β = 0, log a = 0)
+    def split(x):  # (B, H, N, ...) -> (B, H, n, c, ...), zero-padded (β = 0, log a = 0)
         x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
-        return jnp.moveaxis(x.reshape(B, H, n_chunks, c, *x.shape[3:]), 2, 0)
+        return x.reshape(B, H, n, c, *x.shape[3:])
 
-    S_N, O = jax.lax.scan(_chunk_step, S0, tuple(map(split, (q, k, v, beta, log_alpha))))
-    O = jnp.moveaxis(O, 0, 2).reshape(B, H, n_chunks * c, -1)[:, :, :N]  # (B, H, N, dv)
-    return O, S_N
+    q, k, v, beta = map(split, (q, k, v, beta))
+    causal = jnp.tril(jnp.ones((c, c), dtype=bool))  # j <= i
+    if log_alpha is None:
+        Gam, gam, to_end = causal.astype(q.dtype), 1.0, 1.0
+        decay = jnp.ones((B, H, n, 1, 1), q.dtype)
+    else:
+        g = jnp.cumsum(split(log_alpha), axis=-1)  # (B, H, n, c): log γ_i per chunk
+        diff = jnp.where(causal, g[..., :, None] - g[..., None, :], 0.0)
+        Gam = jnp.where(causal, jnp.exp(diff), 0.0)  # Γ_ij, zero above the diagonal
+        gam = jnp.exp(g)[..., None]  # (B, H, n, c, 1)
+        to_end = jnp.exp(g[..., -1:] - g)[..., None]  # (B, H, n, c, 1): Γ_cj
+        decay = jnp.exp(g[..., -1])[..., None, None]  # (B, H, n, 1, 1): γ_c
+    kb = beta[..., None] * k
+    T = unit_lower_inverse(jnp.tril(jnp.einsum("...id,...jd->...ij", kb, k) * Gam, -1))
+    W = T @ (gam * kb)  # (B, H, n, c, dk):  U = U0 − W S_0
+    U0 = T @ (beta[..., None] * v)  # (B, H, n, c, dv)
+    Kt = to_end * k  # (B, H, n, c, dk)
+
+    def step(S, x):  # S: the state before this chunk
+        W_i, U0_i, Kt_i, decay_i = x
+        S_in = S.astype(q.dtype)
+        U = U0_i - W_i @ S_in  # (B, H, c, dv)
+        S_out = decay_i * S_in + jnp.swapaxes(Kt_i, -1, -2) @ U
+        return S_out.astype(S.dtype), (S_in, U)
+
+    major = lambda x: jnp.moveaxis(x, 2, 0)  # chunk axis first: scan order
+    S_N, (S_in, U) = jax.lax.scan(step, S0, tuple(map(major, (W, U0, Kt, decay))))
+    S_in, U = jnp.moveaxis(S_in, 0, 2), jnp.moveaxis(U, 0, 2)  # (B, H, n, ·, dv)
+    qk = jnp.einsum("...id,...jd->...ij", q, k) * Gam  # causal, diagonal included
+    O = (gam * q) @ S_in + qk @ U  # (B, H, n, c, dv)
+    return O.reshape(B, H, n * c, -1)[:, :, :N], S_N
 
 
 def delta_rule(q, k, v, beta, *, log_alpha=None, chunk: int = 64, state=None):
@@ -175,7 +228,9 @@ def delta_rule(q, k, v, beta, *, log_alpha=None, chunk: int = 64, state=None):
     """
     _check_sequence(q, k, v, beta, log_alpha, state)
     checks.check_int("chunk", chunk, 1)
-    return _chunked(q, k, v, *_defaults(q, v, beta, log_alpha, state), chunk)
+    beta, _, state = _defaults(q, v, beta, None, state)
+    log_alpha = None if log_alpha is None else log_alpha.astype(q.dtype)
+    return _chunked(q, k, v, beta, log_alpha, state, chunk)
 
 
-__all__ = ["delta_rule", "delta_rule_decode_step", "delta_rule_recurrent"]
+__all__ = ["delta_rule", "delta_rule_decode_step", "delta_rule_recurrent", "unit_lower_inverse"]
