@@ -84,6 +84,8 @@ LABELS: dict[str, tuple[str, dict]] = {
     "ttt_linear_gate": ("ttt_linear", dict(stats=False, form="dual", kernel="xla", gate=True)),
     "deltanet": ("deltanet", dict(chunk=64)),
     "gated_deltanet": ("gated_deltanet", dict(chunk=64)),
+    # the same with DeltaNet's value width (expand_v 1): what the gate alone costs
+    "gated_deltanet_v1": ("gated_deltanet", dict(chunk=64, expand_v=1)),
     "mamba2": ("mamba2", {}),
     "titans": ("titans", {}),
     "swa": ("swa", {}),  # sliding-window softmax attention, window 512

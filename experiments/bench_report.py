@@ -168,7 +168,11 @@ def family_targets(rows: list[dict], dec: dict) -> list[dict]:
                   lim["primal_mb1_vs_deltanet"], ">=", note="online GD, two ways"))
     for N in (2048, 8192):
         out.append(_t(f"gated_deltanet / deltanet fwd+bwd time at N={N}",
-                      over(fb("gated_deltanet", N), fb("deltanet", N)), lim["gated_vs_deltanet"]))
+                      over(fb("gated_deltanet", N), fb("deltanet", N)), lim["gated_vs_deltanet"],
+                      note="paper configs: value heads 2d vs d"))
+        out.append(_t(f"gated_deltanet_v1 / deltanet fwd+bwd time at N={N}",
+                      over(fb("gated_deltanet_v1", N), fb("deltanet", N)),
+                      lim["gated_vs_deltanet"], note="same value width: the gate's cost"))
         out.append(_t(f"mamba2 / linattn_chunked fwd+bwd % of matmul ceiling at N={N}",
                       over(fb("mamba2", N, "pct_ceiling_fb"),
                            fb("linattn_chunked", N, "pct_ceiling_fb")),

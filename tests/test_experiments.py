@@ -307,6 +307,7 @@ def test_best_lr_ranks_diverged_runs_last(tmp_path):
                                                            "mqar/m/lr0.01_s1"]
 
 
+@pytest.mark.slow  # ~90 s; the default suite runs compare in test_compare_grid (3 steps)
 def test_compare_runs_the_tiny_preset_end_to_end(tmp_path, capsys):
     """Seeds, the lr sweep (the other seeds at the best rate), a run started from the
     Transformer of the same seed, the loss by position, results.json; a rerun trains nothing."""

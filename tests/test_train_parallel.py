@@ -107,7 +107,9 @@ def _same_runs(mixer, modes, root):
 
 
 @needs8
-@pytest.mark.parametrize("mixer", REAL)
+@pytest.mark.parametrize("mixer", [  # TTT-MLP and the Mamba backbone: `make test-slow` (~20 s each)
+    pytest.param(m, marks=pytest.mark.slow) if m in ("ttt_mlp", "ttt_linear_mamba") else m
+    for m in REAL])
 def test_real_model_same_run_on_the_head_parallel_mesh(tmp_path, mixer):
     """single == mesh data=2 x fsdp=2 x model=2 (and, for TTT-Linear, == pmap)."""
     modes = ["pmap", "data2_fsdp2_model2"] if mixer == "ttt_linear" else ["data2_fsdp2_model2"]
