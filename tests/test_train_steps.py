@@ -109,6 +109,25 @@ def test_weight_decay_mask_matrices_only():
     assert abs(float(updates["w"][0, 0]) + 0.5) < 1e-6  # -lr * wd * w
 
 
+@pytest.mark.parametrize("which", ["all", "matrices"])
+def test_weight_decay_skips_decay_rates_time_steps_and_skips(which):
+    """A_log, dt_bias (Gated DeltaNet, Mamba2, gated TTT) and D (Mamba2) are never decayed;
+    the names are the real layers' (a Mamba2 and a Gated DeltaNet mixer's parameters)."""
+    from ttt.layers import make_mixer
+
+    x = jnp.ones((1, 8, 64))
+    params = {name: make_mixer(name, 64, 4).init(jax.random.PRNGKey(0), x)["params"]
+              for name in ("mamba2", "gated_deltanet")}
+    mask = optim.weight_decay_mask(params, which)
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(mask)}
+    skipped = {k for k, v in flat.items() if not v}
+    for key in ("['mamba2']['A_log']", "['mamba2']['dt_bias']", "['mamba2']['D']",
+                "['gated_deltanet']['A_log']", "['gated_deltanet']['dt_bias']"):
+        assert key in skipped, (key, sorted(flat))
+    assert flat["['gated_deltanet']['wq']['kernel']"]  # a matrix: decayed either way
+    assert (which == "matrices") == ("['gated_deltanet']['o_norm']" in skipped)
+
+
 def _one_step(task, params, batch, config, accum):
     tx = optim.make_optimizer(config.optim, config.train.steps)
     state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),

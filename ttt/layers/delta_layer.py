@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from ttt.layers import common
 from ttt.ops import checks, delta
-from ttt.ops.primitives import causal_conv, project
+from ttt.ops.primitives import causal_conv, l2_normalize, project, rms_norm
 
 L2_EPS = 1e-6
 NORM_EPS = 1e-5
@@ -45,12 +45,12 @@ FORMS = ("chunked", "recurrent")
 
 def _l2(x):
     """x / √(Σ x² + eps) over the last axis."""
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2_EPS)
+    return l2_normalize(x, L2_EPS)
 
 
 def _rms_norm(x, scale):
     """x / √(mean x² + eps) · scale over the last axis."""
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + NORM_EPS) * scale
+    return rms_norm(x, scale, NORM_EPS)
 
 
 def _a_log_init(key, shape, dtype):

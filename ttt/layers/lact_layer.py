@@ -33,43 +33,21 @@ import jax.numpy as jnp
 from ttt.layers import common
 from ttt.ops import checks, inner_opt, learners, window_attn
 from ttt.ops import lact as lact_ops
-from ttt.ops.primitives import rope
+from ttt.ops.primitives import l2_normalize, rms_norm, rope, scale_features
 
 NORM_EPS = 1e-6
-# Every product with a per-row or per-feature factor is an einsum: their gradients are then dots,
-# not the reduce-of-a-product kernels XLA:CPU runs many times slower (as in `ttt.ops.primitives`).
+# per-row factors are einsums, per-feature ones `scale_features` (`ttt.ops.primitives`): their
+# gradients are then dots, not the reduce-of-a-product kernels XLA:CPU runs many times slower
 _rows = lambda x, s: jnp.einsum("...d,...->...d", x, s)  # x (..., d) ⊙ s (...,) per row
-_sq = lambda x: jnp.einsum("...d,...d->...", x, x)  # Σ_d x² per row
-
-
-@jax.custom_vjp
-def _cols(x, s):
-    """x (..., d) ⊙ s (d,) per feature. Its backward sums over the tokens with a matrix-vector
-    product (1's (M,) @ (dy ⊙ x) (M, d)), which XLA:CPU runs far faster than a reduce over the
-    major axes and needs no transpose (an einsum's batch dimension would)."""
-    return x * s
-
-
-def _cols_fwd(x, s):
-    return x * s, (x, s)
-
-
-def _cols_bwd(res, dy):
-    x, s = res
-    flat = (dy * x).reshape(-1, x.shape[-1])  # (M, d)
-    return dy * s, (jnp.ones((flat.shape[0],), flat.dtype) @ flat).astype(s.dtype)
-
-
-_cols.defvjp(_cols_fwd, _cols_bwd)
+_cols = scale_features
 
 
 def _rms_norm(x, scale):
-    """x / sqrt(mean(x²) + eps) · scale over the last axis."""
-    return _cols(_rows(x, jax.lax.rsqrt(_sq(x) / x.shape[-1] + NORM_EPS)), scale)
+    return rms_norm(x, scale, NORM_EPS)
 
 
 def _l2(x):
-    return _rows(x, jax.lax.rsqrt(_sq(x) + 1e-10))
+    return l2_normalize(x, 1e-10)
 
 
 def _inv_softplus(y: float) -> float:

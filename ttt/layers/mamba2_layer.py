@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from ttt.layers import common
 from ttt.ops import checks, linear_attn
+from ttt.ops.primitives import rms_norm
 
 FORMS = ("chunked", "cumsum", "quadratic")
 A_INIT_RANGE = (1.0, 16.0)
@@ -60,8 +61,7 @@ def _a_log_init(key, shape, dtype=jnp.float32):
 
 def _gated_rms_norm(y, z, scale, eps):
     """RMSNorm(y ⊙ SiLU(z)) · scale over the last axis (the reference's norm_before_gate=False)."""
-    g = y * jax.nn.silu(z)
-    return g * jax.lax.rsqrt(jnp.mean(jnp.square(g), axis=-1, keepdims=True) + eps) * scale
+    return rms_norm(y * jax.nn.silu(z), scale, eps)
 
 
 def final_state(k, v, log_alpha):

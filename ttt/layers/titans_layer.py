@@ -32,7 +32,7 @@ from ttt.layers import common
 from ttt.ops import checks, learners
 from ttt.ops import titans as titans_ops
 from ttt.ops._scan import default_unroll
-from ttt.ops.primitives import causal_conv, project
+from ttt.ops.primitives import causal_conv, l2_normalize, project, rms_norm
 
 LEARNERS = ("mlp", "linear")
 NORM_EPS = 1e-6
@@ -40,11 +40,11 @@ GATE_BIAS = {"theta": 0.0, "eta": 0.0, "alpha": -4.0}
 
 
 def _l2(x):
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-10)
+    return l2_normalize(x, 1e-10)
 
 
 def _rms_norm(x, scale):
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + NORM_EPS) * scale
+    return rms_norm(x, scale, NORM_EPS)
 
 
 class TitansMixer(nn.Module):

@@ -1,4 +1,5 @@
-"""Primitives every layer shares, as pure functions: LayerNorm, the causal depthwise convolution,
+"""Primitives every layer shares, as pure functions: LayerNorm, RMSNorm and L2 normalisation, the
+causal depthwise convolution,
 rotary position embedding (docs/design.md §3.3, §8.1, §8.2), the token-flattened projection, and
 the causal mask of the attention ops.
 
@@ -99,6 +100,41 @@ def _layer_norm_bwd(eps, res, dy):
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+# ----------------------------------------------------------------------------- RMSNorm, L2
+
+
+@jax.custom_vjp
+def scale_features(x, s):
+    """x (..., d) ⊙ s (d,) per feature. Its backward sums over the rows with a matrix-vector
+    product (1's (M,) @ (dy ⊙ x) (M, d)), which XLA:CPU runs far faster than the reduce over
+    the major axes autodiff would give (and needs no transpose, as an einsum's batch axis would)."""
+    return x * s
+
+
+def _scale_features_fwd(x, s):
+    return x * s, (x, s)
+
+
+def _scale_features_bwd(res, dy):
+    x, s = res
+    flat = (dy * x).reshape(-1, x.shape[-1])  # (M, d)
+    return dy * s, (jnp.ones((flat.shape[0],), flat.dtype) @ flat).astype(s.dtype)
+
+
+scale_features.defvjp(_scale_features_fwd, _scale_features_bwd)
+
+
+def rms_norm(x, scale, eps: float):
+    """x / √(mean x² + eps) · scale over the last axis; scale (d,). Per-row factors are einsums
+    and the scale a `scale_features`, so the gradients are dots (see the module notes)."""
+    return scale_features(_rows(x, jax.lax.rsqrt(_rowdot(x, x) / x.shape[-1] + eps)), scale)
+
+
+def l2_normalize(x, eps: float):
+    """x / √(Σ x² + eps) over the last axis (the per-row factor an einsum, as `rms_norm`)."""
+    return _rows(x, jax.lax.rsqrt(_rowdot(x, x) + eps))
 
 
 # ----------------------------------------------------------------------------- causal convolution

@@ -36,13 +36,24 @@ def ttt_lr_mult_schedule(optim_config) -> optax.Schedule:
     return optax.linear_schedule(init, 1.0, warmup)
 
 
+# Parameters never decayed, by leaf name: the decay rates and time steps of the gated mixers
+# (A_log, dt_bias) and Mamba2's skip D. Decay would pull A_log to 0 (A = 1) and dt_bias to 0
+# (Δ = log 2) whatever the data says; the Mamba2 and Gated DeltaNet recipes exclude them too.
+NO_DECAY = ("A_log", "dt_bias", "D")
+
+
 def weight_decay_mask(params, which: str):
-    """Pytree of bools: which parameters are decayed ("all", or "matrices": ndim >= 2)."""
-    if which == "all":
-        return jax.tree.map(lambda _: True, params)
-    if which == "matrices":
-        return jax.tree.map(lambda p: p.ndim >= 2, params)
-    raise ValueError(f"optim.weight_decay_mask must be 'all' or 'matrices', got {which!r}")
+    """Pytree of bools: which parameters are decayed ("all", or "matrices": ndim >= 2), never
+    the NO_DECAY leaves."""
+    if which not in ("all", "matrices"):
+        raise ValueError(f"optim.weight_decay_mask must be 'all' or 'matrices', got {which!r}")
+
+    def decayed(path, p):
+        last = path[-1]
+        name = getattr(last, "key", getattr(last, "name", None))
+        return name not in NO_DECAY and (which == "all" or p.ndim >= 2)
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
