@@ -188,21 +188,25 @@ def _chunked(q, k, v, beta, log_alpha, S0, chunk):
 
     q, k, v, beta = map(split, (q, k, v, beta))
     causal = jnp.tril(jnp.ones((c, c), dtype=bool))  # j <= i
+    # per-token factors as einsums: their gradients are then dots, not the reduces of a product
+    # that XLA:CPU runs many times slower (as in `ttt.ops.primitives`)
+    rows = lambda x, s: jnp.einsum("...cd,...c->...cd", x, s)  # x (..., c, d) ⊙ s (..., c)
+    kb, vb = rows(k, beta), rows(v, beta)
     if log_alpha is None:
-        Gam, gam, to_end = causal.astype(q.dtype), 1.0, 1.0
+        Gam = causal.astype(q.dtype)
+        Kt, W_in, gq = k, kb, q
         decay = jnp.ones((B, H, n, 1, 1), q.dtype)
     else:
         g = jnp.cumsum(split(log_alpha), axis=-1)  # (B, H, n, c): log γ_i per chunk
         diff = jnp.where(causal, g[..., :, None] - g[..., None, :], 0.0)
         Gam = jnp.where(causal, jnp.exp(diff), 0.0)  # Γ_ij, zero above the diagonal
-        gam = jnp.exp(g)[..., None]  # (B, H, n, c, 1)
-        to_end = jnp.exp(g[..., -1:] - g)[..., None]  # (B, H, n, c, 1): Γ_cj
+        gam = jnp.exp(g)  # (B, H, n, c): γ_i
+        Kt = rows(k, jnp.exp(g[..., -1:] - g))  # (B, H, n, c, dk): Γ_cj k_j
+        W_in, gq = rows(kb, gam), rows(q, gam)
         decay = jnp.exp(g[..., -1])[..., None, None]  # (B, H, n, 1, 1): γ_c
-    kb = beta[..., None] * k
     T = unit_lower_inverse(jnp.tril(jnp.einsum("...id,...jd->...ij", kb, k) * Gam, -1))
-    W = T @ (gam * kb)  # (B, H, n, c, dk):  U = U0 − W S_0
-    U0 = T @ (beta[..., None] * v)  # (B, H, n, c, dv)
-    Kt = to_end * k  # (B, H, n, c, dk)
+    W = T @ W_in  # (B, H, n, c, dk):  U = U0 − W S_0
+    U0 = T @ vb  # (B, H, n, c, dv)
 
     def step(S, x):  # S: the state before this chunk
         W_i, U0_i, Kt_i, decay_i = x
@@ -215,7 +219,7 @@ def _chunked(q, k, v, beta, log_alpha, S0, chunk):
     S_N, (S_in, U) = jax.lax.scan(step, S0, tuple(map(major, (W, U0, Kt, decay))))
     S_in, U = jnp.moveaxis(S_in, 0, 2), jnp.moveaxis(U, 0, 2)  # (B, H, n, ·, dv)
     qk = jnp.einsum("...id,...jd->...ij", q, k) * Gam  # causal, diagonal included
-    O = (gam * q) @ S_in + qk @ U  # (B, H, n, c, dv)
+    O = gq @ S_in + qk @ U  # (B, H, n, c, dv)
     return O.reshape(B, H, n * c, -1)[:, :, :N], S_N
 
 
