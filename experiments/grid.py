@@ -63,16 +63,17 @@ COST = {("mqar", "softmax"): 170, ("mqar", "linear_attention"): 200, ("mqar", "t
         ("mqar", "lact"): 800,  # estimated: 715 s on both cores (2026-11-30)
         ("mqar", "ttt_mlp"): 550, ("lm", "softmax"): 1100, ("lm", "ttt_mlp"): 200,
         ("lm", "ttt_linear"): 150, ("lm", "linear_attention"): 110, ("init", "ttt_linear"): 150,
-        # The new rows: the step time of a short run (60 MQAR-harness / 8 LM-2k steps) on one
-        # shared core, 2026-12-06, scaled by TTT-Linear's measured in the same way (MQAR 0.207 s,
-        # LM 0.182 s per step) to its entry above; "est.": the LM's from the MQAR ratio, the gate
-        # taken as TTT-Linear.
-        ("mqar", "gated_deltanet"): 510, ("mqar", "deltanet"): 470, ("mqar", "mamba2"): 930,
-        ("mqar", HYBRID_TTT_SWA): 560, ("mqar", HYBRID_GDN_SOFTMAX): 1370,
-        ("mqar", "ttt_linear_gate"): 300,  # est.
-        ("lm", "gated_deltanet"): 300, ("lm", HYBRID_TTT_SWA): 320,
-        ("lm", "deltanet"): 250, ("lm", "mamba2"): 500, ("lm", HYBRID_GDN_SOFTMAX): 730,  # est.
-        ("lm", "ttt_linear_gate"): 160}  # est.
+        # The new rows: CPU seconds per step of each cell's compiled train step (the loop of
+        # `experiments.bench.measure_small_model` with the cell's overrides; 20 steps of the
+        # MQAR harness at 8 pairs, 4 of the 2k LM, after two warm-up steps), one process on an
+        # idle AMD EPYC, 2026-12-07, scaled by TTT-Linear's measured the same way (MQAR 0.190 s,
+        # LM 0.170 s per step) to its entry above.
+        ("mqar", "deltanet"): 440, ("mqar", "gated_deltanet"): 460, ("mqar", "mamba2"): 560,
+        ("mqar", "ttt_linear_gate"): 310, ("mqar", HYBRID_TTT_SWA): 480,
+        ("mqar", HYBRID_GDN_SOFTMAX): 630,
+        ("lm", "deltanet"): 230, ("lm", "gated_deltanet"): 400, ("lm", "mamba2"): 340,
+        ("lm", "ttt_linear_gate"): 210, ("lm", HYBRID_TTT_SWA): 300,
+        ("lm", HYBRID_GDN_SOFTMAX): 960}
 
 
 @dataclasses.dataclass(frozen=True)
