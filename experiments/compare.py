@@ -1,7 +1,7 @@
 r"""Train the cells of a comparison (every seed, after a learning-rate sweep) and build one report.
 
-  python -m experiments.compare --preset demo --workdir runs/demo        # `make demo` (~17 min)
-  python -m experiments.compare --preset compare --workdir runs/compare  # `make compare` (~8 h)
+  python -m experiments.compare --preset demo --workdir runs/demo        # `make demo` (~13 min)
+  python -m experiments.compare --preset compare --workdir runs/compare  # `make compare` (~7 h)
   python -m experiments.compare --preset compare --only lm --workdir runs/mine \
       --set data.name=text_files --set "data.paths=['~/my_texts']"       # long context, own text
   python -m experiments.compare --workdir runs/mine --seeds 0,1,2 \
@@ -34,17 +34,18 @@ longest first instead, to finish soonest). The report (`WORKDIR/report.md`, the
 PNGs and `results.json`, see `experiments.report`) is built only from the runs' files.
 
 Presets (runtimes measured on an idle 2-core machine, see README):
-  demo     ~16 minutes measured before its Gated DeltaNet and hybrid LM rows (~17 estimated
-           with them). MQAR at the harness setting (N = 64, 8 pairs, width 64; linear
-           attention and TTT-Linear at 1 seed, softmax at 3 seeds: the harness validated),
-           long-context byte LMs (context 1k, 300 steps, 1 seed; softmax, linear attention,
+  demo     12.7 minutes measured (2026-12-07). MQAR at the harness setting (N = 64, 8 pairs,
+           width 64; linear attention and TTT-Linear at 1 seed, softmax at 2 seeds: the harness
+           validated),
+           long-context byte LMs (context 1k, 150 steps, 1 seed; softmax, linear attention,
            TTT-Linear, TTT-MLP, Gated DeltaNet, TTT-Linear x3 + sliding window) by position,
            TTT-Linear from the trained Transformer vs from scratch, MTTT vision (T = 0, 2).
-  compare  ~3 hours. MQAR at 8 and 16 pairs (LaCT at 8): a 2-rate sweep (1e-3, 3e-3) per mixer
-           and pair count, then 3 seeds at the best rate; long-context LMs at 2k, 3 seeds
-           each; TTT-Linear from the Transformer, 3 seeds; the ablation ladder and MTTT vision
-           (T = 0, 1, 2, 4), 3 seeds. Then (~5.5 hours more, estimated from one short
-           step-rate measurement per mixer, `experiments.grid.COST`) the same MQAR and 2k LM
+  compare  ~7 hours: ~3 measured, then ~4.2 estimated. MQAR at 8 and 16 pairs (LaCT at 8):
+           a 2-rate sweep (1e-3, 3e-3) per mixer and pair count, then 3 seeds at the best
+           rate; long-context LMs at 2k, 3 seeds each; TTT-Linear from the Transformer, 3
+           seeds; the ablation ladder and MTTT vision (T = 0, 1, 2, 4), 3 seeds. Then (~4.2
+           hours more, estimated from a short
+           step-rate measurement per cell, `experiments.grid.COST`) the same MQAR and 2k LM
            cells for DeltaNet, Gated DeltaNet, Mamba2, gated TTT-Linear and two hybrids
            (TTT-Linear x3 + sliding window, Gated DeltaNet x3 + softmax). Titans is left out
            (a harness step takes ~25x the others' on the CPU).
