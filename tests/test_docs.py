@@ -664,22 +664,26 @@ def test_relative_links_resolve():
 # ---------------------------------------------------------------------- generated bench tables
 
 
-@pytest.mark.parametrize("doc, begin", [("docs/benchmarks.md", "BEGIN"),
-                                        ("README.md", "SUMMARY_BEGIN")])
-def test_bench_figures_in_the_docs_are_generated_from_the_bench_json(doc, begin):
+@pytest.mark.parametrize("doc, begin, json_path", [
+    ("docs/benchmarks.md", "BEGIN", BENCH_JSON),
+    ("README.md", "SUMMARY_BEGIN", BENCH_JSON),
+    ("docs/benchmarks_family.md", "BEGIN", ROOT / "docs" / "bench" / "family" / "bench.json")])
+def test_bench_figures_in_the_docs_are_generated_from_the_bench_json(doc, begin, json_path):
     """docs/benchmarks.md's tables and the README's short speed table are what
-    `experiments.bench_report` writes from docs/bench/bench.json."""
+    `experiments.bench_report` writes from docs/bench/bench.json; the delta-rule family's tables
+    what it writes from that run's docs/bench/family/bench.json."""
     text = (ROOT / doc).read_text()
     mark = getattr(bench_report, begin)
     assert any(line.startswith(mark) for line in text.splitlines()), f"{doc}: no {mark!r} line"
-    if not BENCH_JSON.exists():
-        pytest.skip(f"{BENCH_JSON.relative_to(ROOT)} is not in the repository yet (it comes from "
-                    "a full `make bench` run); nothing to compare the docs against")
+    rel = json_path.relative_to(ROOT)
+    if not json_path.exists():
+        pytest.skip(f"{rel} is not in the repository yet (it comes from a bench run); nothing to "
+                    "compare the docs against")
     with _in_root():
-        old, new = bench_report.rewrite(str(BENCH_JSON.relative_to(ROOT)), doc)
+        old, new = bench_report.rewrite(str(rel), doc)
     assert old == new, (
-        f"{doc}'s bench figures differ from docs/bench/bench.json: run python -m "
-        f"experiments.bench_report docs/bench/bench.json --into {doc}")
+        f"{doc}'s bench figures differ from {rel}: run python -m "
+        f"experiments.bench_report {rel} --into {doc}")
 
 
 @pytest.fixture(scope="module")
