@@ -33,13 +33,12 @@ import jax.numpy as jnp
 from ttt.layers import common
 from ttt.ops import checks, inner_opt, learners, window_attn
 from ttt.ops import lact as lact_ops
-from ttt.ops.primitives import l2_normalize, rms_norm, rope, scale_features
+from ttt.ops.primitives import l2_normalize, rms_norm, rope, scale_features, scale_rows
 
 NORM_EPS = 1e-6
 # per-row factors are einsums, per-feature ones `scale_features` (`ttt.ops.primitives`): their
 # gradients are then dots, not the reduce-of-a-product kernels XLA:CPU runs many times slower
-_rows = lambda x, s: jnp.einsum("...d,...->...d", x, s)  # x (..., d) ⊙ s (...,) per row
-_cols = scale_features
+_rows, _cols = scale_rows, scale_features
 
 
 def _rms_norm(x, scale):

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from ttt.ops import checks
+from ttt.ops.primitives import scale_rows
 
 
 def _check_sequence(q, k, v, beta, log_alpha, state):
@@ -189,8 +190,8 @@ def _chunked(q, k, v, beta, log_alpha, S0, chunk):
     q, k, v, beta = map(split, (q, k, v, beta))
     causal = jnp.tril(jnp.ones((c, c), dtype=bool))  # j <= i
     # per-token factors as einsums: their gradients are then dots, not the reduces of a product
-    # that XLA:CPU runs many times slower (as in `ttt.ops.primitives`)
-    rows = lambda x, s: jnp.einsum("...cd,...c->...cd", x, s)  # x (..., c, d) ⊙ s (..., c)
+    # that XLA:CPU runs many times slower (`ttt.ops.primitives.scale_rows`)
+    rows = scale_rows  # x (..., c, d) ⊙ s (..., c)
     kb, vb = rows(k, beta), rows(v, beta)
     if log_alpha is None:
         Gam = causal.astype(q.dtype)

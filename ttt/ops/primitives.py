@@ -126,6 +126,12 @@ def _scale_features_bwd(res, dy):
 scale_features.defvjp(_scale_features_fwd, _scale_features_bwd)
 
 
+def scale_rows(x, s):
+    """x (..., d) ⊙ s (...,) per row, as an einsum (its gradients are dots, see the module
+    notes)."""
+    return _rows(x, s)
+
+
 def rms_norm(x, scale, eps: float):
     """x / √(mean x² + eps) · scale over the last axis; scale (d,). Per-row factors are einsums
     and the scale a `scale_features`, so the gradients are dots (see the module notes)."""
