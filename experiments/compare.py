@@ -7,6 +7,8 @@ r"""Train the cells of a comparison (every seed, after a learning-rate sweep) an
   python -m experiments.compare --workdir runs/mine --seeds 0,1,2 \
       --configs experiments/lm.py:ttt_linear,cpu experiments/lm.py:softmax,cpu  # your variants
   python -m experiments.compare --workdir runs/report --runs runs/a runs/b  # report only
+  python -m experiments.compare --preset compare --only 'mqar/deltanet_*' --seeds 0 \
+      --workdir runs/compare                                              # part of a preset
 
 A preset is a list of `Cell`s: one config (`experiments/<file>.py:<arg>` plus overrides) trained
 once per seed. A cell with `lrs` first trains its first seed at every learning rate of the sweep,
@@ -66,6 +68,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import fnmatch
 import math
 import os
 import platform
@@ -83,6 +86,13 @@ from ttt import cli
 from ttt.config import ConfigError
 
 
+def _chosen(cell: Cell, keep) -> bool:
+    """Whether `--only` picks the cell: one of `keep` is its group or matches GROUP/NAME
+    (fnmatch wildcards)."""
+    return any(k == cell.group or fnmatch.fnmatchcase(f"{cell.group}/{cell.name}", k)
+               for k in keep)
+
+
 def _cells(args) -> list[Cell]:
     """The cells to run. Each spec is loaded here with the overrides, so a bad one fails before
     anything trains."""
@@ -92,9 +102,14 @@ def _cells(args) -> list[Cell]:
 
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
     if args.preset:
-        keep = set(args.only.split(",")) if args.only else None
-        cells = [c for c in PRESETS[args.preset] if keep is None or c.group in keep]
-        if keep is not None:  # an init cell needs its Transformer
+        keep = args.only.split(",") if args.only else None
+        cells = [c for c in PRESETS[args.preset] if keep is None or _chosen(c, keep)]
+        if keep is not None:
+            if missing := [k for k in keep if not any(_chosen(c, [k]) for c in cells)]:
+                raise ValueError(f"--only {','.join(missing)}: no cell of preset "
+                                 f"{args.preset!r} matches (groups: "
+                                 f"{', '.join(sorted({c.group for c in PRESETS[args.preset]}))}"
+                                 f"; cells: GROUP/NAME, * and ? as wildcards)")  # an init cell needs its Transformer
             names = {f"{c.group}/{c.name}" for c in cells}
             cells += [c for c in PRESETS[args.preset] if c not in cells and any(
                 x.init_from == f"{c.group}/{c.name}" for x in cells) and
@@ -176,7 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="*", help="experiments/<file>.py:<arg> specs")
     parser.add_argument("--runs", nargs="*", default=[], help="finished run dirs to include")
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--only", help="comma-separated groups of the preset to run")
+    parser.add_argument("--only", help="comma-separated groups or cells (GROUP/NAME, wildcards "
+                                       "allowed: 'mqar/*_kv8') of the preset to run")
     parser.add_argument("--seeds", help="comma-separated seeds for every cell (default: the "
                                         "preset's; 0 for --configs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],

@@ -167,3 +167,21 @@ def test_three_step_compare_with_a_hybrid_is_sane(tmp_path, monkeypatch, capsys)
     for png in ("mqar_accuracy_vs_state.png", "mqar_curves.png"):
         assert os.path.getsize(os.path.join(workdir, png)) > 5000, png
 
+
+
+def test_only_picks_groups_and_cell_patterns(capsys):
+    """`--only` takes groups and GROUP/NAME patterns (a rank-4 slice of `compare`, with the
+    Transformer an init cell needs); a pattern that matches nothing is one line, exit 2."""
+    args = lambda only: compare.argparse.Namespace(preset="compare", only=only, seeds="0",
+                                                    overrides=[], configs=None)
+    cells = compare._cells(args("mqar/deltanet_*,mqar/hybrid_*_kv8"))
+    assert [c.name for c in cells] == ["deltanet_kv8", "hybrid_ttt_swa_kv8",
+                                       "hybrid_gdn_softmax_kv8", "deltanet_kv16"]
+    assert all(c.seeds == (0,) for c in cells)
+    init = compare._cells(args("init"))
+    assert [f"{c.group}/{c.name}" for c in init] == ["init/ttt_linear_from_softmax", "lm/softmax"]
+    assert compare.main(["--preset", "compare", "--only", "mqar/nothing_*", "--workdir",
+                         "/nonexistent"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --only mqar/nothing_*: no cell of preset 'compare' matches")
+    assert "\n" not in err
