@@ -12,7 +12,9 @@ the `_pallas` labels the fused Pallas kernel, on a GPU only (on a CPU it would r
 which is a correctness tool, not a speed path). Also: the baseline and TTT-Linear at batch 8
 (`--batch`, N = `--batch-n`), decode latency of one step at contexts 1k/4k/16k, training memory
 with and without mini-batch-group remat, the compile time of a 12- vs 24-layer LM train step
-(built by the trainer's own `build_setup`), and the small-model loop: steps/s of the MQAR harness
+(built by the trainer's own `build_setup`), the sequence ops alone without their layers
+(`experiments/bench_ops.py`: linear attention, the delta rule, each with a decay gate, and online
+GD as the primal form at mini-batch 1), and the small-model loop: steps/s of the MQAR harness
 and demo LM configs through the trainer's setup with their real data pipelines (`SMALL_MODELS`;
 what bounds every CPU-scale comparison). Writes bench.json, bench.md and bench.png to --out;
 `bench_report.py` builds the tables, the target checks and the plot.
@@ -49,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import bench_report, lm
+from experiments import bench_ops, bench_report, lm
 from experiments.specs import load_config
 from experiments.timing import compile_timed, matmul_rates, peak_bytes, timed_calls
 from ttt import extensions
@@ -372,7 +374,7 @@ def main(argv=None):
     parser.add_argument("--case-budget", type=float, default=90.0,
                         help="skip a shape whose estimated time for all its calls exceeds this")
     parser.add_argument("--skip", default="",
-                        help="comma-separated: batch,decode,remat,lm_compile,small")
+                        help="comma-separated: ops,batch,decode,remat,lm_compile,small")
     parser.add_argument("--batch", type=int, default=8, help="batch of the batch rows")
     parser.add_argument("--batch-n", type=int, default=1024, help="N of the batch rows")
     parser.add_argument("--small-spec", action="append", default=[],
@@ -426,6 +428,9 @@ def main(argv=None):
     result["ceiling_start"] = matmul_ceiling(runs)
     log(json.dumps(result["ceiling_start"]))
     result["layers"] = sweep(labels, ns, runs, args.max_mem_gib, args.case_budget, log, **shape)
+    if "ops" not in skip:
+        result["ops"] = bench_ops.sweep_ops(bench_ops.OPS, ns, runs, log, args.heads,
+                                            args.width // args.heads)
     if "batch" not in skip:
         result["batch"] = measure_batch([m for m in BATCH_LABELS if m in labels], args.batch_n,
                                         args.batch, runs, log, **shape)

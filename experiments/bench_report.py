@@ -8,6 +8,7 @@ import os
 import sys
 
 MiB = 2.0**20
+OP_BASELINE = "linear_attention"  # the ops-alone rows' ratios (experiments/bench_ops.py)
 
 
 def row_line(row: dict) -> str:
@@ -46,6 +47,14 @@ def finish(result: dict) -> None:
             if base is not None:
                 r["ratio_fb_vs_baseline"] = r["fb_s"] / base["fb_s"]
                 r["ratio_fwd_vs_baseline"] = r["fwd_s"] / base["fwd_s"]
+    ops = result.get("ops", [])
+    for r in ops:
+        r["gflops_fb"] = r["flops_fb"] / r["fb_s"] / 1e9
+        r["pct_ceiling_fb"] = 100.0 * r["gflops_fb"] / ceiling
+        base = _find(ops, op=OP_BASELINE, N=r["N"])
+        if base is not None:
+            r["ratio_fb_vs_baseline"] = r["fb_s"] / base["fb_s"]
+            r["flop_ratio_vs_baseline"] = r["flops_fb"] / base["flops_fb"]
     result["targets"] = targets(result)
 
 
@@ -135,7 +144,7 @@ def targets(result: dict) -> list[dict]:
     else:
         value, note = None, ""
     out.append(_t("ttt_linear fwd+bwd peak memory with remat / without", value, 0.5, note=note))
-    out += family_targets(rows, dec)
+    out += family_targets(rows, dec, result.get("ops", []))
     lm = {r["layers"]: r["compile_s"] for r in result.get("lm_compile", [])}
     out.append(_t("LM train-step compile time 24 layers / 12 layers",
                   lm[24] / lm[12] if 12 in lm and 24 in lm else None, 1.3))
@@ -148,9 +157,11 @@ FAMILY_LIMITS = {"deltanet_vs_linattn": 1.5, "primal_mb1_vs_deltanet": 20.0,
 FAMILY_DECODE = ("ttt_linear_gate", "deltanet", "gated_deltanet", "mamba2", "titans", "swa")
 
 
-def family_targets(rows: list[dict], dec: dict) -> list[dict]:
-    """The targets of the delta-rule family (None where a row was not run)."""
+def family_targets(rows: list[dict], dec: dict, ops=()) -> list[dict]:
+    """The targets of the delta-rule family (None where a row was not run); the first two also
+    on the ops alone when the run has them (what the layers around the ops add or hide)."""
     lim, out = FAMILY_LIMITS, []
+    op = lambda name, N: (_find(ops, op=name, N=N) or {}).get("fb_s")
 
     def fb(mixer, N, key="fb_s"):
         r = _find(rows, mixer=mixer, N=N)
@@ -166,6 +177,14 @@ def family_targets(rows: list[dict], dec: dict) -> list[dict]:
     out.append(_t("ttt_linear primal mini-batch 1 / deltanet fwd+bwd time at N=2k",
                   over(fb("ttt_linear_primal_mb1", 2048), fb("deltanet", 2048)),
                   lim["primal_mb1_vs_deltanet"], ">=", note="online GD, two ways"))
+    if ops:
+        for N in (2048, 8192):
+            out.append(_t(f"op delta_rule / linear_attention fwd+bwd at N={N}",
+                          over(op("delta_rule", N), op("linear_attention", N)),
+                          lim["deltanet_vs_linattn"], note="the ops alone"))
+        out.append(_t("op ttt_primal_mb1 / delta_rule fwd+bwd at N=2k",
+                      over(op("ttt_primal_mb1", 2048), op("delta_rule", 2048)),
+                      lim["primal_mb1_vs_deltanet"], ">=", note="the ops alone"))
     for N in (2048, 8192):
         out.append(_t(f"gated_deltanet / deltanet fwd+bwd time at N={N}",
                       over(fb("gated_deltanet", N), fb("deltanet", N)), lim["gated_vs_deltanet"],
@@ -204,6 +223,22 @@ def decode_table(decode: list[dict]) -> list[str]:
     if any(d.get("closes_chunk") for d in decode):
         lines += ["", "† this step closes a chunk (position ctx − 1 is a chunk's last token): the "
                   "fast-weight update runs in it, once per chunk of tokens."]
+    return lines
+
+
+def ops_table(ops: list[dict]) -> list[str]:
+    """Markdown lines of the ops-alone rows (experiments/bench_ops.py)."""
+    first = ops[0]
+    lines = [f"The ops alone (experiments/bench_ops.py): fwd+bwd per head, (1, {first['heads']}, "
+             f"N, {first['head_dim']}); ratios to `{OP_BASELINE}` at the same N, in time and in "
+             "FLOPs.", "",
+             "| op | N | fwd+bwd ms | GFLOP (fwd) | GFLOP/s (fwd+bwd) | % ceiling | × time | "
+             "× FLOPs |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in ops:
+        lines.append(f"| {r['op']} | {r['N']} | {r['fb_s'] * 1e3:.1f} | "
+                     f"{r['flops_fwd'] / 1e9:.2f} | {r['gflops_fb']:.1f} | "
+                     f"{r['pct_ceiling_fb']:.0f} | {_fmt(r.get('ratio_fb_vs_baseline'), '.2f')} | "
+                     f"{_fmt(r.get('flop_ratio_vs_baseline'), '.2f')} |")
     return lines
 
 
@@ -255,6 +290,8 @@ def markdown(result: dict) -> str:
                 f"{r['fb_s'] * 1e3:.1f} | {r['tokens_per_s_fb']:.0f} | "
                 f"{_fmt(r.get('gflops_fb'), '.1f')} | {_fmt(r.get('pct_ceiling_fb'), '.0f')} | "
                 f"{_fmt(r.get('ratio_fb_vs_baseline'), '.2f')} |")
+    if result.get("ops"):
+        lines += ["", *ops_table(result["ops"])]
     if result.get("decode"):
         lines += ["", *decode_table(result["decode"])]
     if result.get("remat"):

@@ -109,7 +109,8 @@ def _cells(args) -> list[Cell]:
                 raise ValueError(f"--only {','.join(missing)}: no cell of preset "
                                  f"{args.preset!r} matches (groups: "
                                  f"{', '.join(sorted({c.group for c in PRESETS[args.preset]}))}"
-                                 f"; cells: GROUP/NAME, * and ? as wildcards)")  # an init cell needs its Transformer
+                                 f"; cells: GROUP/NAME, * and ? as wildcards)")
+            # an init cell needs its Transformer
             names = {f"{c.group}/{c.name}" for c in cells}
             cells += [c for c in PRESETS[args.preset] if c not in cells and any(
                 x.init_from == f"{c.group}/{c.name}" for x in cells) and

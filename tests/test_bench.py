@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from experiments import bench, bench_report
+from experiments import bench, bench_ops, bench_report
 from ttt.layers import forward_flops
 
 
@@ -62,7 +62,8 @@ def test_bench_tiny_run_writes_json_table_and_plot(tmp_path):
     assert batch["linattn_chunked"]["ratio_fb_vs_baseline"] == pytest.approx(1.0)
     assert "skipped" in batch["ttt_linear_pallas"]
     names = [t["target"] for t in data["targets"]]
-    family = 2 + 1 + 4 * 2 + len(bench_report.FAMILY_DECODE)  # the delta-rule family's targets
+    # the delta-rule family's targets (with the ops-alone rows: + 3)
+    family = 2 + 1 + 3 + 4 * 2 + len(bench_report.FAMILY_DECODE)
     assert len(names) == 17 + family
     assert all(set(t) >= {"value", "limit", "ok"} for t in data["targets"])
     assert any("at batch 2" in n and t["value"] for n, t in zip(names, data["targets"],
@@ -169,6 +170,35 @@ def test_the_delta_rule_family_targets_read_their_rows():
     assert got["deltanet decode step latency ctx 16k / ctx 1k"]["value"] == pytest.approx(1.05)
     assert got["deltanet fwd+bwd / linattn_chunked at N=8192"]["value"] is None  # not run
     assert got["mamba2 decode step latency ctx 16k / ctx 1k"]["ok"] is None
+
+
+def test_ops_alone_rows_ratios_and_targets():
+    """The ops-alone rows: each op runs forward+backward at a tiny shape; `finish` adds their
+    time and FLOP ratios to linear attention; the ops' targets read the rows they name."""
+    rows = [bench_ops.measure_op(op, 40, 1, heads=2, d=8) for op in bench_ops.OPS]
+    assert all(r["fb_s"] > 0 and r["flops_fb"] == 3 * r["flops_fwd"] > 0 for r in rows)
+    # the FLOPs are the algorithms' (ttt.layers.costs): N = 40 pads to one chunk of 64, whose
+    # inverse costs 2 (64³ − 64) / 3; online GD costs 8 d² per token
+    la, dr = rows[0]["flops_fwd"], rows[2]["flops_fwd"]
+    assert la == 2 * (4 * 40 * 64 * 8 + 4 * 40 * 8 * 8)
+    assert dr == 2 * (6 * 64 * 64 * 8 + 4 * 64 * 64 * 8 + 6 * 64 * 8 * 8 + 2 * (64**3 - 64) / 3)
+    assert rows[4]["flops_fwd"] == 2 * 40 * 8 * 8 * 8
+    result = {"ceiling_gflops": 1.0, "layers": [], "machine": {"backend": "cpu"},
+              "ops": [{**r, "fb_s": t} for r, t in zip(
+                  rows, (1.0, 1.2, 2.0, 2.5, 50.0), strict=True)]}
+    bench_report.finish(result)
+    by_op = {r["op"]: r for r in result["ops"]}
+    assert by_op["delta_rule"]["ratio_fb_vs_baseline"] == pytest.approx(2.0)
+    assert by_op["delta_rule"]["flop_ratio_vs_baseline"] == pytest.approx(dr / la)
+    got = {t["target"]: t for t in result["targets"]}
+    assert got["op delta_rule / linear_attention fwd+bwd at N=2048"]["value"] is None  # not run
+    result["ops"] = [{**r, "N": 2048} for r in result["ops"]]
+    got = {t["target"]: t for t in bench_report.family_targets([], {}, result["ops"])}
+    assert got["op delta_rule / linear_attention fwd+bwd at N=2048"]["value"] == \
+        pytest.approx(2.0)
+    primal = got["op ttt_primal_mb1 / delta_rule fwd+bwd at N=2k"]
+    assert primal["value"] == pytest.approx(25.0) and primal["ok"] is True
+    assert "| delta_rule | 2048 |" in "\n".join(bench_report.ops_table(result["ops"]))
 
 
 def test_every_label_names_a_registry_mixer_and_its_options():

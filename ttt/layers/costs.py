@@ -48,9 +48,10 @@ RoPE, sigmoid gates, softmax) is left out: it is O(N C) against the O(N C²) of 
   W_o (H d_v→C); β (and the gate's a) logits, 2 N C H each; the depthwise convolutions of the
   2C + H d_v channels, 2 w per channel and token; the chunked delta rule per head and chunk (a
   final partial chunk is padded and costs a full one): K Kᵀ and Q Kᵀ (2 c² d each), the
-  triangular solve (c² d_v), the intra-chunk product with U (2 c² d_v), K S, Q S and the state
-  update Kᵀ U (2 c d d_v each); the recurrent form, per head and token, Sᵀk, k uᵀ and Sᵀq
-  (2 d d_v each).
+  inverse T = (I + A)⁻¹ by block doubling (two s³ products per pair of s-blocks and level:
+  ⅔ (P³ − P) for P the next power of two ≥ c), W = T K and U₀ = T V (2 c² d, 2 c² d_v), the
+  intra-chunk product with U (2 c² d_v), W S, Q S and the state update Kᵀ U (2 c d d_v each);
+  the recurrent form, per head and token, Sᵀk, k uᵀ and Sᵀq (2 d d_v each).
 - Sliding-window attention (`swa`, window w): four C→C maps and, like LaCT's window branch,
   4 (C / H) per (query, key) pair the window holds and head.
 - Mamba2 (`mamba2`; E = expand·C inner width, h = E / P heads of P, d_state n, conv width w,
@@ -150,16 +151,18 @@ def softmax_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
     return dense(N, C) + H * 4.0 * N * N * d
 
 
-def linear_attention_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
-    d = C // H
-    form = attrs["form"] if attrs["causal"] else "global"
+def linear_core(N: int, d: int, form: str, chunk: int) -> float:
+    """FLOPs of linear attention's core for one head of key and value width d."""
     if form == "chunked":
-        core = 4.0 * N * attrs["chunk"] * d + 4.0 * N * d * d
-    elif form == "quadratic":
-        core = 4.0 * N * N * d
-    else:  # cumsum, or the non-causal global state
-        core = 4.0 * N * d * d
-    return dense(N, C) + H * core
+        return 4.0 * N * chunk * d + 4.0 * N * d * d
+    if form == "quadratic":
+        return 4.0 * N * N * d
+    return 4.0 * N * d * d  # cumsum, or the non-causal global state
+
+
+def linear_attention_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
+    form = attrs["form"] if attrs["causal"] else "global"
+    return dense(N, C) + H * linear_core(N, C // H, form, attrs["chunk"])
 
 
 def ttt_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
@@ -250,14 +253,20 @@ def delta_dims(C: int, H: int, attrs: Mapping) -> tuple[int, int]:
 
 def delta_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
     d, dv = delta_dims(C, H, attrs)
-    Cv, c = H * dv, attrs["chunk"]
+    Cv = H * dv
     flops = 2.0 * N * C * (2 * C + 3 * Cv)  # q, k; v, the output gate, W_o
     flops += 2.0 * N * C * H * (2 if attrs["gate"] else 1)  # β (and a) logits
     flops += 2.0 * N * (2 * C + Cv) * attrs["conv_width"]
-    if attrs["form"] == "recurrent":
-        return flops + H * N * 6.0 * d * dv
-    per_chunk = 4.0 * c * c * d + 3.0 * c * c * dv + 6.0 * c * d * dv
-    return flops + H * -(-N // c) * per_chunk
+    return flops + H * delta_core(N, d, dv, attrs["form"], attrs["chunk"])
+
+
+def delta_core(N: int, d: int, dv: int, form: str, chunk: int) -> float:
+    """FLOPs of the delta rule for one head of key width d and value width dv."""
+    if form == "recurrent":
+        return N * 6.0 * d * dv
+    c, P = chunk, 1 << max(chunk - 1, 0).bit_length()
+    per_chunk = 6.0 * c * c * d + 4.0 * c * c * dv + 6.0 * c * d * dv + 2.0 * (P**3 - P) / 3
+    return -(-N // c) * per_chunk
 
 
 def swa_flops(N: int, C: int, H: int, attrs: Mapping) -> float:
