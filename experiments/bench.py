@@ -14,10 +14,10 @@ which is a correctness tool, not a speed path). Also: the baseline and TTT-Linea
 with and without mini-batch-group remat, the compile time of a 12- vs 24-layer LM train step
 (built by the trainer's own `build_setup`), the sequence ops alone without their layers
 (`experiments/bench_ops.py`: linear attention, the delta rule, each with a decay gate, and online
-GD as the primal form at mini-batch 1), and the small-model loop: steps/s of the MQAR harness
-and demo LM configs through the trainer's setup with their real data pipelines (`SMALL_MODELS`;
-what bounds every CPU-scale comparison). Writes bench.json, bench.md and bench.png to --out;
-`bench_report.py` builds the tables, the target checks and the plot.
+GD as the primal form at mini-batch 1; N up to 8k), and the small-model loop: steps/s of the MQAR
+harness and demo LM configs through the trainer's setup with their real data pipelines
+(`SMALL_MODELS`; what bounds every CPU-scale comparison). Writes bench.json, bench.md and
+bench.png to --out; `bench_report.py` builds the tables, the target checks and the plot.
 
 Notable choices:
 - The baseline of every ratio is causal linear attention in chunked form with the same four

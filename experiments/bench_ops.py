@@ -35,6 +35,9 @@ from ttt.ops.ttt import ttt_primal
 OPS = ("linear_attention", "linear_attention_gated", "delta_rule", "delta_rule_gated",
        "ttt_primal_mb1")
 CHUNK = 64
+# the longest N the ops run at: the targets read 2k and 8k, and online GD at mini-batch 1 keeps
+# every token's state for its backward (GiBs beyond 8k)
+MAX_N = 8192
 
 
 def _call(op: str, d: int):
@@ -94,10 +97,10 @@ def measure_op(op: str, N: int, runs: int, heads: int, d: int) -> dict:
 
 
 def sweep_ops(ops, ns, runs: int, log, heads: int, d: int) -> list[dict]:
-    """measure_op over ops × ns, one log line each."""
+    """measure_op over ops × the ns up to MAX_N, one log line each."""
     rows = []
     for op in ops:
-        for N in ns:
+        for N in [n for n in ns if n <= MAX_N]:
             row = measure_op(op, N, runs, heads, d)
             log(f"{'op ' + op:>26} N={N:>6}  fwd+bwd {row['fb_s'] * 1e3:9.1f} ms")
             rows.append(row)

@@ -172,7 +172,7 @@ def test_the_delta_rule_family_targets_read_their_rows():
     assert got["mamba2 decode step latency ctx 16k / ctx 1k"]["ok"] is None
 
 
-def test_ops_alone_rows_ratios_and_targets():
+def test_ops_alone_rows_ratios_and_targets(monkeypatch):
     """The ops-alone rows: each op runs forward+backward at a tiny shape; `finish` adds their
     time and FLOP ratios to linear attention; the ops' targets read the rows they name."""
     rows = [bench_ops.measure_op(op, 40, 1, heads=2, d=8) for op in bench_ops.OPS]
@@ -199,6 +199,11 @@ def test_ops_alone_rows_ratios_and_targets():
     primal = got["op ttt_primal_mb1 / delta_rule fwd+bwd at N=2k"]
     assert primal["value"] == pytest.approx(25.0) and primal["ok"] is True
     assert "| delta_rule | 2048 |" in "\n".join(bench_report.ops_table(result["ops"]))
+    # the sweep stops at MAX_N (online GD's per-token states would not fit much beyond)
+    monkeypatch.setattr(bench_ops, "measure_op", lambda op, N, *a: {"op": op, "N": N, "fb_s": 1.0})
+    swept = bench_ops.sweep_ops(["delta_rule"], [32, bench_ops.MAX_N, 2 * bench_ops.MAX_N], 1,
+                                lambda *a: None, 2, 8)
+    assert [r["N"] for r in swept] == [32, bench_ops.MAX_N]
 
 
 def test_every_label_names_a_registry_mixer_and_its_options():
