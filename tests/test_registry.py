@@ -221,3 +221,31 @@ def test_config_module_does_not_import_the_trainer():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ----------------------------------------------------------------------------- decode checks
+# The input and cache checks every decoding mixer shares (`ttt.ops.checks.check_step`), held
+# for each recurrent family member in one place; shapes only (eval_shape: the checks trace).
+STEP_CASES = [("deltanet", {"chunk": 4}, True), ("gated_deltanet", {"chunk": 4}, True),
+              ("swa", {"window": 4}, False), ("mamba2", {"d_state": 8, "head_dim": 8}, False),
+              ("titans", {"mini_batch": 2}, True), ("ttt_linear", {}, True),
+              ("linear_attention", {}, False)]
+
+
+@pytest.mark.parametrize("name,kwargs,batch_checked", STEP_CASES)
+def test_bad_inputs_and_caches_raise_one_line(name, kwargs, batch_checked):
+    layer = make_mixer(name, C, H, **kwargs)
+    x = jnp.zeros((1, 4, C))
+    v = jax.eval_shape(layer.init, jax.random.PRNGKey(0), x)
+    run = lambda *args, **kw: jax.eval_shape(lambda v, a: layer.apply(v, *a, **kw), v, args)
+    with pytest.raises(ValueError, match=rf"\(B, N, C={C}\)"):
+        run(jnp.zeros((1, 4, C + 2)))
+    cache = jax.eval_shape(lambda v: layer.apply(v, 1, method="init_cache"), v)
+    with pytest.raises(ValueError, match=r"x_t must be \(B, 1, C\)"):
+        run(x[:, :2], cache, method="step")
+    some = dict(list(cache.items())[1:])
+    with pytest.raises(ValueError, match="cache: expected a dict with keys"):
+        run(x[:, :1], some, method="step")
+    if batch_checked:
+        with pytest.raises(ValueError, match="cache: built for batch 1, x_t has batch 2"):
+            run(jnp.zeros((2, 1, C)), cache, method="step")

@@ -321,8 +321,9 @@ OPTIONAL = {
 # model's optional pre-conv switch and hybrid pattern. Anything else must already be in the file.
 ADDABLE = {
     "data": ("name", "seq_len", "tokenizer", "paths", "data_dir", "dataset", "text_key", "splits",
-             "vocab_size", "num_kv_pairs", "test_seq_len", "test_num_kv_pairs", "power_a",
-             "random_filler", "num_train_examples", "num_test_examples", "test_seed",
+             "vocab_size", "num_kv_pairs", "test_seq_len", "test_num_kv_pairs",
+             "train_num_kv_pairs", "power_a", "random_filler", "num_train_examples",
+             "num_test_examples", "test_seed",
              "image_size", "flip", "crop_frac", "pixels", "randaug", "mixup", "shuffle_windows",
              "num_threads", "prefetch", "eval_split", "repeats", "repeat_span",
              "repeat_min_distance", "repeat_max_distance"),

@@ -117,6 +117,44 @@ def mqar_batch(seed: int, split_id: int, indices, vocab_size: int, seq_len: int,
             "mask": mask}
 
 
+def pair_counts(spec) -> tuple[int, ...]:
+    """A train split's pair counts: one int, a sequence of ints, or a comma-separated string
+    ("4,8,16"); a one-line DataConfigError for anything else."""
+    parts = spec.split(",") if isinstance(spec, str) else (
+        [spec] if isinstance(spec, (int, np.integer)) else list(spec))
+    try:
+        counts = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        counts = ()
+    if not counts or any(str(p).strip() != str(c) for p, c in zip(parts, counts, strict=True)):
+        raise DataConfigError(
+            f"MQAR pair counts must be positive integers, e.g. 4,8,16; got {spec!r}")
+    return counts
+
+
+def mqar_mixed_batch(seed: int, split_id: int, indices, vocab_size: int, seq_len: int,
+                     counts: tuple[int, ...], power_a: float = 0.01,
+                     random_filler: bool = True) -> dict[str, np.ndarray]:
+    """`mqar_batch` where example i holds counts[i % len(counts)] pairs (Zoology's training
+    mixture of pair counts: the small counts teach the lookup that the large one is scored on);
+    still a pure function of (seed, split, index) per row."""
+    indices = np.atleast_1d(np.asarray(indices))
+    if len(counts) == 1:
+        return mqar_batch(seed, split_id, indices, vocab_size, seq_len, counts[0], power_a,
+                          random_filler)
+    which = indices % len(counts)
+    out = {}
+    for j, k in enumerate(counts):
+        rows = np.nonzero(which == j)[0]
+        if rows.size == 0:
+            continue
+        part = mqar_batch(seed, split_id, indices[rows], vocab_size, seq_len, k, power_a,
+                          random_filler)
+        for name, x in part.items():
+            out.setdefault(name, np.zeros((len(indices), *x.shape[1:]), x.dtype))[rows] = x
+    return out
+
+
 def mqar_example(rng: np.random.Generator, vocab_size: int, seq_len: int, num_kv_pairs: int,
                  power_a: float = 0.01, random_filler: bool = True) -> dict[str, np.ndarray]:
     """One example {"inputs", "targets", "mask"}, each (seq_len,), seeded by a draw of `rng`."""

@@ -11,7 +11,9 @@ data_config.name and its keys (defaults in brackets):
   tfds_text    tfds catalog text: dataset ('lm1b', 'pg19', ...), data_dir, text_key [auto],
                splits [{'train': 'train', 'validation': 'validation' or 'test'}], seq_len, tokenizer
   mqar         vocab_size, seq_len, num_kv_pairs, test_seq_len [seq_len],
-               test_num_kv_pairs [num_kv_pairs], power_a [0.01], random_filler [True],
+               test_num_kv_pairs [num_kv_pairs], train_num_kv_pairs [num_kv_pairs: one count,
+               or several "4,8,16,32,64", example i holding the (i mod count)-th],
+               power_a [0.01], random_filler [True],
                num_train_examples [100_000], num_test_examples [3_000]
   digits       embedded sklearn 8x8 digits (no augmentation)
   tfds_images  dataset ('imagenet2012', 'cifar10', 'mnist', ...), data_dir, image_size [native or
@@ -37,7 +39,7 @@ from ttt.data import images as img_lib
 from ttt.data import repeats as repeats_lib
 from ttt.data import text_sources
 from ttt.data.errors import DataConfigError
-from ttt.data.mqar import check_mqar, mqar_batch, split_id
+from ttt.data.mqar import check_mqar, mqar_mixed_batch, pair_counts, split_id
 from ttt.data.packing import pack_windows
 from ttt.data.tokenizers import make_tokenizer
 
@@ -200,6 +202,8 @@ def validate(data_config) -> None:
         for split in ("train", "validation"):
             m = meta(data_config, split)
             check_mqar(vocab, m["seq_len"], m["num_kv_pairs"], f" ({split})")
+        for k in _train_pair_counts(data_config):
+            check_mqar(vocab, _seq_len(data_config), k, " (train_num_kv_pairs)")
     elif name == "tfds_images":
         for split in ("train", "validation"):
             _image_source(data_config, split)
@@ -299,6 +303,11 @@ def _text_dataset(cfg, split, rows, seed, shard_index, shard_count) -> Dataset:
     return Dataset(it, meta(cfg, split))
 
 
+def _train_pair_counts(cfg) -> tuple[int, ...]:
+    """The train split's MQAR pair counts (`train_num_kv_pairs`, default num_kv_pairs)."""
+    return pair_counts(_get(cfg, "train_num_kv_pairs") or _get(cfg, "num_kv_pairs"))
+
+
 def _mqar_dataset(cfg, split, rows, seed, shard_index, shard_count) -> Dataset:
     validate(cfg)
     m = meta(cfg, split)
@@ -306,7 +315,8 @@ def _mqar_dataset(cfg, split, rows, seed, shard_index, shard_count) -> Dataset:
     count = int(_get(cfg, "num_train_examples" if train else "num_test_examples",
                      100_000 if train else 3_000))
     example_seed = seed if train else int(_get(cfg, "test_seed", 1234))
-    sizes = (m["vocab_size"], m["seq_len"], m["num_kv_pairs"], float(_get(cfg, "power_a", 0.01)),
+    counts = _train_pair_counts(cfg) if train else (m["num_kv_pairs"],)
+    sizes = (m["vocab_size"], m["seq_len"], counts, float(_get(cfg, "power_a", 0.01)),
              bool(_get(cfg, "random_filler", True)))
     ids = np.arange(shard_index, count, shard_count)  # this process's example indices
     if len(ids) == 0:
@@ -314,7 +324,7 @@ def _mqar_dataset(cfg, split, rows, seed, shard_index, shard_count) -> Dataset:
             f"the {split} split has {count} records, too few for {shard_count} processes")
     # Whole batches at once (`mqar_batch`): a per-example map costs ~0.3 ms per example.
     ds = _index_batches(len(ids), rows, seed, train).map(
-        lambda i: mqar_batch(example_seed, split_id(split), ids[i], *sizes))
+        lambda i: mqar_mixed_batch(example_seed, split_id(split), ids[i], *sizes))
     if not train:
         ds = ds.map(lambda b: _pad_rows(b, rows))
     return Dataset(ds.to_iter_dataset(_read_options(cfg)), m)
