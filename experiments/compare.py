@@ -51,11 +51,11 @@ Presets (runtimes measured on an idle 2-core machine, see README):
            cells for DeltaNet, Gated DeltaNet, Mamba2, gated TTT-Linear and two hybrids
            (TTT-Linear x3 + sliding window, Gated DeltaNet x3 + softmax). Titans is left out
            (a harness step takes ~25x the others' on the CPU).
-  frontier not run (estimated ~37 h on 2 cores at its default budget): the capacity
-           frontier, MQAR at 256 tokens and 64 pairs at widths 64 / 128 / 256 for every MQAR
-           mixer, 1 seed per point and 3 at width 128 (`experiments/grid.py`, FRONTIER_STEPS:
-           at its 1,750 steps softmax attention reached 0.03 at width 64, not the 0.99 that
-           validates the harness).
+  frontier not run (estimated ~51 h on 2 cores): the capacity frontier, MQAR at 256 tokens
+           and 64 pairs at widths 64 / 128 / 256 for every MQAR mixer, 1 seed per point and 3
+           at width 128, trained on Zoology's mixture of pair counts (4 ... 64) for 3,000
+           steps: what softmax attention needed to reach 0.99 (at the harness's 1,750 steps
+           without the mixture it stayed at 0.03; `experiments/grid.py` has the runs).
   tiny     smoke runs that exercise every mechanism (seeds, sweep, init, by-position) in tests.
 To add a mixer to the comparison (e.g. a new registry entry), add its name to MQAR_MIXERS and/or
 COMPARE_LM_MIXERS in `experiments/grid.py` (LM_MIXERS: the demo's LMs too).

@@ -7,12 +7,19 @@ COMPARE_LM_MIXERS below (LM_MIXERS: the demo's LMs too). A variant that is not o
 (a gate, a hybrid stack) is a VARIANTS entry: its cells train the entry's mixer with its overrides.
 
 The `frontier` preset is Zoology's capacity frontier: MQAR at 256 tokens and 64 pairs at widths
-64 / 128 / 256, accuracy against state floats per layer. Its budget (FRONTIER_STEPS) is a
-parameter of `frontier_cells`; softmax attention must reach 0.99 at every width before the other
-points measure the mixers (raise the budget until it does). At the harness's 1,750 steps it does
-not: softmax attention at width 64, seed 0, lr 3e-3 ended at 0.030 accuracy (eval loss 4.66,
-rising from 0.008 at step 218; 2026-12-07, `--preset frontier --only
-'mqar/softmax_kv64_n256_w64' --seeds 0`, 28 min on one core beside other work).
+64 / 128 / 256, accuracy against state floats per layer. Softmax attention must reach 0.99 at
+every width before the other points measure the mixers; what it took (seed 0, lr 3e-3, one
+core each, AMD EPYC, 2026-12-07; `python -m ttt.main --config
+experiments/mqar.py:softmax,harness,kv=64,n=256,width=W[,mix] --config.train.steps=S`):
+- the harness as it is (64 pairs in every training sequence, 20,000 of them), 1,750 steps:
+  width 64 ended at 0.030 (eval loss 4.66): it never left the plateau of guessing a value;
+- the `mix` flag (Zoology's training mixture: pair counts 4, 8, 16, 32, 64 in turn, 100,000
+  distinct sequences), 1,750 steps: width 128 escaped at ~step 1,250 and ended at 0.875
+  (0.096 at 1,250, 0.724 at 1,500); width 256 was still on the plateau at step 788 (0.014)
+  when it was stopped;
+- `mix`, 3,000 steps (FRONTIER_STEPS): width 64 0.998 at step 1,250, 0.9998 at 1,750 (stopped
+  at 1,800); width 128 0.999 at step 1,000, 1.000 at 1,500 (stopped there).
+Width 256 has not been validated at 3,000 steps (~1.7 s a step on one core: ~85 min).
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ COMPARE_LM_MIXERS = (*LM_MIXERS, "lact", *NEW_MIXERS)  # the demo leaves the lar
 LADDER = ("linear_attn", "linear_attn_plain", "ttt_equivalence", "learnable_W0", "ln_residual",
           "mini_batch", "learnable_eta", "mamba_backbone")
 
+HARNESS_STEPS = 1750  # experiments/mqar.py's (not imported here: it imports JAX; a test
+# holds the two equal)
 # MQAR, the harness setting: sequence length 64, width 64, 1,750 steps of 64 sequences
 # (experiments/mqar.py, `harness`). The sweep is Zoology's per-mixer learning-rate search; the
 # demo trains at 8 pairs at MQAR_BEST_LR, softmax at 2 seeds (the harness validated), the
@@ -144,18 +153,22 @@ def variant(name: str, tokens: int, window: int) -> tuple[str, tuple[str, ...]]:
 
 
 def _mqar_cells(pairs, seeds, lrs, mixers=MQAR_MIXERS, rank: int = 0, n: int = 64,
-                width: int | None = None, extra=()) -> list[Cell]:
+                width: int | None = None, extra=(), flags: str = "",
+                steps: int = HARNESS_STEPS) -> list[Cell]:
     """One cell per pair count and mixer, softmax first (it validates the harness); at n
-    tokens (the harness's 64 unless given) and the harness's width unless given."""
+    tokens (the harness's 64 unless given) and the harness's width unless given; `flags`:
+    more tokens of the spec (",mix")."""
     out = []
     for kv in pairs:
         for m in sorted(mixers, key=lambda m: m != "softmax"):
             mixer, overrides = variant(m, n, n // 4)
             fixed = () if lrs else (f"optim.lr={MQAR_BEST_LR.get(m, 3e-3)}",)
             arg = f"{mixer},harness,kv={kv}" + (f",n={n}" if n != 64 else "") + (
-                f",width={width}" if width else "")
+                f",width={width}" if width else "") + flags
             name = f"{m}_kv{kv}" + (f"_n{n}_w{width}" if width else "")
-            scale = (n / 64) * ((width or 64) / 64)  # estimated: tokens x width
+            scale = (n / 64) * ((width or 64) / 64) * steps / HARNESS_STEPS  # tokens x width x
+            # steps (softmax at 256 tokens: 0.51 / 0.79 / 1.67 s a step at widths 64 / 128 /
+            # 256 measured, 0.39 / 0.78 / 1.55 so estimated)
             out.append(Cell("mqar", name, f"experiments/mqar.py:{arg}",
                             (*overrides, *fixed, *extra), seeds, tuple(lrs),
                             cost=COST.get(("mqar", m), 300) * scale, rank=rank))
@@ -184,19 +197,20 @@ def _lm_cells(ctx: str, seeds, overrides=(), scale: float = 1.0, rank: int = 0,
 
 
 FRONTIER_N, FRONTIER_PAIRS, FRONTIER_WIDTHS = 256, 64, (64, 128, 256)
-FRONTIER_STEPS = 1750  # the harness's budget: too small at 256 tokens (module docstring)
+FRONTIER_STEPS = 3000  # with the pair-count mixture (module docstring: what it took)
 
 
 def frontier_cells(steps: int = FRONTIER_STEPS, mixers=MQAR_MIXERS) -> list[Cell]:
     """The capacity frontier: MQAR at FRONTIER_N tokens and FRONTIER_PAIRS pairs, every mixer
     at every width of FRONTIER_WIDTHS at the best rate of the harness (MQAR_BEST_LR), one seed
-    per point and SEEDS at the middle width; `steps` training steps (eval every eighth)."""
+    per point and SEEDS at the middle width, trained on the mixture of pair counts (`mix`);
+    `steps` training steps (eval every eighth)."""
     budget = (f"train.steps={steps}", f"train.eval_every={max(steps // 8, 1)}",
               f"train.checkpoint_every={steps}")
     mid = FRONTIER_WIDTHS[len(FRONTIER_WIDTHS) // 2]
     return [cell for w in FRONTIER_WIDTHS for cell in _mqar_cells(
         (FRONTIER_PAIRS,), SEEDS if w == mid else (0,), (), mixers, n=FRONTIER_N, width=w,
-        extra=budget, rank=0 if w == mid else 1)]
+        extra=budget, rank=0 if w == mid else 1, flags=",mix", steps=steps)]
 
 
 PRESETS: dict[str, list[Cell]] = {

@@ -10,7 +10,7 @@ import json
 import math
 import os
 
-from experiments import compare, grid, report, report_plots
+from experiments import compare, grid, mqar, report, report_plots
 from experiments.specs import load_config
 from ttt.config import validate
 from ttt.layers import state_size as registry_state_size
@@ -55,16 +55,19 @@ def test_compare_has_every_new_cell_with_its_overrides():
 
 def test_frontier_preset_widths_seeds_and_budget():
     """256 tokens, 64 pairs, widths 64 / 128 / 256, one seed per point and 3 at the middle
-    width; the budget is a parameter."""
+    width, trained on the mixture of pair counts; the budget is a parameter."""
     cells = grid.PRESETS["frontier"]
     assert {c.spec.split(":")[1].split(",", 1)[0] for c in cells} == {
         grid.VARIANTS.get(m, (m,))[0] for m in grid.MQAR_MIXERS}
     for c in cells:
         assert "n=256" in c.spec and "kv=64" in c.spec, c.spec
-        w = int(c.spec.rsplit("width=", 1)[1])
+        w = int(c.spec.rsplit("width=", 1)[1].split(",")[0])
+        config = load_config(c.spec, c.overrides)
+        assert config.data.train_num_kv_pairs == "4,8,16,32,64" and config.data.num_kv_pairs == 64
         assert w in (64, 128, 256) and c.seeds == (grid.SEEDS if w == 128 else (0,))
         assert f"train.steps={grid.FRONTIER_STEPS}" in c.overrides
     assert len(cells) == 3 * len(grid.MQAR_MIXERS)
+    assert grid.HARNESS_STEPS == mqar.HARNESS_STEPS
     short = grid.frontier_cells(steps=80)
     assert all({"train.steps=80", "train.eval_every=10"} <= set(c.overrides) for c in short)
     assert grid.estimate_s(cells) > grid.estimate_s(grid.PRESETS["compare"])  # not in compare

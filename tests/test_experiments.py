@@ -30,6 +30,7 @@ def _all_specs() -> list[tuple[object, str]]:
     specs += [(vit, "mttt_mlp,smoke"), (vit, "softmax_noncausal,Ti"), (vit, "")]
     specs += [(mqar, a) for a in mqar.sweep("paper") + mqar.sweep("cpu")]
     specs += [(mqar, a) for a in mqar.sweep("harness")] + [(mqar, "ttt_mlp,smoke")]
+    specs += [(mqar, "softmax,harness,kv=64,n=256,width=256,mix")]
     specs += [(lm, f"{m},long") for m in FOUR] + [(lm, "softmax,long,ctx=1k")]
     specs += [(ablation, a) for s in ("paper", "cpu", "smoke") for a in ablation.sweep(s)]
     return specs
