@@ -19,8 +19,8 @@ experiments/mqar.py:softmax,harness,kv=64,n=256,width=W[,mix] --config.train.ste
   when it was stopped;
 - `mix`, 3,000 steps (FRONTIER_STEPS): width 64 0.998 at step 1,250, 0.9998 at 1,750 (stopped
   at 1,800); width 128 0.999 at step 1,000, 1.000 at 1,500 (stopped there).
-Width 256 is not validated: at 3,000 steps on the mixture it was still on the plateau at step
-2,750 (0.021; ~1.8 s a step on one core). The next tries: a lower rate at that width (1e-3),
+Width 256 is not validated: at 3,000 steps on the mixture it never left the plateau (0.021 at
+the end; ~1.8 s a step on one core). The next tries: a lower rate at that width (1e-3),
 or more steps.
 """
 
