@@ -54,9 +54,10 @@ Presets (runtimes measured on an idle 2-core machine, see README):
   frontier not run (estimated ~51 h on 2 cores): the capacity frontier, MQAR at 256 tokens
            and 64 pairs at widths 64 / 128 / 256 for every MQAR mixer, 1 seed per point and 3
            at width 128, trained on Zoology's mixture of pair counts (4 ... 64) for 3,000
-           steps: what softmax attention needed to reach 0.99 at widths 64 and 128 (at the
-           harness's 1,750 steps without the mixture it stayed at 0.03; width 256 is not
-           validated yet; `experiments/grid.py` has the runs).
+           steps, every mixer at lr 1e-3 at width 256: what softmax attention needed to
+           reach 0.99 at every width (at the harness's 1,750 steps without the mixture it
+           stayed at 0.03; at width 256 lr 3e-3 stayed on the plateau; `experiments/grid.py`
+           has the runs).
   tiny     smoke runs that exercise every mechanism (seeds, sweep, init, by-position) in tests.
 To add a mixer to the comparison (e.g. a new registry entry), add its name to MQAR_MIXERS and/or
 COMPARE_LM_MIXERS in `experiments/grid.py` (LM_MIXERS: the demo's LMs too).

@@ -19,9 +19,9 @@ experiments/mqar.py:softmax,harness,kv=64,n=256,width=W[,mix] --config.train.ste
   when it was stopped;
 - `mix`, 3,000 steps (FRONTIER_STEPS): width 64 0.998 at step 1,250, 0.9998 at 1,750 (stopped
   at 1,800); width 128 0.999 at step 1,000, 1.000 at 1,500 (stopped there).
-Width 256 is not validated: at 3,000 steps on the mixture it never left the plateau (0.021 at
-the end; ~1.8 s a step on one core). The next tries: a lower rate at that width (1e-3),
-or more steps.
+- width 256, `mix`, 3,000 steps: at lr 3e-3 it never left the plateau (0.021 at the end; ~1.8
+  s a step on one core); at lr 1e-3 (--config.optim.lr=1e-3) 0.756 at step 500, 0.9999 at 750
+  (stopped at 883; ~2.4 s a step). So every mixer trains at 1e-3 at that width (FRONTIER_LR).
 """
 
 from __future__ import annotations
@@ -156,15 +156,17 @@ def variant(name: str, tokens: int, window: int) -> tuple[str, tuple[str, ...]]:
 
 def _mqar_cells(pairs, seeds, lrs, mixers=MQAR_MIXERS, rank: int = 0, n: int = 64,
                 width: int | None = None, extra=(), flags: str = "",
-                steps: int = HARNESS_STEPS) -> list[Cell]:
+                steps: int = HARNESS_STEPS, lr: float | None = None) -> list[Cell]:
     """One cell per pair count and mixer, softmax first (it validates the harness); at n
     tokens (the harness's 64 unless given) and the harness's width unless given; `flags`:
-    more tokens of the spec (",mix")."""
+    more tokens of the spec (",mix"); without `lrs` (no sweep) every mixer trains at `lr`, or
+    at its MQAR_BEST_LR when None."""
     out = []
     for kv in pairs:
         for m in sorted(mixers, key=lambda m: m != "softmax"):
             mixer, overrides = variant(m, n, n // 4)
-            fixed = () if lrs else (f"optim.lr={MQAR_BEST_LR.get(m, 3e-3)}",)
+            rate = MQAR_BEST_LR.get(m, 3e-3) if lr is None else lr
+            fixed = () if lrs else (f"optim.lr={rate}",)
             arg = f"{mixer},harness,kv={kv}" + (f",n={n}" if n != 64 else "") + (
                 f",width={width}" if width else "") + flags
             name = f"{m}_kv{kv}" + (f"_n{n}_w{width}" if width else "")
@@ -200,19 +202,23 @@ def _lm_cells(ctx: str, seeds, overrides=(), scale: float = 1.0, rank: int = 0,
 
 FRONTIER_N, FRONTIER_PAIRS, FRONTIER_WIDTHS = 256, 64, (64, 128, 256)
 FRONTIER_STEPS = 3000  # with the pair-count mixture (module docstring: what it took)
+# The rate of every mixer at a width where the harness's best rates failed softmax attention
+# (module docstring: at width 256, 3e-3 stayed on the plateau, 1e-3 solved the task).
+FRONTIER_LR = {256: 1e-3}
 
 
 def frontier_cells(steps: int = FRONTIER_STEPS, mixers=MQAR_MIXERS) -> list[Cell]:
     """The capacity frontier: MQAR at FRONTIER_N tokens and FRONTIER_PAIRS pairs, every mixer
-    at every width of FRONTIER_WIDTHS at the best rate of the harness (MQAR_BEST_LR), one seed
-    per point and SEEDS at the middle width, trained on the mixture of pair counts (`mix`);
+    at every width of FRONTIER_WIDTHS at the best rate of the harness (MQAR_BEST_LR) or the
+    width's FRONTIER_LR, one seed per point and SEEDS at the middle width, trained on the mixture of pair counts (`mix`);
     `steps` training steps (eval every eighth)."""
     budget = (f"train.steps={steps}", f"train.eval_every={max(steps // 8, 1)}",
               f"train.checkpoint_every={steps}")
     mid = FRONTIER_WIDTHS[len(FRONTIER_WIDTHS) // 2]
     return [cell for w in FRONTIER_WIDTHS for cell in _mqar_cells(
         (FRONTIER_PAIRS,), SEEDS if w == mid else (0,), (), mixers, n=FRONTIER_N, width=w,
-        extra=budget, rank=0 if w == mid else 1, flags=",mix", steps=steps)]
+        extra=budget, rank=0 if w == mid else 1, flags=",mix", steps=steps,
+        lr=FRONTIER_LR.get(w))]
 
 
 PRESETS: dict[str, list[Cell]] = {

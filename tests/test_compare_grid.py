@@ -66,6 +66,11 @@ def test_frontier_preset_widths_seeds_and_budget():
         assert config.data.train_num_kv_pairs == "4,8,16,32,64" and config.data.num_kv_pairs == 64
         assert w in (64, 128, 256) and c.seeds == (grid.SEEDS if w == 128 else (0,))
         assert f"train.steps={grid.FRONTIER_STEPS}" in c.overrides
+        mixer = c.name.split("_kv")[0]
+        rate = grid.FRONTIER_LR.get(w, grid.MQAR_BEST_LR.get(mixer, 3e-3))
+        assert config.optim.lr == rate, (c.name, config.optim.lr)
+    assert {load_config(c.spec, c.overrides).optim.lr for c in cells if "_w256" in c.name} == {
+        1e-3}  # where softmax attention left the plateau at width 256
     assert len(cells) == 3 * len(grid.MQAR_MIXERS)
     assert grid.HARNESS_STEPS == mqar.HARNESS_STEPS
     short = grid.frontier_cells(steps=80)
