@@ -210,8 +210,8 @@ FRONTIER_LR = {256: 1e-3}
 def frontier_cells(steps: int = FRONTIER_STEPS, mixers=MQAR_MIXERS) -> list[Cell]:
     """The capacity frontier: MQAR at FRONTIER_N tokens and FRONTIER_PAIRS pairs, every mixer
     at every width of FRONTIER_WIDTHS at the best rate of the harness (MQAR_BEST_LR) or the
-    width's FRONTIER_LR, one seed per point and SEEDS at the middle width, trained on the mixture of pair counts (`mix`);
-    `steps` training steps (eval every eighth)."""
+    width's FRONTIER_LR, one seed per point and SEEDS at the middle width, trained on the
+    mixture of pair counts (`mix`); `steps` training steps (eval every eighth)."""
     budget = (f"train.steps={steps}", f"train.eval_every={max(steps // 8, 1)}",
               f"train.checkpoint_every={steps}")
     mid = FRONTIER_WIDTHS[len(FRONTIER_WIDTHS) // 2]
