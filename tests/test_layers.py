@@ -389,18 +389,21 @@ def test_causal_conv_matches_flax_conv():
     assert_close(jnp.concatenate([y1, y2], 1), y, 1e-6, "CausalConv in two chunks")
 
 
-def test_depthwise_causal_backward_matches_autodiff(x64):
-    """The written-out backward of the causal conv == autodiff of its defining sum."""
+@pytest.mark.parametrize("w", [1, 2, 4])
+def test_depthwise_causal_backward_matches_autodiff(x64, w):
+    """The written-out backward of the causal conv == autodiff of its defining sum, at every
+    width (w = 1: no left context)."""
     from ttt.ops.primitives import causal_conv
 
-    def depthwise_causal(xp, kernel):  # the left context is the first 3 rows of xp
-        return causal_conv(xp[:, 3:], kernel, None, xp[:, :3])[0]
+    def depthwise_causal(xp, kernel):  # the left context is the first w - 1 rows of xp
+        return causal_conv(xp[:, w - 1:], kernel, None, xp[:, :w - 1])[0]
 
     rng = np.random.default_rng(0)
-    xp, kernel, ct = (jnp.asarray(rng.normal(size=s)) for s in ((2, 3 + 9, C), (4, C), (2, 9, C)))
+    xp, kernel, ct = (jnp.asarray(rng.normal(size=s)) for s in ((2, w - 1 + 9, C), (w, C),
+                                                                 (2, 9, C)))
 
     def reference(xp, kernel):
-        return sum(xp[:, i : i + 9, :] * kernel[i] for i in range(4))
+        return sum(xp[:, i : i + 9, :] * kernel[i] for i in range(w))
 
     loss = lambda f: jit(jax.grad(lambda a, b: jnp.sum(f(a, b) * ct), argnums=(0, 1)))
     assert_close(jit(depthwise_causal)(xp, kernel), reference(xp, kernel), 1e-12, "conv forward")
