@@ -140,32 +140,40 @@ class DeltaNetMixer(nn.Module):
 
     @nn.nowrap
     def _inputs(self, p, x, ttt_lr_mult, tail=None):
-        """x (B, N, C) -> q, k (B, H, N, d), v (B, H, N, d_v), β, log a (B, H, N) or None, and
-        the new conv tail (B, w − 1, 2C + H d_v)."""
+        """x (B, N, C) -> q, k (B, H, N, d), v (B, H, N, d_v), β, log a (B, H, N) or None, the
+        output gate's pre-activation g (B, N, H d_v) and the new conv tail (B, w − 1, 2C + H d_v).
+
+        Two products in all: x [W_q W_k W_v] in `dtype`, x [W_β W_a W_g] in the inner dtype
+        (one (M, C) @ (C, F) product each: XLA:CPU runs one wide product faster than several
+        narrow ones and their concatenation)."""
         dt, C, H = self.dtype, self.width, self.num_heads
         idt = common.inner_dtype(dt)
         x = x.astype(dt)
-        qkv = jnp.concatenate([project(x, p[n].astype(dt)) for n in ("wq", "wk", "wv")], -1)
+        w_qkv = jnp.concatenate([p[n].astype(dt) for n in ("wq", "wk", "wv")], axis=1)
+        qkv = project(x, w_qkv)  # (B, N, 2C + H d_v)
         qkv, tail = causal_conv(qkv, p["conv"].astype(dt), None, tail)  # (B, N, 2C + H d_v)
         qkv = jax.nn.silu(qkv.astype(idt))
         q, k, v = (common.split_heads(y, H) for y in jnp.split(qkv, [C, 2 * C], axis=-1))
         q = _l2(q) / math.sqrt(self.head_dim)  # (B, H, N, d)
         k = _l2(k)
-        xi = x.astype(idt)
+        names = ("wb", "wa", "wg") if self.gate else ("wb", "wg")
+        small = project(x.astype(idt), jnp.concatenate([p[n].astype(idt) for n in names], 1))
         heads = lambda y: jnp.moveaxis(y, 1, 2)  # (B, N, H) -> (B, H, N)
-        beta = heads(jax.nn.sigmoid(project(xi, p["wb"].astype(idt))))
+        beta = heads(jax.nn.sigmoid(small[..., :H]))
         beta = beta * jnp.asarray(ttt_lr_mult, idt)
         log_a = None
         if self.gate:
-            rate = jax.nn.softplus(project(xi, p["wa"].astype(idt)) + p["dt_bias"].astype(idt))
+            rate = jax.nn.softplus(small[..., H:2 * H] + p["dt_bias"].astype(idt))
             log_a = heads(-jnp.exp(p["A_log"].astype(idt)) * rate)  # (B, H, N), <= 0
-        return q, k, v, beta, log_a, tail
+        g = small[..., (2 if self.gate else 1) * H:]  # (B, N, H d_v)
+        return q, k, v, beta, log_a, g, tail
 
     @nn.nowrap
-    def _output(self, p, x, o):
-        """o (B, H, N, d_v) -> y (B, N, C): per-head RMSNorm, the SiLU output gate, W_o."""
+    def _output(self, p, g, o):
+        """o (B, H, N, d_v), the gate's pre-activation g (B, N, H d_v) -> y (B, N, C): per-head
+        RMSNorm, the SiLU output gate, W_o."""
         dt, idt = self.dtype, common.inner_dtype(self.dtype)
-        g = common.split_heads(project(x.astype(idt), p["wg"].astype(idt)), self.num_heads)
+        g = common.split_heads(g, self.num_heads)
         z = _rms_norm(o.astype(idt), p["o_norm"].astype(idt)) * jax.nn.silu(g)
         return project(common.merge_heads(z).astype(dt), p["wo"].astype(dt))
 
@@ -173,12 +181,12 @@ class DeltaNetMixer(nn.Module):
     def _sequence(self, x, ttt_lr_mult):
         checks.check_input(type(self).__name__, x, self.width)
         p = self._params()
-        q, k, v, beta, log_a, tail = self._inputs(p, x, ttt_lr_mult)
+        q, k, v, beta, log_a, g, tail = self._inputs(p, x, ttt_lr_mult)
         if self.form == "chunked":
             o, S = delta.delta_rule(q, k, v, beta, log_alpha=log_a, chunk=self.chunk)
         else:
             o, S = delta.delta_rule_recurrent(q, k, v, beta, log_alpha=log_a)
-        return self._output(p, x, o), {"conv": tail.astype(self.dtype), "S": S}
+        return self._output(p, g, o), {"conv": tail.astype(self.dtype), "S": S}
 
     # ------------------------------------------------------------------ public interface
 
@@ -204,9 +212,9 @@ class DeltaNetMixer(nn.Module):
         checks.check_step(type(self).__name__, x_t, cache, ("conv", "S"), self.width,
                           batch_key="S")
         p = self._params()
-        q, k, v, beta, log_a, tail = self._inputs(p, x_t, ttt_lr_mult, cache["conv"])
+        q, k, v, beta, log_a, g, tail = self._inputs(p, x_t, ttt_lr_mult, cache["conv"])
         first = lambda y: None if y is None else y[:, :, 0]  # (B, H, 1, ...) -> (B, H, ...)
         o_t, S = delta.delta_rule_decode_step(cache["S"], first(q), first(k), first(v),
                                               first(beta), first(log_a))
-        return self._output(p, x_t, o_t[:, :, None]), {"conv": tail.astype(cache["conv"].dtype),
+        return self._output(p, g, o_t[:, :, None]), {"conv": tail.astype(cache["conv"].dtype),
                                                         "S": S}
