@@ -33,7 +33,10 @@ Notable choices:
   `DECODE_STEPS` steps in one jitted `lax.scan` carrying the (donated) cache, the position reset
   to ctx − 1 in each, divided by their number: the cache is updated in place, as in
   `ttt.models.generate`'s loop. A lone jitted step would also copy the whole cache every call
-  (a 16k softmax cache: ~60 of its ~90 ms).
+  (a 16k softmax cache: ~60 of its ~90 ms). The timed calls of a mixer's contexts alternate, so
+  the ratio of two contexts' medians (a target) is not the load of two moments of a shared
+  machine (measured one context after the other, Mamba2's two identical steps once differed by
+  24 %).
 """
 
 from __future__ import annotations
@@ -233,9 +236,9 @@ def measure_batch(labels, N: int, batch: int, runs: int, log, width: int = WIDTH
     return rows
 
 
-def measure_decode(label: str, ctx: int, runs: int, width: int = WIDTH,
-                   heads: int = HEADS) -> dict:
-    """Latency of one decode step on a cache at position ctx − 1 (see module docstring)."""
+def _decode_call(label: str, ctx: int, width: int, heads: int):
+    """A compiled call of DECODE_STEPS decode steps at position ctx − 1 on a full cache (see
+    module docstring): () -> seconds per step of one call, the cache carried in place."""
     name, _ = LABELS[label]
     overrides = {"cache_size": ctx} if "cache_size" in MIXERS[name].accepted() else {}
     module, params, x, _ = _setup(label, 2 * MINI_BATCH, width, heads, **overrides)
@@ -261,17 +264,39 @@ def measure_decode(label: str, ctx: int, runs: int, width: int = WIDTH,
         return ys, c
 
     run = jax.jit(steps, donate_argnums=2)
-    ys, cache = run(params, x_t, cache)  # warm-up (compiles)
-    jax.block_until_ready(ys)
-    times = []
-    for _ in range(runs):
+    state = {"cache": cache}
+
+    def call() -> float:
         t0 = time.perf_counter()
-        ys, cache = run(params, x_t, cache)
-        jax.block_until_ready((ys, cache))
-        times.append((time.perf_counter() - t0) / DECODE_STEPS)
+        ys, state["cache"] = run(params, x_t, state["cache"])
+        jax.block_until_ready((ys, state["cache"]))
+        return (time.perf_counter() - t0) / DECODE_STEPS
+
+    call()  # warm-up (compiles)
+    return call
+
+
+def measure_decode_contexts(label: str, contexts, runs: int, width: int = WIDTH,
+                            heads: int = HEADS) -> list[dict]:
+    """Latency of one decode step at each context (median of `runs` timed calls), the calls of
+    the contexts interleaved so that a change in the machine's load falls on all of them alike
+    (their ratio is a target)."""
+    calls = {ctx: _decode_call(label, ctx, width, heads) for ctx in contexts}
+    times = {ctx: [] for ctx in contexts}
+    for _ in range(runs):
+        for ctx in contexts:
+            times[ctx].append(calls[ctx]())
+    name = LABELS[label][0]
     chunk = MIXERS[name].attrs(**LABELS[label][1]).get("chunk") if name == "lact" else None
-    return {"mixer": label, "context": ctx, "step_s": statistics.median(times), "runs": times,
-            "closes_chunk": bool(chunk) and ctx % chunk == 0}  # the update runs in this step
+    return [{"mixer": label, "context": ctx, "step_s": statistics.median(times[ctx]),
+             "runs": times[ctx], "closes_chunk": bool(chunk) and ctx % chunk == 0}  # the update
+            for ctx in contexts]  # runs in this step
+
+
+def measure_decode(label: str, ctx: int, runs: int, width: int = WIDTH,
+                   heads: int = HEADS) -> dict:
+    """Latency of one decode step on a cache at position ctx − 1 (see module docstring)."""
+    return measure_decode_contexts(label, [ctx], runs, width, heads)[0]
 
 
 def measure_remat(N: int, runs: int, group: int, width: int = WIDTH,
@@ -437,9 +462,9 @@ def main(argv=None):
     if "decode" not in skip:
         result["decode"] = []
         for label in [m for m in DECODE_LABELS if m in labels]:
-            for ctx in contexts:
-                result["decode"].append(measure_decode(label, ctx, max(runs, 20), **shape))
-                log(f"decode {label} ctx={ctx}: {result['decode'][-1]['step_s'] * 1e3:.3f} ms")
+            for row in measure_decode_contexts(label, contexts, max(runs, 20), **shape):
+                result["decode"].append(row)
+                log(f"decode {label} ctx={row['context']}: {row['step_s'] * 1e3:.3f} ms")
     if "remat" not in skip and "ttt_linear" in labels:
         remat_n = 8192 if max(ns) >= 8192 else max(ns)
         result["remat"] = measure_remat(remat_n, runs, group=16, **shape)
