@@ -213,3 +213,19 @@ def test_every_label_names_a_registry_mixer_and_its_options():
         MIXERS[name].check_kwargs(kwargs)  # an option the module lacks would fail here
     assert set(bench.DECODE_LABELS) <= set(bench.LABELS)
     assert set(bench_report.FAMILY_DECODE) <= set(bench.DECODE_LABELS)
+
+
+def test_decode_contexts_are_timed_in_alternating_calls(monkeypatch):
+    """Every context gets `runs` timed calls, taken in turn (1k, 16k, 1k, 16k, ...)."""
+    order = []
+    real = bench._decode_call
+
+    def traced(label, ctx, width, heads):
+        call = real(label, ctx, width, heads)
+        return lambda: (order.append(ctx), call())[1]
+
+    monkeypatch.setattr(bench, "_decode_call", traced)
+    rows = bench.measure_decode_contexts("deltanet", [1024, 16384], runs=3, width=32, heads=2)
+    assert [r["context"] for r in rows] == [1024, 16384]
+    assert all(len(r["runs"]) == 3 and r["step_s"] > 0 for r in rows)
+    assert order == [1024, 16384] * 3
