@@ -143,7 +143,7 @@ class DeltaNetMixer(nn.Module):
         """x (B, N, C) -> q, k (B, H, N, d), v (B, H, N, d_v), β, log a (B, H, N) or None, the
         output gate's pre-activation g (B, N, H d_v) and the new conv tail (B, w − 1, 2C + H d_v).
 
-        Two products in all: x [W_q W_k W_v] in `dtype`, x [W_β W_a W_g] in the inner dtype
+        Two products in all: x [W_q W_k W_v] in `dtype`, x [W_β (W_a) W_g] in the inner dtype
         (one (M, C) @ (C, F) product each: XLA:CPU runs one wide product faster than several
         narrow ones and their concatenation)."""
         dt, C, H = self.dtype, self.width, self.num_heads
