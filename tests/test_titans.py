@@ -21,7 +21,7 @@ B, H, D = 2, 2, 4
 MLP = L.mlp(factor=2)
 # compiled once per shape (the learner and the sizes are static)
 FWD = jax.jit(titans.forward, static_argnums=0,
-              static_argnames=("mini_batch", "remat_every", "unroll"))
+              static_argnames=("mini_batch", "remat_every", "unroll", "form"))
 STEP = jax.jit(titans.step, static_argnums=0, static_argnames=("mini_batch",))
 PREFILL = jax.jit(titans.prefill, static_argnums=0, static_argnames=("mini_batch",))
 
@@ -54,27 +54,47 @@ def _probe(tree, seed=1):
 # ----------------------------------------------------------------------------- the op
 
 
-def _chunk_vs_loop(b, n):
+def _chunk_vs_loop(b, n, learner=MLP, fixed=None):
     """From a non-zero momentum S0, some rates at their ends (η, α ∈ {0, 1}: exact products,
-    finite gradients): (arguments, run(f, *arguments) for f = forward or naive)."""
-    W0, q, k, v, theta, eta, alpha, S0 = _case(MLP, n, S0=True, ends=True)
+    finite gradients): (arguments, run(f, *arguments, **kw) for f = forward or naive)."""
+    W0, q, k, v, theta, eta, alpha, S0 = _case(learner, n, S0=True, ends=True)
     assert {0.0, 1.0} <= set(np.asarray(eta).ravel()) and 1.0 in np.asarray(alpha)
-    return (W0, q, k, v, theta, eta, alpha), lambda f, *xs: f(MLP, *xs, mini_batch=b, S0=S0)
+    return (W0, q, k, v, theta, eta, alpha), lambda f, *xs, **kw: f(
+        learner, *xs, mini_batch=b, S0=S0, fixed=fixed, **kw)
 
 
+@pytest.mark.parametrize("form", ["dual", "primal"])
 @pytest.mark.parametrize("b,n", [(1, 9), (4, 10), (16, 21)])
-def test_chunk_form_equals_the_token_loop(x64, b, n):
+def test_chunk_form_equals_the_token_loop(x64, b, n, form):
     """9 single tokens; chunks of 4 and a partial one of 2; a chunk of 16 and a partial one of 5."""
     args, run = _chunk_vs_loop(b, n)
-    assert_close(run(FWD, *args), run(titans.naive, *args), 1e-10, f"b={b}: z, W_N, S_N")
+    assert_close(run(FWD, *args, form=form), run(titans.naive, *args), 1e-10,
+                 f"b={b}, {form}: z, W_N, S_N")
 
 
+@pytest.mark.parametrize("form", ["dual", "primal"])
 @pytest.mark.parametrize("b,n", [pytest.param(1, 9, marks=pytest.mark.slow), (16, 21)])
-def test_gradients_equal_the_token_loop(x64, b, n):
+def test_gradients_equal_the_token_loop(x64, b, n, form):
     args, run = _chunk_vs_loop(b, n)
-    grads = [jax.grad(lambda *xs, f=f: _probe(run(f, *xs)), argnums=range(7))(*args)
-             for f in (FWD, titans.naive)]
-    assert_close(grads[0], grads[1], 1e-9, f"b={b}: d/d(W0, q, k, v, theta, eta, alpha)")
+    grads = [jax.grad(lambda *xs, f=f, kw=kw: _probe(run(f, *xs, **kw)), argnums=range(7))(*args)
+             for f, kw in ((FWD, {"form": form}), (titans.naive, {}))]
+    assert_close(grads[0], grads[1], 1e-9, f"b={b}, {form}: d/d(W0, q, k, v, theta, eta, alpha)")
+
+
+LN_FIXED = {"scale": jnp.asarray([[1.3, 0.7, 1.1, 0.9]] * H), "bias": jnp.full((H, D), 0.2)}
+
+
+@pytest.mark.parametrize("learner,fixed", [
+    (L.mlp(factor=2, bias=False), None), (L.linear(), None), (L.linear(bias=False), None),
+    (L.ln_residual(L.linear()), LN_FIXED)], ids=["mlp-nobias", "linear", "linear-nobias", "ln"])
+def test_dual_form_of_every_dense_chain(x64, learner, fixed):
+    """The dual chunk (biases or none, one or two layers, a `post`) == the primal chunk, outputs,
+    final states and gradients (the token loop holds the primal one, above)."""
+    args, run = _chunk_vs_loop(4, 10, learner, fixed)
+    assert_close(run(FWD, *args, form="dual"), run(FWD, *args, form="primal"), 1e-11, "z, W, S")
+    grads = [jax.grad(lambda *xs, form=form: _probe(run(FWD, *xs, form=form)),
+                      argnums=range(7))(*args) for form in ("dual", "primal")]
+    assert_close(grads[0], grads[1], 1e-9, "d/d(W0, q, k, v, theta, eta, alpha)")
 
 
 def test_remat_groups_keep_the_carry(x64):
@@ -172,6 +192,11 @@ def test_bad_arguments_raise(x64):
         titans.forward(MLP, W0, q, k, v, theta, eta[:, :, :3], alpha)
     with pytest.raises(ValueError, match="W0: expected a pytree like mlp.init"):
         titans.forward(MLP, {"W1": W0["W1"]}, q, k, v, theta, eta, alpha)
+    with pytest.raises(ValueError, match="form='dual': learner 'swiglu' has no dense chain"):
+        titans.forward(L.swiglu(), L.swiglu().init(jax.random.PRNGKey(0), D), q, k, v, theta,
+                       eta, alpha, form="dual")
+    with pytest.raises(ValueError, match="form: unknown .fast."):
+        titans.forward(MLP, W0, q, k, v, theta, eta, alpha, form="fast")
     with pytest.raises(ValueError, match=r"alpha_t: expected shape \(B, H\)"):
         titans.step(MLP, titans.init_state(W0, B), q[:, :, 0], k[:, :, 0], v[:, :, 0],
                     theta[:, :, 0], eta[:, :, 0], alpha[:, :, 0, None])

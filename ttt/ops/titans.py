@@ -27,12 +27,15 @@ The chunk form (`forward`). Inside a chunk from (W_0, S_0), tokens i = 1..b, let
 unroll to
     S_i = e_i S_0 − Σ_{j≤i} E_ij θ_j u_j,
     W_i = γ_i W_0 + Σ_{l≤i} D_il S_l = γ_i W_0 + m_i S_0 − Σ_{j≤i} Ω_ij θ_j u_j,
-with m = D e and Ω = D E (b × b, one small matmul per chunk). So a chunk is TTT's primal step
-(`ttt.ops.ttt.ttt_primal`) with the learning-rate matrix Ω diag(θ) plus the decayed start terms:
-the u_j by one vmap(grad) at W_0, every W_i materialised, z_i = f(q_i; W_i); a `lax.scan` over
-chunks carries (W, S) from the chunk's last real token.
+with m = D e and Ω = D E (b × b, one small matmul per chunk). So a chunk is TTT's step
+(`ttt.ops.ttt`) with the learning-rate matrix Ω diag(θ) plus the decayed start terms, in two
+forms: the primal one takes the u_j by one vmap(grad) at W_0, materialises every W_i and answers
+z_i = f(q_i; W_i) (any learner); the dual one (a dense-chain learner with the squared loss;
+docs/design.md §15.5) writes u_j = X_jᵀ G_j per dense layer and answers without any W_i, as TTT's
+dual form. A `lax.scan` over chunks carries (W, S) from the chunk's last real token.
 
-- `forward`: the chunk form above. `naive`: the token recurrence as a Python loop (tests only).
+- `forward`: the chunk form above (form "dual" | "primal" | "auto"). `naive`: the token
+  recurrence as a Python loop (tests only).
 - `step` / `prefill` / `init_state`: decoding. The state is `TitansState(W, S, W_start, pos)`:
   W_start is the open chunk's starting memory, where its gradients are taken.
 
@@ -53,9 +56,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ttt.ops import checks
+from ttt.ops import _dual, checks
 from ttt.ops._scan import from_minibatches, num_minibatches, scan_minibatches, to_minibatches
 from ttt.ops.learners import reconstruction_loss
+
+FORMS = ("auto", "dual", "primal")
 
 
 class TitansState(NamedTuple):
@@ -104,44 +109,101 @@ def products(x):
     return jnp.where(jnp.tril(jnp.ones((b, b), bool)), P, 0.0), jnp.cumprod(x, axis=-1)
 
 
-def _run(learner, W0, S0, q, k, v, theta, eta, alpha, *, mini_batch, fixed, remat_every, unroll):
+def _primal_chunk(learner, fixed, W, S, q_b, k_b, v_b, th, et, al, n):
+    """One chunk from (W, S) by the definition: the u_j by vmap(grad) at W, every W_i
+    materialised, z_i = f(q_i; W_i). Returns (z (b, d_out), W_n, S_n) at the last real row."""
+    loss = lambda W_, f, kj, vj: reconstruction_loss(learner, W_, f, kj, vj)
+    u = jax.vmap(jax.grad(loss), in_axes=(None, None, 0, 0))(W, fixed, k_b, v_b)  # (b, ...)
+    E, e = products(et)
+    D, gam = products(1.0 - al)
+    Om = (D @ E) * th[None, :]  # (b, b): Ω_ij θ_j
+    m = D @ e  # (b,)
+    rows = lambda c, x: jnp.einsum("i,...->i...", c, x)  # c_i x for every row i
+    W_rows = jax.tree_util.tree_map(
+        lambda w, s, u_l: rows(gam, w) + rows(m, s) - jnp.einsum("ij,j...->i...", Om, u_l),
+        W, S, u)  # leaves (b, ...): W_i
+    z = jax.vmap(learner.apply, in_axes=(0, 0, None))(W_rows, q_b, fixed)  # (b, d_out)
+    last = jnp.maximum(n - 1, 0)
+    coef = E[last] * th  # (b,): E_nj θ_j
+    W_n = jax.tree_util.tree_map(lambda r, w: r[last].astype(w.dtype), W_rows, W)
+    S_n = jax.tree_util.tree_map(
+        lambda s, u_l: (e[last] * s - jnp.einsum("j,j...->...", coef, u_l)).astype(s.dtype),
+        S, u)
+    return z, W_n, S_n
+
+
+def _dual_chunk(learner, fixed, W, S, q_b, k_b, v_b, th, et, al, n):
+    """The same chunk in the dual form (module docstring): per dense layer, with key inputs X^k,
+    pre-activation gradients G at W (u_j = X^k_jᵀ G_j) and A = Ω diag(θ) ⊙ (X^q X^kᵀ),
+        Z(q) = γ ⊙ (X^q W + b) + m ⊙ (X^q S + s) − A G − Ω diag(θ) G (bias),
+    and the carried (W_n, S_n) as sums of the rank-one u_j weighted by rows of Ω diag(θ) and E
+    diag(θ). No W_i is materialised; G is written out (`_dual.key_gradients`), not autodiffed."""
+    dense, act = learner.dense, learner.activation or (lambda x: x)
+    w1, b1 = dense[0]
+    Z1k = k_b @ W[w1]  # (b, d_in) @ (d_in, d_1)
+    if b1 is not None:
+        Z1k = Z1k + W[b1]
+    G, Xk = _dual.key_gradients(learner, W, fixed, k_b, v_b, Z1k)
+    X_keys = (k_b, *Xk)  # every dense layer's key inputs (b, d_l)
+    E, e = products(et)
+    D, gam = products(1.0 - al)
+    Om = (D @ E) * th[None, :]  # (b, b): Ω_ij θ_j
+    m = D @ e  # (b,)
+    Z = None
+    for l, (w_name, b_name) in enumerate(dense):
+        X = q_b if l == 0 else act(Z)  # (b, d_l): layer l's query inputs at the W_i
+        A = Om * (X @ X_keys[l].T)  # (b, d_l) @ (d_l, b) -> (b, b)
+        base, mom = X @ W[w_name], X @ S[w_name]  # (b, d_l) @ (d_l, d_{l+1})
+        if b_name is not None:
+            A = A + Om
+            base, mom = base + W[b_name], mom + S[b_name]
+        Z = _dual._rows(gam, base) + _dual._rows(m, mom) - A @ G[l]  # − (b, b) @ (b, d_{l+1})
+    z = learner.post(q_b, Z, fixed) if learner.post is not None else Z
+
+    def summed(coef):  # Σ_j coef_j u_j per dense layer, u_j = X_jᵀ G_j (and G_j for a bias)
+        out = {}
+        for X_l, G_l, (w_name, b_name) in zip(X_keys, G, dense, strict=True):
+            out[w_name] = X_l.T @ _dual._rows(coef, G_l)  # (d_l, b) @ (b, d_{l+1})
+            if b_name is not None:
+                out[b_name] = coef @ G_l  # (b,) @ (b, d_{l+1})
+        return out
+
+    last = jnp.maximum(n - 1, 0)
+    tree = jax.tree_util.tree_map
+    W_n = tree(lambda w, s, u: (gam[last] * w + m[last] * s - u).astype(w.dtype),
+               W, S, summed(Om[last]))
+    S_n = tree(lambda s, u: (e[last] * s - u).astype(s.dtype), S, summed(E[last] * th))
+    return z, W_n, S_n
+
+
+def _run(learner, W0, S0, q, k, v, theta, eta, alpha, *, mini_batch, fixed, remat_every, unroll,
+         form):
     """The chunk form: (z (B, H, N, d_out), W_N, S_N), states leading (B, H)."""
     _check(q, k, v, theta, eta, alpha, mini_batch)
+    checks.check_choice("form", form, FORMS)
+    dual_ok = learner.dense is not None and learner.loss is None
+    if form == "dual" and not dual_ok:
+        raise ValueError(f"form='dual': learner {learner.name!r} has no dense chain with the "
+                         "squared loss; use form='primal' or 'auto'")
+    chunk = _dual_chunk if form == "dual" or (form == "auto" and dual_ok) else _primal_chunk
     B, H, N, _ = q.shape
     b = mini_batch
     M = num_minibatches(N, b)
     W0, S0 = _start(learner, W0, S0, q)
     rates = jnp.stack([theta, eta, alpha], axis=-1).astype(q.dtype)  # (B, H, N, 3)
     real = jnp.clip(N - b * jnp.arange(M), 0, b).astype(jnp.int32)  # (M,) real tokens per chunk
-    loss = lambda W, f, kj, vj: reconstruction_loss(learner, W, f, kj, vj)
-    grads = jax.vmap(jax.grad(loss), in_axes=(None, None, 0, 0))  # u_j at W_0, leaves (b, ...)
-    answer = jax.vmap(learner.apply, in_axes=(0, 0, None))  # z_i = f(q_i; W_i)
-    rows = lambda c, x: jnp.einsum("i,...->i...", c, x)  # c_i x for every row i
 
     def head(W_h, S_h, fixed_h, xs_h):
         def step(carry, x):
-            W, S = carry
             q_b, k_b, v_b, r_b, n = x  # (b, d), (b, d), (b, e), (b, 3), ()
-            th, et, al = r_b[:, 0], r_b[:, 1], r_b[:, 2]
-            u = grads(W, fixed_h, k_b, v_b)
-            E, e = products(et)
-            D, gam = products(1.0 - al)
-            Om = (D @ E) * th[None, :]  # (b, b): Ω_ij θ_j
-            m = D @ e  # (b,)
-            W_rows = jax.tree_util.tree_map(
-                lambda w, s, u_l: rows(gam, w) + rows(m, s) - jnp.einsum("ij,j...->i...", Om, u_l),
-                W, S, u)  # leaves (b, ...): W_i
-            z = answer(W_rows, q_b, fixed_h)  # (b, d_out)
-            last = jnp.maximum(n - 1, 0)
-            coef = E[last] * th  # (b,): E_nj θ_j
-            W_n = jax.tree_util.tree_map(lambda r, w: r[last].astype(w.dtype), W_rows, W)
-            S_n = jax.tree_util.tree_map(
-                lambda s, u_l: (e[last] * s - jnp.einsum("j,j...->...", coef, u_l)).astype(s.dtype),
-                S, u)
+            z, W_n, S_n = chunk(learner, fixed_h, *carry, q_b, k_b, v_b,
+                                r_b[:, 0], r_b[:, 1], r_b[:, 2], n)
             keep = lambda new, old: jax.tree_util.tree_map(
                 lambda a_, b_: jnp.where(n > 0, a_, b_), new, old)
-            return (keep(W_n, W), keep(S_n, S)), z
+            return (keep(W_n, carry[0]), keep(S_n, carry[1])), z
 
+        # the backward recomputes a chunk from its carried state (fewer stacked residuals)
+        step = jax.checkpoint(step, prevent_cse=False) if chunk is _dual_chunk else step
         return scan_minibatches(step, (W_h, S_h), xs_h, remat_every, unroll)
 
     over_h = jax.vmap(head, in_axes=(0, 0, 0, (0, 0, 0, 0, None)))
@@ -153,16 +215,18 @@ def _run(learner, W0, S0, q, k, v, theta, eta, alpha, *, mini_batch, fixed, rema
 
 
 def forward(learner, W0, q, k, v, theta, eta, alpha, *, mini_batch=16, fixed=None, S0=None,
-            remat_every=0, unroll=1):
+            remat_every=0, unroll=1, form="auto"):
     """Titans' memory over a sequence in chunks of `mini_batch` (module docstring).
 
     q, k (B, H, N, d_in); v (B, H, N, d_out); theta, eta, alpha (B, H, N); W0 (and S0, the
     initial momentum, None = zeros) pytrees leading H or (B, H); fixed leading H or None.
     remat_every, unroll as `ttt.ops.ttt.ttt_primal`. N need not be a multiple of mini_batch.
+    form: "dual" (no W_i materialised; a learner with a dense chain and the squared loss),
+    "primal" (the definition, any learner) or "auto" (dual where it applies).
     Returns (z (B, H, N, d_out), W_N, S_N), the states leading (B, H).
     """
     return _run(learner, W0, S0, q, k, v, theta, eta, alpha, mini_batch=mini_batch, fixed=fixed,
-                remat_every=remat_every, unroll=unroll)
+                remat_every=remat_every, unroll=unroll, form=form)
 
 
 @functools.cache
