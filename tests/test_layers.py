@@ -414,6 +414,19 @@ def test_depthwise_causal_backward_matches_autodiff(x64, w):
     assert rel_err(loss(depthwise_causal)(xp * 2, kernel)[1], dk) > 0.5  # negative control
 
 
+def test_scale_features_backward_matches_autodiff(x64):
+    """The per-feature scale's written-out backward (a ones-vector sum over rows) == autodiff of
+    x ⊙ s, with rows over two leading axes."""
+    from ttt.ops.primitives import scale_features
+
+    rng = np.random.default_rng(1)
+    x, s, ct = (jnp.asarray(rng.normal(size=shape)) for shape in ((3, 5, C), (C,), (3, 5, C)))
+    loss = lambda f: jax.grad(lambda a, b: jnp.sum(f(a, b) * ct), argnums=(0, 1))
+    ours, ref = loss(scale_features)(x, s), loss(lambda a, b: a * b)(x, s)
+    assert_close(ours, ref, 1e-12, "d/dx, d/ds")
+    assert rel_err(loss(scale_features)(x[:, ::-1], s)[1], ref[1]) > 1e-3  # negative control
+
+
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float64, 1e-12), (jnp.float32, 1e-5)])
 def test_layer_norm_matches_flax(x64, dtype, rtol):
     """common.LayerNorm (written-out backward) == flax LayerNorm: params, outputs, all gradients."""
