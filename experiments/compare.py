@@ -33,7 +33,9 @@ its own core (tiny models train faster as parallel single-threaded runs than as 
 over threads), in the order of the preset's cells:
 the most informative first, so an interrupted comparison has finished those (`demo` lists the
 longest first instead, to finish soonest). The report (`WORKDIR/report.md`, the
-PNGs and `results.json`, see `experiments.report`) is built only from the runs' files.
+PNGs and `results.json`, see `experiments.report`) is built only from the runs' files;
+`--report-only` builds it from the runs finished so far and trains nothing (an interrupted
+comparison's report, each cell by the protocol: a sweep's best rate once its sweep is done).
 
 Presets (runtimes measured on an idle 2-core machine, see README):
   demo     12.7 minutes measured (2026-12-07). MQAR at the harness setting (N = 64, 8 pairs,
@@ -204,6 +206,10 @@ def main(argv=None) -> int:
                              "same as ttt.main's --config.train.steps=100)")
     parser.add_argument("--force", action="store_true",
                         help="delete the cells' runs first and train everything again")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the report of the cells' runs already "
+                             "finished (an interrupted comparison's; its header lists the "
+                             "unfinished cells)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="runs trained at once, each in a worker pinned to one core "
                              "(default: the preset's; one per core up to 2)")
@@ -211,6 +217,8 @@ def main(argv=None) -> int:
     args.argv = argv  # the report header records the command as given
     if not (args.preset or args.configs or args.runs):
         parser.error("give --preset, --configs or --runs")
+    if args.report_only and args.force:
+        parser.error("--report-only trains nothing and --force deletes runs: give one")
 
     # here, not at the top: a spawned worker imports the __main__ module before scheduler._pin
     # pins it to a core, and numpy's BLAS thread (experiments.report) would start unpinned there
@@ -240,8 +248,10 @@ def main(argv=None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     total = sum(_planned(c) for c in cells)
-    with tqdm(total=total, desc="runs", unit="run", file=sys.stderr) as bar:
-        infos = schedule(cells, args, jobs, bar)
+    infos = {}
+    if not args.report_only:
+        with tqdm(total=total, desc="runs", unit="run", file=sys.stderr) as bar:
+            infos = schedule(cells, args, jobs, bar)
     print(f"{(time.perf_counter() - start) / 60:.1f} min elapsed", file=sys.stderr)
     failures = [i for i in infos.values() if "error" in i]
     dirs = []

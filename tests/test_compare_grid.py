@@ -2,13 +2,15 @@
 it from over-reading (experiments/report.py, report_plots.py): the new cells and their
 overrides, every preset's configs loading and validating, the hybrid-aware state size, the
 3-seed findings rule, the eval-point curve fallback, and a real 3-step comparison with a hybrid
-cell."""
+cell, then its report alone (`--report-only`) once a cell is added."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+
+import pytest
 
 from experiments import compare, grid, mqar, report, report_plots
 from experiments.specs import load_config
@@ -155,7 +157,7 @@ def test_curves_fall_back_to_eval_points(tmp_path):
 def test_three_step_compare_with_a_hybrid_is_sane(tmp_path, monkeypatch, capsys):
     """A real comparison of 3 steps (`--set train.steps=3`, logged every 25): a hybrid MQAR cell
     beside softmax, one seed each; the report shows the hybrid's variant and its mean state,
-    calls nothing a finding, and writes every plot."""
+    calls nothing a finding, and writes every plot. Then `--report-only` with one more cell."""
     mixer, overrides = grid.variant(grid.HYBRID_TTT_SWA, 16, 4)
     spec = "experiments/mqar.py:{},n=16,kv=2,width=16,smoke"
     cells = [grid.Cell("mqar", "softmax_kv2", spec.format("softmax")),
@@ -175,6 +177,21 @@ def test_three_step_compare_with_a_hybrid_is_sane(tmp_path, monkeypatch, capsys)
     assert not math.isnan(summary["eval_accuracy"])
     for png in ("mqar_accuracy_vs_state.png", "mqar_curves.png"):
         assert os.path.getsize(os.path.join(workdir, png)) > 5000, png
+    # a cell added since, not trained: --report-only reports the finished runs, lists it as
+    # unfinished and trains nothing
+    cells.append(grid.Cell("mqar", "linear_kv2", spec.format("linear_attention"), seeds=(0, 1)))
+    capsys.readouterr()
+    assert compare.main(["--preset", "tiny", "--workdir", workdir, "--report-only", "--set",
+                         "train.steps=3", "--set", "train.log_every=25"]) == 0
+    text = open(os.path.join(workdir, "report.md")).read()
+    assert "Runs finished: 2 of 4 planned; unfinished cells (runs done of planned): " \
+        "mqar/linear_kv2 (0 of 2)." in text, text
+    assert f"| ttt_linear×3+swa | 16 | 2 | 16 | {state} |" in text
+    assert not os.path.exists(os.path.join(workdir, "mqar/linear_kv2"))
+    with pytest.raises(SystemExit) as stop:  # argparse's error: one line, exit 2
+        compare.main(["--preset", "tiny", "--workdir", workdir, "--report-only", "--force"])
+    assert stop.value.code == 2 and "--report-only trains nothing" in capsys.readouterr().err
+    assert os.path.exists(os.path.join(workdir, "mqar/hybrid_kv2/s0/run.json"))
 
 
 
