@@ -109,15 +109,19 @@ def products(x):
     return jnp.where(jnp.tril(jnp.ones((b, b), bool)), P, 0.0), jnp.cumprod(x, axis=-1)
 
 
+def _coefficients(th, et, al):
+    """A chunk's rates (b,) each -> (E (b, b), e (b,), γ (b,), Ω diag(θ) (b, b), m = D e (b,))."""
+    E, e = products(et)
+    D, gam = products(1.0 - al)
+    return E, e, gam, (D @ E) * th[None, :], D @ e
+
+
 def _primal_chunk(learner, fixed, W, S, q_b, k_b, v_b, th, et, al, n):
     """One chunk from (W, S) by the definition: the u_j by vmap(grad) at W, every W_i
     materialised, z_i = f(q_i; W_i). Returns (z (b, d_out), W_n, S_n) at the last real row."""
     loss = lambda W_, f, kj, vj: reconstruction_loss(learner, W_, f, kj, vj)
     u = jax.vmap(jax.grad(loss), in_axes=(None, None, 0, 0))(W, fixed, k_b, v_b)  # (b, ...)
-    E, e = products(et)
-    D, gam = products(1.0 - al)
-    Om = (D @ E) * th[None, :]  # (b, b): Ω_ij θ_j
-    m = D @ e  # (b,)
+    E, e, gam, Om, m = _coefficients(th, et, al)
     rows = lambda c, x: jnp.einsum("i,...->i...", c, x)  # c_i x for every row i
     W_rows = jax.tree_util.tree_map(
         lambda w, s, u_l: rows(gam, w) + rows(m, s) - jnp.einsum("ij,j...->i...", Om, u_l),
@@ -145,10 +149,7 @@ def _dual_chunk(learner, fixed, W, S, q_b, k_b, v_b, th, et, al, n):
         Z1k = Z1k + W[b1]
     G, Xk = _dual.key_gradients(learner, W, fixed, k_b, v_b, Z1k)
     X_keys = (k_b, *Xk)  # every dense layer's key inputs (b, d_l)
-    E, e = products(et)
-    D, gam = products(1.0 - al)
-    Om = (D @ E) * th[None, :]  # (b, b): Ω_ij θ_j
-    m = D @ e  # (b,)
+    E, e, gam, Om, m = _coefficients(th, et, al)
     Z = None
     for l, (w_name, b_name) in enumerate(dense):
         X = q_b if l == 0 else act(Z)  # (b, d_l): layer l's query inputs at the W_i
