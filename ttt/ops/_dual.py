@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from ttt.ops.primitives import layer_norm_backward, layer_norm_stats
 
 
-def _rows(scale, x):
+def rows(scale, x):
     """scale (b,) times the rows of x (b, d), as a dot's input."""
     return jnp.einsum("b,bd->bd", scale.astype(x.dtype), x)
 
@@ -48,7 +48,7 @@ def key_gradients(learner, W, fixed, k_in, v_in, Z1k, scale=None):
         if b_name is not None:
             Z = Z + W[b_name]
         if scale is not None:
-            Z = _rows(scale, Z)  # Z_j = X_j (Γ_j W) + Γ_j b
+            Z = rows(scale, Z)  # Z_j = X_j (Γ_j W) + Γ_j b
         Zs.append(Z)
     if learner.post is None:
         G = Z - v_in  # (b, d_out)
@@ -67,7 +67,7 @@ def key_gradients(learner, W, fixed, k_in, v_in, Z1k, scale=None):
         # back through layer l+1's weights and the activation at Z_l: (b, d_{l+1}) @ (d_{l+1}, d_l)
         back = Gs[0] @ W[dense[l][0]].T
         if scale is not None:
-            back = _rows(scale, back)  # through the decayed weights Γ_j W_{l+1}
+            back = rows(scale, back)  # through the decayed weights Γ_j W_{l+1}
         if learner.activation is not None:
             _, slope = jax.jvp(learner.activation, (Zs[l - 1],), (jnp.ones_like(Zs[l - 1]),))
             back = back * slope
@@ -95,7 +95,7 @@ def key_step(learner, W, fixed, k_in, v_in, e, grads=None, lg=None):
         if b1 is not None:
             Z1 = Z1 + W[b1]
         if scale is not None:
-            Z1 = _rows(scale, Z1)
+            Z1 = rows(scale, Z1)
         grads = key_gradients(learner, W, fixed, k_in, v_in, Z1, scale)
     G, Xk = grads
     if scale is not None:  # the start state decayed to the last token
@@ -165,7 +165,7 @@ def _state_scan_bwd(learner, unroll, res, cts):
 state_scan.defvjp(_state_scan_fwd, _state_scan_bwd)
 
 
-def query_side(learner, W, fixed, q_in, eta, A1, G, Xk, Z1=None, scale=None):
+def query_side(learner, W, fixed, q_in, eta, A1, G, Xk, Z1=None, scale=None, base=None):
     """Answers of one mini-batch of one head from its starting state and the key side's G, Xk.
 
     q_in (b, d_in); eta (b, b) masked; A1 (b, b) = η ⊙ (q kᵀ) (+ η with a bias); Z1: the queries'
@@ -173,6 +173,8 @@ def query_side(learner, W, fixed, q_in, eta, A1, G, Xk, Z1=None, scale=None):
     Z_l(q) = X_l^q W_l + b_l − (η ⊙ (X_l^q X_l^kᵀ)) G_l − η G_l (bias), then `post`.
     scale (b,): a forget gate's Γ_i, which scales the X_l^q W_l + b_l term (Z1, when given, must
     already be scaled; η must hold η_ij Γ_i/Γ_j), else None.
+    base: a function (l, X_l^q) -> (b, d_{l+1}) that replaces the X_l^q W_l + b_l term (Titans'
+    γ ⊙ (X W + b) + m ⊙ (X S + s)), else None.
     """
     act = learner.activation if learner.activation is not None else (lambda x: x)
     Z = None
@@ -187,11 +189,14 @@ def query_side(learner, W, fixed, q_in, eta, A1, G, Xk, Z1=None, scale=None):
         if l == 0 and Z1 is not None:
             Z = Z1 - A @ G[0]
             continue
+        if base is not None:
+            Z = base(l, X) - A @ G[l]  # − (b, b) @ (b, d_{l+1})
+            continue
         if scale is not None:  # Γ_i (X W + b) − A G
             Z = X @ W[w_name]  # (b, d_l) @ (d_l, d_{l+1})
             if b_name is not None:
                 Z = Z + W[b_name]
-            Z = _rows(scale, Z) - A @ G[l]  # − (b, b) @ (b, d_{l+1})
+            Z = rows(scale, Z) - A @ G[l]  # − (b, b) @ (b, d_{l+1})
             continue
         Z = X @ W[w_name] - A @ G[l]  # (b, d_l) @ (d_l, d_{l+1}) − (b, b) @ (b, d_{l+1})
         if b_name is not None:

@@ -142,7 +142,7 @@ def _dual_chunk(learner, fixed, W, S, q_b, k_b, v_b, th, et, al, n):
         Z(q) = γ ⊙ (X^q W + b) + m ⊙ (X^q S + s) − A G − Ω diag(θ) G (bias),
     and the carried (W_n, S_n) as sums of the rank-one u_j weighted by rows of Ω diag(θ) and E
     diag(θ). No W_i is materialised; G is written out (`_dual.key_gradients`), not autodiffed."""
-    dense, act = learner.dense, learner.activation or (lambda x: x)
+    dense = learner.dense
     w1, b1 = dense[0]
     Z1k = k_b @ W[w1]  # (b, d_in) @ (d_in, d_1)
     if b1 is not None:
@@ -150,21 +150,23 @@ def _dual_chunk(learner, fixed, W, S, q_b, k_b, v_b, th, et, al, n):
     G, Xk = _dual.key_gradients(learner, W, fixed, k_b, v_b, Z1k)
     X_keys = (k_b, *Xk)  # every dense layer's key inputs (b, d_l)
     E, e, gam, Om, m = _coefficients(th, et, al)
-    Z = None
-    for l, (w_name, b_name) in enumerate(dense):
-        X = q_b if l == 0 else act(Z)  # (b, d_l): layer l's query inputs at the W_i
-        A = Om * (X @ X_keys[l].T)  # (b, d_l) @ (d_l, b) -> (b, b)
-        base, mom = X @ W[w_name], X @ S[w_name]  # (b, d_l) @ (d_l, d_{l+1})
+    A1 = Om * (q_b @ k_b.T)  # (b, d_in) @ (d_in, b) -> (b, b)
+    if b1 is not None:
+        A1 = A1 + Om
+
+    def base(l, X):  # γ ⊙ (X W + b) + m ⊙ (X S + s) at layer l's query inputs X (b, d_l)
+        w_name, b_name = dense[l]
+        start, mom = X @ W[w_name], X @ S[w_name]  # (b, d_l) @ (d_l, d_{l+1})
         if b_name is not None:
-            A = A + Om
-            base, mom = base + W[b_name], mom + S[b_name]
-        Z = _dual._rows(gam, base) + _dual._rows(m, mom) - A @ G[l]  # − (b, b) @ (b, d_{l+1})
-    z = learner.post(q_b, Z, fixed) if learner.post is not None else Z
+            start, mom = start + W[b_name], mom + S[b_name]
+        return _dual.rows(gam, start) + _dual.rows(m, mom)
+
+    z = _dual.query_side(learner, W, fixed, q_b, Om, A1, G, Xk, base=base)
 
     def summed(coef):  # Σ_j coef_j u_j per dense layer, u_j = X_jᵀ G_j (and G_j for a bias)
         out = {}
         for X_l, G_l, (w_name, b_name) in zip(X_keys, G, dense, strict=True):
-            out[w_name] = X_l.T @ _dual._rows(coef, G_l)  # (d_l, b) @ (b, d_{l+1})
+            out[w_name] = X_l.T @ _dual.rows(coef, G_l)  # (d_l, b) @ (b, d_{l+1})
             if b_name is not None:
                 out[b_name] = coef @ G_l  # (b,) @ (b, d_{l+1})
         return out

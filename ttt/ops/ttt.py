@@ -249,7 +249,7 @@ def _dual_steps(learner, W0, fixed, xs, n, remat_every, unroll, lg=None):
             scale = None
             if lg_m is not None:  # rows at the decayed weights Γ W: keys' Γ_j, queries' Γ_i
                 scale = jnp.exp(lg_m)
-                Z1 = _dual._rows(jnp.concatenate([scale, scale]), Z1)
+                Z1 = _dual.rows(jnp.concatenate([scale, scale]), Z1)
             G, Xk = _dual.key_gradients(learner, W, fixed_h, k_in, v_in, Z1[:b], scale)
             z = _dual.query_side(learner, W, fixed_h, q_in, eta_mb, A1_m, G, Xk, Z1=Z1[b:],
                                  scale=scale)
