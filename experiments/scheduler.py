@@ -10,7 +10,9 @@ import concurrent.futures
 import multiprocessing
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -96,13 +98,24 @@ def _evaluate_by_position(run_dir: str) -> None:
 
 def _pin(counter) -> None:
     """Pool initializer: pin this worker to one core before JAX starts, so XLA runs
-    single-threaded on it (tiny models: parallel single-threaded runs beat split ops)."""
-    with counter.get_lock():
-        index = counter.value
-        counter.value += 1
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cores) > 1:
-        os.sched_setaffinity(0, {cores[index % len(cores)]})
+    single-threaded on it (tiny models: parallel single-threaded runs beat split ops).
+
+    It also holds SIGTERM and SIGINT back until a run trains: the trainer unblocks them in this
+    (main) thread while it trains, where a stop saves a checkpoint. A worker that is idle (or
+    setting a run up) must not die of a stop request: its death breaks the pool, and the
+    executor then signals the saving workers a second time (exit without saving)."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        signal.signal(signal.SIGTERM, _hold)
+        signal.signal(signal.SIGINT, _hold)
+
+
+def _hold(signum, frame) -> None:
+    """A worker's threads started before `_pin` (numpy's BLAS thread) do not block the signals,
+    so one may take the process's signal: this handler (run by the main thread) makes it the
+    main thread's own, pending until the trainer unblocks it there."""
+    del frame
+    signal.pthread_kill(threading.get_ident(), signum)
 
 
 def _args_of(run: Run, args) -> tuple:
@@ -153,6 +166,29 @@ def _next_run(cells: list[Cell], args, taken: set[str], infos: dict, bar) -> Run
     return run
 
 
+STOP_WAIT_S = 300  # how long a stopped comparison waits for its workers' checkpoints
+
+
+def _stop(pool, running: dict, pass_on: bool) -> None:
+    """Stop the workers after Ctrl-C (it reached them too: one process group) or SIGTERM (passed
+    on here, `pass_on`): each trainer saves a checkpoint and returns (a rerun resumes there); idle
+    workers block both signals (`_pin`). Waits for the running runs, then lets the workers exit;
+    one still running after STOP_WAIT_S (or a second Ctrl-C / SIGTERM) is killed, its newest
+    committed checkpoint kept. The executor has no public handle on its processes."""
+    processes = [p for p in (getattr(pool, "_processes", None) or {}).values() if p.is_alive()]
+    if pass_on:
+        for process in processes:
+            process.terminate()
+    try:
+        _, stuck = concurrent.futures.wait(running, timeout=STOP_WAIT_S)
+    except KeyboardInterrupt:
+        stuck = running
+    if stuck:
+        for process in processes:
+            process.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 def schedule(cells: list[Cell], args, jobs: int, bar) -> dict:
     """Train every run of `cells`, `jobs` at a time, in the cells' order (a preset lists the
     most informative first, so an interrupted comparison has finished those). The plan is
@@ -197,19 +233,6 @@ def schedule(cells: list[Cell], args, jobs: int, bar) -> dict:
                         record(run, {"key": run.key, "name": run.cell.name,
                                      "group": run.cell.group, "error": repr(err)})
         except KeyboardInterrupt as err:
-            # Each worker's trainer turns SIGINT / SIGTERM into a checkpoint (a rerun resumes
-            # there). Ctrl-C reached the workers too (one process group): let them save, then
-            # stop the rest with SIGTERM (a second Ctrl-C stops waiting). The executor has no
-            # public handle on its processes.
-            if str(err) != "SIGTERM received":
-                try:
-                    concurrent.futures.wait(running, timeout=120)
-                except KeyboardInterrupt:
-                    pass
-            processes = list((getattr(pool, "_processes", None) or {}).values())
-            for process in processes:
-                if process.is_alive():
-                    process.terminate()
-            pool.shutdown(wait=True, cancel_futures=True)
+            _stop(pool, running, str(err) == "SIGTERM received")
             raise
     return infos

@@ -336,6 +336,57 @@ def test_a_second_sigint_exits_at_once(base, tmp_path):
                for d in os.listdir(workdir / "checkpoints"))
 
 
+def test_a_stopped_comparison_keeps_its_idle_worker_and_the_checkpoint(base, tmp_path,
+                                                                    monkeypatch):
+    """The comparison's pool stopped (`experiments.scheduler._stop`, what SIGTERM to
+    `experiments.compare` does) while one worker trains the real tiny LM and the other is idle:
+    the trainer saves a checkpoint at its current step and returns; the idle worker, which the
+    same SIGTERM reaches, holds it (`_pin`) instead of dying, which would break the pool and
+    have the executor signal the saving worker again. Both exit on the pool's own shutdown
+    (exit code 0: nothing killed), within seconds."""
+    import concurrent.futures
+    import multiprocessing
+
+    from experiments import scheduler
+
+    for key, value in _env(base[1]).items():  # what the spawned workers start with
+        monkeypatch.setenv(key, value)
+    run_dir = tmp_path / "run"
+    overrides = [arg.removeprefix("--config.") for arg in TINY[1:]] + [
+        "train.steps=100000", "train.checkpoint_every=100000", "train.eval_every=0"]
+    ctx = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx, initializer=scheduler._pin,
+                                                  initargs=(ctx.Value("i", 0),))
+    processes = []
+    try:
+        training = pool.submit(scheduler.run_one, "lm/ttt_linear/s0", "lm", "ttt_linear",
+                               f"{LM}:ttt_linear,smoke", str(run_dir), overrides)
+        idle = pool.submit(os.getpid)  # a second worker, idle once this returns
+        idle_pid = idle.result(timeout=120)
+        end = time.time() + 240
+        while not (run_dir / "metrics.jsonl").exists() or not _rows(run_dir):
+            assert time.time() < end and not training.done(), training.exception()
+            time.sleep(0.05)
+        processes = list(pool._processes.values())
+        assert len(processes) == 2 and idle_pid in {p.pid for p in processes}
+        stopping = threading.Thread(target=scheduler._stop, daemon=True,
+                                    args=(pool, {training: None}, True))
+        stopping.start()
+        stopping.join(timeout=90)  # (a broken pool's shutdown waits for ever)
+        assert not stopping.is_alive(), "the pool did not stop"
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+    assert sorted(p.exitcode for p in processes) == [0, 0]  # neither died of the signal
+    err = training.exception()
+    assert isinstance(err, KeyboardInterrupt) and "checkpoint saved" in str(err), err
+    saved = [int(d) for d in os.listdir(run_dir / "checkpoints") if d.isdigit()]
+    assert len(saved) == 1 and f"at step {saved[0]} " in str(err), (saved, err)
+    assert (run_dir / "partial.json").exists() and not (run_dir / "run.json").exists()
+
+
 def test_ctrl_c_and_out_of_memory_in_a_command_are_one_line(capsys):
     def interrupted(argv):
         raise KeyboardInterrupt

@@ -88,6 +88,10 @@ class _Preemption:
     of them had reached), so all save that step together (orbax's save is collective) and exit.
     Without the sync manager (`jax_enable_preemption_service` off) the processes' flags are
     combined after every step instead (one all-gather of a flag).
+
+    While it is in place both signals are unblocked in this thread, and `close` restores the
+    mask it found: a worker that blocks them between runs (`experiments.scheduler`) gets a stop
+    request that arrived while it was idle or setting up at its next run's first step.
     """
 
     def __init__(self):
@@ -108,6 +112,10 @@ class _Preemption:
             if not self._sync:
                 self._previous = signal.signal(signal.SIGTERM, self._handle)
             self._previous_int = signal.signal(signal.SIGINT, self._handle)
+        self._mask = None
+        if hasattr(signal, "pthread_sigmask"):
+            self._mask = signal.pthread_sigmask(signal.SIG_UNBLOCK,
+                                                {signal.SIGTERM, signal.SIGINT})
 
     def _handle(self, signum, frame):
         del frame
@@ -135,6 +143,8 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
         if self._previous_int is not None:
             signal.signal(signal.SIGINT, self._previous_int)
+        if self._mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
 
 
 def _config_error(err: Exception, section: str, where: str) -> ConfigError:
