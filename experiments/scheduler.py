@@ -104,6 +104,12 @@ def _pin(counter) -> None:
     (main) thread while it trains, where a stop saves a checkpoint. A worker that is idle (or
     setting a run up) must not die of a stop request: its death breaks the pool, and the
     executor then signals the saving workers a second time (exit without saving)."""
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) > 1:
+        os.sched_setaffinity(0, {cores[index % len(cores)]})
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         signal.signal(signal.SIGTERM, _hold)

@@ -338,12 +338,12 @@ def test_a_second_sigint_exits_at_once(base, tmp_path):
 
 def test_a_stopped_comparison_keeps_its_idle_worker_and_the_checkpoint(base, tmp_path,
                                                                     monkeypatch):
-    """The comparison's pool stopped (`experiments.scheduler._stop`, what SIGTERM to
-    `experiments.compare` does) while one worker trains the real tiny LM and the other is idle:
-    the trainer saves a checkpoint at its current step and returns; the idle worker, which the
-    same SIGTERM reaches, holds it (`_pin`) instead of dying, which would break the pool and
-    have the executor signal the saving worker again. Both exit on the pool's own shutdown
-    (exit code 0: nothing killed), within seconds."""
+    """The comparison's pool (workers pinned to a core each) stopped
+    (`experiments.scheduler._stop`, what SIGTERM to `experiments.compare` does) while one worker
+    trains the real tiny LM and the other is idle: the trainer saves a checkpoint at its current
+    step and returns; the idle worker, which the same SIGTERM reaches, holds it (`_pin`) instead
+    of dying, which would break the pool and have the executor signal the saving worker again.
+    Both exit on the pool's own shutdown (exit code 0: nothing killed), within seconds."""
     import concurrent.futures
     import multiprocessing
 
@@ -369,6 +369,9 @@ def test_a_stopped_comparison_keeps_its_idle_worker_and_the_checkpoint(base, tmp
             time.sleep(0.05)
         processes = list(pool._processes.values())
         assert len(processes) == 2 and idle_pid in {p.pid for p in processes}
+        if len(os.sched_getaffinity(0)) > 1:  # each worker on a core of its own
+            cores = [os.sched_getaffinity(p.pid) for p in processes]
+            assert [len(c) for c in cores] == [1, 1] and cores[0] != cores[1], cores
         stopping = threading.Thread(target=scheduler._stop, daemon=True,
                                     args=(pool, {training: None}, True))
         stopping.start()
