@@ -233,9 +233,17 @@ def _reference(p, x, b, base_lr):
     gate = lambda g: sig(x @ np.asarray(p[g]["kernel"]) + np.asarray(p[g]["bias"]))  # (B, n, H)
     th, et, al = base_lr * gate("theta_proj"), gate("eta_proj"), gate("alpha_proj")
     mem = {name: np.asarray(a) for name, a in p["memory"].items()}
-    grad = jax.jit(jax.grad(lambda W, k_, v_: 0.5 * jnp.sum((f(W, k_) - v_) ** 2)))
-    f = lambda W, x_: (jax.nn.gelu(x_ @ W["W1"] + W["W1b"], approximate=True) @ W["W2"]
-                       + W["W2b"])
+    norm = p.get("memory_norm")  # ln_residual: f(x) = x + LN(mlp(x)), LN per head
+
+    def f(W, x_, h):
+        y = jax.nn.gelu(x_ @ W["W1"] + W["W1b"], approximate=True) @ W["W2"] + W["W2b"]
+        if norm is None:
+            return y
+        y = (y - y.mean()) / jnp.sqrt(((y - y.mean()) ** 2).mean() + 1e-6)
+        return x_ + y * np.asarray(norm["scale"])[h] + np.asarray(norm["bias"])[h]
+
+    grad = jax.jit(jax.grad(lambda W, k_, v_, h: 0.5 * jnp.sum((f(W, k_, h) - v_) ** 2)),
+                   static_argnums=3)
     z = np.zeros((Bx, n, HL, d))
     for bi in range(Bx):
         for h in range(HL):
@@ -244,10 +252,10 @@ def _reference(p, x, b, base_lr):
             for t in range(n):
                 if t % b == 0:
                     W_start = W
-                u = grad(W_start, k[bi, t, h], v[bi, t, h])
+                u = grad(W_start, k[bi, t, h], v[bi, t, h], h)
                 S = {key: et[bi, t, h] * S[key] - th[bi, t, h] * np.asarray(u[key]) for key in S}
                 W = {key: (1.0 - al[bi, t, h]) * W[key] + S[key] for key in W}
-                z[bi, t, h] = np.asarray(f(W, q[bi, t, h]))
+                z[bi, t, h] = np.asarray(f(W, q[bi, t, h], h))
     z = z / np.sqrt((z * z).mean(-1, keepdims=True) + 1e-6) * np.asarray(p["out_norm"]["scale"])
     y = z.reshape(Bx, n, C) * silu(x @ np.asarray(p["wg"]["kernel"]))
     return y @ np.asarray(p["wo"]["kernel"])
@@ -259,15 +267,16 @@ def _params(layer, x, seed=0):
     rng = np.random.default_rng(seed)
     bump = lambda a: a + 0.3 * jnp.asarray(rng.normal(size=a.shape))
     p = dict(p, **{g: jax.tree_util.tree_map(bump, p[g])
-                   for g in ("theta_proj", "eta_proj", "alpha_proj", "memory")})
+                   for g in ("theta_proj", "eta_proj", "alpha_proj", "memory", "memory_norm")
+                   if g in p})
     p["wo"] = {"kernel": p["wo"]["kernel"] * 30.0}
     return {"params": p}
 
 
-@pytest.mark.parametrize("b", [1, 3])
-def test_layer_equals_a_token_loop_written_from_its_parameters(x64, b):
+@pytest.mark.parametrize("b,ln", [(1, False), (3, False), (3, True)])
+def test_layer_equals_a_token_loop_written_from_its_parameters(x64, b, ln):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, N, C)))
-    layer = _layer(b, base_lr=0.7)
+    layer = _layer(b, base_lr=0.7, ln_residual=ln)
     v = _params(layer, x)
     apply = jax.jit(lambda v, x, mult: layer.apply(v, x, ttt_lr_mult=mult))
     y, aux = apply(v, x, 1.0)
@@ -277,12 +286,14 @@ def test_layer_equals_a_token_loop_written_from_its_parameters(x64, b):
     assert_close(apply(v, x, 0.5)[0], _reference(v["params"], x, b, 0.35), 1e-10, "ttt_lr_mult")
 
 
-def test_layer_decodes_as_it_runs(x64):
+@pytest.mark.parametrize("ln", [False, True])
+def test_layer_decodes_as_it_runs(x64, ln):
     x = jnp.asarray(np.random.default_rng(2).normal(size=(2, N, C)))
-    layer = _layer(3)
+    layer = _layer(3, ln_residual=ln)
     v = _params(layer, x, seed=1)
     y, _ = jax.jit(layer.apply)(v, x)
-    assert_close(jax.jit(_layer(3, unroll=2).apply)(v, x)[0], y, 1e-12, "unroll=2")
+    assert_close(jax.jit(_layer(3, unroll=2, ln_residual=ln).apply)(v, x)[0], y, 1e-12,
+                 "unroll=2")
     step = jax.jit(lambda v, x_t, cache: layer.apply(v, x_t, cache, method="step"))
     for n1 in (0, 4):  # 4: a closed chunk of 3 and an open one
         if n1:

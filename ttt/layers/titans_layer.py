@@ -53,7 +53,9 @@ class TitansMixer(nn.Module):
 
     width, num_heads: C and H (memory per head of d = C / H); mini_batch: tokens per chunk (1 is
     the exact token recurrence); learner "mlp" | "linear"; mlp_factor: MLP hidden / d;
-    inner_bias: biases in the memory; base_lr: θ at σ = 1; conv_width; unroll: chunks per loop
+    inner_bias: biases in the memory; ln_residual: the memory f(x) = x + LN(MLP(x)) (TTT-MLP's
+    inner model, LN scale and bias learned per head) instead of MLP(x); base_lr: θ at σ = 1;
+    conv_width; unroll: chunks per loop
     iteration (None: `default_unroll()`, 8 on a GPU, 1 elsewhere); init_scale (projections);
     dtype, param_dtype.
     """
@@ -64,6 +66,7 @@ class TitansMixer(nn.Module):
     learner: str = "mlp"
     mlp_factor: int = 4
     inner_bias: bool = False
+    ln_residual: bool = False
     base_lr: float = 0.1
     conv_width: int = 4
     unroll: int | None = None
@@ -90,8 +93,9 @@ class TitansMixer(nn.Module):
     @nn.nowrap
     def make_learner(self) -> learners.Learner:
         """The memory f(x; W) as a pure `ttt.ops.learners.Learner`."""
-        return learners.build_learner(self.learner, bias=self.inner_bias,
+        base = learners.build_learner(self.learner, bias=self.inner_bias,
                                       mlp_factor=self.mlp_factor)
+        return learners.ln_residual(base) if self.ln_residual else base
 
     def _unroll(self) -> int:
         return default_unroll() if self.unroll is None else self.unroll
@@ -123,8 +127,13 @@ class TitansMixer(nn.Module):
             p[gate] = group(f"{gate}_proj", ("kernel", normal, (C, H)),
                             ("bias", nn.initializers.constant(b0), (H,)))
         p["out_norm"] = group("out_norm", ("scale", nn.initializers.ones, (d,)))["scale"]
+        if self.ln_residual:  # the memory's LN: `fixed` of the learner, (H, d) each
+            p["memory_norm"] = group("memory_norm", ("scale", nn.initializers.ones, (H, d)),
+                                     ("bias", nn.initializers.zeros, (H, d)))
         idt = common.inner_dtype(self.dtype)
-        p["memory"] = jax.tree_util.tree_map(lambda w: w.astype(idt), p["memory"])
+        for name in ("memory", "memory_norm"):
+            if name in p:
+                p[name] = jax.tree_util.tree_map(lambda w: w.astype(idt), p[name])
         return p
 
     # ------------------------------------------------------------------ pure pieces
@@ -164,7 +173,8 @@ class TitansMixer(nn.Module):
         p = self._params()
         q, k, v, rates, _ = self._inputs(p, x, ttt_lr_mult)
         z, _, _ = titans_ops.forward(self.make_learner(), p["memory"], q, k, v, *rates,
-                                     mini_batch=self.mini_batch, unroll=self._unroll())
+                                     mini_batch=self.mini_batch, fixed=p.get("memory_norm"),
+                                     unroll=self._unroll())
         return self._output(p, x, z), {}
 
     def init_cache(self, batch_size: int, dtype=None):
@@ -182,7 +192,8 @@ class TitansMixer(nn.Module):
         p = self._params()
         q, k, v, rates, tail = self._inputs(p, x, ttt_lr_mult)
         z, state = titans_ops.prefill(self.make_learner(), p["memory"], q, k, v, *rates,
-                                      mini_batch=self.mini_batch, unroll=self._unroll())
+                                      mini_batch=self.mini_batch, fixed=p.get("memory_norm"),
+                                      unroll=self._unroll())
         return self._output(p, x, z), {}, dict(state._asdict(), conv=tail)
 
     def step(self, x_t, cache, *, ttt_lr_mult=1.0):
@@ -194,5 +205,6 @@ class TitansMixer(nn.Module):
         state = titans_ops.TitansState(*(cache[f] for f in titans_ops.TitansState._fields))
         first = lambda y: y[:, :, 0]  # (B, H, 1, ...) -> (B, H, ...)
         z_t, state = titans_ops.step(self.make_learner(), state, first(q), first(k), first(v),
-                                     *map(first, rates), mini_batch=self.mini_batch)
+                                     *map(first, rates), mini_batch=self.mini_batch,
+                                     fixed=p.get("memory_norm"))
         return self._output(p, x_t, z_t[:, :, None]), dict(state._asdict(), conv=tail)
