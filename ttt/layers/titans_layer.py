@@ -17,6 +17,9 @@ Notable choices (the paper leaves them open):
 - The gates' biases start at b_θ = 0, b_η = 0, b_α = −4: θ = base_lr / 2, η = 1/2, α ≈ 0.018 at
   init, so the memory starts by keeping most of what it wrote.
 - RMSNorm per head with one scale (d,) shared by the heads; `ttt_lr_mult` scales θ.
+- `ln_residual=True` (off by default, as in the paper) wraps the memory as TTT-MLP's inner model,
+  x + LN(MLP(x)). In the 2k LM neither it nor a smaller θ bound kept the memory's inner loop
+  from diverging at every seed (docs/results.md, "Titans in the 2k LM").
 - The memory runs in float32 (float64 when the layer computes in float64) whatever `dtype`.
 """
 
