@@ -44,14 +44,13 @@ Presets (runtimes measured on an idle 2-core machine, see README):
            long-context byte LMs (context 1k, 150 steps, 1 seed; softmax, linear attention,
            TTT-Linear, TTT-MLP, Gated DeltaNet, TTT-Linear x3 + sliding window) by position,
            TTT-Linear from the trained Transformer vs from scratch, MTTT vision (T = 0, 2).
-  compare  ~8.6 hours: ~3 measured, then ~5.6 estimated. MQAR at 8 and 16 pairs (LaCT at 8):
+  compare  ~9 hours: ~3 measured, then ~6 for the new rows (77 of their 81 runs measured: 11.2
+           CPU hours on a 2-core Intel Xeon, 2026-12-07). MQAR at 8 and 16 pairs (LaCT at 8):
            a 2-rate sweep (1e-3, 3e-3) per mixer and pair count, then 3 seeds at the best
            rate; long-context LMs at 2k, 3 seeds each; TTT-Linear from the Transformer, 3
-           seeds; the ablation ladder and MTTT vision (T = 0, 1, 2, 4), 3 seeds. Then (~5.6
-           hours more, estimated from a short step-rate measurement per cell,
-           `experiments.grid.COST`) the same MQAR and 2k LM cells for DeltaNet, Gated
-           DeltaNet, Mamba2, Titans, gated TTT-Linear and two hybrids (TTT-Linear x3 +
-           sliding window, Gated DeltaNet x3 + softmax).
+           seeds; the ablation ladder and MTTT vision (T = 0, 1, 2, 4), 3 seeds. Then the same
+           MQAR and 2k LM cells for DeltaNet, Gated DeltaNet, Mamba2, Titans, gated TTT-Linear
+           and two hybrids (TTT-Linear x3 + sliding window, Gated DeltaNet x3 + softmax).
   frontier not run (estimated ~63 h on 2 cores): the capacity frontier, MQAR at 256 tokens
            and 64 pairs at widths 64 / 128 / 256 for every MQAR mixer, 1 seed per point and 3
            at width 128, trained on Zoology's mixture of pair counts (4 ... 64) for 3,000
