@@ -139,12 +139,12 @@ class _Preemption:
         return self.requested
 
     def close(self):
+        if self._mask is not None:  # first: a handler restored on an unblocked thread could
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)  # re-raise (scheduler._hold)
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
         if self._previous_int is not None:
             signal.signal(signal.SIGINT, self._previous_int)
-        if self._mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
 
 
 def _config_error(err: Exception, section: str, where: str) -> ConfigError:
