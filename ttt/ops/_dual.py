@@ -174,11 +174,19 @@ def query_side(learner, W, fixed, q_in, eta, A1, G, Xk, Z1=None, scale=None, bas
     scale (b,): a forget gate's Γ_i, which scales the X_l^q W_l + b_l term (Z1, when given, must
     already be scaled; η must hold η_ij Γ_i/Γ_j), else None.
     base: a function (l, X_l^q) -> (b, d_{l+1}) that replaces the X_l^q W_l + b_l term (Titans'
-    γ ⊙ (X W + b) + m ⊙ (X S + s)), else None.
+    γ ⊙ (X W + b) + m ⊙ (X S + s)); None: that term (times Γ_i with a `scale`).
     """
+    if base is None:
+        def base(l, X):  # X W + b, or Γ_i (X W + b) under a forget gate
+            w_name, b_name = learner.dense[l]
+            Z = X @ W[w_name]  # (b, d_l) @ (d_l, d_{l+1})
+            if b_name is not None:
+                Z = Z + W[b_name]
+            return Z if scale is None else rows(scale, Z)
+
     act = learner.activation if learner.activation is not None else (lambda x: x)
     Z = None
-    for l, (w_name, b_name) in enumerate(learner.dense):
+    for l, (_, b_name) in enumerate(learner.dense):
         if l == 0:
             X, A = q_in, A1
         else:
@@ -186,19 +194,6 @@ def query_side(learner, W, fixed, q_in, eta, A1, G, Xk, Z1=None, scale=None, bas
             A = eta * (X @ Xk[l - 1].T)  # (b, d_l) @ (d_l, b) -> (b, b)
             if b_name is not None:
                 A = A + eta
-        if l == 0 and Z1 is not None:
-            Z = Z1 - A @ G[0]
-            continue
-        if base is not None:
-            Z = base(l, X) - A @ G[l]  # − (b, b) @ (b, d_{l+1})
-            continue
-        if scale is not None:  # Γ_i (X W + b) − A G
-            Z = X @ W[w_name]  # (b, d_l) @ (d_l, d_{l+1})
-            if b_name is not None:
-                Z = Z + W[b_name]
-            Z = rows(scale, Z) - A @ G[l]  # − (b, b) @ (b, d_{l+1})
-            continue
-        Z = X @ W[w_name] - A @ G[l]  # (b, d_l) @ (d_l, d_{l+1}) − (b, b) @ (b, d_{l+1})
-        if b_name is not None:
-            Z = Z + W[b_name]
+        start = Z1 if l == 0 and Z1 is not None else base(l, X)
+        Z = start - A @ G[l]  # − (b, b) @ (b, d_{l+1})
     return learner.post(q_in, Z, fixed) if learner.post is not None else Z
