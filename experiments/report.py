@@ -354,15 +354,23 @@ def mqar_findings(runs: list[dict]) -> list[str]:
     return out
 
 
+def _seeds(cell: list[dict]) -> str:
+    """'3', or '3 (2 diverged)': the diverged seeds have no loss or accuracy in the means."""
+    bad = sum(r["diverged"] for r in cell)
+    return f"{len(cell)} ({bad} diverged)" if bad else str(len(cell))
+
+
 def lm_table(runs: list[dict]) -> str:
-    """Language models: params, state, validation loss, bits per byte, accuracy, throughput."""
+    """Language models: params, state, validation loss, bits per byte, accuracy (over the
+    seeds that did not diverge), throughput."""
     return _table(
         ["variant", "mixer", "params", "state floats/layer", "val loss", "bits/byte",
          "val acc", "seeds", "tokens/s", "wall s"],
         [[c[0]["name"], c[0]["variant"], f"{c[0]['params']:,}", f"{c[0]['state']:,}",
           fmt_stats(stats(r["eval_loss"] for r in c)),
           fmt_stats(stats(r["eval_loss"] / math.log(2) for r in c)),
-          fmt_stats(stats(r["eval_accuracy"] for r in c), ".3f"), str(len(c)),
+          fmt_stats(stats(r["eval_accuracy"] for r in c if not r["diverged"]), ".3f"),
+          _seeds(c),
           _fmt(stats(r["throughput"] for r in c)[0], ",.0f"),
           _fmt(stats(r["wall_s"] for r in c)[0], ".0f")] for c in cells(runs).values()])
 

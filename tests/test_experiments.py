@@ -287,6 +287,27 @@ def test_report_only_includes_every_run_given(tmp_path, capsys):
     assert "2.0500 ± 0.0707" in text and "| 2 |" in text, text
 
 
+def test_report_leaves_diverged_lm_seeds_out_of_loss_and_accuracy(tmp_path):
+    """A diverged LM seed counts in the seeds column, not in the loss or accuracy means; a cell
+    whose every seed diverged shows no accuracy (not 0)."""
+    root = str(tmp_path)
+    config = _resolved(lm.get_config("softmax,cpu"))
+    runs = []
+    for cell, diverged in (("half", (False, True)), ("gone", (True, True))):
+        for seed, bad in enumerate(diverged):
+            d = _seeded_run(root, cell, seed, config, 2.0 + seed)
+            if bad:
+                info = json.load(open(os.path.join(d, "run.json")))
+                with open(os.path.join(d, "run.json"), "w") as f:
+                    json.dump({**info, "diverged": "loss is nan"}, f)
+            runs.append(report.summarize(d))
+    rows = {line.split("|")[1].strip(): [x.strip() for x in line.split("|")[1:-1]]
+            for line in report.lm_table(runs).splitlines()[2:]}
+    assert rows["half"][4] == "2.0000" and rows["half"][6] == "0.500", rows
+    assert rows["half"][7] == "2 (1 diverged)"
+    assert rows["gone"][4] == "—" and rows["gone"][6] == "—" and rows["gone"][7] == "2 (2 diverged)"
+
+
 def test_best_lr_ranks_diverged_runs_last(tmp_path):
     cell = grid.Cell("mqar", "m", "experiments/mqar.py:softmax,smoke", seeds=(0, 1),
                      lrs=(1e-3, 1e-2, 3e-2))
