@@ -21,9 +21,10 @@ B, H, D = 2, 2, 4
 MLP = L.mlp(factor=2)
 # compiled once per shape (the learner and the sizes are static)
 FWD = jax.jit(titans.forward, static_argnums=0,
-              static_argnames=("mini_batch", "remat_every", "unroll", "form"))
-STEP = jax.jit(titans.step, static_argnums=0, static_argnames=("mini_batch",))
-PREFILL = jax.jit(titans.prefill, static_argnums=0, static_argnames=("mini_batch",))
+              static_argnames=("mini_batch", "remat_every", "unroll", "form", "max_grad_norm"))
+STEP = jax.jit(titans.step, static_argnums=0, static_argnames=("mini_batch", "max_grad_norm"))
+PREFILL = jax.jit(titans.prefill, static_argnums=0,
+                  static_argnames=("mini_batch", "max_grad_norm"))
 
 
 def _case(learner, n, seed=0, S0=False, ends=False):
@@ -101,6 +102,42 @@ def test_dual_form_of_every_dense_chain(x64, learner, fixed, grads):
     assert_close(grads[0], grads[1], 1e-9, "d/d(W0, q, k, v, theta, eta, alpha)")
 
 
+def _median_first_norm(learner, W0, k, v, b, fixed=None, S0=None):
+    """The median of the first chunk's gradient lengths ‖u_j‖ (taken at W0): a clip at it
+    binds for about half of those tokens (checked) and leaves the others."""
+    loss = lambda W, f, kj, vj: L.reconstruction_loss(learner, W, f, kj, vj)
+    g = jax.vmap(jax.vmap(jax.grad(loss), in_axes=(0, 0, 0, 0)), in_axes=(None, None, 0, 0))
+    norms = np.stack([np.sqrt(sum(np.sum(np.square(x), axis=tuple(range(2, x.ndim)))
+                                  for x in jax.tree_util.tree_leaves(
+                                      g(W0, fixed, k[:, :, j], v[:, :, j]))))
+                      for j in range(b)])
+    tau = float(np.median(norms))
+    assert norms.min() < 0.7 * tau and norms.max() > 1.3 * tau
+    return tau
+
+
+@pytest.mark.parametrize("learner,fixed", [(MLP, None), (L.ln_residual(L.linear()), LN_FIXED)],
+                         ids=["mlp", "ln"])
+def test_clipped_gradients_in_every_form(x64, learner, fixed):
+    """max_grad_norm τ at the median gradient length: chunk form (dual, primal) == token loop,
+    outputs, final states and gradients (b = 16, a partial chunk); the clip binds (the outputs
+    move) and a τ no gradient reaches changes nothing."""
+    args, run = _chunk_vs_loop(16, 21, learner, fixed)
+    W0, q, k, v = args[:4]
+    tau = _median_first_norm(learner, W0, k, v, 16, fixed)
+    want = run(titans.naive, *args, max_grad_norm=tau)
+    for form in ("dual", "primal"):
+        assert_close(run(FWD, *args, form=form, max_grad_norm=tau), want, 1e-10, form)
+    assert rel_err(want[0], run(titans.naive, *args)[0]) > 1e-3  # the clip binds
+    assert_close(run(FWD, *args, max_grad_norm=1e9), run(FWD, *args), 1e-13, "τ never reached")
+    grads = [jax.grad(lambda *xs, f=f, kw=kw: _probe(run(f, *xs, max_grad_norm=tau, **kw)),
+                      argnums=range(7))(*args)
+             for f, kw in ((FWD, {"form": "dual"}), (FWD, {"form": "primal"}),
+                           (titans.naive, {}))]
+    assert_close(grads[0], grads[2], 1e-9, "dual: d/d(W0, q, k, v, theta, eta, alpha)")
+    assert_close(grads[1], grads[2], 1e-9, "primal: d/d(W0, q, k, v, theta, eta, alpha)")
+
+
 def test_remat_groups_keep_the_carry(x64):
     """remat_every pads the chunk axis with empty chunks (a padded token would still add S to W,
     so they must keep the carry)."""
@@ -150,19 +187,22 @@ def test_linear_memory_is_the_delta_rule_only_without_the_gate(x64):
     assert_close(W_1["W1"] - S_1, want, 1e-12, "one gated token: the difference")
 
 
-@pytest.mark.parametrize("b", [1, 4])
-def test_decode_replays_the_forward(x64, b):
+@pytest.mark.parametrize("b,clip", [(1, False), (4, False), (4, True)])
+def test_decode_replays_the_forward(x64, b, clip):
     W0, q, k, v, theta, eta, alpha, _ = _case(MLP, 11, seed=5)
     xs = (q, k, v, theta, eta, alpha)
-    z, W_N, S_N = FWD(MLP, W0, *xs, mini_batch=b)
+    tau = _median_first_norm(MLP, W0, k, v, b) if clip else None
+    z, W_N, S_N = FWD(MLP, W0, *xs, mini_batch=b, max_grad_norm=tau)
     for n1 in (0, 4, 6):
         if n1:
-            z1, state = PREFILL(MLP, W0, *(x[:, :, :n1] for x in xs), mini_batch=b)
+            z1, state = PREFILL(MLP, W0, *(x[:, :, :n1] for x in xs), mini_batch=b,
+                                max_grad_norm=tau)
             zs = [z1]
         else:
             state, zs = titans.init_state(W0, B), []
         for t in range(n1, 11):
-            z_t, state = STEP(MLP, state, *(x[:, :, t] for x in xs), mini_batch=b)
+            z_t, state = STEP(MLP, state, *(x[:, :, t] for x in xs), mini_batch=b,
+                              max_grad_norm=tau)
             zs.append(z_t[:, :, None])
         assert_close(jnp.concatenate(zs, axis=2), z, 1e-10, f"b={b}: prefill({n1}) + steps")
         assert_close((state.W, state.S), (W_N, S_N), 1e-10, f"b={b}: final state")
@@ -201,6 +241,8 @@ def test_bad_arguments_raise(x64):
                        eta, alpha, form="dual")
     with pytest.raises(ValueError, match="form: unknown .fast."):
         titans.forward(MLP, W0, q, k, v, theta, eta, alpha, form="fast")
+    with pytest.raises(ValueError, match="max_grad_norm: expected None or a positive number"):
+        titans.forward(MLP, W0, q, k, v, theta, eta, alpha, max_grad_norm=0.0)
     with pytest.raises(ValueError, match=r"alpha_t: expected shape \(B, H\)"):
         titans.step(MLP, titans.init_state(W0, B), q[:, :, 0], k[:, :, 0], v[:, :, 0],
                     theta[:, :, 0], eta[:, :, 0], alpha[:, :, 0, None])
@@ -216,7 +258,7 @@ def _layer(b, **kw):
                       dtype=jnp.float64, param_dtype=jnp.float64, **kw)
 
 
-def _reference(p, x, b, base_lr):
+def _reference(p, x, b, base_lr, max_grad_norm=None):
     """The layer token by token from its parameters, written without the package's code."""
     x = np.asarray(x)
     Bx, n, _ = x.shape
@@ -252,8 +294,12 @@ def _reference(p, x, b, base_lr):
             for t in range(n):
                 if t % b == 0:
                     W_start = W
-                u = grad(W_start, k[bi, t, h], v[bi, t, h], h)
-                S = {key: et[bi, t, h] * S[key] - th[bi, t, h] * np.asarray(u[key]) for key in S}
+                u = {key: np.asarray(a) for key, a in
+                     grad(W_start, k[bi, t, h], v[bi, t, h], h).items()}
+                if max_grad_norm is not None:  # cut the gradient to length τ
+                    size = np.sqrt(sum(np.sum(a * a) for a in u.values()))
+                    u = {key: a * min(1.0, max_grad_norm / size) for key, a in u.items()}
+                S = {key: et[bi, t, h] * S[key] - th[bi, t, h] * u[key] for key in S}
                 W = {key: (1.0 - al[bi, t, h]) * W[key] + S[key] for key in W}
                 z[bi, t, h] = np.asarray(f(W, q[bi, t, h], h))
     z = z / np.sqrt((z * z).mean(-1, keepdims=True) + 1e-6) * np.asarray(p["out_norm"]["scale"])
@@ -273,17 +319,22 @@ def _params(layer, x, seed=0):
     return {"params": p}
 
 
-@pytest.mark.parametrize("b,ln", [(1, False), (3, False), (3, True)])
-def test_layer_equals_a_token_loop_written_from_its_parameters(x64, b, ln):
+@pytest.mark.parametrize("b,ln,clip", [(1, False, None), (3, False, None), (3, True, None),
+                                        (3, False, 0.3)])
+def test_layer_equals_a_token_loop_written_from_its_parameters(x64, b, ln, clip):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, N, C)))
-    layer = _layer(b, base_lr=0.7, ln_residual=ln)
+    layer = _layer(b, base_lr=0.7, ln_residual=ln, max_grad_norm=clip)
     v = _params(layer, x)
     apply = jax.jit(lambda v, x, mult: layer.apply(v, x, ttt_lr_mult=mult))
     y, aux = apply(v, x, 1.0)
     assert aux == {} and y.shape == x.shape
-    assert_close(y, _reference(v["params"], x, b, 0.7), 1e-10, f"layer b={b} vs token loop")
+    want = _reference(v["params"], x, b, 0.7, clip)
+    assert_close(y, want, 1e-10, f"layer b={b} vs token loop")
+    if clip:  # the clip binds
+        assert rel_err(want, _reference(v["params"], x, b, 0.7)) > 1e-3
     # ttt_lr_mult scales θ: the reference with base_lr · 0.5
-    assert_close(apply(v, x, 0.5)[0], _reference(v["params"], x, b, 0.35), 1e-10, "ttt_lr_mult")
+    assert_close(apply(v, x, 0.5)[0], _reference(v["params"], x, b, 0.35, clip), 1e-10,
+                 "ttt_lr_mult")
 
 
 @pytest.mark.parametrize("ln", [False, True])
@@ -315,6 +366,7 @@ def test_layer_bad_arguments_raise():
     for kw, match in (({"mini_batch": 0}, "mini_batch: expected an integer >= 1"),
                       ({"learner": "rnn"}, "learner: unknown 'rnn'"),
                       ({"base_lr": 0.0}, "base_lr: expected a positive number"),
+                      ({"max_grad_norm": -1.0}, "max_grad_norm: expected None or a positive"),
                       ({"mlp_factor": 0}, "mlp_factor: expected an integer >= 1"),
                       ({"unroll": 0}, "unroll: expected an integer >= 1")):
         with pytest.raises(ValueError, match=match):

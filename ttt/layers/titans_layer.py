@@ -57,7 +57,9 @@ class TitansMixer(nn.Module):
     width, num_heads: C and H (memory per head of d = C / H); mini_batch: tokens per chunk (1 is
     the exact token recurrence); learner "mlp" | "linear"; mlp_factor: MLP hidden / d;
     inner_bias: biases in the memory; ln_residual: the memory f(x) = x + LN(MLP(x)) (TTT-MLP's
-    inner model, LN scale and bias learned per head) instead of MLP(x); base_lr: θ at σ = 1;
+    inner model, LN scale and bias learned per head) instead of MLP(x); max_grad_norm: None or
+    τ, each token's memory gradient cut to length τ (`ttt.ops.titans.clipped`); base_lr: θ at
+    σ = 1;
     conv_width; unroll: chunks per loop
     iteration (None: `default_unroll()`, 8 on a GPU, 1 elsewhere); init_scale (projections);
     dtype, param_dtype.
@@ -70,6 +72,7 @@ class TitansMixer(nn.Module):
     mlp_factor: int = 4
     inner_bias: bool = False
     ln_residual: bool = False
+    max_grad_norm: float | None = None
     base_lr: float = 0.1
     conv_width: int = 4
     unroll: int | None = None
@@ -85,6 +88,10 @@ class TitansMixer(nn.Module):
         checks.check_int("conv_width", self.conv_width, 1)
         if self.unroll is not None:
             checks.check_int("unroll", self.unroll, 1)
+        if self.max_grad_norm is not None and not (
+                isinstance(self.max_grad_norm, int | float) and self.max_grad_norm > 0):
+            raise ValueError("max_grad_norm: expected None or a positive number, "
+                             f"got {self.max_grad_norm!r}")
         if not (isinstance(self.base_lr, int | float) and self.base_lr > 0):
             raise ValueError(f"base_lr: expected a positive number, got {self.base_lr!r}")
         super().__post_init__()
@@ -177,7 +184,7 @@ class TitansMixer(nn.Module):
         q, k, v, rates, _ = self._inputs(p, x, ttt_lr_mult)
         z, _, _ = titans_ops.forward(self.make_learner(), p["memory"], q, k, v, *rates,
                                      mini_batch=self.mini_batch, fixed=p.get("memory_norm"),
-                                     unroll=self._unroll())
+                                     unroll=self._unroll(), max_grad_norm=self.max_grad_norm)
         return self._output(p, x, z), {}
 
     def init_cache(self, batch_size: int, dtype=None):
@@ -196,7 +203,7 @@ class TitansMixer(nn.Module):
         q, k, v, rates, tail = self._inputs(p, x, ttt_lr_mult)
         z, state = titans_ops.prefill(self.make_learner(), p["memory"], q, k, v, *rates,
                                       mini_batch=self.mini_batch, fixed=p.get("memory_norm"),
-                                      unroll=self._unroll())
+                                      unroll=self._unroll(), max_grad_norm=self.max_grad_norm)
         return self._output(p, x, z), {}, dict(state._asdict(), conv=tail)
 
     def step(self, x_t, cache, *, ttt_lr_mult=1.0):
@@ -209,5 +216,6 @@ class TitansMixer(nn.Module):
         first = lambda y: y[:, :, 0]  # (B, H, 1, ...) -> (B, H, ...)
         z_t, state = titans_ops.step(self.make_learner(), state, first(q), first(k), first(v),
                                      *map(first, rates), mini_batch=self.mini_batch,
-                                     fixed=p.get("memory_norm"))
+                                     fixed=p.get("memory_norm"),
+                                     max_grad_norm=self.max_grad_norm)
         return self._output(p, x_t, z_t[:, :, None]), dict(state._asdict(), conv=tail)

@@ -46,6 +46,10 @@ Notable choices:
   (a padded token would still add S to W), and chunks with no real token (`scan_groups`' remat
   padding) keep the carry.
 - The carried state keeps W0's dtype.
+- `max_grad_norm` (off by default; not in the paper) cuts each token's gradient to a length τ
+  before the momentum takes it: a step of the memory is then at most θ_t τ, whatever the
+  memory's curvature (`clipped`). In the dual form ‖u_j‖² = Σ_l ‖X_lj‖² ‖G_lj‖² (+ ‖G_lj‖² per
+  bias): u_j is rank one per dense layer, so the norm needs no W_i either.
 """
 
 from __future__ import annotations
@@ -81,8 +85,16 @@ def _per_sequence(learner, W, q, what):
     return jax.tree_util.tree_map(lambda w: jnp.broadcast_to(w, (B, *w.shape)), W)
 
 
-def _check(q, k, v, theta, eta, alpha, mini_batch):
+def _check_clip(max_grad_norm):
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, int | float)
+                                          and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm: expected None or a positive number, "
+                         f"got {max_grad_norm!r}")
+
+
+def _check(q, k, v, theta, eta, alpha, mini_batch, max_grad_norm=None):
     checks.check_int("mini_batch", mini_batch, 1)
+    _check_clip(max_grad_norm)
     checks.check_qkv(q, k, v)
     B, H, N, _ = q.shape
     for name, x in (("theta", theta), ("eta", eta), ("alpha", alpha)):
@@ -116,11 +128,28 @@ def _coefficients(th, et, al):
     return E, e, gam, (D @ E) * th[None, :], D @ e
 
 
-def _primal_chunk(learner, fixed, W, S, q_b, k_b, v_b, th, et, al, n):
+def clipped(theta, sq_norm, max_grad_norm):
+    """θ_j min(1, τ / ‖u_j‖) from ‖u_j‖² (same shape as θ): the step of a token whose gradient
+    is longer than τ = max_grad_norm is cut to τ's length (None: θ unchanged). Written as
+    τ / sqrt(max(‖u‖², τ²)), so a zero gradient has a finite derivative."""
+    if max_grad_norm is None:
+        return theta
+    tau = jnp.asarray(max_grad_norm, sq_norm.dtype)
+    return theta * (tau / jnp.sqrt(jnp.maximum(sq_norm, tau * tau))).astype(theta.dtype)
+
+
+def _sq_norm(u, lead):
+    """Σ over a pytree's leaves of the squares past the first `lead` axes."""
+    return sum(jnp.sum(jnp.square(x), axis=tuple(range(lead, x.ndim)))
+               for x in jax.tree_util.tree_leaves(u))
+
+
+def _primal_chunk(learner, fixed, W, S, q_b, k_b, v_b, th, et, al, n, max_grad_norm=None):
     """One chunk from (W, S) by the definition: the u_j by vmap(grad) at W, every W_i
     materialised, z_i = f(q_i; W_i). Returns (z (b, d_out), W_n, S_n) at the last real row."""
     loss = lambda W_, f, kj, vj: reconstruction_loss(learner, W_, f, kj, vj)
     u = jax.vmap(jax.grad(loss), in_axes=(None, None, 0, 0))(W, fixed, k_b, v_b)  # (b, ...)
+    th = clipped(th, _sq_norm(u, 1), max_grad_norm)
     E, e, gam, Om, m = _coefficients(th, et, al)
     rows = lambda c, x: jnp.einsum("i,...->i...", c, x)  # c_i x for every row i
     W_rows = jax.tree_util.tree_map(
@@ -136,7 +165,7 @@ def _primal_chunk(learner, fixed, W, S, q_b, k_b, v_b, th, et, al, n):
     return z, W_n, S_n
 
 
-def _dual_chunk(learner, fixed, W, S, q_b, k_b, v_b, th, et, al, n):
+def _dual_chunk(learner, fixed, W, S, q_b, k_b, v_b, th, et, al, n, max_grad_norm=None):
     """The same chunk in the dual form (module docstring): per dense layer, with key inputs X^k,
     pre-activation gradients G at W (u_j = X^k_jᵀ G_j) and A = Ω diag(θ) ⊙ (X^q X^kᵀ),
         Z(q) = γ ⊙ (X^q W + b) + m ⊙ (X^q S + s) − A G − Ω diag(θ) G (bias),
@@ -149,6 +178,11 @@ def _dual_chunk(learner, fixed, W, S, q_b, k_b, v_b, th, et, al, n):
         Z1k = Z1k + W[b1]
     G, Xk = _dual.key_gradients(learner, W, fixed, k_b, v_b, Z1k)
     X_keys = (k_b, *Xk)  # every dense layer's key inputs (b, d_l)
+    if max_grad_norm is not None:  # ‖u_j‖² = Σ_l ‖X_lj‖² ‖G_lj‖² (+ ‖G_lj‖² for a bias)
+        sq = lambda a: jnp.sum(a * a, axis=-1)
+        th = clipped(th, sum(sq(G_l) * (sq(X_l) + (b_name is not None))
+                             for X_l, G_l, (_, b_name) in zip(X_keys, G, dense, strict=True)),
+                     max_grad_norm)
     E, e, gam, Om, m = _coefficients(th, et, al)
     A1 = Om * (q_b @ k_b.T)  # (b, d_in) @ (d_in, b) -> (b, b)
     if b1 is not None:
@@ -180,15 +214,16 @@ def _dual_chunk(learner, fixed, W, S, q_b, k_b, v_b, th, et, al, n):
 
 
 def _run(learner, W0, S0, q, k, v, theta, eta, alpha, *, mini_batch, fixed, remat_every, unroll,
-         form):
+         form, max_grad_norm):
     """The chunk form: (z (B, H, N, d_out), W_N, S_N), states leading (B, H)."""
-    _check(q, k, v, theta, eta, alpha, mini_batch)
+    _check(q, k, v, theta, eta, alpha, mini_batch, max_grad_norm)
     checks.check_choice("form", form, FORMS)
     dual_ok = learner.dense is not None and learner.loss is None
     if form == "dual" and not dual_ok:
         raise ValueError(f"form='dual': learner {learner.name!r} has no dense chain with the "
                          "squared loss; use form='primal' or 'auto'")
-    chunk = _dual_chunk if form == "dual" or (form == "auto" and dual_ok) else _primal_chunk
+    form_is_dual = form == "dual" or (form == "auto" and dual_ok)
+    chunk = _dual_chunk if form_is_dual else _primal_chunk
     B, H, N, _ = q.shape
     b = mini_batch
     M = num_minibatches(N, b)
@@ -200,13 +235,13 @@ def _run(learner, W0, S0, q, k, v, theta, eta, alpha, *, mini_batch, fixed, rema
         def step(carry, x):
             q_b, k_b, v_b, r_b, n = x  # (b, d), (b, d), (b, e), (b, 3), ()
             z, W_n, S_n = chunk(learner, fixed_h, *carry, q_b, k_b, v_b,
-                                r_b[:, 0], r_b[:, 1], r_b[:, 2], n)
+                                r_b[:, 0], r_b[:, 1], r_b[:, 2], n, max_grad_norm)
             keep = lambda new, old: jax.tree_util.tree_map(
                 lambda a_, b_: jnp.where(n > 0, a_, b_), new, old)
             return (keep(W_n, carry[0]), keep(S_n, carry[1])), z
 
         # the backward recomputes a chunk from its carried state (fewer stacked residuals)
-        step = jax.checkpoint(step, prevent_cse=False) if chunk is _dual_chunk else step
+        step = jax.checkpoint(step, prevent_cse=False) if form_is_dual else step
         return scan_minibatches(step, (W_h, S_h), xs_h, remat_every, unroll)
 
     over_h = jax.vmap(head, in_axes=(0, 0, 0, (0, 0, 0, 0, None)))
@@ -218,7 +253,7 @@ def _run(learner, W0, S0, q, k, v, theta, eta, alpha, *, mini_batch, fixed, rema
 
 
 def forward(learner, W0, q, k, v, theta, eta, alpha, *, mini_batch=16, fixed=None, S0=None,
-            remat_every=0, unroll=1, form="auto"):
+            remat_every=0, unroll=1, form="auto", max_grad_norm=None):
     """Titans' memory over a sequence in chunks of `mini_batch` (module docstring).
 
     q, k (B, H, N, d_in); v (B, H, N, d_out); theta, eta, alpha (B, H, N); W0 (and S0, the
@@ -226,10 +261,12 @@ def forward(learner, W0, q, k, v, theta, eta, alpha, *, mini_batch=16, fixed=Non
     remat_every, unroll as `ttt.ops.ttt.ttt_primal`. N need not be a multiple of mini_batch.
     form: "dual" (no W_i materialised; a learner with a dense chain and the squared loss),
     "primal" (the definition, any learner) or "auto" (dual where it applies).
+    max_grad_norm: None, or τ > 0: every token's gradient u_j (all of the memory's weights) is
+    cut to length τ before it enters the momentum (θ_j ← θ_j min(1, τ / ‖u_j‖), `clipped`).
     Returns (z (B, H, N, d_out), W_N, S_N), the states leading (B, H).
     """
     return _run(learner, W0, S0, q, k, v, theta, eta, alpha, mini_batch=mini_batch, fixed=fixed,
-                remat_every=remat_every, unroll=unroll, form=form)
+                remat_every=remat_every, unroll=unroll, form=form, max_grad_norm=max_grad_norm)
 
 
 @functools.cache
@@ -240,10 +277,11 @@ def _per_token(learner):
     return grad, per_bh(learner.apply)
 
 
-def naive(learner, W0, q, k, v, theta, eta, alpha, *, mini_batch=16, fixed=None, S0=None):
+def naive(learner, W0, q, k, v, theta, eta, alpha, *, mini_batch=16, fixed=None, S0=None,
+          max_grad_norm=None):
     """The token recurrence as a Python loop (tests only): same contract and results as
     `forward`, every W_t and S_t computed one token after another."""
-    _check(q, k, v, theta, eta, alpha, mini_batch)
+    _check(q, k, v, theta, eta, alpha, mini_batch, max_grad_norm)
     B, H, N, _ = q.shape
     W, S = _start(learner, W0, S0, q)
     fix = jax.tree_util.tree_map(lambda f: jnp.broadcast_to(f, (B, *f.shape)), fixed)
@@ -254,8 +292,8 @@ def naive(learner, W0, q, k, v, theta, eta, alpha, *, mini_batch=16, fixed=None,
         if t % mini_batch == 0:
             W_start = W
         u = grad(W_start, fix, k[:, :, t], v[:, :, t])
-        S = jax.tree_util.tree_map(lambda s, u_l: scale(eta[:, :, t], s)
-                                   - scale(theta[:, :, t], u_l), S, u)
+        th = clipped(theta[:, :, t], _sq_norm(u, 2), max_grad_norm)
+        S = jax.tree_util.tree_map(lambda s, u_l: scale(eta[:, :, t], s) - scale(th, u_l), S, u)
         W = jax.tree_util.tree_map(lambda w, s: scale(1.0 - alpha[:, :, t], w) + s, W, S)
         zs.append(answer(W, q[:, :, t], fix))
     return jnp.stack(zs, axis=2), W, S
@@ -272,10 +310,11 @@ def init_state(W0, batch: int) -> TitansState:
 
 
 def step(learner, state: TitansState, q_t, k_t, v_t, theta_t, eta_t, alpha_t, *, mini_batch=16,
-         fixed=None):
+         fixed=None, max_grad_norm=None):
     """One token: q_t, k_t (B, H, d_in); v_t (B, H, d_out); theta_t, eta_t, alpha_t (B, H)
     -> (z_t (B, H, d_out), next TitansState). Matches `forward` token for token."""
     checks.check_int("mini_batch", mini_batch, 1)
+    _check_clip(max_grad_norm)
     checks.check_rank("q_t", q_t, 3, "(B, H, d_in)")
     B, H, _ = q_t.shape
     checks.check_leading("state.W", state.W, (B, H), "(B, H)")
@@ -286,6 +325,7 @@ def step(learner, state: TitansState, q_t, k_t, v_t, theta_t, eta_t, alpha_t, *,
 
     def head(W, S, W_start, f, q1, k1, v1, th, et, al):
         u = jax.grad(loss)(W_start, f, k1, v1)
+        th = clipped(th, _sq_norm(u, 0), max_grad_norm)
         S = jax.tree_util.tree_map(lambda s, u_l: (et * s - th * u_l).astype(s.dtype), S, u)
         W = jax.tree_util.tree_map(lambda w, s: ((1.0 - al) * w + s).astype(w.dtype), W, S)
         W_start = jax.tree_util.tree_map(lambda w, w0: jnp.where(close, w, w0), W, W_start)
@@ -299,13 +339,14 @@ def step(learner, state: TitansState, q_t, k_t, v_t, theta_t, eta_t, alpha_t, *,
 
 
 def prefill(learner, W0, q, k, v, theta, eta, alpha, *, mini_batch=16, fixed=None,
-            remat_every=0, unroll=1):
+            remat_every=0, unroll=1, max_grad_norm=None):
     """Read a prompt: (z (B, H, N, d_out), TitansState after N tokens). The whole chunks through
     `forward`, then the open partial chunk (if any) through `forward` from the state they leave,
     which is also the open chunk's W_start."""
     N = q.shape[2]
     n_full = (N // mini_batch) * mini_batch
-    kw = dict(mini_batch=mini_batch, fixed=fixed, remat_every=remat_every, unroll=unroll)
+    kw = dict(mini_batch=mini_batch, fixed=fixed, remat_every=remat_every, unroll=unroll,
+              max_grad_norm=max_grad_norm)
     zs, W, S = [], W0, None
     for part in (slice(0, n_full), slice(n_full, N)):
         if part.stop > part.start:
@@ -319,4 +360,5 @@ def prefill(learner, W0, q, k, v, theta, eta, alpha, *, mini_batch=16, fixed=Non
     return jnp.concatenate(zs, axis=2), state
 
 
-__all__ = ["TitansState", "forward", "init_state", "naive", "prefill", "products", "step"]
+__all__ = ["TitansState", "clipped", "forward", "init_state", "naive", "prefill", "products",
+           "step"]
