@@ -3,7 +3,7 @@
 #               on 2 cores, 2026-12-07, plus the install)
 #   make test   the linter, then the fast test suite (installs first if needed; what CI runs)
 # and `make compare` runs the full comparison grid behind the README's results (~3 h on 2 cores,
-# then ~6 h more for the mixers added since, 80 of their 81 runs measured; rerun the same command
+# then ~6 h more for the mixers added since, their 81 runs measured; rerun the same command
 # to resume).
 PYTHON ?= python3
 VENV   := .venv
