@@ -259,6 +259,7 @@ def _layer(b, **kw):
 
 
 def _reference(p, x, b, base_lr, max_grad_norm=None):
+    """(momentum off when p has no eta_proj: η ≡ 0)"""
     """The layer token by token from its parameters, written without the package's code."""
     x = np.asarray(x)
     Bx, n, _ = x.shape
@@ -273,7 +274,8 @@ def _reference(p, x, b, base_lr, max_grad_norm=None):
     q, k, v = (a.reshape(Bx, n, HL, d) for a in np.split(silu(conv), 3, axis=-1))
     q, k = (a / np.sqrt((a * a).sum(-1, keepdims=True) + 1e-10) for a in (q, k))
     gate = lambda g: sig(x @ np.asarray(p[g]["kernel"]) + np.asarray(p[g]["bias"]))  # (B, n, H)
-    th, et, al = base_lr * gate("theta_proj"), gate("eta_proj"), gate("alpha_proj")
+    th, al = base_lr * gate("theta_proj"), gate("alpha_proj")
+    et = gate("eta_proj") if "eta_proj" in p else np.zeros_like(th)
     mem = {name: np.asarray(a) for name, a in p["memory"].items()}
     norm = p.get("memory_norm")  # ln_residual: f(x) = x + LN(mlp(x)), LN per head
 
@@ -319,11 +321,12 @@ def _params(layer, x, seed=0):
     return {"params": p}
 
 
-@pytest.mark.parametrize("b,ln,clip", [(1, False, None), (3, False, None), (3, True, None),
-                                        (3, False, 0.3)])
-def test_layer_equals_a_token_loop_written_from_its_parameters(x64, b, ln, clip):
+@pytest.mark.parametrize("b,ln,clip,mom", [(1, False, None, True), (3, False, None, True),
+                                            (3, True, None, True), (3, False, 0.3, True),
+                                            (3, False, None, False)])
+def test_layer_equals_a_token_loop_written_from_its_parameters(x64, b, ln, clip, mom):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, N, C)))
-    layer = _layer(b, base_lr=0.7, ln_residual=ln, max_grad_norm=clip)
+    layer = _layer(b, base_lr=0.7, ln_residual=ln, max_grad_norm=clip, momentum=mom)
     v = _params(layer, x)
     apply = jax.jit(lambda v, x, mult: layer.apply(v, x, ttt_lr_mult=mult))
     y, aux = apply(v, x, 1.0)

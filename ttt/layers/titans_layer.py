@@ -57,7 +57,8 @@ class TitansMixer(nn.Module):
     width, num_heads: C and H (memory per head of d = C / H); mini_batch: tokens per chunk (1 is
     the exact token recurrence); learner "mlp" | "linear"; mlp_factor: MLP hidden / d;
     inner_bias: biases in the memory; ln_residual: the memory f(x) = x + LN(MLP(x)) (TTT-MLP's
-    inner model, LN scale and bias learned per head) instead of MLP(x); max_grad_norm: None or
+    inner model, LN scale and bias learned per head) instead of MLP(x); momentum: False for
+    η ≡ 0 (no η gate; the paper's ablation without momentum); max_grad_norm: None or
     τ, each token's memory gradient cut to length τ (`ttt.ops.titans.clipped`); base_lr: θ at
     σ = 1;
     conv_width; unroll: chunks per loop
@@ -72,6 +73,7 @@ class TitansMixer(nn.Module):
     mlp_factor: int = 4
     inner_bias: bool = False
     ln_residual: bool = False
+    momentum: bool = True
     max_grad_norm: float | None = None
     base_lr: float = 0.1
     conv_width: int = 4
@@ -134,6 +136,8 @@ class TitansMixer(nn.Module):
         p["memory"] = group("memory", *[(n, memory_init(n), (H, *shapes[n].shape))
                                         for n in sorted(shapes)])
         for gate, b0 in GATE_BIAS.items():
+            if gate == "eta" and not self.momentum:
+                continue
             p[gate] = group(f"{gate}_proj", ("kernel", normal, (C, H)),
                             ("bias", nn.initializers.constant(b0), (H,)))
         p["out_norm"] = group("out_norm", ("scale", nn.initializers.ones, (d,)))["scale"]
@@ -163,7 +167,8 @@ class TitansMixer(nn.Module):
         rate = lambda g: jnp.moveaxis(jax.nn.sigmoid(
             xi @ p[g]["kernel"].astype(idt) + p[g]["bias"].astype(idt)), 1, 2)  # (B, H, N)
         theta = rate("theta") * (self.base_lr * jnp.asarray(ttt_lr_mult, idt))
-        return _l2(q), _l2(k), v, (theta, rate("eta"), rate("alpha")), new_tail
+        eta = rate("eta") if self.momentum else jnp.zeros_like(theta)
+        return _l2(q), _l2(k), v, (theta, eta, rate("alpha")), new_tail
 
     @nn.nowrap
     def _output(self, p, x, z):
