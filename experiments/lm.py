@@ -45,6 +45,12 @@ the sizes 125m ... 1.3b the SwiGLU next to them narrows so the model has the Tra
 parameter count (`ttt.models.param_match`; FFN 2048 -> 1440 / 1008 at 125m, 5504 -> 4032 / 2752
 at 1.3b). An explicit --config.model.ffn_dim wins.
 
+Titans (`titans`) runs its memory as the exact token recurrence (mini_batch 1) in every LM: at
+the long scale's 2k tokens its chunks of 16 (and of 4) diverged at every seed tried, the token
+recurrence trained at every seed (docs/results.md, "Titans in the 2k LM"). It costs ~3.5 times
+the chunked layer's step on a CPU; --config.model.mixer_kwargs.mini_batch=16 brings the chunks
+back.
+
 Data: the embedded standard-library text corpus with the byte tokenizer (no download); `paper`
 reads a prepared tfds dataset (`data.dataset`, `data.data_dir`) and `data.tokenizer` must point
 at the Llama-2 `tokenizer.model`.
@@ -82,6 +88,7 @@ MIXERS = ("ttt_linear", "ttt_mlp", "ttt_linear_mamba", "ttt_mlp_mamba", "linear_
           "softmax", "lact")
 # mixers wider than attention: at the paper sizes their FFN narrows to the Transformer's count
 PARAM_MATCHED = ("mamba2", "gated_deltanet")
+TITANS_LM_CHUNK = 1  # Titans' memory chunk in the LMs: the token recurrence (module docstring)
 CONTEXTS = {"pile": (2048, 8192), "books": (2048, 8192, 32768)}
 LONG_STEPS = 400
 REPEATS = {"fraction": 0.5, "span": 32, "min_distance": 16}  # the `repeats` token's copies
@@ -182,6 +189,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     if layers.MIXERS[a["mixer"]].module is layers.LaCTMixer:  # LaCT's chunk : context proportion
         chunk = min(2048, max(int(c.data.seq_len) // 4, 1))
         c.model.mixer_kwargs = {"chunk": chunk, "window": chunk}
+    if a["mixer"] == "titans":  # the token recurrence (module docstring)
+        c.model.mixer_kwargs = {**c.model.mixer_kwargs, "mini_batch": TITANS_LM_CHUNK}
     if a["mixer"] in PARAM_MATCHED and a["preset"] != "tiny":
         size = SIZES["lm"][a["preset"]]
         c.model.ffn_dim = param_match.matched_ffn_dim(
