@@ -18,8 +18,11 @@ Notable choices (the paper leaves them open):
   init, so the memory starts by keeping most of what it wrote.
 - RMSNorm per head with one scale (d,) shared by the heads; `ttt_lr_mult` scales θ.
 - `ln_residual=True` (off by default, as in the paper) wraps the memory as TTT-MLP's inner model,
-  x + LN(MLP(x)). In the 2k LM neither it nor a smaller θ bound kept the memory's inner loop
-  from diverging at every seed (docs/results.md, "Titans in the 2k LM").
+  x + LN(MLP(x)); `momentum=False` drops η (η ≡ 0); `max_grad_norm` cuts each token's gradient
+  (off by default). In the 2k LM none of them, nor a smaller θ bound, made chunks of 16 train
+  at every seed (with the clip every seed stayed finite, one far behind); chunks of 1 (the token
+  recurrence, what `experiments/lm.py` uses) trained at every seed (docs/results.md, "Titans in
+  the 2k LM"; docs/design.md §15.5).
 - The memory runs in float32 (float64 when the layer computes in float64) whatever `dtype`.
 """
 
