@@ -93,7 +93,9 @@ COST = {("mqar", "softmax"): 170, ("mqar", "linear_attention"): 200, ("mqar", "t
         # sweep runs' 1,530 / 1,560 CPU s over 1.33, what the other new cells' runs of that day
         # took over their entries above
         ("mqar", "titans"): 1150,
-        ("lm", "titans"): 200}  # its runs that trained took ~270 CPU s (docs/results.md)
+        # the LM runs Titans' token recurrence (experiments/lm.py): 642 CPU s a run with both
+        # cores busy (2026-12-07, Intel Xeon), over 1.33 as above
+        ("lm", "titans"): 480}
 
 
 @dataclasses.dataclass(frozen=True)
