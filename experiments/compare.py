@@ -44,7 +44,7 @@ Presets (runtimes measured on an idle 2-core machine, see README):
            long-context byte LMs (context 1k, 150 steps, 1 seed; softmax, linear attention,
            TTT-Linear, TTT-MLP, Gated DeltaNet, TTT-Linear x3 + sliding window) by position,
            TTT-Linear from the trained Transformer vs from scratch, MTTT vision (T = 0, 2).
-  compare  ~9 hours: ~3 measured, then ~6 for the new rows (their 81 runs measured: 12.0
+  compare  ~9 hours: ~3 measured, then ~6 for the new rows (their 81 runs measured: 12.5
            CPU hours on a 2-core Intel Xeon, 2026-12-07). MQAR at 8 and 16 pairs (LaCT at 8):
            a 2-rate sweep (1e-3, 3e-3) per mixer and pair count, then 3 seeds at the best
            rate; long-context LMs at 2k, 3 seeds each; TTT-Linear from the Transformer, 3

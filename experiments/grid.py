@@ -244,7 +244,7 @@ PRESETS: dict[str, list[Cell]] = {
     # ladder and vision; rank 4 = the mixers added last (NEW_MIXERS: Gated DeltaNet, DeltaNet,
     # Mamba2, Titans, gated TTT-Linear, the hybrids) on MQAR at 8 and 16 pairs and the 2k LMs,
     # so the first ranks (~3 h on 2 cores) finish as before and these (~6 h more: their 81
-    # runs took 12.0 CPU hours, 2026-12-07) come after. An interrupted comparison has the
+    # runs took 12.5 CPU hours, 2026-12-07) come after. An interrupted comparison has the
     # headline cells first.
     "compare": (
         _mqar_cells(MQAR_PAIRS[:1], SEEDS, MQAR_LRS, ("softmax",))
