@@ -46,8 +46,8 @@ parameter count (`ttt.models.param_match`; FFN 2048 -> 1440 / 1008 at 125m, 5504
 at 1.3b). An explicit --config.model.ffn_dim wins.
 
 Titans (`titans`) runs its memory as the exact token recurrence (mini_batch 1) in every LM: at
-the long scale's 2k tokens its chunks of 16 (and of 4) diverged at every seed tried, the token
-recurrence trained at every seed (docs/results.md, "Titans in the 2k LM"). It costs ~3.5 times
+the long scale's 2k tokens its chunks of 16 diverged at every seed (chunks of 4 at two of
+three), the token recurrence trained at every seed (docs/results.md, "Titans in the 2k LM"). It costs ~3.5 times
 the chunked layer's step on a CPU; --config.model.mixer_kwargs.mini_batch=16 brings the chunks
 back.
 
