@@ -47,9 +47,9 @@ at 1.3b). An explicit --config.model.ffn_dim wins.
 
 Titans (`titans`) runs its memory as the exact token recurrence (mini_batch 1) in every LM: at
 the long scale's 2k tokens its chunks of 16 diverged at every seed (chunks of 4 at two of
-three), the token recurrence trained at every seed (docs/results.md, "Titans in the 2k LM"). It costs ~3.5 times
-the chunked layer's step on a CPU; --config.model.mixer_kwargs.mini_batch=16 brings the chunks
-back.
+three), the token recurrence trained at every seed (docs/results.md, "Titans in the 2k LM").
+It costs ~3.5 times the chunked layer's step on a CPU; --config.model.mixer_kwargs.mini_batch=16
+brings the chunks back.
 
 Data: the embedded standard-library text corpus with the byte tokenizer (no download); `paper`
 reads a prepared tfds dataset (`data.dataset`, `data.data_dir`) and `data.tokenizer` must point

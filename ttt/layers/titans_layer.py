@@ -61,12 +61,10 @@ class TitansMixer(nn.Module):
     the exact token recurrence); learner "mlp" | "linear"; mlp_factor: MLP hidden / d;
     inner_bias: biases in the memory; ln_residual: the memory f(x) = x + LN(MLP(x)) (TTT-MLP's
     inner model, LN scale and bias learned per head) instead of MLP(x); momentum: False for
-    η ≡ 0 (no η gate; the paper's ablation without momentum); max_grad_norm: None or
-    τ, each token's memory gradient cut to length τ (`ttt.ops.titans.clipped`); base_lr: θ at
-    σ = 1;
-    conv_width; unroll: chunks per loop
-    iteration (None: `default_unroll()`, 8 on a GPU, 1 elsewhere); init_scale (projections);
-    dtype, param_dtype.
+    η ≡ 0 (no η gate; the paper's ablation without momentum); max_grad_norm: None or τ, each
+    token's memory gradient cut to length τ (`ttt.ops.titans.clipped`); base_lr: θ at σ = 1;
+    conv_width; unroll: chunks per loop iteration (None: `default_unroll()`, 8 on a GPU, 1
+    elsewhere); init_scale (projections); dtype, param_dtype.
     """
 
     width: int
@@ -93,10 +91,7 @@ class TitansMixer(nn.Module):
         checks.check_int("conv_width", self.conv_width, 1)
         if self.unroll is not None:
             checks.check_int("unroll", self.unroll, 1)
-        if self.max_grad_norm is not None and not (
-                isinstance(self.max_grad_norm, int | float) and self.max_grad_norm > 0):
-            raise ValueError("max_grad_norm: expected None or a positive number, "
-                             f"got {self.max_grad_norm!r}")
+        titans_ops.check_max_grad_norm(self.max_grad_norm)
         if not (isinstance(self.base_lr, int | float) and self.base_lr > 0):
             raise ValueError(f"base_lr: expected a positive number, got {self.base_lr!r}")
         super().__post_init__()

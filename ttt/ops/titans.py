@@ -85,7 +85,8 @@ def _per_sequence(learner, W, q, what):
     return jax.tree_util.tree_map(lambda w: jnp.broadcast_to(w, (B, *w.shape)), W)
 
 
-def _check_clip(max_grad_norm):
+def check_max_grad_norm(max_grad_norm):
+    """None or a positive number (the op's and the layer's check)."""
     if max_grad_norm is not None and not (isinstance(max_grad_norm, int | float)
                                           and max_grad_norm > 0):
         raise ValueError(f"max_grad_norm: expected None or a positive number, "
@@ -94,7 +95,7 @@ def _check_clip(max_grad_norm):
 
 def _check(q, k, v, theta, eta, alpha, mini_batch, max_grad_norm=None):
     checks.check_int("mini_batch", mini_batch, 1)
-    _check_clip(max_grad_norm)
+    check_max_grad_norm(max_grad_norm)
     checks.check_qkv(q, k, v)
     B, H, N, _ = q.shape
     for name, x in (("theta", theta), ("eta", eta), ("alpha", alpha)):
@@ -314,7 +315,7 @@ def step(learner, state: TitansState, q_t, k_t, v_t, theta_t, eta_t, alpha_t, *,
     """One token: q_t, k_t (B, H, d_in); v_t (B, H, d_out); theta_t, eta_t, alpha_t (B, H)
     -> (z_t (B, H, d_out), next TitansState). Matches `forward` token for token."""
     checks.check_int("mini_batch", mini_batch, 1)
-    _check_clip(max_grad_norm)
+    check_max_grad_norm(max_grad_norm)
     checks.check_rank("q_t", q_t, 3, "(B, H, d_in)")
     B, H, _ = q_t.shape
     checks.check_leading("state.W", state.W, (B, H), "(B, H)")
@@ -360,5 +361,5 @@ def prefill(learner, W0, q, k, v, theta, eta, alpha, *, mini_batch=16, fixed=Non
     return jnp.concatenate(zs, axis=2), state
 
 
-__all__ = ["TitansState", "clipped", "forward", "init_state", "naive", "prefill", "products",
-           "step"]
+__all__ = ["TitansState", "check_max_grad_norm", "clipped", "forward", "init_state", "naive",
+           "prefill", "products", "step"]
