@@ -30,7 +30,9 @@ comparison where it stopped. A run in the workdir trained with other settings th
 plans (another preset's, an earlier `--set`) stops it in one line before anything trains. Runs
 are trained by `--jobs` worker processes (default one per CPU core, at most 2), each pinned to
 its own core (tiny models train faster as parallel single-threaded runs than as one run split
-over threads), in the order of the preset's cells:
+over threads) and keeping XLA's compiled programs in `WORKDIR/.xla_cache`
+(`scheduler.compilation_cache`: a cell's later seeds load their first seed's programs),
+in the order of the preset's cells:
 the most informative first, so an interrupted comparison has finished those (`demo` lists the
 longest first instead, to finish soonest). The report (`WORKDIR/report.md`, the
 PNGs and `results.json`, see `experiments.report`) is built only from the runs' files;

@@ -1,14 +1,18 @@
 """How a comparison's runs are trained: `schedule` starts the runs of the cells in order
 (`_order`: by rank and seed, or the longest first), `jobs` at a time in worker processes each
 pinned to its own core (`_pin`), recomputes the plan whenever a run ends, and reaps the workers;
-`run_one` trains (and evaluates) one run, in a worker or in this process.
+`run_one` trains (and evaluates) one run, in a worker or in this process. The workers keep
+XLA's compiled programs in the workdir (`compilation_cache`), so a cell's later seeds compile
+nothing.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import multiprocessing
 import os
+import platform
 import resource
 import signal
 import sys
@@ -96,9 +100,27 @@ def _evaluate_by_position(run_dir: str) -> None:
     write_json_atomic(os.path.join(run_dir, "eval", "validation.json"), result)
 
 
-def _pin(counter) -> None:
+def compilation_cache(workdir: str) -> str:
+    """Where a comparison's workers keep XLA's compiled programs (JAX's persistent compilation
+    cache): WORKDIR/.xla_cache/<machine>-<hash of the CPU's model and feature flags>, so a
+    workdir carried to another CPU compiles afresh (XLA:CPU refuses a program built for other
+    features). A cell's later seeds differ from its first seed's run only in the seed, an input
+    of the same programs: they load them instead of compiling (each rate of a sweep is a
+    constant of its own train step and compiles once)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = {line for line in f if line.startswith(("model name", "flags", "Features",
+                                                              "CPU part"))}
+    except OSError:
+        lines = {platform.processor()}
+    tag = hashlib.sha1("".join(sorted(lines)).encode()).hexdigest()[:12]
+    return os.path.join(workdir, ".xla_cache", f"{platform.machine()}-{tag}")
+
+
+def _pin(counter, cache_dir: str | None = None) -> None:
     """Pool initializer: pin this worker to one core before JAX starts, so XLA runs
-    single-threaded on it (tiny models: parallel single-threaded runs beat split ops).
+    single-threaded on it (tiny models: parallel single-threaded runs beat split ops), and
+    point JAX's compilation cache at `cache_dir` (unless JAX_COMPILATION_CACHE_DIR is set).
 
     It also holds SIGTERM and SIGINT back until a run trains: the trainer unblocks them in this
     (main) thread while it trains, where a stop saves a checkpoint. A worker that is idle (or
@@ -110,6 +132,8 @@ def _pin(counter) -> None:
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(cores) > 1:
         os.sched_setaffinity(0, {cores[index % len(cores)]})
+    if cache_dir:
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache_dir)  # read when JAX imports
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         signal.signal(signal.SIGTERM, _hold)
@@ -214,9 +238,9 @@ def schedule(cells: list[Cell], args, jobs: int, bar) -> dict:
             record(run, run_one(*_args_of(run, args)))
         return infos
     ctx = multiprocessing.get_context("spawn")  # a clean JAX runtime per worker
-    counter = ctx.Value("i", 0)
+    pin = (ctx.Value("i", 0), compilation_cache(args.workdir))
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_pin,
-                                                initargs=(counter,)) as pool:
+                                                initargs=pin) as pool:
         running: dict[concurrent.futures.Future, Run] = {}
         try:
             while True:

@@ -386,6 +386,50 @@ def test_compare_runs_the_tiny_preset_end_to_end(tmp_path, capsys):
     assert mtimes == {k: os.path.getmtime(os.path.join(workdir, k, "run.json")) for k in keys}
 
 
+def test_comparison_workers_load_a_cells_later_seeds_from_the_compilation_cache(
+        tmp_path, monkeypatch):
+    """A worker of the comparison's pool (`scheduler._pin`) keeps JAX's compiled programs in the
+    workdir's cache (`scheduler.compilation_cache`): the real tiny LM at seed 0 writes its train
+    and eval steps there; at seed 1 the worker compiles no new step (it loads them); at another
+    learning rate it compiles a new train step (negative control: the rate is a constant)."""
+    import concurrent.futures
+    import multiprocessing
+
+    from experiments import scheduler
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # the workdir's, not a user's
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # tiny steps too
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("PYTHONPATH", root)
+    workdir = str(tmp_path / "cmp")
+    cache = scheduler.compilation_cache(workdir)
+    assert cache.startswith(os.path.join(workdir, ".xla_cache", ""))
+    overrides = ["model.num_layers=1", "model.width=16", "model.num_heads=2", "model.ffn_dim=32",
+                 "data.seq_len=16", "train.global_batch_size=4", "train.steps=2",
+                 "train.eval_every=2", "train.progress=False"]
+    spec = "experiments/lm.py:ttt_linear,smoke"
+
+    def steps_cached() -> set[str]:
+        return {f for f in os.listdir(cache) if f.startswith(("jit_train_step", "jit_eval_step"))}
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, initializer=scheduler._pin,
+                                                initargs=(ctx.Value("i", 0), cache)) as pool:
+        def train(seed: int, extra=()) -> dict:
+            return pool.submit(scheduler.run_one, f"lm/t/s{seed}", "lm", "t", spec,
+                               str(tmp_path / "cmp" / f"s{seed}_{len(extra)}"),
+                               [*overrides, f"train.seed={seed}", *extra]).result(timeout=600)
+
+        assert train(0)["step"] == 2
+        first = steps_cached()
+        assert {f.split("-")[0] for f in first} == {"jit_train_step", "jit_eval_step"}, first
+        assert train(1)["step"] == 2
+        assert steps_cached() == first  # seed 1: nothing compiled anew
+        assert train(1, ["optim.lr=1e-2"])["step"] == 2
+        assert len(steps_cached() - first) == 1  # the new rate: its own train step
+
+
 def test_overrides_and_spec_loading():
     config = specs.load_config("experiments/lm.py:softmax,smoke",
                                ["train.steps=7", "model.mixer_kwargs={'cache_size': 64}",
