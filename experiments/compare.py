@@ -53,9 +53,10 @@ Presets (runtimes measured on an idle 2-core machine, see README):
            seeds; the ablation ladder and MTTT vision (T = 0, 1, 2, 4), 3 seeds. Then the same
            MQAR and 2k LM cells for DeltaNet, Gated DeltaNet, Mamba2, Titans, gated TTT-Linear
            and two hybrids (TTT-Linear x3 + sliding window, Gated DeltaNet x3 + softmax).
-  frontier not run (estimated ~63 h on 2 cores): the capacity frontier, MQAR at 256 tokens
-           and 64 pairs at widths 64 / 128 / 256 for every MQAR mixer, 1 seed per point and 3
-           at width 128, trained on Zoology's mixture of pair counts (4 ... 64) for 3,000
+  frontier not run whole (estimated ~63 h on 2 cores; its width-64 points ran for 4 mixers,
+           docs/results.md): the capacity frontier, MQAR at 256 tokens and 64 pairs at
+           widths 64 / 128 / 256 for every MQAR mixer, 1 seed per point and 3 at width 128,
+           trained on Zoology's mixture of pair counts (4 ... 64) for 3,000
            steps, every mixer at lr 1e-3 at width 256: what softmax attention needed to
            reach 0.99 at every width (at the harness's 1,750 steps without the mixture it
            stayed at 0.03; at width 256 lr 3e-3 stayed on the plateau; `experiments/grid.py`
