@@ -2,8 +2,8 @@
 (`_order`: by rank and seed, or the longest first), `jobs` at a time in worker processes each
 pinned to its own core (`_pin`), recomputes the plan whenever a run ends, and reaps the workers;
 `run_one` trains (and evaluates) one run, in a worker or in this process. The workers keep
-XLA's compiled programs in the workdir (`compilation_cache`), so a cell's later seeds compile
-nothing.
+XLA's compiled programs in the workdir (`compilation_cache`), so a cell's later seeds load its
+train and evaluation steps instead of compiling them.
 """
 
 from __future__ import annotations
