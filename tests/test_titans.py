@@ -259,8 +259,8 @@ def _layer(b, **kw):
 
 
 def _reference(p, x, b, base_lr, max_grad_norm=None):
-    """(momentum off when p has no eta_proj: η ≡ 0)"""
-    """The layer token by token from its parameters, written without the package's code."""
+    """The layer token by token from its parameters, written without the package's code
+    (momentum off, η ≡ 0, when p has no eta_proj)."""
     x = np.asarray(x)
     Bx, n, _ = x.shape
     d = C // HL
